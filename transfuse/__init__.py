@@ -1,0 +1,57 @@
+"""transfuse: a graph-level compiler and optimizer for Transformer models.
+
+    compiled = transfuse.optimize(model, example_inputs)
+    compiled(*example_inputs)          # same answers, faster
+    print(compiled.pass_log)           # what every pass did
+    compiled.save("out/model"); transfuse.load("out/model")
+"""
+
+from transfuse.errors import (
+    ArtifactError,
+    CaptureError,
+    InputError,
+    IRVerifyError,
+    LoweringError,
+    PassError,
+    TransfuseError,
+    UnsupportedOpError,
+)
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: importing transfuse stays cheap
+    if name == "optimize":
+        from transfuse.api import optimize
+
+        return optimize
+    if name == "load":
+        from transfuse.runtime.artifact import load
+
+        return load
+    if name == "PassLog":
+        from transfuse.passes.log import PassLog
+
+        return PassLog
+    if name == "CompiledModel":
+        from transfuse.runtime.compiled import CompiledModel
+
+        return CompiledModel
+    raise AttributeError(f"module 'transfuse' has no attribute {name!r}")
+
+
+__all__ = [
+    "optimize",
+    "load",
+    "PassLog",
+    "CompiledModel",
+    "TransfuseError",
+    "CaptureError",
+    "UnsupportedOpError",
+    "IRVerifyError",
+    "PassError",
+    "LoweringError",
+    "InputError",
+    "ArtifactError",
+    "__version__",
+]

@@ -1,0 +1,3 @@
+"""IR op definitions, grouped by kind. Importing the package registers them all."""
+
+from transfuse.ir.opdefs import elementwise, linalg, misc, nn, reduce, shape  # noqa: F401

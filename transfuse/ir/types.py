@@ -1,0 +1,321 @@
+"""Types of the IR: element types, symbolic dimensions and tensor types.
+
+A dimension is either an ``int`` or a sympy expression over named symbols
+(``batch``, ``seq``, ``seq + 1``). Symbols are positive integers; arithmetic on
+them stays exact. ``TensorType(dtype, shape)`` is immutable and hashable.
+
+Text form: ``f32[batch, seq, 768]``; a 0-d tensor is ``i64[]``.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Union
+
+import sympy
+import torch
+
+from transfuse.errors import IRVerifyError
+
+
+class DType(enum.Enum):
+    """Element types. The value is the short name used in the text form."""
+
+    f64 = "f64"
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    f8e4m3 = "f8e4m3"
+    f8e5m2 = "f8e5m2"
+    i64 = "i64"
+    i32 = "i32"
+    i16 = "i16"
+    i8 = "i8"
+    u8 = "u8"
+    bool = "bool"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return _TO_TORCH[self]
+
+    @property
+    def itemsize(self) -> int:
+        return self.torch.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.torch.is_floating_point
+
+    @classmethod
+    def from_torch(cls, dtype: torch.dtype) -> DType:
+        try:
+            return _FROM_TORCH[dtype]
+        except KeyError:
+            raise IRVerifyError(f"torch dtype {dtype} has no IR element type") from None
+
+    @classmethod
+    def parse(cls, text: str) -> DType:
+        try:
+            return cls(text)
+        except ValueError:
+            valid = ", ".join(d.value for d in cls)
+            raise IRVerifyError(f"unknown dtype {text!r} (valid: {valid})") from None
+
+    def __repr__(self) -> str:
+        return self.value
+
+    __str__ = __repr__
+
+
+_TO_TORCH = {
+    DType.f64: torch.float64,
+    DType.f32: torch.float32,
+    DType.f16: torch.float16,
+    DType.bf16: torch.bfloat16,
+    DType.f8e4m3: torch.float8_e4m3fn,
+    DType.f8e5m2: torch.float8_e5m2,
+    DType.i64: torch.int64,
+    DType.i32: torch.int32,
+    DType.i16: torch.int16,
+    DType.i8: torch.int8,
+    DType.u8: torch.uint8,
+    DType.bool: torch.bool,
+}
+_FROM_TORCH = {v: k for k, v in _TO_TORCH.items()}
+
+
+# ---------------------------------------------------------------------------
+# Symbolic dimensions
+# ---------------------------------------------------------------------------
+
+Dim = Union[int, sympy.Expr]
+
+
+def sym(name: str) -> sympy.Symbol:
+    """The symbol for a named dimension (a positive integer)."""
+    if not name.isidentifier():
+        raise IRVerifyError(f"symbolic dim name {name!r} is not an identifier")
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def normalize_dim(d: object) -> Dim:
+    """Return ``d`` as an int when it is a known integer, else as a sympy expression."""
+    if isinstance(d, bool):
+        raise IRVerifyError(f"dimension {d!r} is a bool")
+    if isinstance(d, int):
+        return d
+    if isinstance(d, sympy.Basic):
+        e = sympy.expand(d) if not d.is_Atom else d
+        if e.is_Integer:
+            return int(e)
+        if not e.free_symbols:
+            raise IRVerifyError(f"dimension {d} is not an integer")
+        return e
+    if isinstance(d, str):
+        return parse_dim(d)
+    raise IRVerifyError(f"dimension {d!r} is neither an int nor a symbolic expression")
+
+
+def is_static(d: Dim) -> bool:
+    return isinstance(d, int)
+
+
+def dim_str(d: Dim) -> str:
+    if isinstance(d, int):
+        return str(d)
+    return sympy.sstr(d).replace(" ", "")
+
+
+def parse_dim(text: str) -> Dim:
+    """Parse ``768``, ``seq`` or an expression such as ``2*seq + 1`` (no eval)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        tree = ast.parse(text, mode="eval")
+        expr = _dim_from_ast(tree.body)
+    except (SyntaxError, ValueError) as e:
+        raise IRVerifyError(f"cannot parse dimension {text!r}: {e}") from None
+    return normalize_dim(expr)
+
+
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: sympy.floor(a / b),
+    ast.Div: lambda a, b: a / b,
+    ast.Mod: lambda a, b: sympy.Mod(a, b),
+    ast.Pow: lambda a, b: a**b,
+}
+_CALLS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max, "Min": sympy.Min}
+
+
+def _dim_from_ast(node: ast.AST) -> sympy.Expr:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return sympy.Integer(node.value)
+    if isinstance(node, ast.Name):
+        return sym(node.id)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_dim_from_ast(node.operand)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_dim_from_ast(node.left), _dim_from_ast(node.right))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _CALLS:
+        return _CALLS[node.func.id](*[_dim_from_ast(a) for a in node.args])
+    raise ValueError(f"unsupported syntax {ast.dump(node)[:60]}")
+
+
+def eval_dim(d: Dim, env: Mapping[str, int]) -> int:
+    """Evaluate a dimension given values for its symbols."""
+    if isinstance(d, int):
+        return d
+    try:
+        value = d.subs({s: env[s.name] for s in d.free_symbols})
+    except KeyError as e:
+        raise IRVerifyError(f"no value bound for symbolic dim {e.args[0]!r} in {dim_str(d)}") from None
+    if not value.is_Integer:
+        raise IRVerifyError(f"dimension {dim_str(d)} evaluated to non-integer {value}")
+    return int(value)
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def dim_product(dims: Iterable[Dim]) -> Dim:
+    out: Dim = 1
+    for d in dims:
+        out = normalize_dim(out * d) if not (isinstance(out, int) and isinstance(d, int)) else out * d
+    return out
+
+
+def free_symbols(dims: Iterable[Dim]) -> set[str]:
+    names: set[str] = set()
+    for d in dims:
+        if not isinstance(d, int):
+            names |= {s.name for s in d.free_symbols}
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Tensor types
+# ---------------------------------------------------------------------------
+
+
+class TensorType:
+    """An element type and a shape of ints and symbolic dims. Immutable."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, dtype: DType, shape: Sequence[object]):
+        if not isinstance(dtype, DType):
+            raise IRVerifyError(f"TensorType dtype must be a DType, got {dtype!r}")
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "shape", tuple(normalize_dim(d) for d in shape))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("TensorType is immutable")
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def numel(self) -> Dim:
+        return dim_product(self.shape)
+
+    def nbytes(self) -> Dim:
+        n = self.numel()
+        return n * self.dtype.itemsize
+
+    def with_shape(self, shape: Sequence[object]) -> TensorType:
+        return TensorType(self.dtype, shape)
+
+    def with_dtype(self, dtype: DType) -> TensorType:
+        return TensorType(dtype, self.shape)
+
+    def concrete(self, env: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(eval_dim(d, env) for d in self.shape)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorType):
+            return NotImplemented
+        return (
+            self.dtype == other.dtype
+            and len(self.shape) == len(other.shape)
+            and all(dims_equal(a, b) for a, b in zip(self.shape, other.shape))
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.dtype, tuple(dim_str(d) for d in self.shape)))
+
+    def __str__(self) -> str:
+        return f"{self.dtype.value}[{', '.join(dim_str(d) for d in self.shape)}]"
+
+    __repr__ = __str__
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorType:
+        return cls(DType.from_torch(t.dtype), tuple(t.shape))
+
+    @classmethod
+    def parse(cls, text: str) -> TensorType:
+        text = text.strip()
+        if "[" not in text or not text.endswith("]"):
+            raise IRVerifyError(f"cannot parse tensor type {text!r}: expected like f32[batch, 768]")
+        head, _, body = text.partition("[")
+        body = body[:-1].strip()
+        dims = [parse_dim(p) for p in _split_top(body)] if body else []
+        return cls(DType.parse(head.strip()), dims)
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas that are not inside parentheses."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def broadcast_shapes(*shapes: Sequence[Dim]) -> tuple[Dim, ...]:
+    """Numpy broadcasting over ints and symbols; raises IRVerifyError when incompatible."""
+    rank = max((len(s) for s in shapes), default=0)
+    out: list[Dim] = []
+    for i in range(rank):
+        dim: Dim = 1
+        for s in shapes:
+            j = i - (rank - len(s))
+            if j < 0:
+                continue
+            d = s[j]
+            if isinstance(d, int) and d == 1:
+                continue
+            if isinstance(dim, int) and dim == 1:
+                dim = d
+            elif not dims_equal(dim, d):
+                raise IRVerifyError(
+                    f"shapes {[tuple(dim_str(x) for x in s) for s in shapes]} do not broadcast "
+                    f"(dim {i}: {dim_str(dim)} vs {dim_str(d)})"
+                )
+        out.append(dim)
+    return tuple(out)
+
+
+def promote(a: DType, b: DType) -> DType:
+    return DType.from_torch(torch.promote_types(a.torch, b.torch))
