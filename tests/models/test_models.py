@@ -7,9 +7,7 @@ import torch
 from torch.export import Dim, export
 
 import transfuse.models as models
-from transfuse.models import bert as bert_mod
-from transfuse.models import gpt2 as gpt2_mod
-from transfuse.models import llama as llama_mod
+from transfuse.models import BERT_PRESETS, GPT2, GPT2_PRESETS, LLAMA_PRESETS, Bert, Llama
 from transfuse.models.llama import repeat_kv
 
 TINY = ["gpt2-tiny", "llama-tiny", "bert-tiny"]
@@ -74,7 +72,7 @@ def test_get_model_example_inputs_are_deterministic():
 def test_model_names_cover_every_preset():
     assert set(models.MODEL_NAMES) >= {"gpt2-tiny", "gpt2-small", "llama-tiny", "llama-small"}
     assert {"bert-tiny", "bert-small", "bert-base"} <= set(models.MODEL_NAMES)
-    assert bert_mod.PRESETS["small"] == bert_mod.PRESETS["base"]
+    assert BERT_PRESETS["small"] == BERT_PRESETS["base"]
 
 
 def test_gpt2_lm_head_is_tied_to_token_embedding():
@@ -83,16 +81,16 @@ def test_gpt2_lm_head_is_tied_to_token_embedding():
 
 
 @pytest.mark.parametrize(
-    ("module", "cls", "low", "high"),
+    ("cls", "presets", "low", "high"),
     [
-        (gpt2_mod, gpt2_mod.GPT2, 124_439_808, 124_439_808),  # HF GPT-2
-        (llama_mod, llama_mod.Llama, 100e6, 130e6),
-        (bert_mod, bert_mod.Bert, 108_891_648, 108_891_648),  # HF BertModel minus pooler
+        (GPT2, GPT2_PRESETS, 124_439_808, 124_439_808),  # HF GPT-2
+        (Llama, LLAMA_PRESETS, 100e6, 130e6),
+        (Bert, BERT_PRESETS, 108_891_648, 108_891_648),  # HF BertModel minus pooler
     ],
 )
-def test_small_preset_parameter_count(module, cls, low, high):
+def test_small_preset_parameter_count(cls, presets, low, high):
     with torch.device("meta"):
-        model = cls(module.PRESETS["small"])
+        model = cls(presets["small"])
     n = sum(p.numel() for p in model.parameters())
     print(f"{cls.__name__} small: {n:,} parameters")
     assert low <= n <= high
@@ -108,7 +106,7 @@ def test_a_later_token_does_not_change_earlier_logits(name):
     changed[0, 8] = (ids[0, 8] + 1) % model.config.vocab_size
     with torch.no_grad():
         a, b = model(ids), model(changed)
-    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
 
@@ -219,6 +217,8 @@ def _hf_gpt2(model):
             n_layer=c.n_layer,
             n_head=c.n_head,
             layer_norm_epsilon=c.norm_eps,
+            bos_token_id=None,
+            eos_token_id=None,
         )
     )
     sd = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.wpe.weight}
@@ -228,13 +228,13 @@ def _hf_gpt2(model):
         qkv = (a.q_proj, a.k_proj, a.v_proj)
         sd[p + "attn.c_attn.weight"] = torch.cat([m.weight for m in qkv]).T  # Conv1D: (in, out)
         sd[p + "attn.c_attn.bias"] = torch.cat([m.bias for m in qkv])
-        sd[p + "attn.c_proj.weight"], sd[p + "attn.c_proj.bias"] = a.o_proj.weight.T, a.o_proj.bias
-        sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = block.mlp.fc.weight.T, block.mlp.fc.bias
-        sd[p + "mlp.c_proj.weight"] = block.mlp.proj.weight.T
-        sd[p + "mlp.c_proj.bias"] = block.mlp.proj.bias
-        for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
-            sd |= {p + f"{theirs}.{k}": v for k, v in getattr(block, ours).state_dict().items()}
-    hf.load_state_dict(sd, strict=False)
+        linears = {"attn.c_proj": a.o_proj, "mlp.c_fc": block.mlp.fc, "mlp.c_proj": block.mlp.proj}
+        for theirs, ours in linears.items():
+            sd[p + theirs + ".weight"], sd[p + theirs + ".bias"] = ours.weight.T, ours.bias
+        for ln in ("ln_1", "ln_2"):
+            sd |= {p + f"{ln}.{k}": v for k, v in getattr(block, ln).state_dict().items()}
+    missing, unexpected = hf.eval().load_state_dict(sd, strict=False)
+    assert not unexpected and missing == ["lm_head.weight"], (missing, unexpected)  # tied
     return lambda ids: hf(ids).logits
 
 
@@ -255,16 +255,16 @@ def _hf_llama(model):
             rope_theta=c.rope_theta,
         )
     )
-    rename = {"embed.": "model.embed_tokens.", "norm.": "model.norm.", "layers.": "model.layers."}
-    rename |= {".attn.": ".self_attn.", "input_norm": "input_layernorm"}
-    rename |= {"post_attn_norm": "post_attention_layernorm"}
     sd = {}
     for k, v in model.state_dict().items():
-        for old, new in rename.items():
-            k = new + k[len(old) :] if k.startswith(old) and old.endswith(".") else k
-            k = k.replace(old, new) if not old.endswith(".") or old.startswith(".") else k
+        k = k.replace(".attn.", ".self_attn.").replace("post_attn_norm", "post_attention_layernorm")
+        k = k.replace("input_norm", "input_layernorm")
+        if k.startswith("embed."):
+            k = "model.embed_tokens." + k.removeprefix("embed.")
+        elif k.startswith(("norm.", "layers.")):
+            k = "model." + k
         sd[k] = v
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing, unexpected = hf.eval().load_state_dict(sd, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     return lambda ids: hf(ids).logits
 
@@ -302,14 +302,16 @@ def _hf_bert(model):
         for ours, theirs in names.items():
             sub = layer.get_submodule(ours)
             sd |= {f"encoder.layer.{i}.{theirs}.{k}": v for k, v in sub.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing, unexpected = hf.eval().load_state_dict(sd, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
     return lambda ids, mask: hf(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
-@pytest.mark.parametrize(("name", "to_hf"), zip(TINY, [_hf_gpt2, _hf_llama, _hf_bert]))
+@pytest.mark.parametrize(
+    ("name", "to_hf"), [("gpt2-tiny", _hf_gpt2), ("llama-tiny", _hf_llama), ("bert-tiny", _hf_bert)]
+)
 def test_matches_hugging_face(name, to_hf):
     model, inputs, _ = models.get_model(name, batch=2, seq=12)
-    hf = to_hf(model)
+    hf = to_hf(model)  # a closure over an HF model in eval mode with our weights
     with torch.no_grad():
         torch.testing.assert_close(model(*inputs), hf(*inputs), rtol=1e-4, atol=1e-4)

@@ -7,6 +7,10 @@ Each family lives in its own file (gpt2.py, llama.py, bert.py) as plain PyTorch
 with explicit attention math, so the compiler's passes have something real to
 recognise. The same seed gives bit-identical weights whatever the global RNG
 state, and building a model leaves the global RNG untouched.
+
+The factory functions gpt2/llama/bert share their names with the submodules, so
+`transfuse.models.gpt2` is the function; reach a file's contents with
+`from transfuse.models.gpt2 import GPT2Config` (or the re-exports below).
 """
 
 from __future__ import annotations
@@ -14,19 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transfuse.models import bert as _bert
-from transfuse.models import gpt2 as _gpt2
-from transfuse.models import llama as _llama
 from transfuse.models._common import build, config_from_preset
+from transfuse.models.bert import PRESETS as BERT_PRESETS
 from transfuse.models.bert import Bert, BertConfig
 from transfuse.models.gpt2 import GPT2, GPT2Config
+from transfuse.models.gpt2 import PRESETS as GPT2_PRESETS
+from transfuse.models.llama import PRESETS as LLAMA_PRESETS
 from transfuse.models.llama import Llama, LlamaConfig
 
-
 _FAMILIES: dict[str, tuple[type[nn.Module], dict]] = {
-    "gpt2": (GPT2, _gpt2.PRESETS),
-    "llama": (Llama, _llama.PRESETS),
-    "bert": (Bert, _bert.PRESETS),
+    "gpt2": (GPT2, GPT2_PRESETS),
+    "llama": (Llama, LLAMA_PRESETS),
+    "bert": (Bert, BERT_PRESETS),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(
@@ -84,6 +87,9 @@ def get_model(
 
 
 __all__ = [
+    "BERT_PRESETS",
+    "GPT2_PRESETS",
+    "LLAMA_PRESETS",
     "MODEL_NAMES",
     "Bert",
     "BertConfig",
