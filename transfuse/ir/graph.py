@@ -172,7 +172,9 @@ class Graph:
         self._names: set[str] = set()
         self._next_id = 0
         self._insert_point: tuple[str, Node | None] = ("end", None)
-        self.listeners: list[Any] = []  # objects with on_create(node) / on_erase(node)
+        # objects with on_create(node) / on_erase(node) and, optionally, on_rewire(node):
+        # called when an input of ``node`` is rewired, with ``None`` when the graph outputs change
+        self.listeners: list[Any] = []
 
     # -- naming ---------------------------------------------------------------
 
@@ -210,6 +212,7 @@ class Graph:
 
     def set_outputs(self, outputs: Sequence[Value]) -> None:
         self.outputs = list(outputs)
+        self._notify_rewire(None)
 
     # -- nodes ----------------------------------------------------------------
 
@@ -301,6 +304,13 @@ class Graph:
         node.inputs = tuple(ins)
         if value is not None:
             value.uses.append((node, index))
+        self._notify_rewire(node)
+
+    def _notify_rewire(self, node: Node | None) -> None:
+        for listener in self.listeners:
+            hook = getattr(listener, "on_rewire", None)
+            if hook is not None:
+                hook(node)
 
     def replace_all_uses(self, old: Value, new: Value) -> int:
         """Point every use of ``old`` (graph outputs included) at ``new``."""
@@ -314,6 +324,7 @@ class Graph:
             if o is old:
                 self.outputs[j] = new
                 count += 1
+                self._notify_rewire(None)
         return count
 
     def erase(self, node: Node) -> None:

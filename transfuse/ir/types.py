@@ -183,7 +183,14 @@ def eval_dim(d: Dim, env: Mapping[str, int]) -> int:
 def dims_equal(a: Dim, b: Dim) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    if a == b:  # structurally identical (the common case): no need to simplify
+        return True
+    diff = sympy.expand(sympy.sympify(a) - sympy.sympify(b))
+    if diff == 0:
+        return True
+    if diff.is_polynomial():  # a nonzero polynomial is not identically zero
+        return False
+    return sympy.simplify(diff) == 0
 
 
 def dim_product(dims: Iterable[Dim]) -> Dim:

@@ -3,11 +3,13 @@ torch type promotion), unary math, activations, casts, where and clamp."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from transfuse.ir.ops import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import broadcast, in_type, result_dtype
+from transfuse.ir.ops import Attr, default_bytes, register
 from transfuse.ir.types import DType, TensorType
 
 
@@ -68,7 +70,7 @@ UNARY_FLOAT = {
     "sigmoid": torch.sigmoid,
     "sin": torch.sin,
     "cos": torch.cos,
-    "silu": F.silu,
+    "silu": lambda x: F.silu(x if x.is_floating_point() else x.float()),  # no int kernel
 }
 UNARY_SAME = {
     "neg": torch.neg,
@@ -143,4 +145,8 @@ def where(xs, attrs, env):
 @register("clamp", ["x"], {"min": Attr("float?", None), "max": Attr("float?", None)},
           infer=_infer_same, cost=_cost_elementwise)
 def clamp(xs, attrs, env):
-    return torch.clamp(xs[0], attrs["min"], attrs["max"])
+    lo, hi = attrs["min"], attrs["max"]
+    if not xs[0].is_floating_point():  # keep the integer dtype: integral bounds, rounded inward
+        lo = None if lo is None else math.ceil(lo)
+        hi = None if hi is None else math.floor(hi)
+    return torch.clamp(xs[0], lo, hi)
