@@ -194,10 +194,15 @@ def dims_equal(a: Dim, b: Dim) -> bool:
 
 
 def dim_product(dims: Iterable[Dim]) -> Dim:
-    out: Dim = 1
+    static, symbolic = 1, []
     for d in dims:
-        out = normalize_dim(out * d) if not (isinstance(out, int) and isinstance(d, int)) else out * d
-    return out
+        if isinstance(d, int):
+            static *= d
+        else:
+            symbolic.append(d)
+    if not symbolic or static == 0:
+        return static
+    return normalize_dim(sympy.Mul(static, *symbolic))
 
 
 def free_symbols(dims: Iterable[Dim]) -> set[str]:
