@@ -28,36 +28,47 @@ TRUSTED_OUTPUT_MODULES = ("transformers.", "torch.", "transfuse.")
 @dataclasses.dataclass
 class InputSpec:
     name: str
-    type: TensorType
+    type: TensorType | None  # None for a baked argument (not a graph input)
     keyword: bool = False  # passed as a keyword argument
-    optional: bool = False  # keyword whose default is None (then not a graph input)
+    optional: bool = False  # captured as None (then not a graph input)
+    value: Any = None  # baked arguments: the None/int/float/bool captured
 
 
 @dataclasses.dataclass
 class Signature:
-    inputs: list[InputSpec]
+    inputs: list[InputSpec]  # the graph inputs, in order
     symbols: dict[str, tuple[int, int]]  # name -> (min, max), inclusive
     output_tree: dict
     num_outputs: int
+    #: arguments fixed at capture (None, int, float, bool): not graph inputs; a call may
+    #: omit them or repeat the captured value, anything else is an InputError
+    baked: list[InputSpec] = dataclasses.field(default_factory=list)
+    #: names of the positional parameters in call order, baked ones included
+    #: (None: the non-keyword entries of ``inputs``)
+    positional: list[str] | None = None
 
     # -- calling -------------------------------------------------------------
 
     def flatten_inputs(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
         """Match a call against the signature; return graph inputs in order, checked."""
-        positional = [s for s in self.inputs if not s.keyword]
+        positional = self.positional
+        if positional is None:
+            positional = [s.name for s in self.inputs if not s.keyword]
         if len(args) > len(positional):
             raise InputError(f"expected at most {len(positional)} positional inputs "
-                             f"({', '.join(s.name for s in positional)}), got {len(args)}")
-        given: dict[str, Any] = {}
-        for spec, a in zip(positional, args):
-            given[spec.name] = a
-        known = {s.name for s in self.inputs}
+                             f"({', '.join(positional)}), got {len(args)}")
+        given: dict[str, Any] = dict(zip(positional, args))
+        known = {s.name for s in self.inputs} | {s.name for s in self.baked}
         for k, a in kwargs.items():
             if k not in known:
                 raise InputError(f"unexpected keyword input {k!r}; the model takes {sorted(known)}")
             if k in given:
                 raise InputError(f"input {k!r} given both positionally and as a keyword")
             given[k] = a
+        for spec in self.baked:
+            if spec.name in given and not _same_value(given[spec.name], spec.value):
+                raise InputError(f"input {spec.name!r} was {spec.value!r} when the model was captured, "
+                                 f"got {_describe(given[spec.name])}; recompile to change it")
         flat: list[torch.Tensor] = []
         env: dict[str, int] = {}
         for spec in self.inputs:
@@ -66,10 +77,6 @@ class Signature:
             t = given[spec.name]
             self._check(spec, t, env)
             flat.append(t)
-        for k, v in given.items():
-            if k not in {s.name for s in self.inputs} and v is not None:
-                raise InputError(f"input {k!r} was None when the model was captured; "
-                                 "recompile with it to pass a tensor")
         return flat
 
     def _check(self, spec: InputSpec, t: Any, env: dict[str, int]) -> None:
@@ -119,6 +126,9 @@ class Signature:
             "symbols": {k: list(v) for k, v in self.symbols.items()},
             "output_tree": self.output_tree,
             "num_outputs": self.num_outputs,
+            "baked": [{"name": s.name, "keyword": s.keyword, "optional": s.optional,
+                       "value": s.value} for s in self.baked],
+            "positional": self.positional,
         }
 
     @classmethod
@@ -127,9 +137,25 @@ class Signature:
             inputs = [InputSpec(d["name"], TensorType.parse(d["type"]), bool(d["keyword"]),
                                 bool(d.get("optional", False))) for d in data["inputs"]]
             symbols = {k: (int(v[0]), int(v[1])) for k, v in data["symbols"].items()}
-            return cls(inputs, symbols, data["output_tree"], int(data["num_outputs"]))
+            baked = [InputSpec(d["name"], None, bool(d["keyword"]), bool(d.get("optional", False)),
+                               d.get("value")) for d in data.get("baked", [])]
+            positional = data.get("positional")
+            return cls(inputs, symbols, data["output_tree"], int(data["num_outputs"]), baked,
+                       None if positional is None else [str(n) for n in positional])
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ArtifactError(f"signature in manifest is malformed: {e!r}") from None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(a, bool) != isinstance(b, bool):
+        return False
+    return a == b
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {list(v.shape)}"
+    return repr(v)
 
 
 # -- output trees ----------------------------------------------------------------

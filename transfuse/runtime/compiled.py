@@ -1,0 +1,184 @@
+"""``CompiledModel``: a lowered graph that is called like the original model.
+
+A call goes ``signature.flatten_inputs`` (names, dtypes, ranks, static dims,
+symbol ranges and consistency, all checked up front as :class:`InputError`)
+-> the backend program on the flat graph inputs -> ``signature.build_outputs``
+(the model's own tuple / dict / dataclass structure).
+
+The compiled model owns its graph: the weights live once, in the graph's
+constants, which are the same tensors the backend program bound (``to(device)``
+moves both). ``save(path)`` writes an artifact (:mod:`transfuse.runtime.artifact`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+from typing import Any
+
+import torch
+
+from transfuse.errors import InputError, LoweringError
+from transfuse.ir.graph import Graph
+from transfuse.runtime.signature import Signature
+
+#: backend name -> (module, function(graph, device=None) -> program)
+BACKENDS: dict[str, tuple[str, str]] = {
+    "python": ("transfuse.codegen.python", "generate_python"),
+}
+
+
+def lower(graph: Graph, backend: str = "python", device: str | torch.device | None = None):
+    """Build the runnable program of ``graph`` with ``backend``."""
+    try:
+        module, fn = BACKENDS[backend]
+    except KeyError:
+        raise LoweringError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}") \
+            from None
+    return getattr(importlib.import_module(module), fn)(graph, device=device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
+class CompiledModel:
+    """Callable like the captured model: same inputs, same output structure."""
+
+    def __init__(self, graph: Graph, signature: Signature, pass_log: Any = None,
+                 backend: str = "python", program: Any = None, meta: dict | None = None):
+        _check_signature(graph, signature)
+        self._graph = graph
+        self._signature = signature
+        self._pass_log = pass_log
+        self._backend = backend
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._program = program if program is not None else lower(graph, backend)
+        self._share_weights()
+
+    # -- calling -----------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self._signature.flatten_inputs(args, kwargs)
+        device = self.device
+        if device is not None:
+            for spec, t in zip(self._signature.inputs, flat):
+                if not _same_device(t.device, device):
+                    raise InputError(f"input {spec.name!r} is on {t.device}, but the compiled "
+                                     f"model's weights are on {device}; move the input or call "
+                                     f".to({str(t.device)!r})")
+        return self._signature.build_outputs(self._program(flat))
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    @property
+    def signature(self) -> Signature:
+        return self._signature
+
+    @property
+    def pass_log(self) -> Any:
+        return self._pass_log
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @property
+    def program(self) -> Any:
+        return self._program
+
+    @property
+    def source(self) -> str:
+        """The generated source (python backend) or the backend's readable form."""
+        return getattr(self._program, "source", "")
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the weights are (None for a graph without weights)."""
+        return getattr(self._program, "device", None)
+
+    # -- moving and saving -----------------------------------------------------------------
+
+    def to(self, device: str | torch.device) -> CompiledModel:
+        """Move the weights to ``device`` (in place; returns self)."""
+        if not hasattr(self._program, "to"):
+            raise LoweringError(f"the {self._backend} backend cannot move to {device}")
+        self._program.to(device)
+        self._share_weights()
+        return self
+
+    def save(self, path: str) -> None:
+        """Write an artifact directory; see :func:`transfuse.runtime.artifact.save`."""
+        from transfuse.runtime.artifact import save
+
+        save(self, path)
+
+    def _share_weights(self) -> None:
+        """Point the graph's constants at the program's (possibly moved) tensors: one copy."""
+        bound = getattr(self._program, "constants", None)
+        if not isinstance(bound, dict):
+            return
+        for name, t in bound.items():
+            v = self._graph.constants.get(name)
+            if v is not None and v.const is not t and v.const.shape == t.shape \
+                    and v.const.dtype == t.dtype:
+                v.const = t
+
+    # -- summary -------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        g, sig = self._graph, self._signature
+        hist = Counter(n.op for n in g.nodes)
+        ops = ", ".join(f"{op}×{n}" for op, n in hist.most_common(8))
+        if len(hist) > 8:
+            ops += f", +{len(hist) - 8} more"
+        numel = sum(v.const.numel() for v in g.constants.values())
+        nbytes = sum(v.const.numel() * v.const.element_size() for v in g.constants.values())
+        inputs = ", ".join(f"{s.name}: {s.type}" for s in sig.inputs)
+        symbols = ", ".join(f"{k}∈[{lo}, {hi}]" for k, (lo, hi) in sig.symbols.items()) or "none"
+        refs = getattr(self._program, "reference_ops", None)
+        lines = [
+            f"CompiledModel(backend={self._backend!r}, device={self.device}",
+            f"  inputs: {inputs}",
+            f"  symbols: {symbols}",
+            f"  graph {g.name}: {len(g)} nodes ({ops or 'none'})",
+            f"  params: {_human(numel)} ({_human(nbytes, 'B')}) in {len(g.constants)} constants",
+        ]
+        if refs:
+            lines.append(f"  reference implementations: {', '.join(sorted(refs))}")
+        if self._pass_log is not None and hasattr(self._pass_log, "records"):
+            lines.append(f"  passes: {len(self._pass_log.records)} (print .pass_log)")
+        return "\n".join(lines) + ")"
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or suffix == "T":
+            return f"{n:.0f}{suffix}{unit}" if suffix == "" else f"{n:.1f}{suffix}{unit}"
+        n /= 1000
+    return f"{n}{unit}"
+
+
+def _check_signature(graph: Graph, signature: Signature) -> None:
+    """The signature must describe the graph's inputs and outputs exactly."""
+    specs = signature.inputs
+    if len(specs) != len(graph.inputs):
+        raise LoweringError(f"signature has {len(specs)} inputs "
+                            f"({', '.join(s.name for s in specs)}) but graph {graph.name} takes "
+                            f"{len(graph.inputs)} ({', '.join(v.name for v in graph.inputs)})")
+    for spec, v in zip(specs, graph.inputs):
+        if spec.type != v.type:
+            raise LoweringError(f"signature input {spec.name!r} is {spec.type} but graph input "
+                                f"%{v.name} is {v.type}")
+    if signature.num_outputs != len(graph.outputs):
+        raise LoweringError(f"signature expects {signature.num_outputs} outputs but graph "
+                            f"{graph.name} returns {len(graph.outputs)}")
+
+
+__all__ = ["CompiledModel", "lower", "BACKENDS"]
