@@ -1,0 +1,93 @@
+"""``transfuse.optimize``: capture → pass pipeline → lowering → CompiledModel.
+
+This is the only place that strings the components together (DESIGN.md §1):
+a frontend never runs a pass, a pass never calls a backend.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from transfuse.errors import CaptureError, LoweringError, TransfuseError
+
+#: targets a user can ask for; each maps to a lowering function below
+TARGETS = ("python",)
+
+
+def optimize(
+    model: Any,
+    example_inputs: Sequence[Any] | Any = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    dynamic: Mapping[str, Any] | None = None,
+    level: str = "O2",
+    target: str = "python",
+    verify: bool = False,
+    sample_inputs: Sequence[torch.Tensor] | None = None,
+    passes: Sequence[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+):
+    """Compile ``model`` for ``example_inputs``; returns a :class:`CompiledModel`.
+
+    Args:
+        model: a ``torch.nn.Module`` in eval mode.
+        example_inputs: positional example inputs (a tensor or a tuple of them).
+        example_kwargs: keyword example inputs (``attention_mask=...``).
+        dynamic: symbolic dims and their ranges, e.g. ``{"seq": (1, 1024)}``; ``batch`` is dim 0
+            and ``seq`` dim 1 of every input by convention, other names need
+            ``{"name": {"range": (lo, hi), "dims": {"input": dim}}}``.
+        level: ``"O0"`` (capture only), ``"O1"`` (cleanup), ``"O2"`` (everything proven safe).
+        target: backend; one of :data:`TARGETS`.
+        verify: check every pass numerically against the graph before it on sample inputs
+            and roll back a pass that changes results beyond tolerance.
+        sample_inputs: flat graph inputs for ``verify`` (default: the example inputs).
+        passes: an explicit list of pass names instead of ``level``'s pipeline.
+        options: pass options (see ``transfuse.passes.pipelines``).
+        device: move the compiled model's weights to this device.
+    """
+    from transfuse.codegen.python import generate_python
+    from transfuse.frontend.torch_export import capture
+    from transfuse.passes.manager import run_pipeline
+    from transfuse.runtime.compiled import CompiledModel
+
+    if target not in TARGETS:
+        raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
+    if isinstance(model, (str, bytes, os.PathLike)):
+        raise CaptureError(
+            f"optimize() got a path {model!r}: the ONNX frontend is not available yet; "
+            "pass a torch.nn.Module")
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise CaptureError("example_inputs must be a tensor or a tuple/list of inputs, got "
+                           f"{type(example_inputs).__name__}")
+
+    t0 = time.perf_counter()
+    captured = capture(model, tuple(example_inputs), dict(example_kwargs or {}), dynamic)
+    capture_ms = (time.perf_counter() - t0) * 1e3
+
+    graph = captured.graph
+    samples = list(sample_inputs) if sample_inputs is not None else captured.example_inputs
+    log = run_pipeline(graph, list(passes) if passes is not None else level, verify=verify,
+                       sample_inputs=samples, options=options)
+
+    t1 = time.perf_counter()
+    try:
+        program = generate_python(graph, device=device)
+    except TransfuseError:
+        raise
+    except Exception as e:  # a backend bug must not surface as a raw torch error
+        raise LoweringError(f"python backend failed: {type(e).__name__}: {e}") from e
+    lower_ms = (time.perf_counter() - t1) * 1e3
+    log.add_stage("capture", capture_ms)
+    log.add_stage("lowering (python)", lower_ms)
+    return CompiledModel(graph, captured.signature, log, backend=target, program=program,
+                         meta={"level": level if passes is None else "custom"})

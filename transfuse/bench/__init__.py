@@ -1,0 +1,1 @@
+"""Benchmarking helpers (timing protocol of ../shared/BENCHMARKING.md)."""
