@@ -314,8 +314,7 @@ def _attention(ctx, node):
 
     SDPA's ``is_causal`` is top-left aligned; the IR's causal is bottom-right aligned (query i
     sits at i + T - S), so ``is_causal`` is used only when S == T is provable. A query row whose
-    every key is masked has no meaningful answer: the reference gives NaN there, SDPA gives 0
-    on CPU (kernels may differ); real padding keeps at least one key per row.
+    every key is masked gives zeros in the reference, as SDPA's CPU kernels do.
     """
     a = node.attrs
     layout = a["layout"]

@@ -90,8 +90,15 @@ def _unary(fn):
     return lambda xs, attrs, env: fn(xs[0])
 
 
+def _infer_true_div(node):
+    """True division: integer operands give the default float type, as in torch."""
+    t = _infer_binary(node)[0]
+    return [t if t.dtype.is_float else t.with_dtype(DType.f32)]
+
+
 for _name, _fn in BINARY.items():
-    register(_name, ["a", "b"], infer=_infer_binary, cost=_cost_elementwise)(_binary(_fn))
+    infer = _infer_true_div if _name == "div" else _infer_binary
+    register(_name, ["a", "b"], infer=infer, cost=_cost_elementwise)(_binary(_fn))
 for _name, _fn in COMPARE.items():
     register(_name, ["a", "b"], infer=_infer_compare, cost=_cost_elementwise)(_binary(_fn))
 for _name, _fn in UNARY_FLOAT.items():

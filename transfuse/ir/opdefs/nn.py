@@ -164,7 +164,8 @@ def attention(xs, attrs, env):
     """softmax(scale·Q·Kᵀ [softcap] + alibi + bias, masked) · V.
 
     ``bias`` broadcasts to [B, H, S, T] and is added to the scores;
-    ``key_padding_mask`` is [B, T], nonzero = attend. Masked scores are -inf.
+    ``key_padding_mask`` is [B, T], nonzero = attend. Masked scores are -inf; a query
+    row whose keys are all masked gives zeros (as SDPA does), not NaN.
     """
     q, k, v = xs[:3]
     bias, kpm = _opt(xs, 3), _opt(xs, 4)
@@ -188,7 +189,10 @@ def attention(xs, attrs, env):
         scores = scores.masked_fill(~keep, float("-inf"))
     if kpm is not None:
         scores = scores.masked_fill(~kpm.bool()[:, None, None, :], float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    probs = torch.softmax(scores, dim=-1)
+    if keep is not None or kpm is not None:
+        probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+    out = torch.matmul(probs, v)
     if attrs["layout"] == "bshd":
         out = out.transpose(1, 2)
     return out
