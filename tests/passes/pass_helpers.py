@@ -39,17 +39,20 @@ def sample_inputs(graph: Graph, env: dict[str, int] | None = None, seed: int = 0
     return out
 
 
-def apply(text: str, *passes: str, options: dict | None = None) -> tuple[Graph, PassRecord]:
-    """Run ``passes`` on the parsed graph with IR and numeric verification; check outputs."""
+def apply(text: str, *passes: str, options: dict | None = None, rtol: float = 0.0,
+          atol: float = 0.0) -> tuple[Graph, PassRecord]:
+    """Run ``passes`` on the parsed graph with IR and numeric verification; check outputs
+    (bit-exact unless a tolerance is given: fused ops may round differently)."""
     graph = parse_graph(text)
     verify(graph)
     inputs = sample_inputs(graph)
     before = interpret(graph, inputs)
-    log = run_passes(graph, list(passes), verify=True, sample_inputs=inputs, options=options)
+    log = run_passes(graph, list(passes), verify=True, sample_inputs=inputs, options=options,
+                     **({"rtol": max(rtol, 1e-4), "atol": max(atol, 1e-5)} if rtol or atol else {}))
     for r in log.records:
         assert r.status in ("changed", "unchanged"), f"{r.name} {r.status}: {r.error}"
     verify(graph)
-    check = compare_outputs(before, interpret(graph, inputs), rtol=0, atol=0)
+    check = compare_outputs(before, interpret(graph, inputs), rtol=rtol, atol=atol)
     assert check.ok, check
     return graph, log.records[-1]
 

@@ -1,0 +1,475 @@
+"""The rewrite engine: rules declared as pattern + check + replace.
+
+A rule is data (tinygrad's PatternMatcher and onnxscript's rewriter are the
+models): a **pattern** written with the builder ``P``, a **check** that never
+mutates and returns a reason when the rewrite is not safe, and a **replace**
+that builds the new nodes with a :class:`Builder`.
+
+Patterns::
+
+    x = P.any("x")                          # any value, captured as m["x"]
+    w = P.const("w")                        # a constant value
+    eps = P.scalar("eps")                   # a constant with one element; m.scalar("eps")
+    P.op("add", a, b, commutative=True)     # a node; inputs are patterns (or None for "absent")
+    P.op("softmax", s, attrs={"axis": -1})  # attr constraints: a value or a predicate
+    P.alt(p1, p2, tags=("mul", "div"))      # alternatives; the one that matched is in m.tags
+    P.maybe("cast", x)                      # an optional single-input op between patterns
+
+Using the same capture name twice means "the same value" (``x - mean(x)``).
+
+The engine (:class:`RewritePass`) indexes rules by root op, tries them on
+every node in topological order, and for each attempt records statistics in
+the pass log. A match is refused when an intermediate node it would delete
+has a user outside the match (the value is needed elsewhere) — the rewrite
+would duplicate work or change what the other user sees. Failed attempts
+that got past the root are kept as near misses with the node where matching
+failed and why, which is what ``pass_log.why_not(rule)`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from transfuse.ir.graph import Graph, Node, Value
+from transfuse.passes.base import Pass, PassContext, erase_if_dead
+
+# -- patterns --------------------------------------------------------------------------------
+
+
+class Pattern:
+    """Base class of pattern nodes."""
+
+    def root_ops(self) -> tuple[str, ...] | None:
+        """Ops a value matched by this pattern may be produced by (None = any)."""
+        return None
+
+
+@dataclasses.dataclass(eq=False)
+class AnyPat(Pattern):
+    name: str | None = None
+    pred: Callable[[Value], bool | str] | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class ConstPat(Pattern):
+    name: str | None = None
+    scalar: bool = False
+    pred: Callable[[torch.Tensor], bool | str] | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class OpPat(Pattern):
+    ops: tuple[str, ...]
+    inputs: tuple[Pattern | None, ...]
+    name: str | None = None
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    commutative: bool = False
+    output: int = 0
+
+    def root_ops(self) -> tuple[str, ...]:
+        return self.ops
+
+
+@dataclasses.dataclass(eq=False)
+class AltPat(Pattern):
+    alts: tuple[Pattern, ...]
+    tags: tuple[str | None, ...]
+
+    def root_ops(self) -> tuple[str, ...] | None:
+        ops: list[str] = []
+        for a in self.alts:
+            r = a.root_ops()
+            if r is None:
+                return None
+            ops.extend(r)
+        return tuple(dict.fromkeys(ops))
+
+
+class P:
+    """The pattern builder."""
+
+    @staticmethod
+    def any(name: str | None = None, pred: Callable[[Value], bool | str] | None = None) -> AnyPat:
+        return AnyPat(name, pred)
+
+    @staticmethod
+    def const(name: str | None = None,
+              pred: Callable[[torch.Tensor], bool | str] | None = None) -> ConstPat:
+        return ConstPat(name, False, pred)
+
+    @staticmethod
+    def scalar(name: str | None = None,
+               pred: Callable[[torch.Tensor], bool | str] | None = None) -> ConstPat:
+        return ConstPat(name, True, pred)
+
+    @staticmethod
+    def op(op: str | Sequence[str], *inputs: Pattern | None, name: str | None = None,
+           attrs: dict[str, Any] | None = None, commutative: bool = False,
+           output: int = 0) -> OpPat:
+        ops = (op,) if isinstance(op, str) else tuple(op)
+        return OpPat(ops, tuple(inputs), name, dict(attrs or {}), commutative, output)
+
+    @staticmethod
+    def alt(*alts: Pattern, tags: Sequence[str | None] | None = None) -> AltPat:
+        tags = tuple(tags) if tags is not None else (None,) * len(alts)
+        if len(tags) != len(alts):
+            raise ValueError("P.alt: one tag per alternative")
+        return AltPat(tuple(alts), tags)
+
+    @staticmethod
+    def maybe(op: str | Sequence[str], inner: Pattern, *, tag: str | None = None,
+              attrs: dict[str, Any] | None = None, name: str | None = None) -> AltPat:
+        """``op(inner)`` or just ``inner`` (e.g. an optional upcast)."""
+        return AltPat((P.op(op, inner, attrs=attrs, name=name), inner), (tag, None))
+
+
+# -- matching --------------------------------------------------------------------------------
+
+
+class Match:
+    """The result of a successful match: captures, matched nodes, tags."""
+
+    def __init__(self, root: Node, values: dict[str, Value], nodes: dict[str, Node],
+                 matched: list[Node], tags: set[str]):
+        self.root = root
+        self.values = values
+        self.named_nodes = nodes
+        self.nodes = matched
+        self.tags = tags
+
+    def __getitem__(self, name: str) -> Value:
+        return self.values[name]
+
+    def get(self, name: str) -> Value | None:
+        return self.values.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+    def node(self, name: str) -> Node:
+        return self.named_nodes[name]
+
+    def scalar(self, name: str) -> float:
+        t = self.values[name].const
+        return float(t.reshape(-1)[0])
+
+    def __repr__(self) -> str:
+        return f"<Match root={self.root!r} captures={sorted(self.values)} tags={sorted(self.tags)}>"
+
+
+@dataclasses.dataclass
+class _State:
+    values: dict[str, Value]
+    nodes: dict[str, Node]
+    matched: list[Node]
+    tags: set[str]
+
+    def copy(self) -> _State:
+        return _State(dict(self.values), dict(self.nodes), list(self.matched), set(self.tags))
+
+
+class _Failure:
+    """The deepest point any attempt reached before failing (for near misses)."""
+
+    def __init__(self):
+        self.depth = -1
+        self.reason = ""
+        self.node: Node | None = None
+
+    def fail(self, state: _State, reason: str, node: Node | None) -> None:
+        depth = len(state.matched)
+        if depth > self.depth:
+            self.depth, self.reason, self.node = depth, reason, node
+
+
+def _desc(v: Value) -> str:
+    p = v.producer
+    return f"%{v.name} ({p.op})" if p is not None else f"%{v.name}"
+
+
+def _check_pred(pred, arg) -> str | None:
+    if pred is None:
+        return None
+    ok = pred(arg)
+    if ok is True:
+        return None
+    return ok if isinstance(ok, str) else "predicate failed"
+
+
+def _match(pat: Pattern | None, value: Value | None, st: _State, fail: _Failure) -> _State | None:
+    if pat is None:
+        if value is None:
+            return st
+        fail.fail(st, f"expected no input, found {_desc(value)}", value.producer)
+        return None
+    if value is None:
+        fail.fail(st, "an input the pattern needs is absent", None)
+        return None
+    if isinstance(pat, AnyPat):
+        return _bind(pat.name, value, st, fail, pat.pred)
+    if isinstance(pat, ConstPat):
+        if value.const is None:
+            fail.fail(st, f"{_desc(value)} is not a constant", value.producer)
+            return None
+        if pat.scalar and value.const.numel() != 1:
+            fail.fail(st, f"%{value.name} is a constant of {value.const.numel()} elements, "
+                          "not a scalar", None)
+            return None
+        reason = _check_pred(pat.pred, value.const)
+        if reason:
+            fail.fail(st, f"%{value.name}: {reason}", None)
+            return None
+        return _bind(pat.name, value, st, fail, None)
+    if isinstance(pat, AltPat):
+        for alt, tag in zip(pat.alts, pat.tags):
+            sub = _match(alt, value, st.copy(), fail)
+            if sub is not None:
+                if tag:
+                    sub.tags.add(tag)
+                return sub
+        return None
+    if isinstance(pat, OpPat):
+        return _match_op(pat, value, st, fail)
+    raise TypeError(f"not a pattern: {pat!r}")
+
+
+def _bind(name, value, st, fail, pred) -> _State | None:
+    reason = _check_pred(pred, value)
+    if reason:
+        fail.fail(st, f"{_desc(value)}: {reason}", value.producer)
+        return None
+    if name is None:
+        return st
+    prev = st.values.get(name)
+    if prev is not None and prev is not value:
+        fail.fail(st, f"'{name}' must be the same value twice, got %{prev.name} and "
+                      f"%{value.name}", value.producer)
+        return None
+    st.values[name] = value
+    return st
+
+
+def _attr_ok(want: Any, have: Any) -> bool:
+    if callable(want):
+        return bool(want(have))
+    if isinstance(want, (list, tuple)) and isinstance(have, (list, tuple)):
+        return tuple(want) == tuple(have)
+    return want == have
+
+
+def _match_op(pat: OpPat, value: Value, st: _State, fail: _Failure) -> _State | None:
+    node = value.producer
+    if node is None:
+        what = "a constant" if value.is_const else "a graph input"
+        fail.fail(st, f"%{value.name} is {what}, expected {'/'.join(pat.ops)}", None)
+        return None
+    if node.op not in pat.ops:
+        fail.fail(st, f"%{value.name} comes from {node.op}, expected {'/'.join(pat.ops)}", node)
+        return None
+    if value.index != pat.output:
+        fail.fail(st, f"%{value.name} is output {value.index} of {node.op}, expected output "
+                      f"{pat.output}", node)
+        return None
+    for key, want in pat.attrs.items():
+        have = node.attrs.get(key)
+        if not _attr_ok(want, have):
+            fail.fail(st, f"{node.op} %{value.name} has {key}={have!r}"
+                          + ("" if callable(want) else f", expected {want!r}"), node)
+            return None
+    inputs = list(node.inputs)
+    while len(inputs) < len(pat.inputs):
+        inputs.append(None)
+    if len(inputs) > len(pat.inputs) and any(v is not None for v in inputs[len(pat.inputs):]):
+        fail.fail(st, f"{node.op} %{value.name} has more inputs than the pattern", node)
+        return None
+    st = st.copy()
+    if not any(n is node for n in st.matched):  # a diamond reaches a node twice
+        st.matched.append(node)
+    if pat.name:
+        if st.nodes.get(pat.name, node) is not node:
+            fail.fail(st, f"'{pat.name}' must be the same node twice", node)
+            return None
+        st.nodes[pat.name] = node
+        st.values[pat.name] = value
+    orders = [inputs[:len(pat.inputs)]]
+    if pat.commutative and len(pat.inputs) == 2:
+        orders.append([inputs[1], inputs[0]])
+    for order in orders:
+        cur: _State | None = st.copy()
+        for sub, v in zip(pat.inputs, order):
+            cur = _match(sub, v, cur, fail)
+            if cur is None:
+                break
+        if cur is not None:
+            return cur
+    return None
+
+
+def match(pattern: Pattern, node: Node) -> tuple[Match | None, _Failure]:
+    """Match ``pattern`` rooted at ``node``'s output ``pattern.output``."""
+    fail = _Failure()
+    out = pattern.output if isinstance(pattern, OpPat) else 0
+    if out >= len(node.outputs):
+        fail.fail(_State({}, {}, [], set()), f"{node.op} has no output {out}", node)
+        return None, fail
+    st = _match(pattern, node.outputs[out], _State({}, {}, [], set()), fail)
+    if st is None:
+        return None, fail
+    return Match(node, st.values, st.nodes, st.matched, st.tags), fail
+
+
+# -- rules and the pass ---------------------------------------------------------------------
+
+
+class Builder:
+    """Creates nodes before the matched root; remembers them for provenance."""
+
+    def __init__(self, graph: Graph, anchor: Node):
+        self.graph = graph
+        self.anchor = anchor
+        self.created: list[Node] = []
+
+    def create(self, op: str, inputs: Sequence[Value | None], attrs: dict | None = None,
+               **kw: Any) -> Node:
+        meta = {"source": self.anchor.source} if self.anchor.source else None
+        node = self.graph.create(op, inputs, attrs or {}, before=self.anchor, meta=meta, **kw)
+        self.created.append(node)
+        return node
+
+    def op(self, op: str, *inputs: Value | None, name: str | None = None, **attrs: Any) -> Value:
+        return self.create(op, inputs, attrs, name=name).output
+
+    def const(self, tensor: torch.Tensor, name: str | None = None) -> Value:
+        return self.graph.add_constant(tensor, name)
+
+
+@dataclasses.dataclass
+class Rule:
+    """A rewrite rule: ``pattern`` + ``check(match) -> reason | None`` + ``replace(match, b)``."""
+
+    id: str
+    pattern: Pattern
+    replace: Callable[[Match, Builder], Value | Sequence[Value]]
+    check: Callable[[Match], str | None] | None = None
+    #: a failed match counts as a near miss only if it matched at least this many nodes
+    near_miss_depth: int = 2
+
+    def root_ops(self) -> tuple[str, ...]:
+        ops = self.pattern.root_ops()
+        if not ops:
+            raise ValueError(f"rule {self.id}: the pattern root must be an op")
+        return ops
+
+
+def _external_use(m: Match, graph: Graph) -> str | None:
+    inside = {id(n) for n in m.nodes}
+    outputs = {id(v) for v in graph.outputs}
+    for n in m.nodes:
+        if n is m.root:
+            continue
+        for v in n.outputs:
+            if id(v) in outputs:
+                return f"intermediate %{v.name} ({n.op}) is a graph output"
+            for user, _ in v.uses:
+                if id(user) not in inside:
+                    where = f" at {user.source}" if user.source else ""
+                    return (f"intermediate %{v.name} ({n.op}) has another user: "
+                            f"{user.op} %{user.outputs[0].name if user.outputs else '?'}{where}")
+    return None
+
+
+def apply_rule(rule: Rule, node: Node, graph: Graph, ctx: PassContext,
+               seen: set | None = None) -> bool:
+    """Try ``rule`` at ``node``; rewrite and return True on success.
+
+    ``seen`` dedupes near misses when a pass walks the graph more than once.
+    """
+    ctx.attempt(rule.id)
+    m, fail = match(rule.pattern, node)
+    reason, where = None, node
+    if m is None:
+        if fail.depth < rule.near_miss_depth:
+            return False
+        reason, where = fail.reason, fail.node or node
+    else:
+        reason = _external_use(m, graph)
+        if reason is None and rule.check is not None:
+            reason = rule.check(m)
+    if reason:
+        key = (rule.id, id(node), reason)
+        if seen is None or key not in seen:
+            if seen is not None:
+                seen.add(key)
+            ctx.near_miss(rule.id, where, reason)
+        return False
+    b = Builder(graph, node)
+    new = rule.replace(m, b)
+    if new is None:  # replace may still decline after building nothing
+        if b.created:
+            raise RuntimeError(f"rule {rule.id} built nodes and then declined")
+        return False
+    new_values = [new] if isinstance(new, Value) else list(new)
+    if len(new_values) != len(node.outputs):
+        raise RuntimeError(f"rule {rule.id}: replace returned {len(new_values)} values for "
+                           f"{len(node.outputs)} outputs")
+    for old, nv in zip(node.outputs, new_values):
+        if old.type != nv.type:
+            raise RuntimeError(f"rule {rule.id}: replacement %{nv.name} is {nv.type}, the "
+                               f"matched %{old.name} is {old.type}")
+    ctx.rewrite(rule.id, m.nodes, b.created)
+    for old, nv in zip(node.outputs, new_values):
+        graph.replace_all_uses(old, nv)
+    for n in reversed(_topo_order(m.nodes)):
+        erase_if_dead(graph, n)
+    return True
+
+
+def _topo_order(nodes: Iterable[Node]) -> list[Node]:
+    nodes = list(dict.fromkeys(nodes))
+    pos = {id(n): i for i, n in enumerate(nodes[0].graph.nodes)} if nodes else {}
+    return sorted(nodes, key=lambda n: pos.get(id(n), -1))
+
+
+class RewritePass(Pass):
+    """A pass made of rules. Subclasses set ``name`` and ``rule_list``.
+
+    Rules are tried on every node in topological order, in ``rule_list``
+    order; the walk repeats until nothing changes (at most ``max_rounds``).
+    """
+
+    rule_list: Sequence[Rule] = ()
+    max_rounds: int = 4
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.rule_list:
+            cls.rules = tuple(r.id for r in cls.rule_list)
+
+    def enabled_rules(self, ctx: PassContext) -> list[Rule]:
+        disabled = set(ctx.option("disable_rules", ()) or ())
+        return [r for r in self.rule_list if r.id not in disabled]
+
+    def run(self, graph: Graph, ctx: PassContext) -> None:
+        index: dict[str, list[Rule]] = {}
+        for rule in self.enabled_rules(ctx):
+            for op in rule.root_ops():
+                index.setdefault(op, []).append(rule)
+        seen: set = set()
+        for _ in range(self.max_rounds):
+            changed = False
+            for node in graph.nodes:
+                if node._erased:
+                    continue
+                for rule in index.get(node.op, ()):
+                    if apply_rule(rule, node, graph, ctx, seen):
+                        changed = True
+                        break
+            if not changed:
+                break
+
+
+__all__ = ["P", "Pattern", "Rule", "Match", "Builder", "RewritePass", "match", "apply_rule"]
