@@ -32,6 +32,10 @@ def optimize(
     passes: Sequence[str] | None = None,
     options: Mapping[str, Any] | None = None,
     device: str | torch.device | None = None,
+    logits: str = "all",
+    convert_gqa: int | None = None,
+    sparse_attention: str | None = None,
+    max_error: float | None = None,
 ):
     """Compile ``model`` for ``example_inputs``; returns a :class:`CompiledModel`.
 
@@ -50,6 +54,13 @@ def optimize(
         passes: an explicit list of pass names instead of ``level``'s pipeline.
         options: pass options (see ``transfuse.passes.pipelines``).
         device: move the compiled model's weights to this device.
+        logits: ``"last"`` computes the LM head for the last position only (generation
+            prefill); the output's sequence dim becomes 1.
+        convert_gqa: opt-in, changes the model: mean-pool K/V heads into this many groups
+            (1 = MQA); the pass log reports the error it introduced.
+        sparse_attention: opt-in, changes the model: ``"window:W"`` or
+            ``"block:B,local:L,global:G"``; the pass log reports the error.
+        max_error: refuse an opt-in conversion whose max abs output error exceeds this.
     """
     from transfuse.codegen.python import generate_python
     from transfuse.frontend.torch_export import capture
@@ -76,6 +87,8 @@ def optimize(
 
     graph = captured.graph
     samples = list(sample_inputs) if sample_inputs is not None else captured.example_inputs
+    options = _pass_options(options, samples, logits=logits, convert_gqa=convert_gqa,
+                            sparse_attention=sparse_attention, max_error=max_error)
     log = run_pipeline(graph, list(passes) if passes is not None else level, verify=verify,
                        sample_inputs=samples, options=options)
 
@@ -91,3 +104,26 @@ def optimize(
     log.add_stage("lowering (python)", lower_ms)
     return CompiledModel(graph, captured.signature, log, backend=target, program=program,
                          meta={"level": level if passes is None else "custom"})
+
+
+def _pass_options(options: Mapping[str, Any] | None, samples: Sequence[torch.Tensor],
+                  **named: Any) -> dict[str, Any]:
+    """Merge the named keyword options into the pass options, checked up front."""
+    from transfuse.errors import PassError
+
+    out = dict(options or {})
+    if named["logits"] not in ("all", "last"):
+        raise PassError(f"logits must be 'all' or 'last', got {named['logits']!r}")
+    if named["logits"] == "last":
+        out["logits"] = "last"
+    g = named["convert_gqa"]
+    if g is not None:
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise PassError(f"convert_gqa must be a positive number of kv heads, got {g!r}")
+        out["convert_gqa"] = g
+    if named["sparse_attention"] is not None:
+        out["sparse_attention"] = named["sparse_attention"]
+    if named["max_error"] is not None:
+        out["max_error"] = float(named["max_error"])
+    out.setdefault("sample_inputs", list(samples))
+    return out

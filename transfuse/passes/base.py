@@ -38,6 +38,9 @@ class Pass:
     name: ClassVar[str] = ""
     #: ids of the rules this pass applies (``area/what``), for statistics and why-not
     rules: ClassVar[tuple[str, ...]] = ()
+    #: True for opt-in passes that change the model's function on purpose (and report the
+    #: error they introduce); the numeric check does not roll them back
+    changes_function: ClassVar[bool] = False
 
     def run(self, graph: Graph, ctx: PassContext) -> None:
         raise NotImplementedError(f"pass {type(self).__name__} does not implement run()")
