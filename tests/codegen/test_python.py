@@ -141,6 +141,21 @@ CASES = [
           {"causal": True, "layout": "bshd"}),
     _case("attention-softcap", "attention", ["f32[2, 4, 5, 8]"] * 3,
           {"causal": True, "softcap": 5.0}),
+    # fused ops made by the recognition passes (transfuse/codegen/python_fused.py)
+    _case("linear-gelu-tanh", "linear", [SEQ, "const f32[6, 8]", "const f32[6]"],
+          {"activation": "gelu_tanh"}),
+    _case("linear-silu", "linear", [SEQ, "const f32[6, 8]"], {"activation": "silu"}),
+    _case("swiglu", "swiglu", [SEQ, SEQ]),
+    _case("rotary", "rotary", ["f32[batch, 2, seq, 8]", "f32[seq, 8]", "f32[seq, 8]"]),
+    _case("rotary-interleaved", "rotary", ["f32[2, seq, 2, 8]", "f32[seq, 1, 8]",
+                                           "f32[seq, 1, 8]"], {"interleaved": True}),
+    _case("add_norm-layer", "add_norm", [SEQ, SEQ, "const f32[8]", "const f32[8]"],
+          {"kind": "layer", "eps": 1e-5}),
+    _case("add_norm-rms-bf16", "add_norm", ["bf16[batch, seq, 8]", "bf16[batch, seq, 8]",
+                                            "const bf16[8]"],
+          {"kind": "rms", "eps": 1e-6, "upcast": True}),
+    _case("add_norm-rms-broadcast", "add_norm", ["f32[seq, 8]", SEQ],
+          {"kind": "rms", "eps": 1e-6}),
 ]
 
 #: cases whose emitter refuses on purpose (they run the reference implementation)

@@ -449,6 +449,44 @@ CASES["triu"] = [
     )
 ]
 CASES["shape_of"] = [C(f32(B, S, 4), axis=1, ref=None)]
+# fused ops made by the recognition passes (transfuse/ir/opdefs/fused.py)
+CASES["linear"].append(
+    C(f32(S, 8), f32(3, 8), f32(3), activation="gelu_tanh", id="gelu-tanh",
+      ref=lambda x, w, b: F.gelu(x @ w.T + b, approximate="tanh"))
+)
+CASES["swiglu"] = [
+    C(f32(B, S, 6), f32(B, S, 6), ref=lambda g, u: g * torch.sigmoid(g) * u),
+    C(In("bf16", (S, 4)), In("bf16", (S, 4)), id="bf16"),
+]
+
+
+def ref_rotary_half(x, cos, sin):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    c1, c2 = cos[..., : x.shape[-1] // 2], cos[..., x.shape[-1] // 2 :]
+    s1, s2 = sin[..., : x.shape[-1] // 2], sin[..., x.shape[-1] // 2 :]
+    return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
+
+
+def ref_rotary_pairs(x, cos, sin):
+    xe, xo = x[..., 0::2], x[..., 1::2]
+    ce, co, se, so = cos[..., 0::2], cos[..., 1::2], sin[..., 0::2], sin[..., 1::2]
+    return torch.stack((xe * ce - xo * se, xo * co + xe * so), dim=-1).flatten(-2)
+
+
+CASES["rotary"] = [
+    C(f32(B, 2, S, 8), f32(S, 8), f32(S, 8), ref=ref_rotary_half, id="bhsd-half"),
+    C(f32(B, S, 2, 8), f32(S, 1, 8), f32(S, 1, 8), interleaved=True, ref=ref_rotary_pairs,
+      id="bshd-interleaved"),
+]
+CASES["add_norm"] = [
+    C(f32(B, S, 8), f32(B, S, 8), f32(8), f32(8), kind="layer", eps=1e-5, id="layer",
+      ref=lambda x, r, w, b: (F.layer_norm(x + r, (8,), w, b, 1e-5), x + r)),
+    C(In("bf16", (B, S, 8)), In("bf16", (B, S, 8)), In("bf16", (8,)), kind="rms", eps=1e-6,
+      upcast=True, id="rms-upcast",
+      ref=lambda x, r, w: (ref_rms_norm(eps=1e-6)(x + r, w), x + r)),
+    C(f32(S, 8), f32(B, S, 8), None, kind="rms", eps=1e-6, offset=1.0, id="rms-broadcast",
+      ref=lambda x, r: (ref_rms_norm(eps=1e-6, upcast=False)(x + r), x + r)),
+]
 
 # references that need the symbol values
 ENV_REFS: dict[tuple[str, str], Callable] = {

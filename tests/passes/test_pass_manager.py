@@ -192,7 +192,7 @@ def test_levels_and_registry():
     assert [p.name for p in get_pipeline("O1")] == PIPELINES["O1"]
     with pytest.raises(PassError, match="valid levels: O0, O1, O2"):
         get_pipeline("O3")
-    with pytest.raises(PassError, match="registered passes: cleanup"):
+    with pytest.raises(PassError, match="registered passes: .*cleanup.eliminate-dead-code"):
         run_passes(Graph(), ["cleanup.no-such-pass"])
     assert set(PIPELINES["O1"]) <= set(pass_names())
     g, _ = _graph()

@@ -218,7 +218,18 @@ def _matmul(ctx, node):
 def _linear(ctx, node):
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     tail = f", {ctx.name(bias)}" if bias is not None else ""
-    return f"F.linear({_x(ctx, node, 0)}, {_x(ctx, node, 1)}{tail})"
+    expr = f"F.linear({_x(ctx, node, 0)}, {_x(ctx, node, 1)}{tail})"
+    return _LINEAR_ACTIVATIONS[node.attrs.get("activation")].format(expr)
+
+
+#: linear's ``activation`` attribute -> the call around F.linear
+_LINEAR_ACTIVATIONS = {
+    None: "{}",
+    "gelu": "F.gelu({})",
+    "gelu_tanh": "F.gelu({}, approximate='tanh')",
+    "silu": "F.silu({})",
+    "relu": "torch.relu({})",
+}
 
 
 # -- structure ---------------------------------------------------------------------------------
@@ -245,13 +256,15 @@ def _assert(ctx, node):
 # -- normalisation -------------------------------------------------------------------------------
 
 
-def _norm_shape(ctx: EmitContext, node: Node) -> str:
-    x = node.inputs[0]
+def _norm_shape(ctx: EmitContext, node: Node, x_expr: str | None = None) -> str:
+    """The normalized shape (the last dims of the normalized output): a literal when static,
+    else ``x.shape[-nd:]`` of ``x_expr`` (the node's first input unless given)."""
+    out = node.outputs[0].type
     nd = node.attrs["normalized_ndim"]
-    dims = x.type.shape[x.type.rank - nd:]
+    dims = out.shape[out.rank - nd:]
     if all(isinstance(d, int) for d in dims):
         return ctx.dims(dims)
-    return f"{ctx.name(x)}.shape[-{nd}:]"
+    return f"{x_expr or ctx.name(node.inputs[0])}.shape[-{nd}:]"
 
 
 @emitter("layer_norm")
@@ -264,14 +277,19 @@ def _layer_norm(ctx, node):
 @emitter("rms_norm")
 def _rms_norm(ctx, node):
     """Reference: normalise (in fp32 when ``upcast``), cast back, then times (offset + weight)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    return rms_norm_expr(ctx, node, ctx.name(node.inputs[0]), node.inputs[0].type.dtype, w)
+
+
+def rms_norm_expr(ctx: EmitContext, node: Node, xs: str, x_dtype: DType, w: Value | None) -> str:
+    """rms_norm of the expression ``xs`` (of ``x_dtype``) with ``node``'s attributes."""
     a = node.attrs
-    x, w = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
-    xs, shape, eps = ctx.name(x), _norm_shape(ctx, node), ctx.lit(a["eps"])
-    upcast = a["upcast"] and x.type.dtype not in (DType.f32, DType.f64)
+    shape, eps = _norm_shape(ctx, node, xs), ctx.lit(a["eps"])
+    upcast = a["upcast"] and x_dtype not in (DType.f32, DType.f64)
     weight = None
     if w is not None:
         weight = ctx.name(w) if not a["offset"] else f"({ctx.name(w)} + {ctx.lit(a['offset'])})"
-    if not upcast and weight is not None and w.type.dtype == x.type.dtype:
+    if not upcast and weight is not None and w.type.dtype == x_dtype:
         return f"F.rms_norm({xs}, {shape}, {weight}, {eps})"
     core = (f"F.rms_norm({xs}.float(), {shape}, None, {eps}).to({xs}.dtype)" if upcast
             else f"F.rms_norm({xs}, {shape}, None, {eps})")
@@ -520,3 +538,7 @@ def _torch_fallback(ctx, node):
 
 __all__ = ["EMITTERS", "Emitter", "EmitContext", "emitter", "get_emitter", "literal",
            "attn_position_mask"]
+
+
+# emitters of the fused ops the recognition passes make (swiglu, rotary, add_norm)
+from transfuse.codegen import python_fused  # noqa: E402,F401

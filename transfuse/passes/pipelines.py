@@ -8,9 +8,9 @@ registered passes by name.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from transfuse.errors import PassError
+from transfuse.passes.attention.fuse import FuseAttention
+from transfuse.passes.attention.gqa import RemoveRepeatKv
 from transfuse.passes.base import Pass
 from transfuse.passes.cleanup import (
     EliminateCommonSubexpressions,
@@ -19,59 +19,22 @@ from transfuse.passes.cleanup import (
     FoldViews,
     RemoveNoops,
 )
-
-# -- registry ------------------------------------------------------------------
-
-_REGISTRY: dict[str, type[Pass]] = {}
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Make a pass class runnable by its name (usable as a class decorator)."""
-    if not cls.name:
-        raise PassError(f"pass class {cls.__name__} has no name")
-    other = _REGISTRY.get(cls.name)
-    if other is not None and other is not cls:
-        raise PassError(f"pass name {cls.name!r} is taken by {other.__module__}.{other.__name__}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
+from transfuse.passes.convert import ConvertMhaToGqa, ConvertSparseAttention
+from transfuse.passes.fusion import ComputeLastLogits, MergeProjections
+from transfuse.passes.recognize import (
+    FoldLinearEpilogue,
+    FuseAddNorm,
+    RecognizeActivations,
+    RecognizeNorms,
+    RecognizeRotary,
+)
+from transfuse.passes.registry import get_pass, pass_names, register_pass, resolve_passes
 
 for _cls in (RemoveNoops, FoldConstants, FoldViews, EliminateCommonSubexpressions,
-             EliminateDeadCode):
+             EliminateDeadCode, MergeProjections, ComputeLastLogits, ConvertMhaToGqa,
+             ConvertSparseAttention, FuseAttention, RemoveRepeatKv, RecognizeNorms,
+             RecognizeActivations, RecognizeRotary, FuseAddNorm, FoldLinearEpilogue):
     register_pass(_cls)
-
-
-def pass_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_pass(name: str) -> Pass:
-    """A fresh instance of the pass registered as ``name``."""
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise PassError(f"unknown pass {name!r}; registered passes: "
-                        f"{', '.join(pass_names())}") from None
-
-
-def resolve_passes(passes: Sequence[str | Pass | type[Pass]]) -> list[Pass]:
-    """Names, Pass instances or Pass classes -> Pass instances."""
-    if isinstance(passes, (str, Pass)):
-        passes = [passes]
-    out: list[Pass] = []
-    for p in passes:
-        if isinstance(p, str):
-            out.append(get_pass(p))
-        elif isinstance(p, Pass):
-            out.append(p)
-        elif isinstance(p, type) and issubclass(p, Pass):
-            out.append(p())
-        else:
-            raise PassError(f"expected a pass name, Pass or Pass class, got {p!r}")
-    for p in out:
-        if not p.name:
-            raise PassError(f"pass {type(p).__name__} has no name")
-    return out
 
 
 # -- levels --------------------------------------------------------------------
@@ -91,9 +54,22 @@ PIPELINES: dict[str, list[str]] = {
     "O1": [
         *CLEANUP,
     ],
-    # O1, then (later) Transformer recognition, attention and fusion passes
+    # O1, then everything proven safe for Transformers; opt-in conversions only when asked
     "O2": [
         *CLEANUP,
+        "recognize.fuse-norms",  # LayerNorm / RMSNorm math -> layer_norm / rms_norm
+        "recognize.fuse-activations",  # gelu (erf | tanh), silu, swiglu, softmax
+        "recognize.fuse-rotary",  # RoPE (rotate-half | interleaved) -> rotary
+        "attention.fuse-sdpa",  # every spelling of attention -> one attention op, masks proven
+        "attention.remove-repeat-kv",  # GQA/MQA: repeated K/V heads -> kv_heads < heads
+        "recognize.fuse-add-norm",  # residual add + norm -> add_norm (normed, sum)
+        "convert.mha-to-gqa",  # opt-in (convert_gqa=G): mean-pool kv heads; reports its error
+        "convert.sparse-attention",  # opt-in (sparse_attention=...): window / block-sparse
+        "fusion.merge-projections",  # q/k/v, gate/up, parallel blocks -> one linear + split
+        "recognize.fold-linear-epilogue",  # bias add and activation -> linear (after merging)
+        "fusion.compute-last-logits",  # only with logits="last": norm + LM head on one position
+        "cleanup.eliminate-common-subexpressions",  # masks/casts the fusions left duplicated
+        "cleanup.eliminate-dead-code",  # what the rewrites left unused
     ],
 }
 

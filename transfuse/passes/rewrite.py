@@ -225,9 +225,12 @@ def _match(pat: Pattern | None, value: Value | None, st: _State, fail: _Failure)
             return None
         return _bind(pat.name, value, st, fail, None)
     if isinstance(pat, AltPat):
+        before = (fail.depth, fail.reason, fail.node)
         for alt, tag in zip(pat.alts, pat.tags):
             sub = _match(alt, value, st.copy(), fail)
             if sub is not None:
+                # alternatives that failed before this one are no reason (optional ops)
+                fail.depth, fail.reason, fail.node = before
                 if tag:
                     sub.tags.add(tag)
                 return sub

@@ -1,7 +1,8 @@
 """Matrix products: ``matmul`` (batched, broadcasting) and ``linear``.
 
 Glossary: M rows of the left operand, K the contracted dim, N output columns.
-``linear(x, w, b)`` = ``x @ w.T + b`` with ``w`` of shape [N, K] (torch layout).
+``linear(x, w, b)`` = ``x @ w.T + b`` with ``w`` of shape [N, K] (torch layout), optionally
+followed by an ``activation`` folded in by ``recognize.fold-linear-epilogue``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from transfuse.errors import IRVerifyError
-from transfuse.ir.ops import default_bytes, register
+from transfuse.ir.ops import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import in_type, result_dtype
 from transfuse.ir.types import TensorType, broadcast_shapes, dims_equal, dim_str
 
@@ -62,7 +63,28 @@ def _cost_linear(node):
     return 2 * x.numel() * w.shape[0], default_bytes(node)
 
 
-@register("linear", ["x", "weight", "bias?"], infer=_infer_linear, cost=_cost_linear)
+#: activations a ``linear`` may apply to its result (its ``activation`` attribute)
+LINEAR_ACTIVATIONS = {
+    "gelu": lambda y: F.gelu(y),
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+    "relu": torch.relu,
+}
+
+
+def _verify_linear(node):
+    act = node.attrs["activation"]
+    if act is not None and act not in LINEAR_ACTIVATIONS:
+        return (f"linear: activation must be one of {sorted(LINEAR_ACTIVATIONS)} or none, "
+                f"got {act!r}")
+    return None
+
+
+@register("linear", ["x", "weight", "bias?"], {"activation": Attr("str?", None)},
+          infer=_infer_linear, verify=_verify_linear, cost=_cost_linear)
 def linear(xs, attrs, env):
+    """x @ weight.T + bias, then ``activation`` (none, gelu, gelu_tanh, silu, relu)."""
     bias = xs[2] if len(xs) > 2 else None
-    return F.linear(xs[0], xs[1], bias)
+    y = F.linear(xs[0], xs[1], bias)
+    act = attrs["activation"]
+    return y if act is None else LINEAR_ACTIVATIONS[act](y)

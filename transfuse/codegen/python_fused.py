@@ -1,0 +1,45 @@
+"""Python emitters of the fused ops made by the recognition passes.
+
+``swiglu``, ``rotary`` and ``add_norm`` (``transfuse/ir/opdefs/fused.py``) written as
+direct torch calls in the order of their reference implementations, so the generated
+code computes what the interpreter does. Registered with the python backend's
+``@emitter`` (``python_ops.py`` imports this module).
+
+Glossary: D head dim (static, even), E normalised size.
+"""
+
+from __future__ import annotations
+
+from transfuse.codegen.python_ops import _norm_shape, _x, emitter, rms_norm_expr
+from transfuse.ir.opdefs._util import result_dtype
+
+
+@emitter("swiglu")
+def _swiglu(ctx, node):
+    return f"F.silu({_x(ctx, node, 0)}) * {_x(ctx, node, 1)}"
+
+
+@emitter("rotary")
+def _rotary(ctx, node):
+    x, cos, sin = (_x(ctx, node, i) for i in range(3))
+    if node.attrs["interleaved"]:
+        rot = f"torch.stack((-{x}[..., 1::2], {x}[..., 0::2]), dim=-1).flatten(-2)"
+    else:
+        half = node.inputs[0].type.shape[-1] // 2
+        rot = f"torch.cat((-{x}[..., {half}:], {x}[..., :{half}]), dim=-1)"
+    return f"{x} * {cos} + {rot} * {sin}"
+
+
+@emitter("add_norm")
+def _add_norm(ctx, node):
+    """``(norm(s), s)`` with ``s = x + residual``, bound once by a lambda parameter (``_sum``:
+    generated value names never start with an underscore, so it shadows nothing)."""
+    a = node.attrs
+    x, r = node.inputs[0], node.inputs[1]
+    w = node.inputs[2] if len(node.inputs) > 2 else None
+    if a["kind"] == "layer":
+        normed = (f"F.layer_norm(_sum, {_norm_shape(ctx, node, '_sum')}, {_x(ctx, node, 2)}, "
+                  f"{_x(ctx, node, 3)}, {ctx.lit(a['eps'])})")
+    else:
+        normed = rms_norm_expr(ctx, node, "_sum", result_dtype(x.type, r.type), w)
+    return f"(lambda _sum: ({normed}, _sum))({ctx.name(x)} + {ctx.name(r)})"

@@ -1,0 +1,2 @@
+"""Attention passes: mask analysis (masks.py), the fusion rules that use it (fuse.py) and
+their helpers."""

@@ -1,0 +1,160 @@
+"""ALiBi recognition: is an additive score term ``slopes[h] · (j − i)`` (or ``slopes[h] · j``)?
+
+Used by the attention fusion (``fuse.py``) on each summand of an additive mask.
+A summand is ALiBi when it is ``mul(C, R)`` (optionally under one float cast) with
+
+- ``C`` a float constant holding one slope per query head, laid out along the
+  head axis of the scores [B, H, S, T] (every other axis has size 1);
+- ``R`` an affine function of the key index j built from ``arange`` through
+  casts, reshapes that add/remove size-1 dims, expands, add/sub/neg and
+  multiplication by integer scalars: ``R = c_j·j + f(i) + c``, with no
+  dependence on the batch or head axes.
+
+The attention op's ALiBi term is ``slope_h · (j − pos_i)`` with pos_i = i + T − S.
+``C_h·(c_j·j + f(i) + c)`` differs from it, with slopes ``C_h·c_j``, by
+``C_h·(c_j·pos_i + f(i) + c)``: a constant per (h, i) row, which softmax cancels
+exactly. So both ``j − i`` and plain ``j`` (BLOOM) forms are accepted. A term
+that depends on data (positions from an attention mask, an embedding lookup
+of bucketed relative positions as in T5) is no ALiBi and stays a bias.
+
+Glossary: B batch, H query heads, S query length, T key length; i query index,
+j key index (the last two axes of the scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transfuse.ir.graph import Node, Value
+from transfuse.ir.types import Dim, DType, dims_equal
+
+
+@dataclass(frozen=True)
+class Alibi:
+    """A recognised ALiBi term: one slope per query head, and the nodes that built it."""
+
+    slopes: tuple[float, ...]
+    nodes: tuple[Node, ...]
+
+
+class _NotAffine(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Affine:
+    """value[idx] = c0 + sum_k coef[k]·idx[k] over the value's own axes (ints only)."""
+
+    c0: int
+    coef: tuple[int, ...]
+
+
+def _affine(v: Value, nodes: list[Node], depth: int = 0) -> _Affine:
+    """``v`` as an exact affine function of its indices, or raise _NotAffine."""
+    if depth > 16:
+        raise _NotAffine
+    n = v.producer
+    rank = v.type.rank
+    if v.is_const:
+        t = v.const
+        if t.numel() != 1 or (t.dtype.is_floating_point and float(t) != int(float(t))):
+            raise _NotAffine
+        return _Affine(int(float(t.reshape(-1)[0])), (0,) * rank)
+    if n is None:
+        raise _NotAffine
+    nodes.append(n)
+    if n.op == "arange":
+        a = n.attrs
+        if not isinstance(a["start"], int):
+            raise _NotAffine
+        return _Affine(a["start"], (a["step"],))
+    if n.op == "cast":
+        src, dst = n.inputs[0].dtype, v.dtype
+        if src == DType.bool or dst == DType.bool:
+            raise _NotAffine
+        # integers are exact in f32 below 2**24: positions are far smaller
+        if dst.is_float and dst not in (DType.f32, DType.f64):
+            raise _NotAffine
+        return _affine(n.inputs[0], nodes, depth + 1)
+    if n.op in ("reshape", "expand"):
+        x = n.inputs[0]
+        inner = _affine(x, nodes, depth + 1)
+        src, dst = x.shape, v.shape
+        if n.op == "expand":  # right-aligned broadcast; expanded axes had size 1 (coef 0)
+            off = rank - x.type.rank
+            return _Affine(inner.c0, (0,) * off + inner.coef)
+        si = [k for k, d in enumerate(src) if d != 1]
+        di = [k for k, d in enumerate(dst) if d != 1]
+        if len(si) != len(di) or not all(dims_equal(src[p], dst[q]) for p, q in zip(si, di)):
+            raise _NotAffine
+        coef = [0] * rank
+        for p, q in zip(si, di):
+            coef[q] = inner.coef[p]
+        return _Affine(inner.c0, tuple(coef))
+    if n.op in ("add", "sub"):
+        a, b = (_aligned(x, rank, nodes, depth) for x in n.inputs)
+        sign = 1 if n.op == "add" else -1
+        return _Affine(a.c0 + sign * b.c0, tuple(p + sign * q for p, q in zip(a.coef, b.coef)))
+    if n.op == "neg":
+        a = _affine(n.inputs[0], nodes, depth + 1)
+        return _Affine(-a.c0, tuple(-c for c in a.coef))
+    if n.op == "mul":
+        a, b = (_aligned(x, rank, nodes, depth) for x in n.inputs)
+        if any(a.coef) and any(b.coef):
+            raise _NotAffine
+        k, e = (a, b) if not any(a.coef) else (b, a)
+        return _Affine(k.c0 * e.c0, tuple(k.c0 * c for c in e.coef))
+    raise _NotAffine
+
+
+def _aligned(x: Value, rank: int, nodes: list[Node], depth: int) -> _Affine:
+    a = _affine(x, nodes, depth + 1)
+    return _Affine(a.c0, (0,) * (rank - len(a.coef)) + a.coef)
+
+
+def match_alibi(term: Value, heads: int, s: Dim, t: Dim, rank: int = 4) -> Alibi | None:
+    """``term`` (added to scores of rank ``rank``, [.., H, S, T]) as ALiBi, or None."""
+    if rank != 4 or term.type.rank > rank or not term.dtype.is_float:
+        return None
+    nodes: list[Node] = []
+    v = term
+    if v.producer is not None and v.producer.op == "cast" and v.producer.inputs[0].dtype.is_float:
+        nodes.append(v.producer)
+        v = v.producer.inputs[0]
+    n = v.producer
+    if n is None or n.op != "mul":
+        return None
+    nodes.append(n)
+    for c, r in (n.inputs, n.inputs[::-1]):
+        slopes = _slopes(c, heads, rank)
+        if slopes is None:
+            continue
+        pos_nodes: list[Node] = []
+        try:
+            aff = _aligned(r, rank, pos_nodes, 0)
+        except _NotAffine:
+            return None
+        r_shape = (1,) * (rank - r.type.rank) + tuple(r.shape)
+        cj = aff.coef[rank - 1]
+        # depends on j (the key axis, of length T) and at most on i; never on b or h
+        if cj == 0 or not dims_equal(r_shape[rank - 1], t) or any(aff.coef[:rank - 2]):
+            return None
+        if aff.coef[rank - 2] and not dims_equal(r_shape[rank - 2], s):
+            return None
+        return Alibi(tuple(x * cj for x in slopes), tuple(nodes + pos_nodes))
+    return None
+
+
+def _slopes(c: Value, heads: int, rank: int) -> tuple[float, ...] | None:
+    """A float constant with one value per head, on the head axis (rank - 3) of the scores."""
+    if not c.is_const or not c.dtype.is_float or c.type.rank > rank:
+        return None
+    shape = (1,) * (rank - c.type.rank) + tuple(c.shape)
+    if any(d != 1 for k, d in enumerate(shape) if k != rank - 3):
+        return None
+    if c.const.numel() != heads:
+        return None
+    return tuple(float(x) for x in c.const.double().reshape(-1).tolist())
+
+
+__all__ = ["Alibi", "match_alibi"]

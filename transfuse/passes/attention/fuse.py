@@ -1,0 +1,443 @@
+"""attention.fuse-sdpa: every spelling of ``softmax(scale·Q·Kᵀ + mask)·V`` becomes one ``attention``.
+
+Rewrites (rule ids):
+
+- ``attention/sdpa``: ``matmul(softmax(mask(softcap(scale·matmul(Q, Kᵀ)))), V)`` where
+  - Kᵀ is ``permute`` swapping the last two dims of K, or a combined permute
+    ``[0, 2, 3, 1]`` of a [B, T, H, D] key (then K = ``permute(k, [0, 2, 1, 3])``);
+    a key permuted any other way is refused. A Kᵀ that is no permute at all (a
+    pre-transposed input) gets an explicit transpose;
+  - scale is a scalar constant: ``mul``/``div`` of the scores, of Q (pre-scaled
+    query), of K or Kᵀ, or of both (√scale on each); the ``scale`` attr is their
+    product computed in float64 (``div`` by c is ``1/c``);
+  - softcap is ``tanh(x / c) · c`` (Gemma 2) before the mask;
+  - the mask is ``add`` (additive), ``where(mask, fill, x)`` (masked_fill) or
+    ``where(keep, x, fill)`` with fill -inf or <= -1e4, or absent. It is analysed
+    by :mod:`.masks`: proven causal / sliding window -> attrs, a padding term ->
+    the small [B, 1, 1, T] ``bias``, ALiBi summands (:mod:`.alibi`) -> the
+    ``alibi`` attr. A mask that is not fully understood becomes the explicit
+    ``bias`` (whole) and the reason is recorded as an ``attention/mask`` near miss;
+    the fusion still happens;
+  - optional float casts around the softmax (fp32 softmax), eval-mode
+    ``dropout``; the softmax must be over the last (key) axis;
+  - 3-D bmm forms [B·H, S, D] are fused with a unit head axis ([B·H, 1, S, D]).
+- ``attention/sdpa-mask``: an ``attention`` made by the frontend from
+  ``scaled_dot_product_attention`` with a mask as ``bias``: the bias is analysed
+  the same way and turned into causal/window/padding/alibi where proven.
+
+Needs: cleanup (eval dropout removed, views folded). Guarantees: the same values up
+to floating-point rounding (scale folded into one multiplication, fp32 softmax
+inside the op), except rows whose every key is masked (the fused op gives zeros
+or the padding row's average where the original gives NaN or a uniform row).
+Repeated K/V heads (``repeat_kv``) stay on the op's inputs; ``attention.remove-repeat-kv``
+(:mod:`.gqa`) removes them.
+
+Glossary: B batch, H query heads, Hkv key/value heads, S query length, T key
+length, D head dim, Dv value head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+
+from transfuse.ir.graph import Graph, Node, Value
+from transfuse.ir.types import Dim, DType, dims_equal
+from transfuse.passes.attention.alibi import match_alibi
+from transfuse.passes.attention.masks import (
+    NEG_LIMIT,
+    MaskFacts,
+    analyze_additive_mask,
+    analyze_bool_mask,
+)
+from transfuse.passes.base import PassContext, erase_if_dead
+from transfuse.passes.rewrite import Builder, Match, P, RewritePass, Rule
+
+MASK_RULE = "attention/mask"
+
+
+@dataclass
+class _RunState:
+    """Per-run state the rules' replace functions report through."""
+
+    ctx: PassContext
+    seen: set = field(default_factory=set)
+    #: matched eval-mode dropouts: not pure by their OpDef, so the engine leaves them
+    dropouts: list = field(default_factory=list)
+
+
+_STATE: ContextVar[_RunState | None] = ContextVar("attention_fuse_state", default=None)
+
+
+def _mask_outcome(node: Node, reason: str | None) -> None:
+    """Statistics of ``attention/mask``: an analysed mask is a match, or a near miss with the
+    reason it stays an explicit bias."""
+    state = _STATE.get()
+    if state is None or (id(node), reason) in state.seen:
+        return
+    state.seen.add((id(node), reason))
+    state.ctx.attempt(MASK_RULE)
+    if reason is None:
+        state.ctx.count(MASK_RULE)
+    else:
+        state.ctx.near_miss(MASK_RULE, node, f"mask kept as an explicit bias: {reason}")
+
+
+# -- the pattern ------------------------------------------------------------------------------
+
+
+def _scaled(inner, name: str):
+    """``inner · c``, ``inner / c`` or ``inner``; the tag says which (``name:mul``/``name:div``)."""
+    return P.alt(P.op("mul", inner, P.scalar(name), commutative=True),
+                 P.op("div", inner, P.scalar(name)),
+                 inner, tags=(f"{name}:mul", f"{name}:div", None))
+
+
+_Q = _scaled(P.any("q"), "q_scale")
+_KT = _scaled(P.alt(P.op("permute", _scaled(P.any("k"), "k_scale"), name="kt"),
+                    P.any("kt_value"), tags=("permuted", None)), "kt_scale")
+_QK = P.op("matmul", _Q, _KT, name="qk")  # (B, H, S, T)
+_SCALED = _scaled(_QK, "scale")
+_CAPPED = P.alt(P.op("mul", P.op("tanh", _scaled(_SCALED, "cap_in"), name="tanh"),
+                     P.scalar("cap"), commutative=True, name="cap_mul"),
+                _SCALED, tags=("softcap", None))
+_SCORES = P.maybe("cast", _CAPPED, name="cast_scores", tag="cast-scores")
+_MASKED = P.alt(P.op("add", _SCORES, P.any("mask"), commutative=True, name="masked"),
+                P.op("where", P.any("cond"), P.scalar("fill"), _SCORES, name="masked"),
+                P.op("where", P.any("cond"), _SCORES, P.scalar("fill"), name="masked"),
+                _SCORES, tags=("add-mask", "where-fill", "where-keep", None))
+_SOFTMAX = P.op("softmax", P.maybe("cast", _MASKED, name="upcast", tag="upcast"),
+                name="softmax")
+_PROBS = P.maybe("dropout", P.maybe("cast", _SOFTMAX, name="downcast", tag="downcast"),
+                 name="dropout", tag="dropout")
+SDPA_PATTERN = P.op("matmul", _PROBS, P.any("v"), name="pv")  # (B, H, S, Dv)
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+
+def _swap_last(rank: int) -> list[int]:
+    return list(range(rank - 2)) + [rank - 1, rank - 2]
+
+
+def _key(m: Match) -> tuple[Value, list[int] | None] | str:
+    """K as (source, permute to apply or None), or why the second matmul operand is no Kᵀ."""
+    rank = m.node("qk").outputs[0].type.rank
+    if "permuted" not in m.tags:
+        return m["kt_value"], _swap_last(rank)
+    perm = list(m.node("kt").attrs["perm"])
+    k = m["k"]
+    composed = [perm[i] for i in _swap_last(rank)]  # K = permute(k, composed)
+    if composed == list(range(rank)):
+        return k, None
+    if rank == 4 and composed == [0, 2, 1, 3]:  # k is [B, T, H, D]
+        return k, composed
+    return (f"key operand is permute(%{k.name}, perm={perm}): not Kᵀ of a [B, H, T, D] key "
+            f"(perm [0, 1, 3, 2]) nor of a [B, T, H, D] key (perm [0, 2, 3, 1])")
+
+
+def _permuted_shape(v: Value, perm: list[int] | None) -> tuple:
+    return tuple(v.shape) if perm is None else tuple(v.shape[p] for p in perm)
+
+
+def _factor(m: Match, name: str) -> float | str:
+    if f"{name}:mul" in m.tags:
+        return m.scalar(name)
+    if f"{name}:div" in m.tags:
+        c = m.scalar(name)
+        return 1.0 / c if c != 0 else f"division of the scores by {c}"
+    return 1.0
+
+
+def _scale(m: Match) -> float | str:
+    """The product of every scale factor in float64, or why SDPA's scale cannot express it."""
+    total = 1.0
+    for name in ("q_scale", "k_scale", "kt_scale", "scale"):
+        f = _factor(m, name)
+        if isinstance(f, str):
+            return f
+        total *= f
+    f32 = float(torch.tensor(total, dtype=torch.float32))
+    if not math.isfinite(total) or total == 0 or not math.isfinite(f32) or f32 == 0 or \
+            abs(f32 - total) > abs(total) * 2.0 ** -24:
+        return f"scale {total!r} is not a normal fp32 number"
+    return total
+
+
+def _softcap(m: Match) -> float | None | str:
+    if "softcap" not in m.tags:
+        return None
+    cap = m.scalar("cap")
+    if not (math.isfinite(cap) and cap > 0):
+        return f"softcap tanh(x / c) · c with c = {cap}"
+    if "cap_in:div" in m.tags:
+        inner = m.scalar("cap_in")
+        if inner != cap:
+            return f"tanh(x / {inner}) · {cap}: the two softcap constants differ"
+    elif "cap_in:mul" in m.tags:
+        inner = m.scalar("cap_in")
+        if abs(inner * cap - 1.0) > 2.0 ** -22:
+            return f"tanh(x · {inner}) · {cap}: not a softcap (x · 1/c)"
+    else:
+        return "tanh of the scores without the division by the softcap"
+    return cap
+
+
+def _check(m: Match) -> str | None:
+    sm = m.node("softmax")
+    rank = sm.outputs[0].type.rank
+    if rank not in (3, 4):
+        return f"scores of rank {rank}; attention scores are [B, H, S, T] or [B·H, S, T]"
+    axis = sm.attrs["axis"]
+    if axis % rank != rank - 1:
+        return f"softmax is over axis {axis}, not the key axis (the last of {rank})"
+    if "dropout" in m.tags and m.node("dropout").attrs["train"]:
+        return "dropout in training mode is random"
+    key = _key(m)
+    if isinstance(key, str):
+        return key
+    k, perm = key
+    q, v, out = m["q"], m["v"], m.root.outputs[0]
+    ks = _permuted_shape(k, perm)
+    if not (q.type.rank == len(ks) == v.type.rank == rank):
+        return f"q, k, v ranks differ: {q.type}, {k.type}, {v.type}"
+    dtypes = {q.dtype, k.dtype, v.dtype, out.dtype}
+    if len(dtypes) != 1 or not q.dtype.is_float:
+        return f"q, k, v and the output have dtypes {sorted(d.value for d in dtypes)}"
+    if not (dims_equal(q.shape[0], ks[0]) and dims_equal(q.shape[0], v.shape[0])):
+        return f"batch dims of q {q.type}, k {k.type}, v {v.type} differ (broadcast)"
+    if rank == 4:
+        h, hk, hv = q.shape[1], ks[1], v.shape[1]
+        if not all(isinstance(x, int) for x in (h, hk, hv)):
+            return f"head counts {h}, {hk}, {hv} are not static"
+        if hk != hv or (hk != h and hk != 1):
+            return f"q has {h} heads, k {hk}, v {hv}: no GQA layout"
+    scores = m.node("qk").outputs[0].type
+    if "masked" in m.named_nodes:
+        mt = m.node("masked").outputs[0].type
+        if mt.rank != rank or not all(dims_equal(a, b) for a, b in zip(mt.shape, scores.shape)):
+            return f"the mask broadcasts the scores {scores} up to {mt}"
+    if "fill" in m:
+        fill = m.scalar("fill")
+        if not (fill == -math.inf or fill <= NEG_LIMIT):
+            return f"masked_fill value {fill} is not -inf or <= {NEG_LIMIT}"
+    for name in ("cast_scores", "upcast", "downcast"):
+        if name in m.named_nodes:
+            c = m.node(name)
+            if not (c.inputs[0].dtype.is_float and c.outputs[0].dtype.is_float):
+                return f"cast {c.inputs[0].dtype.value} -> {c.outputs[0].dtype.value} in the chain"
+    for what in (_scale(m), _softcap(m)):
+        if isinstance(what, str):
+            return what
+    return None
+
+
+# -- masks ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _MaskPlan:
+    causal: bool = False
+    window: int | None = None
+    alibi: tuple[float, ...] | None = None
+    bias: Value | None = None
+
+
+def _resolved_padding_keep(facts: MaskFacts) -> bool:
+    """All but a bool keep-mask for padding is resolved (masks.py sets ``padding_keep`` only
+    when it is the one thing left; ``reason`` then says so)."""
+    return facts.padding_keep is not None
+
+
+def _summands(v: Value) -> list[Value]:
+    out, stack = [], [v]
+    while stack:
+        x = stack.pop()
+        if x.producer is not None and x.producer.op == "add" and x.dtype.is_float:
+            stack.extend(reversed(x.producer.inputs))
+        else:
+            out.append(x)
+    return out
+
+
+def _apply_facts(facts: MaskFacts, plan: _MaskPlan, b: Builder, dtype: DType,
+                 fallback, where: Node) -> None:
+    """Fill ``plan`` from ``facts``; an unresolved mask becomes ``fallback()`` as the bias."""
+    resolved = facts.reason is None or _resolved_padding_keep(facts)
+    _mask_outcome(where, None if resolved else facts.reason)
+    if facts.reason is None:
+        plan.causal, plan.window, plan.bias = facts.causal, facts.window, facts.padding
+    elif resolved:
+        plan.causal, plan.window = facts.causal, facts.window
+        # additive padding with the dtype's most negative number, as HF builds it
+        low = b.const(torch.tensor(torch.finfo(dtype.torch).min, dtype=dtype.torch), "neg_min")
+        zero = b.const(torch.tensor(0.0, dtype=dtype.torch), "zero")
+        plan.bias = b.op("where", facts.padding_keep, zero, low)
+    else:
+        plan.bias = fallback()
+
+
+def _additive(mask: Value, plan: _MaskPlan, b: Builder, heads: int | None, s: Dim, t: Dim,
+              rank: int, dtype: DType, where: Node) -> None:
+    """An additive mask: ALiBi summands -> the alibi attr, the rest analysed by masks.py."""
+    rest = mask
+    if heads is not None:
+        parts = _summands(mask)
+        found = [(p, match_alibi(p, heads, s, t, rank)) for p in parts]
+        alibis = [a for _, a in found if a is not None]
+        if len(alibis) == 1:
+            plan.alibi = alibis[0].slopes
+            others = [p for p, a in found if a is None]
+            rest = None
+            for p in others:
+                rest = p if rest is None else b.op("add", rest, p)
+    if rest is None:
+        return
+    _apply_facts(analyze_additive_mask(rest, s, t), plan, b, dtype, lambda: rest, where)
+
+
+def _mask_plan(m: Match, b: Builder, heads: int | None, s: Dim, t: Dim, rank: int) -> _MaskPlan:
+    plan = _MaskPlan()
+    if "masked" not in m.named_nodes:
+        return plan
+    dtype = m.node("masked").outputs[0].dtype
+    if "add-mask" in m.tags:
+        _additive(m["mask"], plan, b, heads, s, t, rank, dtype, m.root)
+        return plan
+    cond, fill = m["cond"], m["fill"]
+    keep = "where-keep" in m.tags
+
+    def as_bias() -> Value:  # where(cond, fill, x) == x + where(cond, fill, 0) up to underflow
+        zero = b.const(torch.tensor(0.0, dtype=fill.dtype.torch), "zero")
+        return b.op("where", cond, zero, fill) if keep else b.op("where", cond, fill, zero)
+
+    _apply_facts(analyze_bool_mask(cond, s, t, keep), plan, b, dtype, as_bias, m.root)
+    return plan
+
+
+def _bias_4d(b: Builder, bias: Value | None, dtype: DType, rank: int) -> Value | None:
+    if bias is None:
+        return None
+    if bias.dtype != dtype:
+        bias = b.op("cast", bias, dtype=dtype)
+    if rank == 3 and bias.type.rank == 3:  # [B·H, S, T] -> [B·H, 1, S, T]
+        bias = b.op("reshape", bias, shape=[bias.shape[0], 1, *bias.shape[1:]])
+    return bias
+
+
+def _attention(b: Builder, q: Value, k: Value, v: Value, bias: Value | None, **attrs) -> Value:
+    inputs = [q, k, v] + ([bias] if bias is not None else [])
+    return b.create("attention", inputs, attrs).output
+
+
+# -- replace ----------------------------------------------------------------------------------
+
+
+def _replace(m: Match, b: Builder) -> Value:
+    rank = m.node("softmax").outputs[0].type.rank
+    state = _STATE.get()
+    if "dropout" in m.tags and state is not None:
+        state.dropouts.append(m.node("dropout"))
+    src, perm = _key(m)
+    q, v = m["q"], m["v"]
+    k = src if perm is None else b.op("permute", src, perm=perm)
+    scores = m.node("qk").outputs[0].type
+    s, t = scores.shape[-2], scores.shape[-1]
+    heads = q.shape[1] if rank == 4 else None
+    plan = _mask_plan(m, b, heads, s, t, rank)
+    bias = _bias_4d(b, plan.bias, q.dtype, rank)
+    if rank == 3:  # [B·H, S, D] -> [B·H, 1, S, D]
+        q, k, v = (b.op("reshape", x, shape=[x.shape[0], 1, *x.shape[1:]]) for x in (q, k, v))
+    kv_heads = k.shape[1] if k.shape[1] != q.shape[1] else None
+    out = _attention(b, q, k, v, bias, scale=_scale(m), causal=plan.causal, window=plan.window,
+                     kv_heads=kv_heads, alibi=plan.alibi, softcap=_softcap(m))
+    if rank == 3:
+        out = b.op("reshape", out, shape=list(m.root.outputs[0].shape))
+    return out
+
+
+SDPA = Rule(id="attention/sdpa", pattern=SDPA_PATTERN, check=_check, replace=_replace)
+
+
+# -- the frontend's attention: analyse its bias -------------------------------------------------
+
+
+def _reanalyse(m: Match, b: Builder) -> Value | None:
+    node = m.root
+    a = node.attrs
+    state = _STATE.get()
+    if (a["causal"] or a["window"] is not None or a["alibi"] is not None or a["layout"] != "bhsd"
+            or str(node.meta.get("origin", "")).startswith(FuseAttention.name)
+            or state is None or ("analysed", id(node)) in state.seen):
+        return None
+    state.seen.add(("analysed", id(node)))
+    q, k, v, bias = m["q"], m["k"], m["v"], m["bias"]
+    s, t, heads = q.shape[2], k.shape[2], q.shape[1]
+    parts = _summands(bias)
+    if not any(match_alibi(p, heads, s, t) for p in parts):
+        facts = analyze_additive_mask(bias, s, t)
+        if facts.reason is not None and not _resolved_padding_keep(facts):
+            _mask_outcome(node, facts.reason)
+            return None
+        if facts.padding is bias and not facts.causal and facts.window is None:
+            return None  # already the padding term alone
+    plan = _MaskPlan()
+    _additive(bias, plan, b, heads, s, t, 4, bias.dtype, node)
+    return _attention(b, q, k, v, _bias_4d(b, plan.bias, q.dtype, 4),
+                      **{**a, "causal": plan.causal, "window": plan.window, "alibi": plan.alibi})
+
+
+SDPA_MASK = Rule(
+    id="attention/sdpa-mask",
+    pattern=P.op("attention", P.any("q"), P.any("k"), P.any("v"), P.any("bias"), None),
+    replace=_reanalyse,
+)
+
+
+class FuseAttention(RewritePass):
+    """Fuse matmul-softmax-matmul attention chains into ``attention``; analyse masks into
+    causal/window/padding/alibi attrs (unknown masks stay an explicit bias)."""
+
+    name = "attention.fuse-sdpa"
+    rule_list = [SDPA, SDPA_MASK]
+
+    def run(self, graph: Graph, ctx: PassContext) -> None:
+        state = _RunState(ctx)
+        token = _STATE.set(state)
+        try:
+            super().run(graph, ctx)
+        finally:
+            _STATE.reset(token)
+        for node in state.dropouts:  # eval dropout is the identity: erase it and what it used
+            if not node._erased and not any(v.num_uses for v in node.outputs):
+                graph.erase(node)
+                _erase_dead_inputs(graph, node)
+
+
+def _erase_dead_inputs(graph: Graph, node: Node) -> None:
+    stack = [v.producer for v in node.inputs if v is not None]
+    while stack:
+        n = stack.pop()
+        if n is not None and not n._erased and erase_if_dead(graph, n):
+            stack.extend(v.producer for v in n.inputs if v is not None)
+
+
+FuseAttention.rules = (*FuseAttention.rules, MASK_RULE)
+
+
+def register_lazily(cls: type) -> None:
+    """Register ``cls`` by name, unless pipelines.py is importing this module right now
+    (then it registers the pass itself)."""
+    try:
+        from transfuse.passes.registry import register_pass
+    except ImportError:
+        return
+    register_pass(cls)
+
+
+register_lazily(FuseAttention)
+
+__all__ = ["FuseAttention", "SDPA", "SDPA_MASK", "SDPA_PATTERN", "MASK_RULE"]
