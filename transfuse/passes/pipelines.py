@@ -21,6 +21,7 @@ from transfuse.passes.cleanup import (
 )
 from transfuse.passes.convert import ConvertMhaToGqa, ConvertSparseAttention
 from transfuse.passes.fusion import ComputeLastLogits, MergeProjections
+from transfuse.passes.memory import PadGemmColumns
 from transfuse.passes.recognize import (
     FoldLinearEpilogue,
     FuseAddNorm,
@@ -33,7 +34,8 @@ from transfuse.passes.registry import get_pass, pass_names, register_pass, resol
 for _cls in (RemoveNoops, FoldConstants, FoldViews, EliminateCommonSubexpressions,
              EliminateDeadCode, MergeProjections, ComputeLastLogits, ConvertMhaToGqa,
              ConvertSparseAttention, FuseAttention, RemoveRepeatKv, RecognizeNorms,
-             RecognizeActivations, RecognizeRotary, FuseAddNorm, FoldLinearEpilogue):
+             RecognizeActivations, RecognizeRotary, FuseAddNorm, FoldLinearEpilogue,
+             PadGemmColumns):
     register_pass(_cls)
 
 
@@ -68,6 +70,7 @@ PIPELINES: dict[str, list[str]] = {
         "fusion.merge-projections",  # q/k/v, gate/up, parallel blocks -> one linear + split
         "recognize.fold-linear-epilogue",  # bias add and activation -> linear (after merging)
         "fusion.compute-last-logits",  # only with logits="last": norm + LM head on one position
+        "layout.pad-gemm-columns",  # wide GEMMs (LM heads) padded to 64 columns, sliced back
         "cleanup.eliminate-common-subexpressions",  # masks/casts the fusions left duplicated
         "cleanup.eliminate-dead-code",  # what the rewrites left unused
     ],
