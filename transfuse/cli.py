@@ -1,6 +1,7 @@
 """The ``transfuse`` command line.
 
     transfuse optimize --model gpt2-small [--level O2] [--seq 128] [--out DIR]
+    transfuse bench --model gpt2-small --seq 16,128 --batch 1 [--threads 1] [--out DIR]
     transfuse log DIR          # print a saved pass log
     transfuse inspect DIR      # print a saved artifact's manifest and graph
 """
@@ -59,6 +60,36 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from transfuse.bench.console import run_and_report
+    from transfuse.bench.harness import Settings
+
+    settings = Settings(models=args.model, seqs=args.seq, batches=args.batch,
+                        threads=args.threads, rounds=args.rounds, warmup=args.warmup,
+                        levels=args.levels, device=args.device, dtype=args.dtype, mode=args.mode,
+                        config=args.config, attn=args.attn, family=args.family,
+                        contestants=args.contestants)
+    settings.validate()  # a bad option is an error before anything is built
+    out = Path(args.out)
+    run_and_report(settings, out / "results.json", out / "results.png", _console())
+    return 0
+
+
 def _cmd_log(args: argparse.Namespace) -> int:
     from transfuse.runtime.artifact import read_pass_log
 
@@ -96,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--verify", action="store_true", help="check every pass numerically")
     o.add_argument("--out", help="save the compiled model to this directory")
     o.set_defaults(fn=_cmd_optimize)
+
+    b = sub.add_parser("bench", help="compare transfuse with eager, torch.compile and ONNX Runtime",
+                       description="Build every contestant, check it against the baseline, "
+                       "then time all of them interleaved (see shared/BENCHMARKING.md).")
+    b.add_argument("--model", type=_str_list, default=["gpt2-tiny"],
+                   help="built-in model (gpt2-small, ...), hf:gpt2|llama|bert|mistral|qwen2 "
+                   "with --config, or a .onnx file; comma-separated for several")
+    b.add_argument("--config", help="transformers config JSON for an hf: model")
+    b.add_argument("--attn", help="attn_implementation for an hf: model (eager, sdpa)")
+    b.add_argument("--family", help="model family of an ONNX file (gpt2, bert, ...): picks the "
+                   "ORT optimizer's model_type")
+    b.add_argument("--seq", type=_int_list, default=[128], help="sequence lengths, e.g. 16,128")
+    b.add_argument("--batch", type=_int_list, default=[1], help="batch sizes, e.g. 1,8")
+    b.add_argument("--threads", type=int, default=1, help="threads for every contestant")
+    b.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    b.add_argument("--warmup", type=int, default=2, help="warm-up calls per contestant")
+    b.add_argument("--levels", type=_str_list, default=["O1", "O2"],
+                   help="transfuse levels, e.g. O1,O2")
+    b.add_argument("--contestants", type=_str_list,
+                   help="only these contestants (names or prefixes; the baseline always runs)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="default: fp32 on CPU, bf16 on CUDA")
+    b.add_argument("--mode", default="prefill", choices=["prefill", "decode"])
+    b.add_argument("--out", default="bench-out", help="directory for results.json and results.png")
+    b.set_defaults(fn=_cmd_bench)
 
     lg = sub.add_parser("log", help="print the pass log of a saved artifact")
     lg.add_argument("path")
