@@ -385,6 +385,25 @@ def _external_use(m: Match, graph: Graph) -> str | None:
     return None
 
 
+def match_failure(rule: Rule, m: Match | None, fail: _Failure, node: Node) -> tuple[str | None, Node]:
+    """(reason, where) for a failed match worth reporting, or (None, node) when the attempt
+    did not get far enough to be a near miss (or matched)."""
+    if m is not None or fail.depth < rule.near_miss_depth:
+        return None, node
+    return fail.reason, fail.node or node
+
+
+def record_near_miss(ctx: PassContext, rule: Rule, node: Node, where: Node, reason: str,
+                     seen: set | None) -> None:
+    """Record a near miss once per (rule, node, reason) when ``seen`` is given."""
+    key = (rule.id, id(node), reason)
+    if seen is not None:
+        if key in seen:
+            return
+        seen.add(key)
+    ctx.near_miss(rule.id, where, reason)
+
+
 def apply_rule(rule: Rule, node: Node, graph: Graph, ctx: PassContext,
                seen: set | None = None) -> bool:
     """Try ``rule`` at ``node``; rewrite and return True on success.
@@ -393,21 +412,15 @@ def apply_rule(rule: Rule, node: Node, graph: Graph, ctx: PassContext,
     """
     ctx.attempt(rule.id)
     m, fail = match(rule.pattern, node)
-    reason, where = None, node
-    if m is None:
-        if fail.depth < rule.near_miss_depth:
-            return False
-        reason, where = fail.reason, fail.node or node
-    else:
+    reason, where = match_failure(rule, m, fail, node)
+    if m is None and reason is None:
+        return False
+    if m is not None:
         reason = _external_use(m, graph)
         if reason is None and rule.check is not None:
             reason = rule.check(m)
     if reason:
-        key = (rule.id, id(node), reason)
-        if seen is None or key not in seen:
-            if seen is not None:
-                seen.add(key)
-            ctx.near_miss(rule.id, where, reason)
+        record_near_miss(ctx, rule, node, where, reason, seen)
         return False
     b = Builder(graph, node)
     new = rule.replace(m, b)
@@ -475,4 +488,5 @@ class RewritePass(Pass):
                 break
 
 
-__all__ = ["P", "Pattern", "Rule", "Match", "Builder", "RewritePass", "match", "apply_rule"]
+__all__ = ["P", "Pattern", "Rule", "Match", "Builder", "RewritePass", "match", "apply_rule",
+           "match_failure", "record_near_miss"]

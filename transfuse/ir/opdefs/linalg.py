@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from transfuse.errors import IRVerifyError
-from transfuse.ir.ops import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import in_type, result_dtype
-from transfuse.ir.types import TensorType, broadcast_shapes, dims_equal, dim_str
+from transfuse.ir.ops import Attr, default_bytes, register
+from transfuse.ir.types import TensorType, broadcast_shapes, dim_str, dims_equal
 
 
 def _infer_matmul(node):

@@ -11,10 +11,16 @@ from __future__ import annotations
 import torch
 
 from transfuse.errors import IRVerifyError
-from transfuse.ir.ops import Attr, default_bytes, eval_dims, register
 from transfuse.ir.opdefs._util import in_type, norm_axis
+from transfuse.ir.ops import Attr, default_bytes, eval_dims, register
 from transfuse.ir.types import (
-    DType, TensorType, dim_product, dim_str, dims_equal, eval_dim, normalize_dim,
+    DType,
+    TensorType,
+    dim_product,
+    dim_str,
+    dims_equal,
+    eval_dim,
+    normalize_dim,
 )
 
 INT64_MAX = 2**63 - 1

@@ -50,6 +50,7 @@ from transfuse.passes.attention.alibi import match_alibi
 from transfuse.passes.attention.masks import (
     NEG_LIMIT,
     MaskFacts,
+    additive_summands,
     analyze_additive_mask,
     analyze_bool_mask,
 )
@@ -252,17 +253,6 @@ def _resolved_padding_keep(facts: MaskFacts) -> bool:
     return facts.padding_keep is not None
 
 
-def _summands(v: Value) -> list[Value]:
-    out, stack = [], [v]
-    while stack:
-        x = stack.pop()
-        if x.producer is not None and x.producer.op == "add" and x.dtype.is_float:
-            stack.extend(reversed(x.producer.inputs))
-        else:
-            out.append(x)
-    return out
-
-
 def _apply_facts(facts: MaskFacts, plan: _MaskPlan, b: Builder, dtype: DType,
                  fallback, where: Node) -> None:
     """Fill ``plan`` from ``facts``; an unresolved mask becomes ``fallback()`` as the bias."""
@@ -285,7 +275,7 @@ def _additive(mask: Value, plan: _MaskPlan, b: Builder, heads: int | None, s: Di
     """An additive mask: ALiBi summands -> the alibi attr, the rest analysed by masks.py."""
     rest = mask
     if heads is not None:
-        parts = _summands(mask)
+        parts = additive_summands(mask)
         found = [(p, match_alibi(p, heads, s, t, rank)) for p in parts]
         alibis = [a for _, a in found if a is not None]
         if len(alibis) == 1:
@@ -376,7 +366,7 @@ def _reanalyse(m: Match, b: Builder) -> Value | None:
     state.seen.add(("analysed", id(node)))
     q, k, v, bias = m["q"], m["k"], m["v"], m["bias"]
     s, t, heads = q.shape[2], k.shape[2], q.shape[1]
-    parts = _summands(bias)
+    parts = additive_summands(bias)
     if not any(match_alibi(p, heads, s, t) for p in parts):
         facts = analyze_additive_mask(bias, s, t)
         if facts.reason is not None and not _resolved_padding_keep(facts):

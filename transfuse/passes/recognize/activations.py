@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 
-from transfuse.passes.registry import register_pass
 from transfuse.passes.recognize._common import keeps_type, scalar_is
+from transfuse.passes.registry import register_pass
 from transfuse.passes.rewrite import Match, P, Pattern, RewritePass, Rule
 
 _x = P.any("x")

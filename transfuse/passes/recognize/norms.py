@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 
 from transfuse.ir.types import DType
-from transfuse.passes.registry import register_pass
 from transfuse.passes.recognize._common import is_param_of, keeps_type, positive_eps, trailing_axes
+from transfuse.passes.registry import register_pass
 from transfuse.passes.rewrite import Match, P, Pattern, RewritePass, Rule
 
 # -- pattern pieces ------------------------------------------------------------------------

@@ -26,9 +26,17 @@ from __future__ import annotations
 from transfuse.ir.graph import Graph, Node
 from transfuse.ir.types import dims_equal
 from transfuse.passes.base import PassContext, erase_if_dead
-from transfuse.passes.registry import register_pass
 from transfuse.passes.recognize._common import op_with_optional
-from transfuse.passes.rewrite import Match, P, RewritePass, Rule, match
+from transfuse.passes.registry import register_pass
+from transfuse.passes.rewrite import (
+    Match,
+    P,
+    RewritePass,
+    Rule,
+    match,
+    match_failure,
+    record_near_miss,
+)
 
 # -- add_norm -------------------------------------------------------------------------------
 
@@ -62,18 +70,13 @@ def _try_add_norm(rule: Rule, node: Node, graph: Graph, ctx: PassContext, seen: 
     to its second output. Returns True on a rewrite."""
     ctx.attempt(rule.id)
     m, fail = match(rule.pattern, node)
-    reason, where = None, node
-    if m is None:
-        if fail.depth < rule.near_miss_depth:
-            return False
-        reason, where = fail.reason, fail.node or node
-    else:
+    reason, where = match_failure(rule, m, fail, node)
+    if m is None and reason is None:
+        return False
+    if m is not None:
         reason, anchor = _add_norm_reason(m, graph)
     if reason:
-        key = (rule.id, id(node), reason)
-        if key not in seen:
-            seen.add(key)
-            ctx.near_miss(rule.id, where, reason)
+        record_near_miss(ctx, rule, node, where, reason, seen)
         return False
     add, total = m.node("sum"), m["sum"]
     inputs = [m["x"], m["residual"], m.get("w")] + ([m.get("b")] if node.op == "layer_norm" else [])

@@ -34,8 +34,8 @@ from transfuse.ir.graph import Value
 from transfuse.ir.opdefs._util import result_dtype
 from transfuse.ir.opdefs.shape import INT64_MAX
 from transfuse.ir.types import dims_equal
-from transfuse.passes.registry import register_pass
 from transfuse.passes.recognize._common import same_shape
+from transfuse.passes.registry import register_pass
 from transfuse.passes.rewrite import Match, P, Pattern, RewritePass, Rule
 
 _x = P.any("x")
