@@ -15,8 +15,10 @@ import torch
 
 from transfuse.errors import CaptureError, LoweringError, TransfuseError
 
-#: targets a user can ask for; each maps to a lowering function below
-TARGETS = ("python",)
+from transfuse.runtime.compiled import BACKENDS
+
+#: targets a user can ask for: every backend registered in ``runtime.compiled.BACKENDS``
+TARGETS = tuple(BACKENDS)
 
 
 def optimize(
@@ -62,10 +64,9 @@ def optimize(
             ``"block:B,local:L,global:G"``; the pass log reports the error.
         max_error: refuse an opt-in conversion whose max abs output error exceeds this.
     """
-    from transfuse.codegen.python import generate_python
     from transfuse.frontend.torch_export import capture
     from transfuse.passes.manager import run_pipeline
-    from transfuse.runtime.compiled import CompiledModel
+    from transfuse.runtime.compiled import CompiledModel, lower
 
     if target not in TARGETS:
         raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
@@ -94,14 +95,14 @@ def optimize(
 
     t1 = time.perf_counter()
     try:
-        program = generate_python(graph, device=device)
+        program = lower(graph, target, device=device)
     except TransfuseError:
         raise
     except Exception as e:  # a backend bug must not surface as a raw torch error
-        raise LoweringError(f"python backend failed: {type(e).__name__}: {e}") from e
+        raise LoweringError(f"{target} backend failed: {type(e).__name__}: {e}") from e
     lower_ms = (time.perf_counter() - t1) * 1e3
     log.add_stage("capture", capture_ms)
-    log.add_stage("lowering (python)", lower_ms)
+    log.add_stage(f"lowering ({target})", lower_ms)
     return CompiledModel(graph, captured.signature, log, backend=target, program=program,
                          meta={"level": level if passes is None else "custom"})
 
