@@ -7,6 +7,7 @@ a frontend never runs a pass, a pass never calls a backend.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,7 +15,6 @@ from typing import Any
 import torch
 
 from transfuse.errors import CaptureError, LoweringError, TransfuseError
-
 from transfuse.runtime.compiled import BACKENDS
 
 #: targets a user can ask for: every backend registered in ``runtime.compiled.BACKENDS``
@@ -42,12 +42,15 @@ def optimize(
     """Compile ``model`` for ``example_inputs``; returns a :class:`CompiledModel`.
 
     Args:
-        model: a ``torch.nn.Module`` in eval mode.
-        example_inputs: positional example inputs (a tensor or a tuple of them).
+        model: a ``torch.nn.Module`` in eval mode, or an ONNX model (a path to a ``.onnx``
+            file, its bytes, or an ``onnx.ModelProto``; see ``transfuse.frontend.onnx``).
+        example_inputs: positional example inputs (a tensor or a tuple of them); optional for
+            an ONNX model (then deterministic inputs of its declared types are the samples).
         example_kwargs: keyword example inputs (``attention_mask=...``).
         dynamic: symbolic dims and their ranges, e.g. ``{"seq": (1, 1024)}``; ``batch`` is dim 0
             and ``seq`` dim 1 of every input by convention, other names need
-            ``{"name": {"range": (lo, hi), "dims": {"input": dim}}}``.
+            ``{"name": {"range": (lo, hi), "dims": {"input": dim}}}``. For an ONNX model the
+            names are the model's own dim names and only ranges are given.
         level: ``"O0"`` (capture only), ``"O1"`` (cleanup), ``"O2"`` (everything proven safe).
         target: backend; one of :data:`TARGETS`.
         verify: check every pass numerically against the graph before it on sample inputs
@@ -70,20 +73,26 @@ def optimize(
 
     if target not in TARGETS:
         raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
-    if isinstance(model, (str, bytes, os.PathLike)):
-        raise CaptureError(
-            f"optimize() got a path {model!r}: the ONNX frontend is not available yet; "
-            "pass a torch.nn.Module")
-    if not isinstance(model, torch.nn.Module):
-        raise CaptureError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
         raise CaptureError("example_inputs must be a tensor or a tuple/list of inputs, got "
                            f"{type(example_inputs).__name__}")
+    onnx_model = _is_onnx_model(model)
+    if not onnx_model and not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"optimize() takes a torch.nn.Module or an ONNX model (a path, bytes "
+                           f"or an onnx.ModelProto), got {type(model).__name__}")
 
     t0 = time.perf_counter()
-    captured = capture(model, tuple(example_inputs), dict(example_kwargs or {}), dynamic)
+    if onnx_model:
+        from transfuse.frontend.onnx import capture_onnx
+
+        captured = capture_onnx(model, dynamic=dynamic)
+        if example_inputs or example_kwargs:  # the caller's examples are the samples
+            captured.example_inputs = captured.signature.flatten_inputs(
+                tuple(example_inputs), dict(example_kwargs or {}))
+    else:
+        captured = capture(model, tuple(example_inputs), dict(example_kwargs or {}), dynamic)
     capture_ms = (time.perf_counter() - t0) * 1e3
 
     graph = captured.graph
@@ -105,6 +114,14 @@ def optimize(
     log.add_stage(f"lowering ({target})", lower_ms)
     return CompiledModel(graph, captured.signature, log, backend=target, program=program,
                          meta={"level": level if passes is None else "custom"})
+
+
+def _is_onnx_model(model: Any) -> bool:
+    """A path, bytes or an ``onnx.ModelProto``: what the ONNX frontend takes."""
+    if isinstance(model, (str, bytes, bytearray, os.PathLike)):
+        return True
+    onnx = sys.modules.get("onnx")  # a ModelProto means onnx is imported already
+    return onnx is not None and isinstance(model, onnx.ModelProto)
 
 
 def _pass_options(options: Mapping[str, Any] | None, samples: Sequence[torch.Tensor],
