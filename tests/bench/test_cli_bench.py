@@ -94,7 +94,7 @@ def test_hf_model_from_config_json(tmp_path):
                                   "max_position_embeddings": 64}))
     out = tmp_path / "bench"
     assert main(["bench", "--model", "hf:llama", "--config", str(config), "--attn", "eager",
-                 "--seq", "8", "--rounds", "2", "--levels", "O1", "--contestants", "transfuse",
+                 "--seq", "8", "--rounds", "2", "--levels", "O1", "--contestants", "transfuse-python",
                  "--out", str(out)]) == 0
     (case,) = _read(out)["cases"]
     assert case["model_info"]["attn_implementation"] == "eager"

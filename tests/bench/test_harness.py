@@ -142,7 +142,10 @@ def test_registry_iterates_targets_and_levels(monkeypatch):
 def test_select_keeps_the_baseline_and_matches_prefixes():
     everyone = default_contestants("torch", levels=["O1", "O2"])
     names = [c.name for c in select(everyone, ["transfuse"], "eager")]
-    assert names == ["eager", "transfuse-python-O1", "transfuse-python-O2"]
+    from transfuse.api import TARGETS
+
+    assert names == ["eager"] + [f"transfuse-{t}-{lv}" for t in TARGETS for lv in ("O1", "O2")]
+    assert "transfuse-python-O2" in names
     with pytest.raises(ValueError, match="unknown contestant"):
         select(everyone, ["tvm"], "eager")
 

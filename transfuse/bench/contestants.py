@@ -277,7 +277,7 @@ class Transfuse(Contestant):
 
     def build(self, model, inputs, case):
         import transfuse
-        from transfuse.errors import TransfuseError
+        from transfuse.errors import LoweringError, TransfuseError
 
         t0 = time.perf_counter()
         if isinstance(model, Path):  # an ONNX file: needs the ONNX frontend
@@ -289,9 +289,12 @@ class Transfuse(Contestant):
             except TransfuseError as e:
                 raise Unsupported(str(e)) from e
         else:
-            compiled = transfuse.optimize(model, inputs.args, inputs.kwargs,
-                                          dynamic=case.dynamic, level=self.level,
-                                          target=self.target, device=case.device)
+            try:
+                compiled = transfuse.optimize(model, inputs.args, inputs.kwargs,
+                                              dynamic=case.dynamic, level=self.level,
+                                              target=self.target, device=case.device)
+            except LoweringError as e:  # the target cannot express this graph: not a failure
+                raise Unsupported(str(e)) from e
         compile_s = time.perf_counter() - t0
         return Runner(_call(compiled, inputs), compile_s)
 

@@ -9,6 +9,8 @@ Layout of an artifact directory::
     graph.txt            the graph in the IR text form (ir/printer.py)
     pass_log.json        the pass log (PassLog.to_json), or null
     code.py              the generated source, for reading only: never executed on load
+    model.onnx           onnxruntime backend only: the model for plain ONNX Runtime
+                         (weights in model.onnx.data above 2 GB); load rebuilds from the graph
 
 ``save`` writes everything into a temporary directory next to the target and
 renames it into place, so a failure leaves no partial artifact. ``load``
@@ -43,6 +45,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FILES = {"weights": "weights.safetensors", "graph": "graph.txt", "pass_log": "pass_log.json",
          "code": "code.py"}
+#: written for the onnxruntime backend, for deployment (plus model.onnx.data above 2 GB)
+DEPLOY_ONNX = "model.onnx"
 
 
 # -- save ---------------------------------------------------------------------------------
@@ -108,10 +112,11 @@ def _write(compiled: Any, root: Path) -> None:
     _write_text(root / FILES["pass_log"],
                 json.dumps(log.to_json() if log is not None else None, indent=1))
     _write_text(root / FILES["code"], compiled.source)
+    if compiled.backend == "onnxruntime":  # the deployable model (never read back by load)
+        compiled.export_onnx(str(root / DEPLOY_ONNX))
     files = {}
-    for name in FILES.values():
-        p = root / name
-        files[name] = {"sha256": _sha256(p), "size": p.stat().st_size}
+    for p in sorted(root.iterdir()):
+        files[p.name] = {"sha256": _sha256(p), "size": p.stat().st_size}
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

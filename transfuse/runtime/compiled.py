@@ -25,6 +25,7 @@ from transfuse.runtime.signature import Signature
 #: backend name -> (module, function(graph, device=None) -> program)
 BACKENDS: dict[str, tuple[str, str]] = {
     "python": ("transfuse.codegen.python", "generate_python"),
+    "onnxruntime": ("transfuse.codegen.onnx", "generate_onnxruntime"),
 }
 
 
@@ -57,6 +58,7 @@ class CompiledModel:
         self.meta: dict[str, Any] = dict(meta or {})
         self._program = program if program is not None else lower(graph, backend)
         self._share_weights()
+        self._note_lowering()
 
     # -- calling -----------------------------------------------------------------------
 
@@ -118,6 +120,33 @@ class CompiledModel:
         from transfuse.runtime.artifact import save
 
         save(self, path)
+
+    def export_onnx(self, path: str, *, fused: bool = True, opset: int | None = None) -> str:
+        """Write the graph as a self-contained ONNX model (any backend): ORT's fused
+        com.microsoft ops unless ``fused=False``; weights in ``<path>.data`` above 2 GB."""
+        from transfuse.codegen.onnx import DEFAULT_OPSET, export_graph, save_model
+
+        model = export_graph(self._graph, self._signature, fused=fused,
+                             opset=opset or getattr(self._program, "opset", DEFAULT_OPSET))
+        return str(save_model(model, path))
+
+    def _note_lowering(self) -> None:
+        """Add what the backend emitted (e.g. fused-op counts) to the pass log, once."""
+        notes = getattr(self._program, "lowering_notes", None)
+        log = self._pass_log
+        if notes is None or log is None or not hasattr(log, "add"):
+            return
+        name = f"lower.{self._backend}"
+        if any(r.name == name for r in log.records):
+            return
+        from transfuse.passes.log import PassRecord
+
+        record = PassRecord(name, nodes_before=len(self._graph), nodes_after=len(self._graph),
+                            notes=list(notes()))
+        for op, n in sorted(getattr(self._program, "fused_counts", {}).items()):
+            record.rules[f"{self._backend}/{op}"] = {"tried": n, "matched": n, "missed": 0,
+                                                     "events": 0}
+        log.add(record)
 
     def _share_weights(self) -> None:
         """Point the graph's constants at the program's (possibly moved) tensors: one copy."""
