@@ -12,6 +12,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_builders import tiny_hf_model
 
 from transfuse.codegen.python import generate_python
 from transfuse.frontend.torch_export import capture
@@ -139,26 +140,7 @@ HF_CASES = {  # id: (family, attn, mask, causal, window, kv_heads)
 
 
 def _hf_model(family: str, attn: str):
-    transformers = pytest.importorskip("transformers")
-    common = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                  intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128)
-    if family == "gpt2":
-        config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB,
-                                         n_positions=128, bos_token_id=0, eos_token_id=0)
-        cls = transformers.GPT2LMHeadModel
-    elif family == "llama":
-        config, cls = transformers.LlamaConfig(num_key_value_heads=2, **common), \
-            transformers.LlamaForCausalLM
-    elif family == "mistral":
-        config = transformers.MistralConfig(num_key_value_heads=2, sliding_window=8, **common)
-        cls = transformers.MistralForCausalLM
-    elif family == "qwen2":
-        config, cls = transformers.Qwen2Config(num_key_value_heads=2, **common), \
-            transformers.Qwen2ForCausalLM
-    else:
-        config, cls = transformers.BertConfig(**common), transformers.BertModel
-    torch.manual_seed(0)
-    return cls._from_config(config, attn_implementation=attn).eval()
+    return tiny_hf_model(family, attn, layers=2, hidden=64, vocab=VOCAB, positions=128)
 
 
 def _hf_inputs(family: str, with_mask: bool, seq: int, seed: int):

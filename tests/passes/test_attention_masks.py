@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from hf_builders import tiny_hf_model
 
 from transfuse.frontend.torch_export import capture
 from transfuse.ir.graph import Graph
@@ -135,22 +136,7 @@ HF_CASES = [(f, "eager", m) for f in FAMILIES for m in (False, True)] + [
 
 
 def _hf_model(family: str, attn: str):
-    transformers = pytest.importorskip("transformers")
-    common = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
-                  intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
-    if family == "gpt2":
-        config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB,
-                                         n_positions=64, bos_token_id=0, eos_token_id=0)
-        cls = transformers.GPT2LMHeadModel
-    elif family == "bert":
-        config, cls = transformers.BertConfig(**common), transformers.BertModel
-    else:
-        name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
-        extra = {"sliding_window": 8} if family == "mistral" else {}
-        config = getattr(transformers, f"{name}Config")(num_key_value_heads=2, **extra, **common)
-        cls = getattr(transformers, f"{name}ForCausalLM")
-    torch.manual_seed(0)
-    return cls._from_config(config, attn_implementation=attn).eval()
+    return tiny_hf_model(family, attn, layers=1, hidden=32, vocab=VOCAB, positions=64)
 
 
 def _hf_kwargs(family: str, seq: int, with_mask: bool) -> dict:
