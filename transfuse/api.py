@@ -97,7 +97,7 @@ def optimize(
 
     graph = captured.graph
     samples = list(sample_inputs) if sample_inputs is not None else captured.example_inputs
-    options = _pass_options(options, samples, logits=logits, convert_gqa=convert_gqa,
+    options = _pass_options(options, samples, target=target, logits=logits, convert_gqa=convert_gqa,
                             sparse_attention=sparse_attention, max_error=max_error)
     log = run_pipeline(graph, list(passes) if passes is not None else level, verify=verify,
                        sample_inputs=samples, options=options)
@@ -144,4 +144,5 @@ def _pass_options(options: Mapping[str, Any] | None, samples: Sequence[torch.Ten
     if named["max_error"] is not None:
         out["max_error"] = float(named["max_error"])
     out.setdefault("sample_inputs", list(samples))
+    out.setdefault("target", named["target"])
     return out

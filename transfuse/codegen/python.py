@@ -46,6 +46,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
+from transfuse.codegen.blas import gemm_linear
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.opdefs.misc import call_fallback
@@ -61,7 +62,7 @@ logger = logging.getLogger(__name__)
 #: names the generated code itself uses; values and symbols never take them
 _RESERVED = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {
     "torch", "F", "forward", "call_fallback", "float", "int", "max", "min", "bool", "range",
-    "tuple", "list", "len", "print", "self",
+    "tuple", "list", "len", "print", "self", "_gemm_linear",
 } | {n for n in dir(builtins) if not n.startswith("_")}
 
 
@@ -389,7 +390,8 @@ class PythonProgram:
 
     def _bind(self) -> Callable:
         namespace: dict[str, Any] = {"torch": torch, "F": F, "call_fallback": call_fallback,
-                                     "_assert": _assert, "__name__": "transfuse_generated"}
+                                     "_assert": _assert, "_gemm_linear": gemm_linear,
+                                     "__name__": "transfuse_generated"}
         exec(self._code, namespace)  # noqa: S102 - our own generated source, see module docstring
         dev = self.device if self.device is not None else torch.device("cpu")
         attn_mask = functools.lru_cache(maxsize=8)(attn_position_mask)  # small: ALiBi masks are H*S*T

@@ -218,9 +218,20 @@ def _matmul(ctx, node):
 def _linear(ctx, node):
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     tail = f", {ctx.name(bias)}" if bias is not None else ""
-    expr = f"F.linear({_x(ctx, node, 0)}, {_x(ctx, node, 1)}{tail})"
+    w = node.inputs[1].type.shape
+    if node.attrs.get("gemm") == "blas":
+        expr = f"_gemm_linear({_x(ctx, node, 0)}, {_x(ctx, node, 1)}{tail or ', None'}, True)"
+    elif isinstance(w[0], int) and w[0] >= WIDE_LINEAR_COLUMNS:
+        # LM-head-like: the result may be big enough to want huge pages (codegen/blas.py)
+        expr = f"_gemm_linear({_x(ctx, node, 0)}, {_x(ctx, node, 1)}{tail})"
+    else:
+        expr = f"F.linear({_x(ctx, node, 0)}, {_x(ctx, node, 1)}{tail})"
     return _LINEAR_ACTIVATIONS[node.attrs.get("activation")].format(expr)
 
+
+#: a linear with at least this many output columns goes through ``_gemm_linear``, whose large
+#: results are mapped with huge pages (one call per layer of Python is all it costs)
+WIDE_LINEAR_COLUMNS = 8192
 
 #: linear's ``activation`` attribute -> the call around F.linear
 _LINEAR_ACTIVATIONS = {

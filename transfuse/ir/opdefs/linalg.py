@@ -72,7 +72,13 @@ LINEAR_ACTIVATIONS = {
 }
 
 
+#: values of linear's ``gemm`` attribute
+LINEAR_GEMMS = ("torch", "blas")
+
+
 def _verify_linear(node):
+    if node.attrs["gemm"] not in LINEAR_GEMMS:
+        return f"linear: gemm must be one of {list(LINEAR_GEMMS)}, got {node.attrs['gemm']!r}"
     act = node.attrs["activation"]
     if act is not None and act not in LINEAR_ACTIVATIONS:
         return (f"linear: activation must be one of {sorted(LINEAR_ACTIVATIONS)} or none, "
@@ -80,10 +86,16 @@ def _verify_linear(node):
     return None
 
 
-@register("linear", ["x", "weight", "bias?"], {"activation": Attr("str?", None)},
+@register("linear", ["x", "weight", "bias?"],
+          {"activation": Attr("str?", None), "gemm": Attr("str", "torch")},
           infer=_infer_linear, verify=_verify_linear, cost=_cost_linear)
 def linear(xs, attrs, env):
-    """x @ weight.T + bias, then ``activation`` (none, gelu, gelu_tanh, silu, relu)."""
+    """x @ weight.T + bias, then ``activation`` (none, gelu, gelu_tanh, silu, relu).
+
+    ``gemm`` picks the CPU GEMM library the python backend calls ("torch": torch's own,
+    "blas": numpy's OpenBLAS, see ``codegen/blas.py``); it never changes the math, so the
+    reference implementation ignores it.
+    """
     bias = xs[2] if len(xs) > 2 else None
     y = F.linear(xs[0], xs[1], bias)
     act = attrs["activation"]
