@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from transfuse.codegen.blas import gemm_linear
+from transfuse.codegen.cpu_attention import causal_attention
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.opdefs.misc import call_fallback
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 _RESERVED = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {
     "torch", "F", "forward", "call_fallback", "float", "int", "max", "min", "bool", "range",
     "tuple", "list", "len", "print", "self", "_gemm_linear",
+    "_causal_attention",
 } | {n for n in dir(builtins) if not n.startswith("_")}
 
 
@@ -391,6 +393,7 @@ class PythonProgram:
     def _bind(self) -> Callable:
         namespace: dict[str, Any] = {"torch": torch, "F": F, "call_fallback": call_fallback,
                                      "_assert": _assert, "_gemm_linear": gemm_linear,
+                                     "_causal_attention": causal_attention,
                                      "__name__": "transfuse_generated"}
         exec(self._code, namespace)  # noqa: S102 - our own generated source, see module docstring
         dev = self.device if self.device is not None else torch.device("cpu")

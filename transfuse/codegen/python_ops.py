@@ -386,12 +386,15 @@ def _attention(ctx, node):
     if mask is not None:
         args.append(f"attn_mask={ctx.hoist(mask, 'attn_mask')}")
     if is_causal:
-        args.append("is_causal=True")
+        # square causal, no other mask: query blocks skip the masked half (cpu_attention.py)
+        fn = "_causal_attention"
+    else:
+        fn = "F.scaled_dot_product_attention"
     if a["scale"] is not None:
         args.append(f"scale={ctx.lit(a['scale'])}")
     if hkv != h:
         args.append("enable_gqa=True")
-    out = f"F.scaled_dot_product_attention({', '.join(args)})"
+    out = f"{fn}({', '.join(args)})"
     return f"{out}.transpose(1, 2)" if layout == "bshd" else out
 
 
