@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from transfuse.codegen import blas
-from transfuse.codegen.blas import blas_unavailable, empty_huge, gemm_linear, time_gemm
+from transfuse.codegen.blas import (
+    blas_unavailable,
+    empty_huge,
+    gemm_linear,
+    is_kmajor,
+    kmajor,
+    time_gemm,
+)
 
 needs_blas = pytest.mark.skipif(blas_unavailable() is not None,
                                 reason=f"numpy's OpenBLAS is unavailable: {blas_unavailable()}")
@@ -101,8 +108,29 @@ def test_large_linear_result_is_correct(one_thread):
 
 
 @needs_blas
-def test_time_gemm_reports_both(one_thread):
-    t = time_gemm(32, torch.randn(64, 48), None, rounds=2, min_seconds=1e-4)
+@pytest.mark.parametrize("relayout", [True, False])
+def test_time_gemm_reports_both(one_thread, relayout):
+    ws = [torch.randn(64, 48), torch.randn(64, 48)]
+    t = time_gemm(32, ws, None, rounds=2, min_seconds=1e-4, relayout=relayout)
     assert (t.m, t.k, t.n) == (32, 48, 64)
     assert t.torch_s > 0 and t.blas_s > 0
     assert t.gflops("torch") == pytest.approx(t.flops / t.torch_s / 1e9)
+    assert all(w.is_contiguous() for w in ws)  # the caller's weights are not relaid
+
+
+def test_kmajor_keeps_values_and_is_idempotent():
+    w = torch.randn(5, 3)
+    km = kmajor(w)
+    assert torch.equal(km, w) and km.shape == (5, 3) and is_kmajor(km) and not is_kmajor(w)
+    assert km.t().is_contiguous()
+    assert kmajor(km) is km
+
+
+@needs_blas
+def test_kmajor_weight_gives_the_same_product():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 40, generator=gen)
+    w = torch.randn(24, 40, generator=gen)
+    b = torch.randn(24, generator=gen)
+    torch.testing.assert_close(gemm_linear(x, kmajor(w), b, True), F.linear(x, w, b),
+                               rtol=1e-5, atol=1e-5)

@@ -61,11 +61,24 @@ def test_auto_times_each_shape_and_logs_both_rates():
     assert _gemms(graph2) == _gemms(graph)
 
 
-def test_narrow_gemms_are_not_timed_by_default():
+def test_min_columns_limits_what_is_timed():
     graph, rec = apply(GRAPH, "layout.select-gemm",
-                       options={"sample_inputs": [torch.randn(4, 64, 64)]})
+                       options={"sample_inputs": [torch.randn(4, 64, 64)],
+                                "select_gemm_min_columns": 8192})
     assert _gemms(graph) == ["torch", "torch"]
     assert sum("not timed (N < 8192)" in n for n in rec.notes) == 2
+
+
+def test_tied_weight_is_timed_without_relayout():
+    graph, rec = apply("""
+graph main(%ids: i64[batch, seq]) {
+  const %wte: f32[512, 64]
+  %0: f32[batch, seq, 64] = embedding(%wte, %ids)
+  %1: f32[batch, seq, 512] = linear(%0, %wte, _)
+  return %1
+}""", "layout.select-gemm", options={"sample_inputs": [torch.randint(0, 512, (2, 64))]})
+    (line,) = [n for n in rec.notes if "GFLOP/s" in n]
+    assert "[N, K] transposed" in line and "1 weight(s)" in line
 
 
 def test_tiny_gemms_are_not_timed():
@@ -99,6 +112,13 @@ def test_o2_end_to_end_blas_codegen_and_artifact(tmp_path):
     compiled = transfuse.optimize(model, inputs, dynamic=dyn, level="O2",
                                   options={"gemm": "blas"})
     assert "_gemm_linear(" in compiled.source and ", True)" in compiled.source
+    # weights read only by blas linears are stored K-major, and the graph shares that storage
+    kmajor = compiled.program.kmajor_weights
+    assert kmajor
+    for name in kmajor:
+        t = compiled.graph.constants[name].const
+        assert t.stride() == (1, t.shape[0]) and t is compiled.program.constants[name]
+    assert "wte" not in " ".join(kmajor)  # the tied embedding keeps its row layout
     with torch.inference_mode():
         want = model(*inputs)
         got = compiled(*inputs)
@@ -106,6 +126,7 @@ def test_o2_end_to_end_blas_codegen_and_artifact(tmp_path):
     compiled.save(tmp_path / "m")
     loaded = transfuse.load(tmp_path / "m")
     assert set(_gemms(loaded.graph)) == {"blas"}
+    assert sorted(loaded.program.kmajor_weights) == sorted(kmajor)
     with torch.inference_mode():
         assert torch.equal(loaded(*inputs), got)
     # the ONNX Runtime target ignores the choice (it has its own GEMMs)

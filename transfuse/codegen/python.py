@@ -46,7 +46,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from transfuse.codegen.blas import gemm_linear
+from transfuse.codegen.blas import gemm_linear, kmajor
 from transfuse.codegen.cpu_attention import causal_attention
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Graph, Node, Value
@@ -367,7 +367,8 @@ class PythonProgram:
     Attributes: ``source`` (the module text), ``device`` (of the bound constants),
     ``reference_ops`` (op -> why it runs through its reference implementation),
     ``reference_count``, ``emitted`` (op histogram of emitted statements),
-    ``fallback_targets`` (aten ops of ``torch_fallback`` nodes), ``inference_mode``.
+    ``fallback_targets`` (aten ops of ``torch_fallback`` nodes), ``inference_mode``,
+    ``kmajor_weights`` (constants stored K-major for ``gemm="blas"`` linears).
     """
 
     def __init__(self, source: str, filename: str, code: Any, constants: dict[str, torch.Tensor],
@@ -387,6 +388,8 @@ class PythonProgram:
         self.reference_count = reference_count
         self.emitted = emitted
         self.fallback_targets = fallback_targets
+        #: constants stored K-major for OpenBLAS (set by ``generate_python``)
+        self.kmajor_weights: list[str] = []
         self.inference_mode = inference_mode
         self._forward = self._bind()
 
@@ -457,6 +460,7 @@ def generate_python(graph: Graph, device: str | torch.device | None = None, *,
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     constants = {cname: graph.constants[cname].const for cname in gen.const_names.values()}
     dev = torch.device(device) if device is not None else None
+    kmajor_names = _kmajor_weights(graph, constants, dev)
     if dev is not None:
         constants = {k: t.to(dev) for k, t in constants.items()}
     elif constants:
@@ -465,10 +469,36 @@ def generate_python(graph: Graph, device: str | torch.device | None = None, *,
         logger.info("python backend: %d node(s) of graph %s run through reference "
                     "implementations: %s", gen.reference_count, graph.name,
                     ", ".join(f"{op} ({why})" for op, why in sorted(gen.reference_ops.items())))
-    return PythonProgram(source, filename, code, constants, gen.const_names, dev, gen.refs,
-                         gen.line_info, reference_ops=gen.reference_ops,
-                         reference_count=gen.reference_count, emitted=gen.emitted,
-                         fallback_targets=gen.fallback_targets, inference_mode=inference_mode)
+    program = PythonProgram(source, filename, code, constants, gen.const_names, dev, gen.refs,
+                            gen.line_info, reference_ops=gen.reference_ops,
+                            reference_count=gen.reference_count, emitted=gen.emitted,
+                            fallback_targets=gen.fallback_targets,
+                            inference_mode=inference_mode)
+    program.kmajor_weights = kmajor_names
+    return program
+
+
+def _kmajor_weights(graph: Graph, constants: dict[str, torch.Tensor],
+                    device: torch.device | None) -> list[str]:
+    """Store the weights of ``gemm="blas"`` linears K-major (codegen/blas.py), in place in
+    ``constants``; returns their names.
+
+    Only a weight whose every use is the weight of a blas linear, on the CPU in float32;
+    the tensor keeps its [N, K] values (a transposed view of the new storage), so the
+    graph's constant can share it (``CompiledModel`` points it here: one copy).
+    """
+    if device is not None and device.type != "cpu":
+        return []
+    names = []
+    for cname, v in graph.constants.items():
+        t = constants.get(cname)
+        if (t is None or t.dim() != 2 or t.dtype != torch.float32 or t.device.type != "cpu"
+                or not v.uses):
+            continue
+        if all(u.op == "linear" and i == 1 and u.attrs.get("gemm") == "blas" for u, i in v.uses):
+            constants[cname] = kmajor(t)
+            names.append(cname)
+    return names
 
 
 __all__ = ["generate_python", "PythonProgram"]

@@ -4,24 +4,27 @@ Glossary: x [M, K] times a weight [N, K] gives [M, N]; M is the product of x's
 leading dims at the sample inputs' sizes.
 
 Two libraries can run a CPU float32 ``linear`` in the python backend: torch's own
-(MKL in the CPU wheels) and numpy's OpenBLAS (``codegen/blas.py``). Which is
-faster depends on the shape and the machine, so this pass measures rather than
-guesses: for every distinct (M, K, N, bias) among the graph's linears it times
-both on the node's own weight (alternating rounds, best of each), and sets the
-node's ``gemm`` attribute to ``"blas"`` when OpenBLAS is faster by more than
-``select_gemm_margin`` (default 3%, above timing noise); otherwise it stays
+(MKL in the CPU wheels, weight [N, K]) and numpy's OpenBLAS on the weight stored K-major
+(``codegen/blas.py``). Which is faster depends on the shape and the machine, so this
+pass measures rather than guesses: for every distinct (M, K, N, bias) among the graph's
+linears it times both on up to :data:`MAX_TIMED_WEIGHTS` of the graph's own weights of
+that shape, one after the other (so they stream from memory as in a forward pass;
+with one weight hot in cache the comparison came out differently than in the model),
+at M capped to :data:`MAX_TIMED_ROWS` rows to bound compile time. It sets the nodes'
+``gemm`` attribute to ``"blas"`` when OpenBLAS is faster by more than
+``select_gemm_margin`` (default 3%, above timing noise); otherwise they stay
 ``"torch"``. The pass log has one line per shape with both GFLOP/s and the choice.
+Timings are kept for the process (keyed by shape and torch's thread count), so
+compiling the same model again costs nothing.
 
-Only wide GEMMs are timed (N >= ``select_gemm_min_columns``, default 8192: LM heads):
-that is where the libraries differ (MKL 70-77 vs OpenBLAS 79-92 GFLOP/s for N = 32000
-and 50304 on one EPYC core), while on the square and MLP shapes of these models they
-measured within 3% of each other either way, which a microbenchmark with the weight hot
-in cache cannot rank reliably. Timings are kept for the process (keyed by shape, weight
-strides and torch's thread count), so compiling the same model again costs nothing.
+A weight read by anything other than ``linear`` weights (a tied embedding) cannot be
+stored K-major without slowing its other reader; its linears are timed with OpenBLAS
+reading the [N, K] weight as a transposed operand instead.
 
 The attribute selects a library, never the math: both compute the same fp32
 product (last-bit differences, as between two BLAS builds). It lives in the
-graph, so a saved artifact loads with the same choice and the same outputs.
+graph, so a saved artifact loads with the same choice and the same outputs (the
+backend re-derives the K-major storage from it).
 
 Runs only where the measurement means something: target ``python`` (other
 backends bring their own GEMMs), sample inputs and weights on the CPU in
@@ -30,7 +33,8 @@ it records why it did nothing.
 
 Options: ``gemm``: ``"auto"`` (measure, default), ``"torch"`` (leave every linear
 on torch), ``"blas"`` (every eligible linear on OpenBLAS, no timing);
-``select_gemm_margin`` (0.03); ``select_gemm_min_columns`` (8192);
+``select_gemm_margin`` (0.03); ``select_gemm_min_columns`` (0: only linears with at
+least this many output columns are timed);
 ``select_gemm_budget_s`` (total seconds of timing, 20: shapes left when it runs out
 keep torch and are listed).
 """
@@ -54,8 +58,18 @@ RULE = "layout/select-gemm"
 #: below this many flops per call the library call overhead dominates; stay on torch
 MIN_FLOPS = 2e6
 
-#: (M, K, N, bias, weight strides, threads) -> timing, for the life of the process
+#: (M, K, N, bias, K-major, threads) -> timing, for the life of the process
 _TIMINGS: dict[tuple, GemmTiming] = {}
+
+#: distinct weights of one shape timed together (streamed, as in a forward pass)
+MAX_TIMED_WEIGHTS = 3
+#: rows of x when timing (M above this is timed at this)
+MAX_TIMED_ROWS = 64
+
+
+def kmajor_eligible(w) -> bool:
+    """Every use of constant ``w`` is as the weight of a ``linear``: it may be stored K-major."""
+    return bool(w.uses) and all(u.op == "linear" and i == 1 for u, i in w.uses)
 
 
 @register_pass
@@ -97,9 +111,9 @@ class SelectGemm(Pass):
 
         budget = float(ctx.option("select_gemm_budget_s", 20.0))
         margin = float(ctx.option("select_gemm_margin", 0.03))
-        min_cols = int(ctx.option("select_gemm_min_columns", 8192))
+        min_cols = int(ctx.option("select_gemm_min_columns", 0))
         deadline = time.perf_counter() + budget
-        decided: dict[tuple, str] = {}
+        groups: dict[tuple, list[tuple[Node, torch.Tensor]]] = {}
         for node in linears:
             ctx.attempt(RULE)
             shape = self._shape(node, env)
@@ -107,28 +121,34 @@ class SelectGemm(Pass):
                 ctx.near_miss(RULE, node, shape)
                 continue
             m, k, n, w, b = shape
-            key = (m, k, n, b is not None, tuple(w.stride()))
-            if key not in decided:
-                if mode == "blas":
-                    decided[key] = "blas"
-                elif n < min_cols:
-                    decided[key] = "torch"
-                    ctx.note(f"{RULE}: M={m} K={k} N={n}: not timed (N < {min_cols}); torch")
-                elif m * k * n * 2 < MIN_FLOPS:
-                    decided[key] = "torch"
-                    ctx.note(f"{RULE}: M={m} K={k} N={n}: too small to time "
-                             f"({2 * m * k * n:.0f} flops); torch")
-                elif time.perf_counter() > deadline:
-                    decided[key] = "torch"
-                    ctx.note(f"{RULE}: M={m} K={k} N={n}: timing budget ({budget:g} s) spent; "
-                             "torch")
-                else:
-                    decided[key] = self._measure(ctx, m, w, b, margin)
-            choice = decided[key]
-            if choice != node.attrs.get("gemm", "torch"):
-                node.attrs["gemm"] = choice
-                ctx.count(RULE)
-                ctx.mark_changed()
+            key = (m, k, n, b is not None, kmajor_eligible(node.inputs[1]))
+            groups.setdefault(key, []).append((node, w, b))
+        for key, members in groups.items():
+            m, k, n, _, relayout = key
+            if mode == "blas":
+                choice = "blas"
+            elif n < min_cols:
+                choice = "torch"
+                ctx.note(f"{RULE}: M={m} K={k} N={n}: not timed (N < {min_cols}); torch")
+            elif m * k * n * 2 < MIN_FLOPS:
+                choice = "torch"
+                ctx.note(f"{RULE}: M={m} K={k} N={n}: too small to time "
+                         f"({2 * m * k * n:.0f} flops); torch")
+            elif time.perf_counter() > deadline:
+                choice = "torch"
+                ctx.note(f"{RULE}: M={m} K={k} N={n}: timing budget ({budget:g} s) spent; torch")
+            else:
+                weights = []
+                for _, w, _ in members:  # distinct tensors only (a shared weight counts once)
+                    if all(w is not o for o in weights):
+                        weights.append(w)
+                choice = self._measure(ctx, m, weights[:MAX_TIMED_WEIGHTS], members[0][2],
+                                       margin, relayout)
+            for node, _, _ in members:
+                if choice != node.attrs.get("gemm", "torch"):
+                    node.attrs["gemm"] = choice
+                    ctx.count(RULE)
+                    ctx.mark_changed()
 
     @staticmethod
     def _shape(node: Node, env: dict[str, int]):
@@ -153,16 +173,21 @@ class SelectGemm(Pass):
         return m, k, n, w.const, (b.const if b is not None else None)
 
     @staticmethod
-    def _measure(ctx: PassContext, m: int, w: torch.Tensor, b, margin: float) -> str:
+    def _measure(ctx: PassContext, m: int, weights: list, b, margin: float,
+                 relayout: bool) -> str:
         from transfuse.codegen.blas import time_gemm
 
-        key = (m, *w.shape, b is not None, tuple(w.stride()), torch.get_num_threads())
+        rows = min(m, MAX_TIMED_ROWS)
+        n, k = weights[0].shape
+        key = (rows, k, n, b is not None, relayout, torch.get_num_threads())
         cached = key in _TIMINGS
         if not cached:
-            _TIMINGS[key] = time_gemm(m, w, b)
+            _TIMINGS[key] = time_gemm(rows, weights, b, rounds=2, relayout=relayout)
         t = _TIMINGS[key]
         choice = "blas" if t.blas_s < t.torch_s * (1.0 - margin) else "torch"
-        ctx.note(f"{RULE}: M={t.m} K={t.k} N={t.n}{' +bias' if b is not None else ''}: "
-                 f"torch {t.gflops('torch'):.1f} GFLOP/s, OpenBLAS {t.gflops('blas'):.1f} "
+        layout = "K-major" if relayout else "[N, K] transposed"
+        ctx.note(f"{RULE}: M={m} K={k} N={n}{' +bias' if b is not None else ''}"
+                 f" (timed at M={rows}, {len(weights)} weight(s)): torch "
+                 f"{t.gflops('torch'):.1f} GFLOP/s, OpenBLAS {layout} {t.gflops('blas'):.1f} "
                  f"GFLOP/s -> {choice}{' (timed earlier in this process)' if cached else ''}")
         return choice
