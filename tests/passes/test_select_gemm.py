@@ -119,6 +119,8 @@ def test_o2_end_to_end_blas_codegen_and_artifact(tmp_path):
         t = compiled.graph.constants[name].const
         assert t.stride() == (1, t.shape[0]) and t is compiled.program.constants[name]
     assert "wte" not in " ".join(kmajor)  # the tied embedding keeps its row layout
+    rec = next(r for r in compiled.pass_log.records if r.name == "layout.select-gemm")
+    assert any(f"stores {len(kmajor)} weight(s) K-major" in n for n in rec.notes), rec.notes
     with torch.inference_mode():
         want = model(*inputs)
         got = compiled(*inputs)

@@ -149,6 +149,14 @@ class SelectGemm(Pass):
                     node.attrs["gemm"] = choice
                     ctx.count(RULE)
                     ctx.mark_changed()
+        relaid = {id(n.inputs[1]): n.inputs[1] for n in linears
+                  if n.attrs.get("gemm") == "blas" and kmajor_eligible(n.inputs[1])
+                  and all(u.attrs.get("gemm") == "blas" for u, _ in n.inputs[1].uses)}
+        if relaid:
+            mb = sum(v.const.numel() * v.const.element_size() for v in relaid.values()) / 2**20
+            ctx.note(f"{RULE}: the python backend stores {len(relaid)} weight(s) K-major "
+                     f"({mb:.1f} MB): a copy of each one that the source model still holds "
+                     "(options={'gemm': 'torch'} keeps sharing the model's weights)")
 
     @staticmethod
     def _shape(node: Node, env: dict[str, int]):
