@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 
 def pytest_configure(config):
     torch.set_num_threads(1)
+    # hermetic: the GEMM timing cache of layout.select-gemm goes to a fresh directory,
+    # never the developer's ~/.cache/transfuse
+    os.environ["TRANSFUSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="transfuse-test-cache-")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,8 +14,9 @@ at M capped to :data:`MAX_TIMED_ROWS` rows to bound compile time. It sets the no
 ``gemm`` attribute to ``"blas"`` when OpenBLAS is faster by more than
 ``select_gemm_margin`` (default 3%, above timing noise); otherwise they stay
 ``"torch"``. The pass log has one line per shape with both GFLOP/s and the choice.
-Timings are kept for the process (keyed by shape and torch's thread count), so
-compiling the same model again costs nothing.
+Timings are kept for the process (keyed by shape and torch's thread count) and on disk
+for the machine (``gemm_cache.py``: ``~/.cache/transfuse``), so compiling the same
+shapes again costs nothing.
 
 A weight read by anything other than ``linear`` weights (a tied embedding) cannot be
 stored K-major without slowing its other reader; its linears are timed with OpenBLAS
@@ -36,7 +37,7 @@ on torch), ``"blas"`` (every eligible linear on OpenBLAS, no timing);
 ``select_gemm_margin`` (0.03); ``select_gemm_min_columns`` (0: only linears with at
 least this many output columns are timed);
 ``select_gemm_budget_s`` (total seconds of timing, 20: shapes left when it runs out
-keep torch and are listed).
+keep torch and are listed); ``select_gemm_cache`` (True: read and write the timing file).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from transfuse.ir.interpret import bind_symbols
 from transfuse.ir.types import eval_dim
 from transfuse.passes.base import Pass, PassContext
 from transfuse.passes.convert.error_report import sample_inputs
+from transfuse.passes.memory import gemm_cache
 from transfuse.passes.registry import register_pass
 
 RULE = "layout/select-gemm"
@@ -112,6 +114,7 @@ class SelectGemm(Pass):
         budget = float(ctx.option("select_gemm_budget_s", 20.0))
         margin = float(ctx.option("select_gemm_margin", 0.03))
         min_cols = int(ctx.option("select_gemm_min_columns", 0))
+        use_cache = bool(ctx.option("select_gemm_cache", True))
         deadline = time.perf_counter() + budget
         groups: dict[tuple, list[tuple[Node, torch.Tensor]]] = {}
         for node in linears:
@@ -143,7 +146,7 @@ class SelectGemm(Pass):
                     if all(w is not o for o in weights):
                         weights.append(w)
                 choice = self._measure(ctx, m, weights[:MAX_TIMED_WEIGHTS], members[0][2],
-                                       margin, relayout)
+                                       margin, relayout, use_cache)
             for node, _, _ in members:
                 if choice != node.attrs.get("gemm", "torch"):
                     node.attrs["gemm"] = choice
@@ -182,20 +185,29 @@ class SelectGemm(Pass):
 
     @staticmethod
     def _measure(ctx: PassContext, m: int, weights: list, b, margin: float,
-                 relayout: bool) -> str:
+                 relayout: bool, use_cache: bool) -> str:
         from transfuse.codegen.blas import time_gemm
 
         rows = min(m, MAX_TIMED_ROWS)
         n, k = weights[0].shape
         key = (rows, k, n, b is not None, relayout, torch.get_num_threads())
-        cached = key in _TIMINGS
-        if not cached:
-            _TIMINGS[key] = time_gemm(rows, weights, b, rounds=2, relayout=relayout)
+        source = " (timed earlier in this process)"
+        if key not in _TIMINGS:
+            disk_key = f"{rows}x{k}x{n}|bias={int(b is not None)}|kmajor={int(relayout)}"
+            stored = gemm_cache.load(disk_key) if use_cache else None
+            if stored is not None:
+                _TIMINGS[key] = GemmTiming(rows, k, n, *stored)
+                source = f" (from the timing cache {gemm_cache.cache_path()})"
+            else:
+                _TIMINGS[key] = time_gemm(rows, weights, b, rounds=2, relayout=relayout)
+                source = ""
+                if use_cache:
+                    gemm_cache.store(disk_key, _TIMINGS[key].torch_s, _TIMINGS[key].blas_s)
         t = _TIMINGS[key]
         choice = "blas" if t.blas_s < t.torch_s * (1.0 - margin) else "torch"
         layout = "K-major" if relayout else "[N, K] transposed"
         ctx.note(f"{RULE}: M={m} K={k} N={n}{' +bias' if b is not None else ''}"
                  f" (timed at M={rows}, {len(weights)} weight(s)): torch "
                  f"{t.gflops('torch'):.1f} GFLOP/s, OpenBLAS {layout} {t.gflops('blas'):.1f} "
-                 f"GFLOP/s -> {choice}{' (timed earlier in this process)' if cached else ''}")
+                 f"GFLOP/s -> {choice}{source}")
         return choice
