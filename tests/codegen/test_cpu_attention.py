@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from transfuse.codegen import cpu_attention
-from transfuse.codegen.cpu_attention import BLOCK, causal_attention, causal_mask
+from transfuse.codegen.cpu_attention import BLOCK, MIN_SEQ, causal_attention, causal_mask
 
 
-@pytest.mark.parametrize("s", [1, BLOCK, 2 * BLOCK, 2 * BLOCK + 17, 300])
+@pytest.mark.parametrize("s", [1, BLOCK, MIN_SEQ, MIN_SEQ + 17, 300])
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
 def test_matches_sdpa_causal(s, heads):
     h, hkv = heads
