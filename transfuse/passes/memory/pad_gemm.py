@@ -16,7 +16,8 @@ positions (padded columns are exact zeros and never reach an output);
 one weight in memory, not two.
 
 Options: ``pad_gemm_multiple`` (default 64), ``pad_gemm_min_columns`` (4096),
-``pad_gemm=False`` to disable.
+``pad_gemm=False`` to disable (the default for target ``onnxruntime``, whose GEMMs gain
+nothing from it).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ class PadGemmColumns(Pass):
     rules = (RULE,)
 
     def run(self, graph: Graph, ctx: PassContext) -> None:
-        if ctx.option("pad_gemm", True) is False:
+        target = ctx.option("target", "python")
+        if ctx.option("pad_gemm", target != "onnxruntime") is False:
+            if target == "onnxruntime":  # ORT's MLAS has no ragged-edge cost to pay back
+                ctx.note(f"{RULE}: off for target 'onnxruntime' (option pad_gemm): a padded "
+                         "copy of the weight would buy no speed there")
             return
         multiple = int(ctx.option("pad_gemm_multiple", 64))
         min_cols = int(ctx.option("pad_gemm_min_columns", 4096))
