@@ -88,7 +88,7 @@ _THREADS = _Threads()
 
 
 def blas_unavailable() -> str | None:
-    """Why :func:`blas_linear` cannot run its BLAS path here (None when it can)."""
+    """Why :func:`gemm_linear` cannot run its BLAS path here (None when it can)."""
     if not _THREADS.loaded:
         _THREADS.load()
     return _THREADS.error
@@ -167,11 +167,6 @@ def gemm_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
     return out.view(*x.shape[:-1], n)
 
 
-def blas_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, b)`` computed by numpy's OpenBLAS sgemm (see the module docstring)."""
-    return gemm_linear(x, w, b, True)
-
-
 def is_kmajor(w: torch.Tensor) -> bool:
     """A 2-D [N, K] tensor whose memory is a contiguous [K, N] (a transposed view)."""
     return w.dim() == 2 and w.stride() == (1, w.shape[0]) and w.shape[0] > 1
@@ -181,6 +176,13 @@ def kmajor(w: torch.Tensor) -> torch.Tensor:
     """``w`` [N, K] with the same values, stored K-major (see :func:`is_kmajor`); a copy
     unless it already is."""
     return w if is_kmajor(w) else w.t().contiguous().t()
+
+
+def stored_kmajor(v) -> bool:
+    """Whether the python backend stores graph constant ``v`` K-major: every use of it is
+    the weight of a ``gemm="blas"`` linear (a tied embedding, say, keeps it [N, K])."""
+    return bool(v.uses) and all(u.op == "linear" and i == 1 and u.attrs.get("gemm") == "blas"
+                                for u, i in v.uses)
 
 
 # -- timing, for layout.select-gemm -----------------------------------------------------------
@@ -250,5 +252,5 @@ def time_gemm(m: int, weights: list[torch.Tensor], bias: torch.Tensor | None, *,
     return GemmTiming(m, k, n, best["torch"], best["blas"])
 
 
-__all__ = ["blas_linear", "gemm_linear", "empty_huge", "kmajor", "is_kmajor", "blas_unavailable", "time_gemm",
+__all__ = ["gemm_linear", "empty_huge", "kmajor", "is_kmajor", "stored_kmajor", "blas_unavailable", "time_gemm",
            "GemmTiming", "HUGE_OUTPUT_BYTES"]

@@ -46,7 +46,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from transfuse.codegen.blas import gemm_linear, kmajor
+from transfuse.codegen.blas import gemm_linear, kmajor, stored_kmajor
 from transfuse.codegen.cpu_attention import causal_attention
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Graph, Node, Value
@@ -375,7 +375,7 @@ class PythonProgram:
                  const_names: dict[str, str], device: torch.device | None,
                  refs: list, line_info: dict[int, str], *, reference_ops: dict[str, str],
                  reference_count: int, emitted: Counter, fallback_targets: Counter,
-                 inference_mode: bool = True):
+                 inference_mode: bool = True, kmajor_weights: Sequence[str] = ()):
         self.source = source
         self.filename = filename
         self._code = code
@@ -388,8 +388,7 @@ class PythonProgram:
         self.reference_count = reference_count
         self.emitted = emitted
         self.fallback_targets = fallback_targets
-        #: constants stored K-major for OpenBLAS (set by ``generate_python``)
-        self.kmajor_weights: list[str] = []
+        self.kmajor_weights = list(kmajor_weights)
         self.inference_mode = inference_mode
         self._forward = self._bind()
 
@@ -469,13 +468,11 @@ def generate_python(graph: Graph, device: str | torch.device | None = None, *,
         logger.info("python backend: %d node(s) of graph %s run through reference "
                     "implementations: %s", gen.reference_count, graph.name,
                     ", ".join(f"{op} ({why})" for op, why in sorted(gen.reference_ops.items())))
-    program = PythonProgram(source, filename, code, constants, gen.const_names, dev, gen.refs,
-                            gen.line_info, reference_ops=gen.reference_ops,
-                            reference_count=gen.reference_count, emitted=gen.emitted,
-                            fallback_targets=gen.fallback_targets,
-                            inference_mode=inference_mode)
-    program.kmajor_weights = kmajor_names
-    return program
+    return PythonProgram(source, filename, code, constants, gen.const_names, dev, gen.refs,
+                         gen.line_info, reference_ops=gen.reference_ops,
+                         reference_count=gen.reference_count, emitted=gen.emitted,
+                         fallback_targets=gen.fallback_targets, inference_mode=inference_mode,
+                         kmajor_weights=kmajor_names)
 
 
 def _kmajor_weights(graph: Graph, constants: dict[str, torch.Tensor],
@@ -492,10 +489,8 @@ def _kmajor_weights(graph: Graph, constants: dict[str, torch.Tensor],
     names = []
     for cname, v in graph.constants.items():
         t = constants.get(cname)
-        if (t is None or t.dim() != 2 or t.dtype != torch.float32 or t.device.type != "cpu"
-                or not v.uses):
-            continue
-        if all(u.op == "linear" and i == 1 and u.attrs.get("gemm") == "blas" for u, i in v.uses):
+        if (t is not None and t.dim() == 2 and t.dtype == torch.float32
+                and t.device.type == "cpu" and stored_kmajor(v)):
             constants[cname] = kmajor(t)
             names.append(cname)
     return names

@@ -71,6 +71,11 @@ class PassContext:
     def pass_name(self) -> str:
         return self.pass_.name
 
+    @property
+    def target(self) -> str:
+        """The backend the graph is compiled for (option ``target``; ``"python"`` by default)."""
+        return self.option("target", "python")
+
     def option(self, key: str, default: Any = None) -> Any:
         """``options[pass name][key]``, else ``options[key]``, else ``default``."""
         scoped = self.options.get(self.pass_name)

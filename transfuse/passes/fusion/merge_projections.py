@@ -63,7 +63,7 @@ class MergeProjections(Pass):
     rules = (RULE_QKV, RULE_GATE_UP)
 
     def run(self, graph: Graph, ctx: PassContext) -> None:
-        target = ctx.option("target", "python")
+        target = ctx.target
         if not ctx.option("merge_projections", target != "onnxruntime"):
             # ONNX Runtime runs three MatMuls as fast as one wide one (measured, gpt2/llama
             # small, seq 16/128: within 1.5%) and the merged weights would be a second copy

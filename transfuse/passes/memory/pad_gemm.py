@@ -39,7 +39,7 @@ class PadGemmColumns(Pass):
     rules = (RULE,)
 
     def run(self, graph: Graph, ctx: PassContext) -> None:
-        target = ctx.option("target", "python")
+        target = ctx.target
         if ctx.option("pad_gemm", target != "onnxruntime") is False:
             if target == "onnxruntime":  # ORT's MLAS has no ragged-edge cost to pay back
                 ctx.note(f"{RULE}: off for target 'onnxruntime' (option pad_gemm): a padded "

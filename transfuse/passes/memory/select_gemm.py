@@ -46,7 +46,8 @@ import time
 
 import torch
 
-from transfuse.codegen.blas import GemmTiming
+from transfuse.codegen.blas import GemmTiming, blas_unavailable, stored_kmajor, time_gemm
+from transfuse.errors import PassError
 from transfuse.ir.graph import Graph, Node
 from transfuse.ir.interpret import bind_symbols
 from transfuse.ir.types import eval_dim
@@ -82,17 +83,13 @@ class SelectGemm(Pass):
     rules = (RULE,)
 
     def run(self, graph: Graph, ctx: PassContext) -> None:
-        from transfuse.codegen.blas import blas_unavailable
-
         mode = ctx.option("gemm", "auto")
         if mode not in ("auto", "torch", "blas"):
-            from transfuse.errors import PassError
-
             raise PassError(f"option gemm must be 'auto', 'torch' or 'blas', got {mode!r}")
         linears = [n for n in graph.nodes if n.op == "linear"]
         if not linears or mode == "torch":
             return
-        target = ctx.option("target", "python")
+        target = ctx.target
         if target != "python":
             ctx.note(f"{RULE}: nothing to choose for target {target!r} (it brings its own GEMMs)")
             return
@@ -152,9 +149,7 @@ class SelectGemm(Pass):
                     node.attrs["gemm"] = choice
                     ctx.count(RULE)
                     ctx.mark_changed()
-        relaid = {id(n.inputs[1]): n.inputs[1] for n in linears
-                  if n.attrs.get("gemm") == "blas" and kmajor_eligible(n.inputs[1])
-                  and all(u.attrs.get("gemm") == "blas" for u, _ in n.inputs[1].uses)}
+        relaid = {id(n.inputs[1]): n.inputs[1] for n in linears if stored_kmajor(n.inputs[1])}
         if relaid:
             mb = sum(v.const.numel() * v.const.element_size() for v in relaid.values()) / 2**20
             ctx.note(f"{RULE}: the python backend stores {len(relaid)} weight(s) K-major "
@@ -186,8 +181,6 @@ class SelectGemm(Pass):
     @staticmethod
     def _measure(ctx: PassContext, m: int, weights: list, b, margin: float,
                  relayout: bool, use_cache: bool) -> str:
-        from transfuse.codegen.blas import time_gemm
-
         rows = min(m, MAX_TIMED_ROWS)
         n, k = weights[0].shape
         key = (rows, k, n, b is not None, relayout, torch.get_num_threads())
