@@ -112,8 +112,18 @@ def optimize(
     lower_ms = (time.perf_counter() - t1) * 1e3
     log.add_stage("capture", capture_ms)
     log.add_stage(f"lowering ({target})", lower_ms)
+    meta = {"level": level if passes is None else "custom"}
+    if target == "python" and any(f in getattr(program, "source", "") for f in _NATIVE_CALLS):
+        from transfuse.codegen import native
+
+        # where the C kernels come from, or why torch's run instead (builds them if needed)
+        meta["native_kernels"] = native.status()
     return CompiledModel(graph, captured.signature, log, backend=target, program=program,
-                         meta={"level": level if passes is None else "custom"})
+                         meta=meta)
+
+
+#: generated calls that run codegen/native kernels when they are available
+_NATIVE_CALLS = ("_causal_attention(", "_swiglu(", "_rms_norm(", "_add_rms_norm(")
 
 
 def _is_onnx_model(model: Any) -> bool:

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from transfuse.codegen.blas import gemm_linear, kmajor, stored_kmajor
 from transfuse.codegen.cpu_attention import causal_attention
+from transfuse.codegen.native import ops as native_ops
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.opdefs.misc import call_fallback
@@ -64,7 +65,7 @@ logger = logging.getLogger(__name__)
 _RESERVED = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {
     "torch", "F", "forward", "call_fallback", "float", "int", "max", "min", "bool", "range",
     "tuple", "list", "len", "print", "self", "_gemm_linear",
-    "_causal_attention",
+    "_causal_attention", "_swiglu", "_rms_norm", "_add_rms_norm",
 } | {n for n in dir(builtins) if not n.startswith("_")}
 
 
@@ -396,6 +397,9 @@ class PythonProgram:
         namespace: dict[str, Any] = {"torch": torch, "F": F, "call_fallback": call_fallback,
                                      "_assert": _assert, "_gemm_linear": gemm_linear,
                                      "_causal_attention": causal_attention,
+                                     "_swiglu": native_ops.swiglu,
+                                     "_rms_norm": native_ops.rms_norm,
+                                     "_add_rms_norm": native_ops.add_rms_norm,
                                      "__name__": "transfuse_generated"}
         exec(self._code, namespace)  # noqa: S102 - our own generated source, see module docstring
         dev = self.device if self.device is not None else torch.device("cpu")

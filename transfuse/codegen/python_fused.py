@@ -12,10 +12,21 @@ from __future__ import annotations
 
 from transfuse.codegen.python_ops import _norm_shape, _x, emitter, rms_norm_expr
 from transfuse.ir.opdefs._util import result_dtype
+from transfuse.ir.types import DType, dims_equal
+
+
+def _same_f32(a, b) -> bool:
+    """Both values fp32 with provably equal shapes (what the native kernels take)."""
+    return (a.type.dtype == DType.f32 and b.type.dtype == DType.f32 and a.type.rank == b.type.rank
+            and all(dims_equal(p, q) for p, q in zip(a.type.shape, b.type.shape)))
 
 
 @emitter("swiglu")
 def _swiglu(ctx, node):
+    """fp32: ``_swiglu`` (native/ops.py: one pass in C, else this same torch expression)."""
+    g, u = node.inputs[0], node.inputs[1]
+    if _same_f32(g, u):
+        return f"_swiglu({_x(ctx, node, 0)}, {_x(ctx, node, 1)})"
     return f"F.silu({_x(ctx, node, 0)}) * {_x(ctx, node, 1)}"
 
 
@@ -37,6 +48,11 @@ def _add_norm(ctx, node):
     a = node.attrs
     x, r = node.inputs[0], node.inputs[1]
     w = node.inputs[2] if len(node.inputs) > 2 else None
+    if (a["kind"] == "rms" and a["normalized_ndim"] == 1 and not a["offset"] and _same_f32(x, r)
+            and (w is None or w.type.dtype == DType.f32)):
+        # one pass per row in C when available (native/ops.py), else x + r and F.rms_norm
+        weight = "None" if w is None else ctx.name(w)
+        return f"_add_rms_norm({ctx.name(x)}, {ctx.name(r)}, {weight}, {ctx.lit(a['eps'])})"
     if a["kind"] == "layer":
         normed = (f"F.layer_norm(_sum, {_norm_shape(ctx, node, '_sum')}, {_x(ctx, node, 2)}, "
                   f"{_x(ctx, node, 3)}, {ctx.lit(a['eps'])})")

@@ -300,6 +300,10 @@ def rms_norm_expr(ctx: EmitContext, node: Node, xs: str, x_dtype: DType, w: Valu
     weight = None
     if w is not None:
         weight = ctx.name(w) if not a["offset"] else f"({ctx.name(w)} + {ctx.lit(a['offset'])})"
+    if (x_dtype == DType.f32 and a["normalized_ndim"] == 1 and not a["offset"]
+            and (w is None or w.type.dtype == DType.f32)):
+        # one pass per row in C when available (native/ops.py), else F.rms_norm
+        return f"_rms_norm({xs}, {weight}, {eps})"
     if not upcast and weight is not None and w.type.dtype == x_dtype:
         return f"F.rms_norm({xs}, {shape}, {weight}, {eps})"
     core = (f"F.rms_norm({xs}.float(), {shape}, None, {eps}).to({xs}.dtype)" if upcast

@@ -1,0 +1,111 @@
+"""torch-facing wrappers of the native kernels, each with its torch path as the fallback.
+
+The generated python code calls these (``_swiglu``, ``_rms_norm``, ``_add_rms_norm``;
+attention goes through :func:`transfuse.codegen.cpu_attention.causal_attention`). Each
+checks that the native kernel applies (fp32 CPU tensors, no autograd, a layout the kernel
+reads: rows of contiguous elements at one stride, see :func:`_rows`) and otherwise runs
+the torch expression the backend emitted before these kernels existed, so results never
+depend on whether the library could be built, only their last bits do.
+
+Glossary: B batch, S sequence length, H query heads, Hkv key/value heads, D head dim,
+n the width of a row (the normalised or gated dimension).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from transfuse.codegen import native
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int] | None:
+    """(number of rows, row stride) when ``t`` is rows of ``t.shape[-1]`` contiguous
+    elements at one stride (a contiguous tensor, or a column slice of one), else None."""
+    if t.dim() == 0 or t.stride(-1) != 1:
+        return None
+    dims = [(s, st) for s, st in zip(t.shape[:-1], t.stride()[:-1]) if s != 1]
+    rows = math.prod(s for s, _ in dims)
+    if not dims:
+        return rows, t.shape[-1]
+    for (_, outer), (inner_size, inner) in zip(dims, dims[1:]):
+        if outer != inner * inner_size:
+            return None
+    return rows, dims[-1][1]
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` for gate and up of one shape."""
+    if gate.shape == up.shape and gate.numel() and native.usable(gate, up):
+        g, u = _rows(gate), _rows(up)
+        if g is not None and u is not None:
+            out = torch.empty(gate.shape, dtype=gate.dtype)
+            n = gate.shape[-1]
+            native.run_split(native.library().tf_swiglu_f32, g[0], n, gate.data_ptr(), g[1],
+                             up.data_ptr(), u[1], out.data_ptr(), n)
+            return out
+    return F.silu(gate) * up
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``F.rms_norm(x, (n,), weight, eps)`` over the last dim."""
+    n = x.shape[-1]
+    if (x.numel() and (weight is None or (weight.shape == (n,) and native.usable(weight)))
+            and native.usable(x)):
+        r = _rows(x)
+        if r is not None:
+            out = torch.empty(x.shape, dtype=x.dtype)
+            native.run_split(native.library().tf_add_rms_norm_f32, r[0], n, x.data_ptr(), r[1],
+                             None, 0, None if weight is None else weight.data_ptr(), eps,
+                             None, 0, out.data_ptr(), n)
+            return out
+    return F.rms_norm(x, (n,), weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F.rms_norm(s, (n,), weight, eps), s)`` with ``s = x + residual`` (same shapes)."""
+    n = x.shape[-1]
+    if (x.shape == residual.shape and x.numel() and native.usable(x, residual)
+            and (weight is None or (weight.shape == (n,) and native.usable(weight)))):
+        rx, rr = _rows(x), _rows(residual)
+        if rx is not None and rr is not None:
+            out = torch.empty(x.shape, dtype=x.dtype)
+            total = torch.empty(x.shape, dtype=x.dtype)
+            native.run_split(native.library().tf_add_rms_norm_f32, rx[0], n, x.data_ptr(),
+                             rx[1], residual.data_ptr(), rr[1],
+                             None if weight is None else weight.data_ptr(), eps,
+                             total.data_ptr(), n, out.data_ptr(), n)
+            return out, total
+    total = x + residual
+    return F.rms_norm(total, (n,), weight, eps), total
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+              window: int | None = None) -> torch.Tensor | None:
+    """Causal self-attention of q [B, H, S, D] over k, v [B, Hkv, S, D] (H % Hkv == 0),
+    ``window`` keys at most when given; the result [B, H, S, D] is a view of [B, S, H, D]
+    storage. None when the kernel does not apply (the caller runs SDPA)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    b, h, s, d = q.shape
+    hkv = k.shape[1]
+    if (k.shape != (b, hkv, s, d) or v.shape != k.shape or hkv < 1 or h % hkv or d % 16
+            or d > 512 or s < 1 or (window is not None and window < 1)
+            or not native.usable(q, k, v)):
+        return None
+    out = torch.empty((b, s, h, d), dtype=q.dtype)
+    sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    lib = native.library()
+    native.run_split(lib.tf_attention_f32, lib.tf_attention_units(b, s, hkv), b, s, h, hkv, d, sc,
+                     window or 0,
+                     q.data_ptr(), q.stride(0), q.stride(2), q.stride(1),
+                     k.data_ptr(), k.stride(0), k.stride(2), k.stride(1),
+                     v.data_ptr(), v.stride(0), v.stride(2), v.stride(1),
+                     out.data_ptr(), out.stride(0), out.stride(1), out.stride(2))
+    return out.transpose(1, 2)
+
+
+__all__ = ["swiglu", "rms_norm", "add_rms_norm", "attention"]
