@@ -123,7 +123,7 @@ def optimize(
 
 
 #: generated calls that run codegen/native kernels when they are available
-_NATIVE_CALLS = ("_causal_attention(", "_swiglu(", "_rms_norm(", "_add_rms_norm(")
+_NATIVE_CALLS = ("_causal_attention(", "_swiglu(", "_rms_norm(", "_add_rms_norm(", "_rotary(")
 
 
 def _is_onnx_model(model: Any) -> bool:

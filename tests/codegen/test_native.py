@@ -213,7 +213,8 @@ def test_python_backend_uses_the_kernels_and_matches_eager_either_way(fresh_nati
         ref = model(*inputs)
     compiled = transfuse.optimize(model, inputs, dynamic=dynamic, level="O2")
     src = compiled.source
-    assert "_swiglu(" in src and "_add_rms_norm(" in src and "_causal_attention(" in src
+    assert all(f"{fn}(" in src for fn in ("_swiglu", "_add_rms_norm", "_causal_attention",
+                                            "_rotary"))
     assert compiled.meta["native_kernels"] == native.status()  # says where they came from
     with torch.inference_mode():
         on = compiled(*inputs)
@@ -230,5 +231,47 @@ def test_other_dtypes_keep_the_torch_expressions():
     model, inputs, dynamic = get_model("llama-tiny", seq=16)
     model = model.to(torch.bfloat16)
     compiled = transfuse.optimize(model, inputs, dynamic=dynamic, level="O2")
-    assert "_swiglu(" not in compiled.source and "_add_rms_norm(" not in compiled.source
+    assert not any(f"{fn}(" in compiled.source for fn in ("_swiglu", "_add_rms_norm", "_rotary"))
     assert "F.silu(" in compiled.source
+
+
+def _rotary_reference(x, cos, sin, interleaved):
+    half = x.shape[-1] // 2
+    rot = (torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2) if interleaved
+           else torch.cat((-x[..., half:], x[..., :half]), dim=-1))
+    return x * cos + rot * sin
+
+
+@needs_lib
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("d", [2, 6, 16, 64, 128])
+def test_rotary_matches_torch(interleaved, d):
+    qkv = torch.randn(2, 9, 3 * 4 * d)
+    q = qkv[..., :4 * d].view(2, 9, 4, d).transpose(1, 2)  # [B, H, S, D] view, rows strided
+    cos, sin = torch.randn(9, d), torch.randn(9, d)
+    got = ops.rotary(q, cos, sin, interleaved)
+    torch.testing.assert_close(got, _rotary_reference(q, cos, sin, interleaved),
+                               atol=1e-6, rtol=1e-6)
+    # [B, S, H, D] with cos per position [B, S, 1, D]; and a 2-D x
+    x = torch.randn(2, 9, 4, d)
+    cb, sb = torch.randn(2, 9, 1, d), torch.randn(2, 9, 1, d)
+    torch.testing.assert_close(ops.rotary(x, cb, sb, interleaved),
+                               _rotary_reference(x, cb, sb, interleaved), atol=1e-6, rtol=1e-6)
+    x2 = torch.randn(9, d)
+    torch.testing.assert_close(ops.rotary(x2, cos, sin, interleaved),
+                               _rotary_reference(x2, cos, sin, interleaved), atol=1e-6, rtol=1e-6)
+
+
+@needs_lib
+def test_rotary_falls_back_for_what_it_does_not_take():
+    x = torch.randn(1, 2, 3, 4, 8)  # rank 5
+    cos, sin = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    torch.testing.assert_close(ops.rotary(x, cos, sin, False),
+                               _rotary_reference(x, cos, sin, False))
+    xd = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(ops.rotary(xd, cos[0, :3], sin[0, :3], True),
+                               _rotary_reference(xd, cos[0, :3], sin[0, :3], True))
+    big = torch.randn(2, 3, 8)  # cos would enlarge x: torch broadcasts, as the IR reference
+    x1 = torch.randn(3, 8)
+    torch.testing.assert_close(ops.rotary(x1, big, big, False),
+                               _rotary_reference(x1, big, big, False))

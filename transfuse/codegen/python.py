@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 _RESERVED = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | {
     "torch", "F", "forward", "call_fallback", "float", "int", "max", "min", "bool", "range",
     "tuple", "list", "len", "print", "self", "_gemm_linear",
-    "_causal_attention", "_swiglu", "_rms_norm", "_add_rms_norm",
+    "_causal_attention", "_swiglu", "_rms_norm", "_add_rms_norm", "_rotary",
 } | {n for n in dir(builtins) if not n.startswith("_")}
 
 
@@ -400,6 +400,7 @@ class PythonProgram:
                                      "_swiglu": native_ops.swiglu,
                                      "_rms_norm": native_ops.rms_norm,
                                      "_add_rms_norm": native_ops.add_rms_norm,
+                                     "_rotary": native_ops.rotary,
                                      "__name__": "transfuse_generated"}
         exec(self._code, namespace)  # noqa: S102 - our own generated source, see module docstring
         dev = self.device if self.device is not None else torch.device("cpu")

@@ -32,6 +32,10 @@ def _swiglu(ctx, node):
 
 @emitter("rotary")
 def _rotary(ctx, node):
+    """fp32: ``_rotary`` (native/ops.py: one pass in C, else this same torch expression)."""
+    if all(v.type.dtype == DType.f32 for v in node.inputs[:3]):
+        x, cos, sin = (ctx.name(v) for v in node.inputs[:3])
+        return f"_rotary({x}, {cos}, {sin}, {ctx.lit(node.attrs['interleaved'])})"
     x, cos, sin = (_x(ctx, node, i) for i in range(3))
     if node.attrs["interleaved"]:
         rot = f"torch.stack((-{x}[..., 1::2], {x}[..., 0::2]), dim=-1).flatten(-2)"

@@ -68,6 +68,8 @@ _SIGNATURES = {
     "tf_attention_units": [_I, _I, _I],
     "tf_swiglu_f32": [_I, _P, _L, _P, _L, _P, _L, _I, _I],
     "tf_add_rms_norm_f32": [_I, _P, _L, _P, _L, _P, _F, _P, _L, _P, _L, _I, _I],
+    "tf_rotary_f32": [_I, _I, _I, _I, _I, _P, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L,
+                      _P, _L, _L, _L, _I, _I],
 }
 
 

@@ -266,3 +266,46 @@ int tf_add_rms_norm_f32(int n, const float *x, long xs, const float *res, long r
     }
     return 0;
 }
+
+/* Rotary embedding of x [A0, A1, A2, D] (any strides, D contiguous) with cos and sin
+ * broadcast to x's shape (strides 0 on broadcast dims): out = x * cos + rotate(x) * sin,
+ * rotate(x) = (-x2, x1) of the halves x = (x1, x2), or per pair (-x[2i+1], x[2i]) when
+ * interleaved. Work unit u in [u0, u1): u = i0 * A1 + i1, all A2 rows of it. */
+int tf_rotary_f32(int A0, int A1, int A2, int D, int interleaved,
+                  const float *x, long x0, long x1, long x2,
+                  const float *c, long c0, long c1, long c2,
+                  const float *s, long s0, long s1, long s2,
+                  float *out, long o0, long o1, long o2, int u0, int u1) {
+    if (A0 < 1 || A1 < 1 || A2 < 0 || D < 2 || D % 2 || u0 < 0 || u1 > A0 * A1 || u0 > u1)
+        return 1;
+    int half = D / 2;
+    for (int u = u0; u < u1; u++) {
+        long i0 = u / A1, i1 = u % A1;
+        for (long i2 = 0; i2 < A2; i2++) {
+            const float *xr = x + i0 * x0 + i1 * x1 + i2 * x2;
+            const float *cr = c + i0 * c0 + i1 * c1 + i2 * c2;
+            const float *sr = s + i0 * s0 + i1 * s1 + i2 * s2;
+            float *orow = out + i0 * o0 + i1 * o1 + i2 * o2;
+            if (interleaved) {
+                for (int j = 0; j < D; j += 2) {
+                    float a = xr[j], b = xr[j + 1];
+                    orow[j] = a * cr[j] - b * sr[j];
+                    orow[j + 1] = b * cr[j + 1] + a * sr[j + 1];
+                }
+                continue;
+            }
+            int j = 0;
+            for (; j + 8 <= half; j += 8) {
+                v8 a = vload(xr + j), b = vload(xr + half + j);
+                vstore(orow + j, a * vload(cr + j) - b * vload(sr + j));
+                vstore(orow + half + j, b * vload(cr + half + j) + a * vload(sr + half + j));
+            }
+            for (; j < half; j++) {
+                float a = xr[j], b = xr[half + j];
+                orow[j] = a * cr[j] - b * sr[j];
+                orow[half + j] = b * cr[half + j] + a * sr[half + j];
+            }
+        }
+    }
+    return 0;
+}

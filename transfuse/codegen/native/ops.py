@@ -83,6 +83,35 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
     return F.rms_norm(total, (n,), weight, eps), total
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           interleaved: bool) -> torch.Tensor:
+    """``x * cos + rotate(x) * sin`` (rotate-half, or pairwise when ``interleaved``), cos and
+    sin broadcast to x's shape, which they must not enlarge."""
+    d = x.shape[-1]
+    if 1 <= x.dim() <= 4 and d >= 2 and d % 2 == 0 and x.numel():
+        try:
+            ce, se = cos.expand(x.shape), sin.expand(x.shape)
+        except RuntimeError:
+            ce = None
+        if ce is not None and native.usable(x, ce, se):
+            out = torch.empty_like(x)
+            lead = (None,) * (4 - x.dim())  # views with leading size-1 dims
+            x4, c4, s4, o4 = (t[lead] for t in (x, ce, se, out))
+            a0, a1, a2, _ = x4.shape
+            native.run_split(native.library().tf_rotary_f32, a0 * a1, a0, a1, a2, d,
+                             int(interleaved), *_ptr3(x4), *_ptr3(c4), *_ptr3(s4), *_ptr3(o4))
+            return out
+    half = d // 2
+    rot = (torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2) if interleaved
+           else torch.cat((-x[..., half:], x[..., :half]), dim=-1))
+    return x * cos + rot * sin
+
+
+def _ptr3(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """A 4-D tensor's address and its three outer strides (the last one is 1)."""
+    return t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
               window: int | None = None) -> torch.Tensor | None:
     """Causal self-attention of q [B, H, S, D] over k, v [B, Hkv, S, D] (H % Hkv == 0),
@@ -108,4 +137,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return out.transpose(1, 2)
 
 
-__all__ = ["swiglu", "rms_norm", "add_rms_norm", "attention"]
+__all__ = ["swiglu", "rms_norm", "add_rms_norm", "rotary", "attention"]
