@@ -275,3 +275,24 @@ def test_rotary_falls_back_for_what_it_does_not_take():
     x1 = torch.randn(3, 8)
     torch.testing.assert_close(ops.rotary(x1, big, big, False),
                                _rotary_reference(x1, big, big, False))
+
+
+@pytest.mark.hf
+def test_sliding_window_attention_goes_to_the_kernel(fresh_native, monkeypatch):
+    from hf_builders import tiny_hf_model
+
+    model = tiny_hf_model("mistral", "sdpa", layers=2, hidden=64, vocab=100, positions=128)
+    ids = torch.randint(0, 100, (1, 40))  # longer than the window of 8
+    with torch.inference_mode():
+        ref = model(ids, use_cache=False).logits
+    compiled = transfuse.optimize(model, (ids,), {"use_cache": False}, level="O2")
+    assert "window=8" in compiled.source and "_causal_attention(" in compiled.source
+    with torch.inference_mode():
+        on = compiled(ids, use_cache=False)
+    monkeypatch.setenv("TRANSFUSE_NATIVE", "0")
+    native.reset()
+    with torch.inference_mode():
+        off = compiled(ids, use_cache=False)
+    for got in (on, off):
+        got = got.logits if hasattr(got, "logits") else got[0] if isinstance(got, tuple) else got
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

@@ -30,10 +30,13 @@ devices (CUDA's kernels skip masked tiles themselves), sequences shorter than
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from transfuse.codegen.native import ops as native_ops
+from transfuse.ir.opdefs.nn import attention_mask
 
 #: queries per block: measured best of 32 / 48 / 64 / 96 / 128 on S = 128 .. 1024 with the
 #: model's q/k/v layout (H=12, Hkv=4, D=64; S=512: 9.3 / 9.8 / 10.2 / 9.7 / 10.3 ms)
@@ -45,6 +48,11 @@ MIN_SEQ = 128
 MAX_SEQ = 4096
 
 _MASKS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+@functools.lru_cache(maxsize=8)
+def _window_mask(s: int, t: int, window: int, device: torch.device) -> torch.Tensor:
+    return attention_mask(s, t, True, window, device)
 
 
 def causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -60,13 +68,24 @@ def causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+                     scale: float | None = None, enable_gqa: bool = False,
+                     window: int | None = None) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, is_causal=True, ...)`` for q, k, v [B, H, S, D]
-    (k, v with Hkv heads when ``enable_gqa``), computed in query blocks on the CPU."""
-    out = native_ops.attention(q, k, v, scale) if k.shape[1] == q.shape[1] or enable_gqa else None
+    (k, v with Hkv heads when ``enable_gqa``), computed in query blocks on the CPU.
+
+    ``window``: query i also sees no key j with i - j >= window (sliding window, as the IR's
+    attention op defines it); only the native kernel computes it blocked, otherwise SDPA
+    gets the boolean mask."""
+    out = None
+    if k.shape[1] == q.shape[1] or enable_gqa:
+        out = native_ops.attention(q, k, v, scale, window)
     if out is not None:
         return out
     s = q.shape[-2]
+    if window is not None:
+        keep = _window_mask(s, k.shape[-2], window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale,
+                                              enable_gqa=enable_gqa)
     if (q.device.type != "cpu" or not MIN_SEQ <= s <= MAX_SEQ or k.shape[-2] != s
             or q.dim() != 4):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,

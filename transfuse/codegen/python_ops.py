@@ -360,12 +360,14 @@ def _attention(ctx, node):
     _, h, s, _ = _bhsd(qt, layout)
     _, hkv, t, _ = _bhsd(node.inputs[1].type, layout)
     square = dims_equal(s, t)
-    is_causal = (a["causal"] and square and a["window"] is None and a["alibi"] is None
-                 and bias is None and kpm is None)
+    is_causal = (a["causal"] and square and a["alibi"] is None and bias is None and kpm is None)
+    # square causal with a sliding window: _causal_attention takes the window (native kernel)
+    window = a["window"] if is_causal else None
     q0 = ctx.name(node.inputs[0])
     bool_masks: list[str] = []
     float_masks: list[str] = []
-    if (a["causal"] and not is_causal) or a["window"] is not None or a["alibi"] is not None:
+    if (a["causal"] and not is_causal) or (a["window"] is not None and not is_causal) \
+            or a["alibi"] is not None:
         # no value names in here: the same text in every layer is hoisted and built once
         pos = (f"_attn_mask({ctx.dim(s)}, {ctx.dim(t)}, {ctx.lit(a['causal'])}, "
                f"{ctx.lit(a['window'])}, {ctx.lit(a['alibi'])}, {ctx.lit(qt.dtype)}, _dev)")
@@ -398,6 +400,8 @@ def _attention(ctx, node):
         args.append(f"scale={ctx.lit(a['scale'])}")
     if hkv != h:
         args.append("enable_gqa=True")
+    if window is not None:
+        args.append(f"window={ctx.lit(window)}")
     out = f"{fn}({', '.join(args)})"
     return f"{out}.transpose(1, 2)" if layout == "bshd" else out
 

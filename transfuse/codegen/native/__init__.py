@@ -1,16 +1,20 @@
-"""Native CPU kernels for the python backend: fp32 attention, SwiGLU and add + RMSNorm in C.
+"""Native CPU kernels for the python backend: fp32 attention, SwiGLU, add + RMSNorm, rotary.
 
-Why: on the CPU the generated code runs torch's kernels one op at a time. Three places
-lose most to that (measured on one EPYC core, llama-small, seq 512):
+Why: on the CPU the generated code runs torch's kernels one op at a time. Four places
+lose most to that (measured on one EPYC core, llama-small shapes, seq 512, in-process and
+interleaved against the torch path):
 
 * causal attention: torch's flash kernel computes exp with a general-purpose routine
   and walks 512-key blocks; :c:func:`tf_attention_f32` visits only the visible key
   tiles of each block of 6 query rows, keeps the scores of a block in L1 and uses a
-  short exp (~2 ulp): S=512, H=12, Hkv=4, D=64 0.69x the time of the query-blocked
-  SDPA path (cpu_attention.py), S=128 0.56x;
-* SwiGLU: ``F.silu(gate) * up`` is two passes and a 2 ns/element exp; one pass here;
+  short exp (~2 ulp); the K tile is shared by the query heads of a kv head: S=512, H=12,
+  Hkv=4, D=64 0.72-0.79x the time of the query-blocked SDPA path (cpu_attention.py),
+  S=128 0.56-0.59x;
+* SwiGLU: ``F.silu(gate) * up`` is two passes and a 2 ns/element exp; one pass here
+  (0.60-0.73x);
 * residual add + RMSNorm: torch's rms_norm is pow, mean, add, rsqrt, mul, mul; one
-  pass over each row here.
+  pass over each row here (0.52-0.56x);
+* rotary embedding: neg, cat, two muls and an add in torch; one pass here (0.40x).
 
 How: ``kernels.c`` (next to this file) is compiled on first use with the machine's C
 compiler (``$CC``, else ``cc``/``gcc``/``clang``) as ``-O3 -march=native -shared``
