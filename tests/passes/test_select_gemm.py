@@ -61,6 +61,22 @@ def test_auto_times_each_shape_and_logs_both_rates():
     assert _gemms(graph2) == _gemms(graph)
 
 
+def test_several_threads_without_native_kernels_stay_on_torch(monkeypatch):
+    from transfuse.codegen import native
+
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(native, "status", lambda: "no C compiler found")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    opts = {"sample_inputs": [torch.randn(4, 64, 64)], "select_gemm_min_columns": 1}
+    graph, rec = apply(GRAPH, "layout.select-gemm", options=opts)
+    assert _gemms(graph) == ["torch", "torch"]
+    assert any("2 threads without the native kernels" in n and "no C compiler" in n
+               for n in rec.notes), rec.notes
+    # forced blas is the user's call and still honoured
+    graph, _ = apply(GRAPH, "layout.select-gemm", options={**opts, "gemm": "blas"})
+    assert _gemms(graph) == ["blas", "blas"]
+
+
 def test_min_columns_limits_what_is_timed():
     graph, rec = apply(GRAPH, "layout.select-gemm",
                        options={"sample_inputs": [torch.randn(4, 64, 64)],

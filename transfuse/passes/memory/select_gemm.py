@@ -46,6 +46,7 @@ import time
 
 import torch
 
+from transfuse.codegen import native
 from transfuse.codegen.blas import GemmTiming, blas_unavailable, stored_kmajor, time_gemm
 from transfuse.errors import PassError
 from transfuse.ir.graph import Graph, Node
@@ -100,6 +101,16 @@ class SelectGemm(Pass):
         samples = sample_inputs(graph, ctx)  # the caller's, else random ones of the graph's sizes
         if any(t.device.type != "cpu" for t in samples if isinstance(t, torch.Tensor)):
             ctx.note(f"{RULE}: sample inputs are not on the CPU; every linear stays on torch")
+            return
+        threads = torch.get_num_threads()
+        if mode == "auto" and threads > 1 and native.library() is None:
+            # between two OpenBLAS GEMMs the torch ops' OpenMP threads spin, and the other way
+            # round: measured on 2 cores, llama-small seq 256, 2 threads, the blas choice with
+            # the torch elementwise/attention path 1251 ms vs eager 561 (with the native
+            # kernels, which run on their own pool, 511)
+            ctx.note(f"{RULE}: {threads} threads without the native kernels "
+                     f"({native.status()}): OpenBLAS's threads and torch's OpenMP threads "
+                     "would spin against each other between ops; every linear stays on torch")
             return
         try:
             env = bind_symbols(graph, samples)
