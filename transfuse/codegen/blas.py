@@ -178,11 +178,16 @@ def kmajor(w: torch.Tensor) -> torch.Tensor:
     return w if is_kmajor(w) else w.t().contiguous().t()
 
 
+def kmajor_eligible(v) -> bool:
+    """Every use of graph constant ``v`` is as the weight of a ``linear``: it may be stored
+    K-major (a tied embedding, say, may not)."""
+    return bool(v.uses) and all(u.op == "linear" and i == 1 for u, i in v.uses)
+
+
 def stored_kmajor(v) -> bool:
-    """Whether the python backend stores graph constant ``v`` K-major: every use of it is
-    the weight of a ``gemm="blas"`` linear (a tied embedding, say, keeps it [N, K])."""
-    return bool(v.uses) and all(u.op == "linear" and i == 1 and u.attrs.get("gemm") == "blas"
-                                for u, i in v.uses)
+    """Whether the python backend stores graph constant ``v`` K-major: it is
+    :func:`kmajor_eligible` and every linear reading it has ``gemm="blas"``."""
+    return kmajor_eligible(v) and all(u.attrs.get("gemm") == "blas" for u, _ in v.uses)
 
 
 # -- timing, for layout.select-gemm -----------------------------------------------------------
@@ -252,5 +257,5 @@ def time_gemm(m: int, weights: list[torch.Tensor], bias: torch.Tensor | None, *,
     return GemmTiming(m, k, n, best["torch"], best["blas"])
 
 
-__all__ = ["gemm_linear", "empty_huge", "kmajor", "is_kmajor", "stored_kmajor", "blas_unavailable", "time_gemm",
+__all__ = ["gemm_linear", "empty_huge", "kmajor", "is_kmajor", "kmajor_eligible", "stored_kmajor", "blas_unavailable", "time_gemm",
            "GemmTiming", "HUGE_OUTPUT_BYTES"]

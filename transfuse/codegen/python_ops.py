@@ -366,8 +366,7 @@ def _attention(ctx, node):
     q0 = ctx.name(node.inputs[0])
     bool_masks: list[str] = []
     float_masks: list[str] = []
-    if (a["causal"] and not is_causal) or (a["window"] is not None and not is_causal) \
-            or a["alibi"] is not None:
+    if (not is_causal and (a["causal"] or a["window"] is not None)) or a["alibi"] is not None:
         # no value names in here: the same text in every layer is hoisted and built once
         pos = (f"_attn_mask({ctx.dim(s)}, {ctx.dim(t)}, {ctx.lit(a['causal'])}, "
                f"{ctx.lit(a['window'])}, {ctx.lit(a['alibi'])}, {ctx.lit(qt.dtype)}, _dev)")

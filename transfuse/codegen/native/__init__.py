@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from transfuse.machine_cache import cache_root, cpuinfo
+
 SOURCE = Path(__file__).with_name("kernels.c")
 #: must equal tf_abi_version() in kernels.c: a stale library with another ABI is rebuilt
 ABI_VERSION = 1
@@ -85,23 +87,12 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("TRANSFUSE_CACHE_DIR")
-    if root is None:
-        root = str(Path.home() / ".cache" / "transfuse")
-    if not root:  # caching disabled: one private directory per process
+    root = cache_root()
+    if root is None:  # caching disabled: one private directory per process
         if "tmpdir" not in _state:
             _state["tmpdir"] = tempfile.mkdtemp(prefix="transfuse-native-")
         return Path(str(_state["tmpdir"]))
-    return Path(root) / "native"
-
-
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
-    except OSError:
-        return platform.processor() or platform.machine()
+    return root / "native"
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
@@ -119,7 +110,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"C compiler {cc} did not run: {e}"
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), repr(version).encode(),
-                                     _cpu_id().encode(), platform.machine().encode()]))
+                                     cpuinfo('model name', 'flags').encode(), platform.machine().encode()]))
     out_dir = _cache_dir()
     lib_path = out_dir / f"transfuse-kernels-{key.hexdigest()[:20]}.so"
     if not lib_path.exists():

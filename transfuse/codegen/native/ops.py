@@ -51,36 +51,39 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``F.rms_norm(x, (n,), weight, eps)`` over the last dim."""
-    n = x.shape[-1]
-    if (x.numel() and (weight is None or (weight.shape == (n,) and native.usable(weight)))
-            and native.usable(x)):
-        r = _rows(x)
-        if r is not None:
-            out = torch.empty(x.shape, dtype=x.dtype)
-            native.run_split(native.library().tf_add_rms_norm_f32, r[0], n, x.data_ptr(), r[1],
-                             None, 0, None if weight is None else weight.data_ptr(), eps,
-                             None, 0, out.data_ptr(), n)
-            return out
-    return F.rms_norm(x, (n,), weight, eps)
+    out = _rms_rows(x, None, weight, eps)
+    return out[0] if out is not None else F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F.rms_norm(s, (n,), weight, eps), s)`` with ``s = x + residual`` (same shapes)."""
-    n = x.shape[-1]
-    if (x.shape == residual.shape and x.numel() and native.usable(x, residual)
-            and (weight is None or (weight.shape == (n,) and native.usable(weight)))):
-        rx, rr = _rows(x), _rows(residual)
-        if rx is not None and rr is not None:
-            out = torch.empty(x.shape, dtype=x.dtype)
-            total = torch.empty(x.shape, dtype=x.dtype)
-            native.run_split(native.library().tf_add_rms_norm_f32, rx[0], n, x.data_ptr(),
-                             rx[1], residual.data_ptr(), rr[1],
-                             None if weight is None else weight.data_ptr(), eps,
-                             total.data_ptr(), n, out.data_ptr(), n)
-            return out, total
+    out = _rms_rows(x, residual, weight, eps) if x.shape == residual.shape else None
+    if out is not None:
+        return out
     total = x + residual
-    return F.rms_norm(total, (n,), weight, eps), total
+    return F.rms_norm(total, (x.shape[-1],), weight, eps), total
+
+
+def _rms_rows(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(normed, x + residual or None) by ``tf_add_rms_norm_f32``; None when it does not apply."""
+    n = x.shape[-1]
+    operands = [x] if residual is None else [x, residual]
+    if (not x.numel() or not native.usable(*operands)
+            or (weight is not None and (weight.shape != (n,) or not native.usable(weight)))):
+        return None
+    rx = _rows(x)
+    rr = (0, 0) if residual is None else _rows(residual)
+    if rx is None or rr is None:
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    total = None if residual is None else torch.empty(x.shape, dtype=x.dtype)
+    native.run_split(native.library().tf_add_rms_norm_f32, rx[0], n, x.data_ptr(), rx[1],
+                     None if residual is None else residual.data_ptr(), rr[1],
+                     None if weight is None else weight.data_ptr(), eps,
+                     None if total is None else total.data_ptr(), n, out.data_ptr(), n)
+    return out, total
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

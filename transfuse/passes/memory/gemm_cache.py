@@ -19,11 +19,12 @@ import json
 import logging
 import math
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import torch
+
+from transfuse.machine_cache import cache_root, cpuinfo
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +35,8 @@ MAX_ENTRIES = 4096
 
 def cache_path() -> Path | None:
     """Where the file lives, or None when disabled (``TRANSFUSE_CACHE_DIR=""``)."""
-    root = os.environ.get("TRANSFUSE_CACHE_DIR")
-    if root is None:
-        root = str(Path.home() / ".cache" / "transfuse")
-    if not root:
-        return None
-    return Path(root) / FILENAME
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    root = cache_root()
+    return None if root is None else root / FILENAME
 
 
 _FINGERPRINTS: dict[int, str] = {}
@@ -75,7 +61,7 @@ def _fingerprint(threads: int) -> str:
                                for i in threadpool_info() if i.get("user_api") == "blas"))
     except Exception:  # noqa: BLE001 - the version is only a key component
         pass
-    return (f"{_cpu_model()}|torch-{torch.__version__}|numpy-{np.__version__}|{blas}|"
+    return (f"{cpuinfo('model name')}|torch-{torch.__version__}|numpy-{np.__version__}|{blas}|"
             f"threads-{threads}")
 
 

@@ -47,7 +47,13 @@ import time
 import torch
 
 from transfuse.codegen import native
-from transfuse.codegen.blas import GemmTiming, blas_unavailable, stored_kmajor, time_gemm
+from transfuse.codegen.blas import (
+    GemmTiming,
+    blas_unavailable,
+    kmajor_eligible,
+    stored_kmajor,
+    time_gemm,
+)
 from transfuse.errors import PassError
 from transfuse.ir.graph import Graph, Node
 from transfuse.ir.interpret import bind_symbols
@@ -69,11 +75,6 @@ _TIMINGS: dict[tuple, GemmTiming] = {}
 MAX_TIMED_WEIGHTS = 3
 #: rows of x when timing (M above this is timed at this)
 MAX_TIMED_ROWS = 64
-
-
-def kmajor_eligible(w) -> bool:
-    """Every use of constant ``w`` is as the weight of a ``linear``: it may be stored K-major."""
-    return bool(w.uses) and all(u.op == "linear" and i == 1 for u, i in w.uses)
 
 
 @register_pass
