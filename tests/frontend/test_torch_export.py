@@ -16,9 +16,9 @@ from transfuse.errors import CaptureError, InputError
 from transfuse.frontend import aten_table
 from transfuse.frontend.torch_export import capture
 from transfuse.ir.interpret import interpret
+from transfuse.ir.signature import output_tree
 from transfuse.ir.types import sym
 from transfuse.ir.verify import verify
-from transfuse.runtime.signature import output_tree
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -270,7 +270,7 @@ def test_positional_constant_between_tensors():
 def test_signature_with_baked_inputs_round_trips_json():
     import json
 
-    from transfuse.runtime.signature import Signature
+    from transfuse.ir.signature import Signature
 
     model = Structured("dict").eval()
     x = torch.randn(2, 5, 4)

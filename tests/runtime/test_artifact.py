@@ -244,9 +244,9 @@ def test_gpt2_tiny_end_to_end_round_trip(tmp_path):
 def test_weights_sharing_storage_are_saved(tmp_path):
     """Tied, sliced and transposed constants (one storage) save as separate exact tensors."""
     from transfuse.ir.graph import Graph
+    from transfuse.ir.signature import InputSpec, Signature
     from transfuse.ir.types import TensorType
     from transfuse.runtime.compiled import CompiledModel
-    from transfuse.runtime.signature import InputSpec, Signature
 
     base = torch.randn(6, 4)
     g = Graph()

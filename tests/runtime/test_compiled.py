@@ -8,8 +8,8 @@ import torch
 from transfuse.errors import InputError, LoweringError
 from transfuse.ir.interpret import interpret
 from transfuse.ir.parser import parse_graph
+from transfuse.ir.signature import InputSpec, Signature
 from transfuse.runtime.compiled import CompiledModel
-from transfuse.runtime.signature import InputSpec, Signature
 
 GRAPH = """
 graph tiny(%x: f32[batch, seq, 8], %mask: i64[batch, seq]) {

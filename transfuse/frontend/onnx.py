@@ -63,9 +63,9 @@ from transfuse.frontend.onnx_table import Known, Missing, OnnxNode, node_label
 from transfuse.frontend.torch_export import Captured
 from transfuse.ir.graph import Graph, Value
 from transfuse.ir.ops import get_op
+from transfuse.ir.signature import InputSpec, Signature
 from transfuse.ir.types import DType, TensorType, dim_str, sym
 from transfuse.ir.verify import verify
-from transfuse.runtime.signature import InputSpec, Signature
 
 log = logging.getLogger(__name__)
 

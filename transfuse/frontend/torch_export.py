@@ -50,9 +50,9 @@ from transfuse.frontend.aten_table import Opaque
 from transfuse.frontend.dynamic import DynamicSpec, resolve
 from transfuse.ir.graph import Graph, Value
 from transfuse.ir.ops import get_op
+from transfuse.ir.signature import InputSpec, Signature, output_tree
 from transfuse.ir.types import DType, TensorType, normalize_dim, sym
 from transfuse.ir.verify import verify
-from transfuse.runtime.signature import InputSpec, Signature, output_tree
 
 log = logging.getLogger(__name__)
 

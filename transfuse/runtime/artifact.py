@@ -181,9 +181,9 @@ def _manifest_digest(manifest: Mapping[str, Any]) -> str:
 def load(path: str | os.PathLike, device: str | torch.device | None = None):
     """Read an artifact directory back into a :class:`CompiledModel` (weights on ``device``)."""
     from transfuse.errors import IRVerifyError, LoweringError
+    from transfuse.ir.signature import Signature
     from transfuse.ir.verify import verify
     from transfuse.runtime.compiled import CompiledModel, lower
-    from transfuse.runtime.signature import Signature
 
     root = Path(path)
     if not root.is_dir():

@@ -20,7 +20,7 @@ import torch
 
 from transfuse.errors import InputError, LoweringError
 from transfuse.ir.graph import Graph
-from transfuse.runtime.signature import Signature
+from transfuse.ir.signature import Signature
 
 #: backend name -> (module, function(graph, device=None) -> program)
 BACKENDS: dict[str, tuple[str, str]] = {
