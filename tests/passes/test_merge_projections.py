@@ -105,7 +105,9 @@ graph main(%x: f32[batch, seq, 16]) {
 
 
 def test_parallel_attention_and_mlp_read_one_norm():
-    graph, rec = apply(PARALLEL_BLOCK, PASS, rtol=1e-5, atol=1e-6)
+    # the merged GEMM sums in another order: outputs near zero differ by a few ulps of the
+    # terms (measured 2.4e-6 on this machine's MKL), so atol is set by the terms' size
+    graph, rec = apply(PARALLEL_BLOCK, PASS, rtol=1e-5, atol=1e-5)
     assert rec.matched("merge/qkv") == 1
     (split,) = graph.find("split")
     assert list(split.attrs["sizes"]) == [16, 4, 4, 64]
