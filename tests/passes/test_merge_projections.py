@@ -185,7 +185,7 @@ def test_numerics_on_random_inputs_match_the_unmerged_graph():
     before = interpret(graph, inputs)
     run_passes(graph, [PASS])
     after = interpret(graph, inputs)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # merged GEMM: another summation order
 
 
 def test_different_folded_activations_stay_apart():
