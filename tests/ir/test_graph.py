@@ -202,3 +202,62 @@ def test_histogram_find_and_multi_output():
     assert g.op_histogram() == {"split": 1}
     assert g.find("split") == [node]
     assert g.symbols() == {"seq"}
+
+
+def test_is_erased_follows_erase_and_move():
+    g, (x, w, a, b, c, d) = chain()
+    node_b, node_c = b.producer, c.producer
+    assert not node_b.is_erased
+    g.replace_all_uses(b, a)
+    g.erase(node_b)
+    assert node_b.is_erased and node_b not in list(g.nodes)
+    g.move_before(node_c, a.producer)  # a moved node is live again, not erased
+    assert not node_c.is_erased
+
+
+def test_restore_rolls_back_in_place_and_keeps_names_reserved():
+    g, (x, w, a, b, c, d) = chain()
+    class Listener:
+        def on_create(self, node):
+            pass
+
+        def on_erase(self, node):
+            pass
+
+    listener = Listener()
+    g.listeners.append(listener)
+    snapshot = g.clone()
+    before = print_graph(g)
+    g.replace_all_uses(d, c)
+    g.erase(d.producer)
+    late = g.op("relu", c, name="late")  # a name handed out after the snapshot
+    g.set_outputs([late])
+    assert print_graph(g) != before
+    g.restore(snapshot)
+    assert print_graph(g) == before and print_graph(snapshot) == before
+    assert g.listeners == [listener]
+    assert all(v.graph is g for v in g.values()) and all(n.graph is g for n in g.nodes)
+    verify(g)
+    again = g.op("relu", g.outputs[0], name="late")
+    assert again.name != "late"  # still reserved: a caller may hold the old value
+    g.restore(snapshot)  # the snapshot stays usable for a second rollback
+    assert print_graph(g) == before
+
+
+def test_exact_names_and_rename_values():
+    g = Graph()
+    x = g.add_input("7", T, exact=True)
+    assert x.name == "7"  # fresh names would refuse a leading digit
+    with pytest.raises(IRVerifyError, match="already in use"):
+        g.add_input("7", T, exact=True)
+    w = g.add_constant(torch.ones(4), "w", exact=True)
+    with pytest.raises(IRVerifyError, match="already in use"):
+        g.add_constant(torch.ones(4), "w", exact=True)
+    a, b = g.op("neg", x), g.op("exp", x)
+    g.rename_values([a, b], [b.name, a.name])  # a swap is fine: renamed all at once
+    g.rename_values([w], ["weight"])
+    assert list(g.constants) == ["weight"] and g.constants["weight"] is w
+    with pytest.raises(IRVerifyError, match="%7 already in use"):
+        g.rename_values([a], ["7"])
+    assert a.name != "7"  # nothing renamed on error
+    assert g.fresh_name("w") == "w"  # the old constant name was released

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -673,3 +675,32 @@ def test_torch_fallback_needs_out_types_and_a_real_target():
     )
     with pytest.raises(IRVerifyError, match="not a torch op"):
         interpret(g, [torch.randn(4)])
+
+
+
+_OP_SET = """
+import importlib, pkgutil, sys
+import {first}
+from transfuse.ir.ops import all_ops
+import transfuse
+alone = sorted(all_ops())
+for m in pkgutil.walk_packages(transfuse.__path__, "transfuse."):
+    if not m.name.endswith("__main__"):
+        importlib.import_module(m.name)
+print(" ".join(alone))
+print(" ".join(sorted(all_ops())))
+"""
+
+
+@pytest.mark.parametrize("first", ["transfuse.ir.opdef", "transfuse.ir.opdefs.fused",
+                                   "transfuse.ir.graph"])
+def test_op_set_is_complete_whatever_is_imported_first(first):
+    """In a fresh interpreter, importing one IR module (then ``ir.ops``) registers every op:
+    importing all of transfuse afterwards adds none (no op is declared outside the families
+    listed in ``ir/opdefs/__init__.py``)."""
+    out = subprocess.run([sys.executable, "-c", _OP_SET.format(first=first)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    alone, everything = out.stdout.splitlines()
+    assert alone == everything
+    assert alone.split() == sorted(all_ops())

@@ -1,6 +1,6 @@
 """Static cost model: floating-point work and memory traffic per node and per graph.
 
-Each op declares its cost in its :class:`~transfuse.ir.ops.OpDef` (``cost(node)
+Each op declares its cost in its :class:`~transfuse.ir.opdef.OpDef` (``cost(node)
 -> (flops, bytes)``; ops without one move their inputs and outputs and do no
 arithmetic). Costs are symbolic in the graph's dims (``batch``, ``seq``) until
 an ``env`` binds them. Bytes are a no-reuse estimate: every input read once,

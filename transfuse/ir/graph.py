@@ -102,6 +102,11 @@ class Node:
     def source(self) -> str:
         return self.meta.get("source", "")
 
+    @property
+    def is_erased(self) -> bool:
+        """True once the node was erased from its graph (a stale reference a pass may still hold)."""
+        return self._erased
+
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
 
@@ -178,6 +183,13 @@ class Graph:
 
     # -- naming ---------------------------------------------------------------
 
+    def _claim(self, name: str) -> str:
+        """Reserve ``name`` exactly; a name already in use is an error."""
+        if name in self._names:
+            raise IRVerifyError(f"graph {self.name}: value name %{name} is already in use")
+        self._names.add(name)
+        return name
+
     def fresh_name(self, hint: str | None = None) -> str:
         if hint:
             base = "".join(c if (c.isalnum() or c == "_") else "_" for c in hint)
@@ -194,18 +206,48 @@ class Graph:
 
     # -- values ---------------------------------------------------------------
 
-    def add_input(self, name: str, type: TensorType) -> Value:
-        v = Value(self, self.fresh_name(name), type)
+    def add_input(self, name: str, type: TensorType, *, exact: bool = False) -> Value:
+        """Append a graph input named after ``name`` (exactly ``name`` with ``exact=True``)."""
+        v = Value(self, self._claim(name) if exact else self.fresh_name(name), type)
         self.inputs.append(v)
         return v
 
-    def add_constant(self, tensor: torch.Tensor, name: str | None = None) -> Value:
+    def add_constant(self, tensor: torch.Tensor, name: str | None = None, *,
+                     exact: bool = False) -> Value:
+        """Add a constant holding ``tensor``, named after ``name`` (exactly, with ``exact=True``)."""
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(tensor)
-        v = Value(self, self.fresh_name(name or "c"), TensorType.of(tensor))
+        if exact and not name:
+            raise IRVerifyError(f"graph {self.name}: add_constant(exact=True) needs a name")
+        vname = self._claim(name) if exact else self.fresh_name(name or "c")
+        v = Value(self, vname, TensorType.of(tensor))
         v.const = tensor
         self.constants[v.name] = v
         return v
+
+    def rename_values(self, values: Sequence[Value], names: Sequence[str]) -> None:
+        """Give ``values`` exactly ``names`` (all at once, so they may swap names).
+
+        A name used by any other value of the graph is an error, and then
+        nothing is renamed. Constants stay keyed by their new names.
+        """
+        if len(values) != len(names):
+            raise IRVerifyError(f"rename_values: {len(values)} values but {len(names)} names")
+        if len(set(names)) != len(names):
+            raise IRVerifyError(f"rename_values: duplicate names in {list(names)}")
+        old = [v.name for v in values]
+        self._names.difference_update(old)
+        taken = [n for n in names if n in self._names]
+        if taken:
+            self._names.update(old)
+            raise IRVerifyError(f"graph {self.name}: value name(s) "
+                                f"{', '.join('%' + n for n in taken)} already in use")
+        self._names.update(names)
+        for v, name in zip(values, names):
+            if v.is_const and self.constants.get(v.name) is v:
+                del self.constants[v.name]
+                self.constants[name] = v
+            v.name = name
 
     def scalar(self, value: float | int | bool, dtype: DType) -> Value:
         return self.add_constant(torch.tensor(value, dtype=dtype.torch), "c")
@@ -386,6 +428,31 @@ class Graph:
         return print_graph(self)
 
     # -- copies and exports ---------------------------------------------------
+
+    def restore(self, snapshot: Graph) -> None:
+        """Make this graph (the same object) equal to ``snapshot``, which stays usable.
+
+        Used to roll a failed pass back: the contents of a fresh clone of
+        ``snapshot`` move into ``self`` and every value and node points back
+        at it. Listeners stay, value names used before stay reserved (so
+        names handed out later never collide with ones a caller still holds),
+        and the insertion point goes back to the end.
+        """
+        fresh = snapshot.clone()
+        for v in fresh.values():
+            v.graph = self
+        for n in fresh.nodes:
+            n.graph = self
+        fresh.nodes._root.graph = self
+        self.name = fresh.name
+        self.inputs = fresh.inputs
+        self.outputs = fresh.outputs
+        self.constants = fresh.constants
+        self.nodes = fresh.nodes
+        self.meta = fresh.meta
+        self._names |= fresh._names
+        self._next_id = max(self._next_id, fresh._next_id)
+        self._insert_point = ("end", None)
 
     def clone(self, share_constants: bool = True) -> Graph:
         """A structurally identical graph; constant tensors are shared unless asked."""

@@ -1,215 +1,38 @@
-"""The OpDef registry: one declaration per IR op.
+"""The IR op set: look ops up here.
 
-An :class:`OpDef` says everything the compiler knows about an op:
-
-- ``inputs``: input names; ``"x?"`` is optional (may be ``None``), ``"*xs"`` is
-  variadic (only last);
-- ``attrs``: name -> :class:`Attr` (kind and default; ``REQUIRED`` if none);
-- ``infer(node) -> [TensorType]``: output types from input types and attrs
-  (``None`` for ops whose types come from capture, like ``torch_fallback``);
-- ``verify(node) -> reason | None``: op-specific invariants beyond the schema;
-- ``impl(inputs, attrs, env) -> Tensor | tuple``: the reference
-  implementation in torch. ``env`` maps symbolic dim names to their values for
-  this call, for attrs that hold symbolic dims. It is the numeric oracle and
-  what ``ir/interpret.py`` runs;
-- ``cost(node) -> (flops, bytes)``: work and memory traffic (may be symbolic).
-
-Op definitions live in ``transfuse/ir/opdefs/``; importing this module
-registers all of them.
+Importing this module imports every op family once (the explicit list in
+``transfuse/ir/opdefs/__init__.py``), so ``get_op`` sees all of them whichever
+module was imported first. How an op is declared (:class:`OpDef`,
+:class:`Attr`, ``register``) lives in :mod:`transfuse.ir.opdef`, which the
+families import; it never imports them back.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
-import sympy
 import torch
 
-from transfuse.errors import IRVerifyError, UnsupportedOpError
-from transfuse.ir.types import Dim, DType, TensorType, eval_dim, normalize_dim
-
-REQUIRED = object()
-
-#: attribute kinds: int, float, bool, str, dtype, dim, ints, floats, dims, any
-_KINDS = {"int", "float", "bool", "str", "dtype", "dim", "ints", "floats", "dims", "any",
-          "float?", "int?", "dim?", "str?", "dtype?", "floats?"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Attr:
-    kind: str
-    default: Any = REQUIRED
-
-    def __post_init__(self):
-        if self.kind not in _KINDS:
-            raise ValueError(f"unknown attr kind {self.kind}")
-
-
-def _coerce(kind: str, value: Any, where: str) -> Any:
-    if kind.endswith("?"):
-        if value is None:
-            return None
-        kind = kind[:-1]
-    try:
-        if kind == "int":
-            if isinstance(value, bool) or not isinstance(value, (int, sympy.Integer)):
-                raise TypeError
-            return int(value)
-        if kind == "float":
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-        if kind == "dtype":
-            if isinstance(value, torch.dtype):
-                return DType.from_torch(value)
-            if isinstance(value, str):
-                return DType.parse(value)
-            if not isinstance(value, DType):
-                raise TypeError
-            return value
-        if kind == "dim":
-            return normalize_dim(value)
-        if kind == "ints":
-            return tuple(_coerce("int", v, where) for v in value)
-        if kind == "floats":
-            return tuple(float(v) for v in value)
-        if kind == "dims":
-            return tuple(normalize_dim(v) for v in value)
-        if kind == "any":
-            return value
-    except (TypeError, ValueError, IRVerifyError):
-        pass
-    raise IRVerifyError(f"{where}: expected {kind}, got {value!r}")
-
-
-@dataclasses.dataclass
-class OpDef:
-    name: str
-    inputs: tuple[str, ...]
-    attrs: Mapping[str, Attr]
-    infer: Callable[[Any], list[TensorType]] | None
-    impl: Callable[[list, dict, Mapping[str, int]], Any]
-    verify: Callable[[Any], str | None] | None = None
-    cost: Callable[[Any], tuple[Dim, Dim]] | None = None
-    pure: bool = True
-    doc: str = ""
-
-    @property
-    def min_inputs(self) -> int:
-        return sum(1 for n in self.inputs if not n.endswith("?") and not n.startswith("*"))
-
-    @property
-    def variadic(self) -> bool:
-        return bool(self.inputs) and self.inputs[-1].startswith("*")
-
-    def normalize_attrs(self, attrs: Mapping[str, Any], where: str) -> dict[str, Any]:
-        unknown = set(attrs) - set(self.attrs)
-        if unknown:
-            raise IRVerifyError(
-                f"{where}: unknown attribute(s) {sorted(unknown)} for op {self.name} "
-                f"(known: {sorted(self.attrs)})"
-            )
-        out: dict[str, Any] = {}
-        for name, spec in self.attrs.items():
-            if name in attrs:
-                out[name] = _coerce(spec.kind, attrs[name], f"{where}.{name}")
-            elif spec.default is REQUIRED:
-                raise IRVerifyError(f"{where}: op {self.name} requires attribute {name!r}")
-            else:
-                out[name] = spec.default
-        return out
-
-    def check_arity(self, node) -> str | None:
-        n = len(node.inputs)
-        if self.variadic:
-            if n < self.min_inputs:
-                return f"{self.name} takes at least {self.min_inputs} inputs, got {n}"
-        else:
-            if n < self.min_inputs or n > len(self.inputs):
-                return f"{self.name} takes {self.min_inputs}..{len(self.inputs)} inputs, got {n}"
-        for i, v in enumerate(node.inputs):
-            name = self.inputs[min(i, len(self.inputs) - 1)]
-            if v is None and not name.endswith("?"):
-                return f"{self.name}: input {i} ({name}) is required but missing"
-        return None
-
-    def infer_types(self, node) -> list[TensorType]:
-        reason = self.check_arity(node)
-        if reason:
-            raise IRVerifyError(f"{reason} (at {node!r})")
-        if self.infer is None:
-            raise IRVerifyError(f"op {self.name} cannot infer its output types; pass out_types")
-        return list(self.infer(node))
-
-    def node_cost(self, node) -> tuple[Dim, Dim]:
-        if self.cost is not None:
-            return self.cost(node)
-        return 0, default_bytes(node)
-
-
-_REGISTRY: dict[str, OpDef] = {}
-
-
-def register(
-    name: str,
-    inputs: Sequence[str],
-    attrs: Mapping[str, Attr] | None = None,
-    *,
-    infer: Callable | None = None,
-    verify: Callable | None = None,
-    cost: Callable | None = None,
-    pure: bool = True,
-) -> Callable:
-    """Decorator on the reference implementation: ``@register("add", ["a", "b"], infer=...)``."""
-
-    def deco(impl: Callable) -> Callable:
-        if name in _REGISTRY:
-            raise ValueError(f"op {name} registered twice")
-        _REGISTRY[name] = OpDef(name, tuple(inputs), dict(attrs or {}), infer, impl, verify, cost,
-                                pure, (impl.__doc__ or "").strip())
-        return impl
-
-    return deco
+from transfuse.errors import UnsupportedOpError
+from transfuse.ir import opdefs  # noqa: F401  (registers every op family)
+from transfuse.ir.opdef import OpDef, registered
 
 
 def get_op(name: str) -> OpDef:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnsupportedOpError(f"unknown IR op {name!r}") from None
+    """The definition of op ``name``; :class:`UnsupportedOpError` if there is none."""
+    op = registered().get(name)
+    if op is None:
+        raise UnsupportedOpError(f"unknown IR op {name!r}")
+    return op
 
 
 def has_op(name: str) -> bool:
-    return name in _REGISTRY
+    return name in registered()
 
 
 def all_ops() -> dict[str, OpDef]:
-    return dict(_REGISTRY)
-
-
-# -- helpers shared by op definitions ----------------------------------------
-
-
-def eval_dims(dims: Sequence[Dim], env: Mapping[str, int]) -> list[int]:
-    return [eval_dim(d, env) for d in dims]
-
-
-def default_bytes(node) -> Dim:
-    total: Dim = 0
-    for v in list(node.inputs) + list(node.outputs):
-        if v is not None:
-            total = total + v.type.nbytes()
-    return normalize_dim(total) if not isinstance(total, int) else total
+    """Every registered op, by name (a copy)."""
+    return dict(registered())
 
 
 def run_reference(node, inputs: list, env: Mapping[str, int]) -> list[torch.Tensor]:
@@ -220,5 +43,4 @@ def run_reference(node, inputs: list, env: Mapping[str, int]) -> list[torch.Tens
     return [out] if node.outputs else []
 
 
-# Register every op definition.
-from transfuse.ir import opdefs as _opdefs  # noqa: E402,F401
+__all__ = ["get_op", "has_op", "all_ops", "run_reference"]

@@ -30,7 +30,7 @@ import functools
 import json
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -406,8 +406,8 @@ class _Parser:
             while True:
                 vname = c.value_name()
                 c.expect(":")
-                v = self.define(vname, c.type())
-                self.graph.inputs.append(v)
+                t = c.type()
+                self.define(vname, functools.partial(self.graph.add_input, vname, t, exact=True))
                 if c.eat(")"):
                     break
                 c.expect(",")
@@ -441,9 +441,7 @@ class _Parser:
             if actual != t:
                 raise _LineError(f"constant %{name} is declared {t} but its payload is {actual}")
         self.end_of_line(c)
-        v = self.define(name, t)
-        v.const = tensor
-        self.graph.constants[name] = v
+        self.define(name, functools.partial(self.graph.add_constant, tensor, name, exact=True))
 
     def node(self, c: _Cursor) -> None:
         outs: list[tuple[str, TensorType]] = []
@@ -551,22 +549,24 @@ class _Parser:
             raise _LineError(f"value {text} is not defined (before this line)")
         return v
 
-    def define(self, name: str, t: TensorType) -> Value:
+    def define(self, name: str, make: Callable[[], Value]) -> Value:
+        """Define %name as the value ``make()`` adds to the graph (named exactly ``name``)."""
         if name in self.values:
             raise _LineError(f"value %{name} is defined twice")
-        v = Value(self.graph, name, t)
-        self.graph._names.add(name)
+        try:
+            v = make()
+        except TransfuseError as e:
+            raise _LineError(str(e)) from None
         self.values[name] = v
         return v
 
     def rename(self, outputs: tuple[Value, ...], names: list[str]) -> None:
         """Give freshly created node outputs the names from the text."""
-        g = self.graph
-        for v in outputs:  # release every generated name first: they may overlap the new ones
-            g._names.discard(v.name)
+        try:
+            self.graph.rename_values(outputs, names)
+        except TransfuseError as e:
+            raise _LineError(str(e)) from None
         for v, name in zip(outputs, names):
-            v.name = name
-            g._names.add(name)
             self.values[name] = v
 
 

@@ -27,15 +27,18 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sympy
 import torch
 
-from transfuse.ir.graph import Graph, Node, Value
-from transfuse.ir.ops import REQUIRED, Attr, all_ops
+from transfuse.ir.opdef import REQUIRED, Attr
+from transfuse.ir.ops import all_ops
 from transfuse.ir.types import DType, TensorType, dim_str
+
+if TYPE_CHECKING:  # annotations only: graph.py imports this module for Graph.__str__
+    from transfuse.ir.graph import Graph, Node, Value
 
 #: constants with at most this many elements print their value inline
 INLINE_MAX = 8

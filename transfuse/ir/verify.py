@@ -63,7 +63,7 @@ def verify(graph: Graph, *, check_types: bool = True) -> None:
             if v.producer is not node or v.index != j:
                 _fail(graph, node, f"output %{v.name} does not point back to its producer")
             for user, k in v.uses:
-                if user._erased or user.inputs[k] is not v:
+                if user.is_erased or user.inputs[k] is not v:
                     _fail(graph, node, f"stale use of %{v.name} by {user!r}")
             defined.add(id(v))
     for j, v in enumerate(graph.outputs):

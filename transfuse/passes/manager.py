@@ -179,7 +179,7 @@ def run_passes(
         if not keep:
             if snapshot is None:  # only reachable with verify=False, which re-raises above
                 raise PassError(f"pass {p.name} failed and no snapshot to roll back to")
-            restore_graph(graph, snapshot)
+            graph.restore(snapshot)
             logger.warning("pass %s %s: %s", p.name, record.status, record.error)
         else:
             record.status = CHANGED if changed else UNCHANGED
@@ -230,32 +230,6 @@ def _delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int
     ops = set(before) | set(after)
     return {op: after.get(op, 0) - before.get(op, 0) for op in sorted(ops)
             if after.get(op, 0) != before.get(op, 0)}
-
-
-# -- rollback ------------------------------------------------------------------
-
-
-def restore_graph(graph: Graph, snapshot: Graph) -> None:
-    """Make ``graph`` (the same object) equal to ``snapshot``; ``snapshot`` stays usable.
-
-    Copies a fresh clone's contents into ``graph`` and points every value and
-    node back at it. Listeners stay; value names used before stay reserved.
-    """
-    fresh = snapshot.clone()
-    for v in fresh.values():
-        v.graph = graph
-    for n in fresh.nodes:
-        n.graph = graph
-    fresh.nodes._root.graph = graph
-    graph.name = fresh.name
-    graph.inputs = fresh.inputs
-    graph.outputs = fresh.outputs
-    graph.constants = fresh.constants
-    graph.nodes = fresh.nodes
-    graph.meta = fresh.meta
-    graph._names = graph._names | fresh._names
-    graph._next_id = max(graph._next_id, fresh._next_id)
-    graph._insert_point = ("end", None)
 
 
 # -- numeric check -------------------------------------------------------------
@@ -329,4 +303,4 @@ def _report(log: PassLog) -> None:
         sys.stderr.write(text)
 
 
-__all__ = ["run_pipeline", "run_passes", "restore_graph", "compare_outputs"]
+__all__ = ["run_pipeline", "run_passes", "compare_outputs"]

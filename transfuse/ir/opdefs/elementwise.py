@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from transfuse.ir.opdef import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import broadcast, in_type, result_dtype
-from transfuse.ir.ops import Attr, default_bytes, register
 from transfuse.ir.types import DType, TensorType
 
 

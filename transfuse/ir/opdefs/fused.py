@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from transfuse.ir.opdef import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import broadcast, in_type, result_dtype
 from transfuse.ir.opdefs.nn import layer_norm, rms_norm
-from transfuse.ir.ops import Attr, default_bytes, register
 from transfuse.ir.types import TensorType, dim_str, dims_equal
 
 # -- swiglu ---------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import json
 import torch
 
 from transfuse.errors import UnsupportedOpError
+from transfuse.ir.opdef import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import in_type
-from transfuse.ir.ops import Attr, default_bytes, register
 
 
 @register("identity", ["x"], infer=lambda n: [in_type(n, 0)], cost=lambda n: (0, 0))

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from transfuse.errors import IRVerifyError
+from transfuse.ir.opdef import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import in_type
-from transfuse.ir.ops import Attr, default_bytes, register
 from transfuse.ir.types import TensorType, dim_str, dims_equal
 
 

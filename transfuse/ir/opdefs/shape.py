@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from transfuse.errors import IRVerifyError
+from transfuse.ir.opdef import Attr, default_bytes, eval_dims, register
 from transfuse.ir.opdefs._util import in_type, norm_axis
-from transfuse.ir.ops import Attr, default_bytes, eval_dims, register
 from transfuse.ir.types import (
     DType,
     TensorType,
