@@ -402,7 +402,7 @@ class FuseAttention(RewritePass):
         finally:
             _STATE.reset(token)
         for node in state.dropouts:  # eval dropout is the identity: erase it and what it used
-            if not node._erased and not any(v.num_uses for v in node.outputs):
+            if not node.is_erased and not any(v.num_uses for v in node.outputs):
                 graph.erase(node)
                 _erase_dead_inputs(graph, node)
 
@@ -411,7 +411,7 @@ def _erase_dead_inputs(graph: Graph, node: Node) -> None:
     stack = [v.producer for v in node.inputs if v is not None]
     while stack:
         n = stack.pop()
-        if n is not None and not n._erased and erase_if_dead(graph, n):
+        if n is not None and not n.is_erased and erase_if_dead(graph, n):
             stack.extend(v.producer for v in n.inputs if v is not None)
 
 
