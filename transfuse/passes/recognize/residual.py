@@ -127,7 +127,7 @@ class FuseAddNorm(RewritePass):
         seen: set = set()
         for node in graph.nodes:
             rule = rules.get(node.op)
-            if rule is not None and not node._erased:
+            if rule is not None and not node.is_erased:
                 _try_add_norm(rule, node, graph, ctx, seen)
 
 
