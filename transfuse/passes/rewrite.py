@@ -564,7 +564,7 @@ class RewritePass(Pass):
         for _ in range(self.max_rounds):
             changed = False
             for node in graph.nodes:
-                if node._erased:
+                if node.is_erased:
                     continue
                 for rule in index.get(node.op, ()):
                     if apply_rule(rule, node, graph, ctx, seen, state):
