@@ -39,7 +39,6 @@ length, D head dim, Dv value head dim.
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +61,8 @@ MASK_RULE = "attention/mask"
 
 @dataclass
 class _RunState:
-    """Per-run state the rules' replace functions report through."""
+    """Per-run state the rules' replace functions report through (``m.state`` / ``b.state``,
+    made fresh for each run by the engine from ``FuseAttention.state_factory``)."""
 
     ctx: PassContext
     seen: set = field(default_factory=set)
@@ -70,13 +70,9 @@ class _RunState:
     dropouts: list = field(default_factory=list)
 
 
-_STATE: ContextVar[_RunState | None] = ContextVar("attention_fuse_state", default=None)
-
-
-def _mask_outcome(node: Node, reason: str | None) -> None:
+def _mask_outcome(state: _RunState | None, node: Node, reason: str | None) -> None:
     """Statistics of ``attention/mask``: an analysed mask is a match, or a near miss with the
     reason it stays an explicit bias."""
-    state = _STATE.get()
     if state is None or (id(node), reason) in state.seen:
         return
     state.seen.add((id(node), reason))
@@ -257,7 +253,7 @@ def _apply_facts(facts: MaskFacts, plan: _MaskPlan, b: Builder, dtype: DType,
                  fallback, where: Node) -> None:
     """Fill ``plan`` from ``facts``; an unresolved mask becomes ``fallback()`` as the bias."""
     resolved = facts.reason is None or _resolved_padding_keep(facts)
-    _mask_outcome(where, None if resolved else facts.reason)
+    _mask_outcome(b.state, where, None if resolved else facts.reason)
     if facts.reason is None:
         plan.causal, plan.window, plan.bias = facts.causal, facts.window, facts.padding
     elif resolved:
@@ -328,7 +324,7 @@ def _attention(b: Builder, q: Value, k: Value, v: Value, bias: Value | None, **a
 
 def _replace(m: Match, b: Builder) -> Value:
     rank = m.node("softmax").outputs[0].type.rank
-    state = _STATE.get()
+    state = m.state
     if "dropout" in m.tags and state is not None:
         state.dropouts.append(m.node("dropout"))
     src, perm = _key(m)
@@ -358,7 +354,7 @@ SDPA = Rule(id="attention/sdpa", pattern=SDPA_PATTERN, check=_check, replace=_re
 def _reanalyse(m: Match, b: Builder) -> Value | None:
     node = m.root
     a = node.attrs
-    state = _STATE.get()
+    state = m.state
     if (a["causal"] or a["window"] is not None or a["alibi"] is not None or a["layout"] != "bhsd"
             or str(node.meta.get("origin", "")).startswith(FuseAttention.name)
             or state is None or ("analysed", id(node)) in state.seen):
@@ -370,7 +366,7 @@ def _reanalyse(m: Match, b: Builder) -> Value | None:
     if not any(match_alibi(p, heads, s, t) for p in parts):
         facts = analyze_additive_mask(bias, s, t)
         if facts.reason is not None and not _resolved_padding_keep(facts):
-            _mask_outcome(node, facts.reason)
+            _mask_outcome(state, node, facts.reason)
             return None
         if facts.padding is bias and not facts.causal and facts.window is None:
             return None  # already the padding term alone
@@ -394,13 +390,9 @@ class FuseAttention(RewritePass):
     name = "attention.fuse-sdpa"
     rule_list = [SDPA, SDPA_MASK]
 
-    def run(self, graph: Graph, ctx: PassContext) -> None:
-        state = _RunState(ctx)
-        token = _STATE.set(state)
-        try:
-            super().run(graph, ctx)
-        finally:
-            _STATE.reset(token)
+    state_factory = _RunState
+
+    def finish(self, graph: Graph, ctx: PassContext, state: _RunState) -> None:
         for node in state.dropouts:  # eval dropout is the identity: erase it and what it used
             if not node.is_erased and not any(v.num_uses for v in node.outputs):
                 graph.erase(node)
