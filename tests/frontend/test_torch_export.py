@@ -13,7 +13,7 @@ from torch import nn
 
 import transfuse.models as models
 from transfuse.errors import CaptureError, InputError
-from transfuse.frontend import aten_table
+from transfuse.frontend import aten
 from transfuse.frontend.torch_export import capture
 from transfuse.ir.interpret import interpret
 from transfuse.ir.signature import output_tree
@@ -348,7 +348,7 @@ def test_type_disagreement_is_reported_as_frontend_bug(monkeypatch):
     def wrong_neg(cx, a):
         return cx.op("cast", cx.value(a["self"]), dtype=torch.float64)
 
-    monkeypatch.setitem(aten_table.TABLE, "neg", wrong_neg)
+    monkeypatch.setitem(aten.TABLE, "neg", wrong_neg)
     with pytest.raises(
         CaptureError,
         match=r"frontend bug: aten::neg.default at <root>.*"

@@ -133,7 +133,7 @@ def resolve(
     for name, entry in dynamic.items():
         if not isinstance(name, str) or not name.isidentifier():
             raise CaptureError(f"dynamic dim name {name!r} must be an identifier like 'seq'")
-        lo, hi, explicit = _parse_entry(name, entry)
+        lo, hi, explicit = parse_entry(name, entry)
         if explicit is None:
             if name not in CONVENTIONS:
                 raise CaptureError(
@@ -180,7 +180,11 @@ def _hi(hi: int) -> str:
     return "None" if hi == UNBOUNDED else str(hi)
 
 
-def _parse_entry(name: str, entry: Any) -> tuple[int, int, Any]:
+def parse_entry(name: str, entry: Any) -> tuple[int, int, Any]:
+    """One ``dynamic`` entry, ``(lo, hi)`` or ``{"range": (lo, hi), "dims": {...}}``, checked:
+    returns ``(lo, hi, dims)`` with ``hi`` :data:`UNBOUNDED` for ``None`` and ``dims`` None
+    when not given. Both frontends read their ``dynamic=`` argument through it; a malformed
+    entry (not a pair, non-int bounds, min < 1, min > max, unknown keys) is a CaptureError."""
     explicit = None
     rng = entry
     if isinstance(entry, Mapping):

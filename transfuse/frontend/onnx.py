@@ -11,17 +11,17 @@ How it works:
    :class:`UnsupportedOpError` with the versions); inline model-local functions.
 2. Check the graph: every input a node reads is a graph input, an initializer or
    another node's output; outputs are defined once; no cycle (nodes are put in
-   topological order). Then every op is looked up in ``onnx_table.py``: all the
-   unknown ones are reported at once, with their node names.
+   topological order). Then every op is looked up in ``frontend/onnx_ops/`` (one file per
+   op family): all the unknown ones are reported at once, with their node names.
 3. ONNX shape inference (``strict_mode``, ``data_prop``) validates the model; its
    result cross-checks every converted value (element type, rank, static dims).
 4. Graph inputs become IR inputs; their ``dim_param`` names become our symbols
    (sanitised to identifiers; a dynamic dim without a name gets ``<input>_<axis>``);
    ``dynamic={"name": (lo, hi)}`` gives their ranges. Initializers become constants,
    their external data read safely by ``onnx_external.py``.
-5. Nodes are converted in order by their ``onnx_table`` entries. Shape computations
+5. Nodes are converted in order by their ``onnx_ops`` entries. Shape computations
    (Shape -> Gather -> Concat -> Reshape, ...) are evaluated at capture on
-   :class:`~transfuse.frontend.onnx_table.Known` values, vectors of ints and symbolic
+   :class:`~transfuse.frontend.onnx_ops.Known` values, vectors of ints and symbolic
    dims, so they end up as IR attrs (``reshape {shape=[batch, seq, 12, 64]}``); a shape
    that cannot be determined is a :class:`CaptureError` naming the node.
 6. Dead nodes are removed, the graph verified. The signature takes the graph inputs
@@ -49,8 +49,8 @@ import onnx
 import torch
 
 from transfuse.errors import CaptureError, TransfuseError, UnsupportedOpError
-from transfuse.frontend import onnx_table
-from transfuse.frontend.dynamic import UNBOUNDED, _parse_entry
+from transfuse.frontend import onnx_ops
+from transfuse.frontend.dynamic import UNBOUNDED, parse_entry
 from transfuse.frontend.onnx_external import (
     DEFAULT_MAX_EXTERNAL_BYTES,
     Budget,
@@ -59,7 +59,7 @@ from transfuse.frontend.onnx_external import (
     from_numpy,
     tensor_from_proto,
 )
-from transfuse.frontend.onnx_table import Known, Missing, OnnxNode, node_label
+from transfuse.frontend.onnx_ops import Known, Missing, OnnxNode, node_label
 from transfuse.frontend.torch_export import Captured
 from transfuse.ir.graph import Graph, Value
 from transfuse.ir.ops import get_op
@@ -268,7 +268,7 @@ def _check_ops(nodes: list[tuple[int, onnx.NodeProto]], opsets: dict[str, int],
     unknown: dict[str, list[str]] = {}
     for i, n in nodes:
         domain = "" if n.domain == "ai.onnx" else n.domain
-        if onnx_table.lookup(domain, n.op_type) is None:
+        if onnx_ops.lookup(domain, n.op_type) is None:
             key = f"{domain}.{n.op_type}" if domain else n.op_type
             unknown.setdefault(key, []).append(n.name or f"#{i}")
     if unknown:
@@ -278,7 +278,7 @@ def _check_ops(nodes: list[tuple[int, onnx.NodeProto]], opsets: dict[str, int],
             parts.append(f"{op} (nodes {shown})")
         raise UnsupportedOpError(
             f"{label} uses {len(unknown)} op type(s) transfuse does not know: "
-            f"{'; '.join(parts)}. Supported: {', '.join(onnx_table.supported_ops())}")
+            f"{'; '.join(parts)}. Supported: {', '.join(onnx_ops.supported_ops())}")
 
 
 def _infer(proto: onnx.ModelProto, label: str) -> dict[str, tuple[int, list | None]]:
@@ -324,7 +324,7 @@ def symbol_name(raw: str, taken: set[str]) -> str:
 
 
 class _Converter:
-    """Walks the ONNX nodes in order and builds the IR graph through ``onnx_table``."""
+    """Walks the ONNX nodes in order and builds the IR graph through the ``onnx_ops`` table."""
 
     def __init__(self, proto: onnx.ModelProto, nodes, opsets: dict[str, int],
                  inferred: dict, base_dir: str | None, budget: Budget):
@@ -410,7 +410,7 @@ class _Converter:
         if len(dims) != t.dim() or any(d is not None and d != n for d, n in zip(dims, t.shape)):
             raise CaptureError(f"static input {vi.name!r} has shape {list(t.shape)}, the model "
                                f"says {['?' if d is None else d for d in dims]}")
-        return onnx_table.tensor_result(self, t.contiguous(), vi.name)
+        return onnx_ops.tensor_result(self, t.contiguous(), vi.name)
 
     def _ranges(self, dynamic: Mapping[str, Any] | None) -> dict[str, tuple[int, int]]:
         ranges = {s: (1, UNBOUNDED) for s in self.param_of.values()}
@@ -425,7 +425,7 @@ class _Converter:
                 known = ", ".join(repr(p) for p in self.param_of) or "none"
                 raise CaptureError(f"dynamic dim {name!r} is not a symbolic dim of the model "
                                    f"(its dims: {known})")
-            lo, hi, explicit = _parse_entry(name, entry)
+            lo, hi, explicit = parse_entry(name, entry)
             if explicit is not None:
                 raise CaptureError(f"dynamic dim {name!r}: an ONNX model names its own dims; "
                                    "give just the range, e.g. {'seq': (1, 1024)}")
@@ -459,7 +459,7 @@ class _Converter:
                                                       1), self)
             self.current = node
             self.meta = _node_meta(n)
-            fn = onnx_table.lookup(node.domain, node.op_type)
+            fn = onnx_ops.lookup(node.domain, node.op_type)
             try:
                 outs = fn(self, node)
             except TransfuseError:
@@ -524,7 +524,7 @@ class _Converter:
             if get_op(node.op).pure and not any(v.uses or id(v) in outputs for v in node.outputs):
                 self.graph.erase(node)
 
-    # -- helpers for onnx_table converters --------------------------------------------------
+    # -- helpers for the onnx_ops converters --------------------------------------------------
 
     def where(self) -> str:
         return self.current.label if self.current is not None else "the graph outputs"
@@ -555,7 +555,7 @@ class _Converter:
         if isinstance(x, Value):
             return x
         if isinstance(x, Known):
-            return onnx_table.materialize(self, x)
+            return onnx_ops.materialize(self, x)
         raise self.fail(f"expected a tensor, got {x!r}")
 
     def emit(self, op: str, inputs, attrs: dict | None = None, out_types=None) -> Any:

@@ -16,8 +16,9 @@ How it works:
 3. The dynamic spec (``dynamic.py``) becomes ``torch.export.Dim`` objects named
    after the user's symbols; torch's symbols (``s70``) are mapped back to ours
    (``seq``) and every SymInt expression (``FloorDiv``, ``Mod``, ...) to sympy.
-4. Each aten node is converted by its entry in ``aten_table.py``; anything
-   without one becomes ``torch_fallback`` (counted in ``graph.meta["fallbacks"]``).
+4. Each aten node is converted by its entry in ``frontend/aten/`` (one file per op
+   family); anything without one becomes ``torch_fallback`` (counted in
+   ``graph.meta["fallbacks"]``).
    IR nodes are created without output types so inference runs, and the result
    is compared with torch's own FakeTensor type: a disagreement is a frontend
    bug and raises :class:`CaptureError` naming the aten op and module path.
@@ -45,8 +46,8 @@ import torch
 import torch.fx as fx
 
 from transfuse.errors import CaptureError, InputError, TransfuseError
-from transfuse.frontend import aten_table
-from transfuse.frontend.aten_table import Opaque
+from transfuse.frontend import aten
+from transfuse.frontend.aten import Opaque
 from transfuse.frontend.dynamic import DynamicSpec, resolve
 from transfuse.ir.graph import Graph, Value
 from transfuse.ir.ops import get_op
@@ -402,7 +403,7 @@ class SymbolMap:
 
 
 class _Converter:
-    """Walks the exported fx graph and builds the IR graph through ``aten_table``."""
+    """Walks the exported fx graph and builds the IR graph through the ``frontend.aten`` table."""
 
     def __init__(self, ep, input_names: list[str], spec: DynamicSpec):
         self.ep = ep
@@ -480,16 +481,16 @@ class _Converter:
     def _convert_node(self, n: fx.Node) -> Any:
         target = n.target
         if isinstance(target, torch._ops.HigherOrderOperator):
-            return aten_table.convert_higher_order(self, n)
+            return aten.convert_higher_order(self, n)
         if not isinstance(target, torch._ops.OpOverload):
             # python operators on SymInts (operator.mul, sym_max, getitem on lists, ...)
             if target.__name__ == "getitem" and isinstance(self.env.get(n.args[0]), (list, tuple)):
                 return self.env[n.args[0]][n.args[1]]
             return self.meta_scalar(n)
-        fn = aten_table.lookup(target)
+        fn = aten.lookup(target)
         a = normalize_args(target, n)
         result = fn(self, a) if fn is not None else None
-        if fn is None or result is aten_table.FALLBACK:
+        if fn is None or result is aten.FALLBACK:
             result = self.fallback(n)
         self._check(n, result)
         return result
@@ -560,7 +561,7 @@ class _Converter:
             raise CaptureError(f"constant {name!r} has unsupported dtype {tensor.dtype}") from None
         return self.graph.add_constant(tensor.detach(), name)
 
-    # -- helpers for aten_table converters -------------------------------------------------
+    # -- helpers for the aten converters -------------------------------------------------
 
     current: fx.Node
 
@@ -667,7 +668,7 @@ class _Converter:
 
     def fallback(self, n: fx.Node) -> Any:
         """Keep ``n`` as a ``torch_fallback`` node (output types from torch's meta)."""
-        return aten_table.emit_fallback(self, n)
+        return aten.emit_fallback(self, n)
 
     def drop_assert(self) -> None:
         self.dropped_asserts += 1
