@@ -3,10 +3,7 @@ dropout (identity at inference)."""
 
 from __future__ import annotations
 
-from transfuse.frontend.aten.helpers import (
-    args_list,
-    uses_outputs,
-)
+from transfuse.frontend.aten.helpers import args_list, uses_outputs
 from transfuse.frontend.aten.registry import FALLBACK, aten
 from transfuse.frontend.build import cast
 from transfuse.ir.types import dims_equal

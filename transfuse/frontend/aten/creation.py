@@ -6,10 +6,7 @@ from typing import Any
 
 import sympy
 
-from transfuse.frontend.aten.helpers import (
-    full_result,
-    is_tensor_arg,
-)
+from transfuse.frontend.aten.helpers import full_result, is_tensor_arg
 from transfuse.frontend.aten.registry import FALLBACK, Converter, aten
 
 

@@ -7,12 +7,7 @@ from typing import Any
 
 import sympy
 
-from transfuse.frontend.aten.helpers import (
-    args_list,
-    is_tensor_arg,
-    operand,
-    operands,
-)
+from transfuse.frontend.aten.helpers import args_list, is_tensor_arg, operand, operands
 from transfuse.frontend.aten.registry import FALLBACK, Converter, aten
 from transfuse.frontend.build import cast, sym_value
 from transfuse.ir.graph import Value

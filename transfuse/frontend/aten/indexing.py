@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transfuse.frontend.aten.helpers import (
-    INT64_MAX,
-    norm_axis,
-)
+from transfuse.frontend.aten.helpers import INT64_MAX, norm_axis
 from transfuse.frontend.aten.registry import FALLBACK, aten
 from transfuse.frontend.build import cast, to_shape
 from transfuse.ir.graph import Value

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from transfuse.frontend.aten.helpers import (
-    args_list,
-    operand,
-)
+from transfuse.frontend.aten.helpers import args_list, operand
 from transfuse.frontend.aten.registry import FALLBACK, aten
 
 

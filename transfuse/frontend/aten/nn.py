@@ -9,9 +9,7 @@ import math
 
 import torch
 
-from transfuse.frontend.aten.helpers import (
-    uses_outputs,
-)
+from transfuse.frontend.aten.helpers import uses_outputs
 from transfuse.frontend.aten.registry import FALLBACK, aten
 from transfuse.ir.types import DType, dims_equal
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from transfuse.frontend.aten.helpers import (
-    norm_axes,
-    norm_axis,
-    uses_outputs,
-)
+from transfuse.frontend.aten.helpers import norm_axes, norm_axis, uses_outputs
 from transfuse.frontend.aten.registry import FALLBACK, Converter, aten
 from transfuse.frontend.build import cast
 

@@ -3,11 +3,7 @@ split/chunk, unbind. Shapes of view-like ops are read from torch's meta output."
 
 from __future__ import annotations
 
-from transfuse.frontend.aten.helpers import (
-    args_list,
-    norm_axis,
-    permute_value,
-)
+from transfuse.frontend.aten.helpers import args_list, norm_axis, permute_value
 from transfuse.frontend.aten.registry import FALLBACK, aten
 from transfuse.frontend.build import cast, to_shape
 from transfuse.ir.types import dims_equal

@@ -51,13 +51,7 @@ from transfuse.frontend.onnx_ops import (  # noqa: F401  (each file registers it
     rotary,
     shape,
 )
-from transfuse.frontend.onnx_ops.known import (
-    KNOWN_MAX,
-    Known,
-    known,
-    materialize,
-    tensor_result,
-)
+from transfuse.frontend.onnx_ops.known import KNOWN_MAX, Known, known, materialize, tensor_result
 from transfuse.frontend.onnx_ops.registry import (
     TABLE,
     Missing,

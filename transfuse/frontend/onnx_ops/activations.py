@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from transfuse.frontend.onnx_ops.known import (
-    known,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    MS,
-    onnx_op,
-)
+from transfuse.frontend.onnx_ops.known import known
+from transfuse.frontend.onnx_ops.registry import MS, onnx_op
 
 # -- activations ----------------------------------------------------------------------------
 

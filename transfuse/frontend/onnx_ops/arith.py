@@ -21,14 +21,8 @@ from transfuse.frontend.onnx_ops.known import (
     sym_min,
     vec_map,
 )
-from transfuse.frontend.onnx_ops.registry import (
-    Converter,
-    onnx_op,
-)
-from transfuse.ir.types import (
-    DType,
-    dims_equal,
-)
+from transfuse.frontend.onnx_ops.registry import Converter, onnx_op
+from transfuse.ir.types import DType, dims_equal
 
 
 def _tdiv(a, b):

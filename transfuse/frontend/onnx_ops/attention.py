@@ -6,13 +6,8 @@ Glossary for attention: B batch, H heads, S query length, T key length, D head d
 from __future__ import annotations
 
 from transfuse.frontend.build import to_shape
-from transfuse.frontend.onnx_ops.helpers import (
-    weight_t,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    MS,
-    onnx_op,
-)
+from transfuse.frontend.onnx_ops.helpers import weight_t
+from transfuse.frontend.onnx_ops.registry import MS, onnx_op
 from transfuse.ir.graph import Value
 
 # -- attention and rotary (ORT contrib ops, ONNX 23 RotaryEmbedding) --------------------------

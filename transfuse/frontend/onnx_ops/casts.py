@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from transfuse.frontend.build import cast
 from transfuse.frontend.onnx_external import dtype_of
-from transfuse.frontend.onnx_ops.known import (
-    Known,
-    known,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    onnx_op,
-)
-from transfuse.ir.types import (
-    DType,
-)
+from transfuse.frontend.onnx_ops.known import Known, known
+from transfuse.frontend.onnx_ops.registry import onnx_op
+from transfuse.ir.types import DType
 
 # -- casts, identity, constants -------------------------------------------------------------
 

@@ -9,11 +9,7 @@ import sympy
 import torch
 
 from transfuse.frontend.onnx_external import tensor_from_proto
-from transfuse.frontend.onnx_ops.helpers import (
-    axis_of,
-    check_shape_values,
-    full_value,
-)
+from transfuse.frontend.onnx_ops.helpers import axis_of, check_shape_values, full_value
 from transfuse.frontend.onnx_ops.known import (
     KNOWN_MAX,
     Known,
@@ -22,13 +18,8 @@ from transfuse.frontend.onnx_ops.known import (
     known_scalar,
     tensor_result,
 )
-from transfuse.frontend.onnx_ops.registry import (
-    onnx_op,
-)
-from transfuse.ir.types import (
-    DType,
-    normalize_dim,
-)
+from transfuse.frontend.onnx_ops.registry import onnx_op
+from transfuse.ir.types import DType, normalize_dim
 
 
 @onnx_op("Constant")

@@ -9,23 +9,10 @@ from typing import Any
 import torch
 
 from transfuse.frontend.build import cast, sym_value, to_shape
-from transfuse.frontend.onnx_ops.known import (
-    Known,
-    is_concrete_shape,
-    known,
-    known_ints,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    INT64_MAX,
-    OnnxNode,
-)
+from transfuse.frontend.onnx_ops.known import Known, is_concrete_shape, known, known_ints
+from transfuse.frontend.onnx_ops.registry import INT64_MAX, OnnxNode
 from transfuse.ir.graph import Value
-from transfuse.ir.types import (
-    DType,
-    TensorType,
-    dim_product,
-    normalize_dim,
-)
+from transfuse.ir.types import DType, TensorType, dim_product, normalize_dim
 
 
 def value_type(x: Any) -> TensorType:

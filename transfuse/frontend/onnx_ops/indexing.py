@@ -8,27 +8,11 @@ import json
 import numpy as np
 
 from transfuse.frontend.build import cast, to_shape
-from transfuse.frontend.onnx_ops.helpers import (
-    axis_of,
-    rank,
-    wrap_index,
-)
-from transfuse.frontend.onnx_ops.known import (
-    KNOWN_MAX,
-    Known,
-    known,
-    obj_array,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    onnx_op,
-)
+from transfuse.frontend.onnx_ops.helpers import axis_of, rank, wrap_index
+from transfuse.frontend.onnx_ops.known import KNOWN_MAX, Known, known, obj_array
+from transfuse.frontend.onnx_ops.registry import onnx_op
 from transfuse.ir.graph import Value
-from transfuse.ir.types import (
-    DType,
-    TensorType,
-    dim_product,
-    dims_equal,
-)
+from transfuse.ir.types import DType, TensorType, dim_product, dims_equal
 
 # -- gathers -----------------------------------------------------------------------------------
 

@@ -12,14 +12,9 @@ import sympy
 import torch
 
 from transfuse.frontend.build import sym_value
-from transfuse.frontend.onnx_ops.registry import (
-    OnnxNode,
-)
+from transfuse.frontend.onnx_ops.registry import OnnxNode
 from transfuse.ir.graph import Value
-from transfuse.ir.types import (
-    DType,
-    TensorType,
-)
+from transfuse.ir.types import DType, TensorType
 
 KNOWN_MAX = 1024  # elements of a Known value (shape plumbing stays small)
 

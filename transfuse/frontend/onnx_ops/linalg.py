@@ -5,17 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from transfuse.frontend.build import to_shape
-from transfuse.frontend.onnx_ops.helpers import (
-    weight_t,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    onnx_op,
-)
+from transfuse.frontend.onnx_ops.helpers import weight_t
+from transfuse.frontend.onnx_ops.registry import onnx_op
 from transfuse.ir.graph import Value
-from transfuse.ir.types import (
-    dim_product,
-    dims_equal,
-)
+from transfuse.ir.types import dim_product, dims_equal
 
 # -- matrix products ------------------------------------------------------------------------
 

@@ -9,20 +9,10 @@ import math
 import numpy as np
 import torch
 
-from transfuse.frontend.onnx_ops.known import (
-    KNOWN_MAX,
-    Known,
-    all_known,
-    known,
-    vec_map,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    onnx_op,
-)
+from transfuse.frontend.onnx_ops.known import KNOWN_MAX, Known, all_known, known, vec_map
+from transfuse.frontend.onnx_ops.registry import onnx_op
 from transfuse.ir.graph import Value
-from transfuse.ir.types import (
-    DType,
-)
+from transfuse.ir.types import DType
 
 
 @onnx_op("IsNaN")

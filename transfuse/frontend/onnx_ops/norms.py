@@ -5,18 +5,10 @@ from __future__ import annotations
 
 from transfuse.frontend.build import cast, to_shape
 from transfuse.frontend.onnx_external import dtype_of
-from transfuse.frontend.onnx_ops.helpers import (
-    axis_of,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    MS,
-    onnx_op,
-)
+from transfuse.frontend.onnx_ops.helpers import axis_of
+from transfuse.frontend.onnx_ops.registry import MS, onnx_op
 from transfuse.ir.graph import Value
-from transfuse.ir.types import (
-    DType,
-    dims_equal,
-)
+from transfuse.ir.types import DType, dims_equal
 
 
 def _norm_params(cx, x: Value, nd: int, params: list) -> tuple[list, bool]:

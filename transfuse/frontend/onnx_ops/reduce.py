@@ -8,25 +8,11 @@ from functools import reduce
 import numpy as np
 import torch
 
-from transfuse.frontend.onnx_ops.helpers import (
-    axes_arg,
-    axis_of,
-    full_value,
-    rank,
-)
-from transfuse.frontend.onnx_ops.known import (
-    Known,
-    known,
-    sym_max,
-    sym_min,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    onnx_op,
-)
+from transfuse.frontend.onnx_ops.helpers import axes_arg, axis_of, full_value, rank
+from transfuse.frontend.onnx_ops.known import Known, known, sym_max, sym_min
+from transfuse.frontend.onnx_ops.registry import onnx_op
 from transfuse.ir.graph import Value
-from transfuse.ir.types import (
-    DType,
-)
+from transfuse.ir.types import DType
 
 # -- reductions, softmax, norms ----------------------------------------------------------------
 

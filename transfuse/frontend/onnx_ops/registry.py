@@ -8,7 +8,6 @@ from typing import Any
 import onnx
 
 INT64_MAX = 2**63 - 1
-
 INT64_MIN = -(2**63)
 MS = "com.microsoft"
 

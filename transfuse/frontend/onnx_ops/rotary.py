@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from transfuse.frontend.build import to_shape
-from transfuse.frontend.onnx_ops.registry import (
-    MS,
-    onnx_op,
-)
+from transfuse.frontend.onnx_ops.registry import MS, onnx_op
 from transfuse.ir.graph import Value
 
 

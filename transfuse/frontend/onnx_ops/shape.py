@@ -21,26 +21,10 @@ from transfuse.frontend.onnx_ops.helpers import (
     rank,
     reshaped,
 )
-from transfuse.frontend.onnx_ops.known import (
-    KNOWN_MAX,
-    Known,
-    is_concrete_shape,
-    known,
-    known_ints,
-)
-from transfuse.frontend.onnx_ops.registry import (
-    INT64_MAX,
-    INT64_MIN,
-    onnx_op,
-)
+from transfuse.frontend.onnx_ops.known import KNOWN_MAX, Known, is_concrete_shape, known, known_ints
+from transfuse.frontend.onnx_ops.registry import INT64_MAX, INT64_MIN, onnx_op
 from transfuse.ir.graph import Value
-from transfuse.ir.types import (
-    DType,
-    broadcast_shapes,
-    dim_product,
-    dims_equal,
-    normalize_dim,
-)
+from transfuse.ir.types import DType, broadcast_shapes, dim_product, dims_equal, normalize_dim
 
 # -- shapes --------------------------------------------------------------------------------
 
