@@ -1,0 +1,118 @@
+"""Private names stay in their module (STYLE.md habit 14).
+
+Parsed with :mod:`ast`, nothing imported. A module's private names are the
+``_name`` attributes it assigns on ``self``/``cls`` and the ``_name`` functions,
+classes and variables it defines at top level. It is a violation when another
+module of the package
+
+- imports one (``from transfuse.codegen.onnx import _safe``), or
+- reads or writes one on some object that is not its own ``self``/``cls``
+  (``graph._names``, ``node._erased``), unless it defines that name itself.
+
+Private modules (``opdefs/_util.py``) are package-internal by convention and
+may be imported by their siblings. Dunders are public.
+"""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "transfuse"
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _defined_private_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for stmt in tree.body:  # top level
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(stmt.name)
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    for node in ast.walk(tree):  # self._x = ... / cls._x = ... anywhere
+        if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+            names.add(node.attr)
+    return {n for n in names if _private(n)}
+
+
+def private_uses(root: Path) -> list[str]:
+    """``file:line: what`` for every use of another module's private name."""
+    trees = {p: ast.parse(p.read_text(), filename=str(p)) for p in sorted(root.rglob("*.py"))}
+    owned = {p: _defined_private_names(t) for p, t in trees.items()}
+    everyone = set().union(*owned.values()) if owned else set()
+    pkg = root.name
+    out = []
+    for path, tree in trees.items():
+        rel = path.relative_to(root.parent)
+        mine = owned[path]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
+                    node.module == pkg or node.module.startswith(pkg + ".")):
+                where = root.parent.joinpath(*node.module.split("."))
+                for alias in node.names:
+                    is_module = (where / f"{alias.name}.py").exists() or (where / alias.name).is_dir()
+                    if _private(alias.name) and not is_module:
+                        out.append(f"{rel}:{node.lineno}: imports {node.module}.{alias.name}")
+            elif (isinstance(node, ast.Attribute) and node.attr in everyone
+                  and node.attr not in mine
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                out.append(f"{rel}:{node.lineno}: uses {ast.unparse(node)}")
+    return out
+
+
+def _write_package(tmp: Path, files: Mapping[str, str]) -> Path:
+    for rel, text in files.items():
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return tmp / "pkg"
+
+
+def test_checker_finds_private_imports_and_attribute_uses(tmp_path):
+    root = _write_package(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/_util.py": "def helper():\n    pass\n",
+        "pkg/graph.py": """
+            _CACHE = {}
+
+            class Node:
+                def __init__(self):
+                    self._erased = False
+                    self.__dunder = 1
+
+                def same(self, other):
+                    return other._erased  # the defining module may
+            """,
+        "pkg/verify.py": """
+            from pkg import _util
+            from pkg.graph import _CACHE
+
+            def check(node):
+                _util.helper()
+                return node._erased or node.__class__
+            """,
+        "pkg/other.py": """
+            class Own:
+                def __init__(self):
+                    self._erased = 0
+
+                def peek(self, o):
+                    return o._erased  # defines _erased itself: its own name
+            """,
+    })
+    assert private_uses(root) == [
+        "pkg/verify.py:3: imports pkg.graph._CACHE",
+        "pkg/verify.py:7: uses node._erased",
+    ]
+
+
+def test_transfuse_uses_no_private_name_of_another_module():
+    bad = private_uses(ROOT)
+    assert not bad, "private names used outside their module:\n" + "\n".join(bad)
