@@ -422,6 +422,20 @@ CASES["gather"] = [
         ref=lambda x, i: torch.stack([x[r, i[r]] for r in range(x.shape[0])]),
     )
 ]
+CASES["index"] = [  # more in tests/ir/test_indexing_ops.py
+    C(f32(B, S, 6), In("i64", (B, 1), "intbatch"), In("i64", (1, S), "intseq"), axes=[0, 1],
+      ref=lambda x, i, j: x[i, j], id="mask-spelling"),
+    C(f32(B, 4, S), In("i32", (S, 2), "int4"), axes=[1], ref=lambda x, i: x[:, i.long()],
+      id="i32-in-place"),
+    C(f32(2, 4, 6), In("i64", (S,), "int2"), In("i64", (S,), "int6"), axes=[0, 2],
+      ref=lambda x, i, j: x[i, :, j], id="not-consecutive"),
+]
+CASES["scatter_nd"] = [  # more in tests/ir/test_indexing_ops.py
+    C(f32(S, 6), In("i64", (1, 1), "int1"), f32(1, 6), id="row",
+      ref=lambda x, i, u: x.index_put((i[:, 0],), u)),
+    C(f32(S, 6), In("i64", (B, 2), "int1"), f32(B), reduction="add", id="add-elements",
+      ref=lambda x, i, u: x.index_put((i[:, 0], i[:, 1]), u, accumulate=True)),
+]
 CASES["embedding"] = [
     C(f32(10, 8), In("i64", (B, S), "int10"), ref=lambda w, i: w[i]),
     C(f32(10, 8), In("i32", (S,), "int10"), id="i32-ids"),
