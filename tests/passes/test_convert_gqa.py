@@ -5,10 +5,15 @@ import torch
 from pass_helpers import assert_graph, sample_inputs
 
 from transfuse.errors import PassError
+from transfuse.frontend.torch_export import capture
 from transfuse.ir.interpret import interpret
 from transfuse.ir.parser import parse_graph
 from transfuse.ir.verify import verify
+from transfuse.models import get_model
+from transfuse.passes.attention.fuse import FuseAttention
+from transfuse.passes.attention.gqa import RemoveRepeatKv
 from transfuse.passes.manager import run_passes, run_pipeline
+from transfuse.passes.recognize import RecognizeActivations, RecognizeNorms, RecognizeRotary
 
 PASS = "convert.mha-to-gqa"
 RULE = "convert/gqa"
@@ -162,23 +167,15 @@ def test_no_option_no_change_and_bad_option():
 
 @pytest.mark.parametrize("rotary", [True, False], ids=["rotary-op", "decomposed-rope"])
 def test_llama_tiny_two_kv_heads_to_one(rotary):
-    fuse = pytest.importorskip("transfuse.passes.attention.fuse",
-                               reason="the attention fusion pass is not there yet")
-    repeat = pytest.importorskip("transfuse.passes.attention.gqa")
-    recognize = pytest.importorskip("transfuse.passes.recognize")
-    torch_export = pytest.importorskip("transfuse.frontend.torch_export")
-    from transfuse.models import get_model
-
     model, inputs, dynamic = get_model("llama-tiny", seq=16)
-    captured = torch_export.capture(model, inputs, dynamic=dynamic)
+    captured = capture(model, inputs, dynamic=dynamic)
     graph = captured.graph
     run_pipeline(graph, "O1")
-    prepare = [recognize.RecognizeNorms, recognize.RecognizeActivations,
-               *([recognize.RecognizeRotary] if rotary else []),
-               fuse.FuseAttention, repeat.RemoveRepeatKv]
+    prepare = [RecognizeNorms, RecognizeActivations, *([RecognizeRotary] if rotary else []),
+               FuseAttention, RemoveRepeatKv]
     run_passes(graph, prepare)
-    if [a.attrs["kv_heads"] for a in graph.find("attention")] != [2, 2]:
-        pytest.skip("attention fusion does not give two GQA attention ops yet")
+    # the conversion below needs the upstream fusions: if they stop firing, this must fail
+    assert [a.attrs["kv_heads"] for a in graph.find("attention")] == [2, 2], str(graph)
     before = interpret(graph, captured.example_inputs)[0]
     log = run_passes(graph, [PASS, "fusion.merge-projections"],
                      options={"convert_gqa": 1, "sample_inputs": captured.example_inputs})

@@ -4,9 +4,11 @@ import pytest
 import torch
 from pass_helpers import assert_graph, sample_inputs
 
+from transfuse.frontend.torch_export import capture
 from transfuse.ir.interpret import interpret
 from transfuse.ir.parser import parse_graph
 from transfuse.ir.verify import verify
+from transfuse.models import get_model
 from transfuse.passes.manager import run_passes, run_pipeline
 
 PASS = "fusion.compute-last-logits"
@@ -144,11 +146,8 @@ graph main(%ids: i64[batch, seq], %h: f32[batch, 8]) {
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
 def test_reference_models_last_position(name):
-    torch_export = pytest.importorskip("transfuse.frontend.torch_export")
-    from transfuse.models import get_model
-
     model, inputs, dynamic = get_model(name, seq=8)
-    captured = torch_export.capture(model, inputs, dynamic=dynamic)
+    captured = capture(model, inputs, dynamic=dynamic)
     graph = captured.graph
     run_pipeline(graph, "O1")
     ids = torch.randint(0, 1000, (1, 5))  # another length than captured: the slice is symbolic

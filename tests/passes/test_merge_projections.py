@@ -4,8 +4,10 @@ import pytest
 import torch
 from pass_helpers import apply, assert_graph, sample_inputs
 
+from transfuse.frontend.torch_export import capture
 from transfuse.ir.interpret import interpret
 from transfuse.ir.parser import parse_graph
+from transfuse.models import get_model
 from transfuse.passes.fusion.merge_projections import merged_name
 from transfuse.passes.manager import compare_outputs, run_passes, run_pipeline
 
@@ -162,11 +164,8 @@ def test_merged_name():
 
 @pytest.mark.parametrize("name, qkv, gate_up", [("gpt2-tiny", 2, 0), ("llama-tiny", 2, 2)])
 def test_reference_models(name, qkv, gate_up):
-    torch_export = pytest.importorskip("transfuse.frontend.torch_export")
-    from transfuse.models import get_model
-
     model, inputs, dynamic = get_model(name, seq=8)
-    captured = torch_export.capture(model, inputs, dynamic=dynamic)
+    captured = capture(model, inputs, dynamic=dynamic)
     graph = captured.graph
     run_pipeline(graph, "O1")
     before = interpret(graph, captured.example_inputs)

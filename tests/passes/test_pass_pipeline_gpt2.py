@@ -2,12 +2,10 @@
 
 import pytest
 
+from transfuse.frontend.torch_export import capture
 from transfuse.ir.interpret import interpret
 from transfuse.ir.verify import verify
 from transfuse.passes.manager import compare_outputs, run_pipeline
-
-torch_export = pytest.importorskip("transfuse.frontend.torch_export",
-                                   reason="the torch frontend is not there yet")
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +13,7 @@ def captured():
     from transfuse.models import get_model
 
     model, inputs, dynamic = get_model("gpt2-tiny", seq=8)
-    return torch_export.capture(model, inputs, dynamic=dynamic)
+    return capture(model, inputs, dynamic=dynamic)
 
 
 def test_o1_on_gpt2_tiny(captured):
