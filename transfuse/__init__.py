@@ -16,8 +16,7 @@ from transfuse.errors import (
     TransfuseError,
     UnsupportedOpError,
 )
-
-__version__ = "0.1.0"
+from transfuse.version import __version__
 
 
 def __getattr__(name):  # lazy: importing transfuse stays cheap
@@ -26,7 +25,7 @@ def __getattr__(name):  # lazy: importing transfuse stays cheap
 
         return optimize
     if name == "load":
-        from transfuse.runtime.artifact import load
+        from transfuse.runtime.compiled import load
 
         return load
     if name == "PassLog":

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from transfuse.codegen.targets import get_target, target_names
 from transfuse.errors import CaptureError, LoweringError, TransfuseError
-from transfuse.runtime.compiled import BACKENDS
 
-#: targets a user can ask for: every backend registered in ``runtime.compiled.BACKENDS``
-TARGETS = tuple(BACKENDS)
+#: targets a user can ask for: every backend of :data:`transfuse.codegen.targets.TARGET_MODULES`
+TARGETS = target_names()
 
 
 def optimize(
@@ -69,10 +69,11 @@ def optimize(
     """
     from transfuse.frontend.torch_export import capture
     from transfuse.passes.manager import run_pipeline
-    from transfuse.runtime.compiled import CompiledModel, lower
+    from transfuse.runtime.compiled import CompiledModel
 
     if target not in TARGETS:
         raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
+    backend = get_target(target)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)):
@@ -104,7 +105,7 @@ def optimize(
 
     t1 = time.perf_counter()
     try:
-        program = lower(graph, target, device=device)
+        program = backend.build(graph, device=device)
     except TransfuseError:
         raise
     except Exception as e:  # a backend bug must not surface as a raw torch error
@@ -113,17 +114,13 @@ def optimize(
     log.add_stage("capture", capture_ms)
     log.add_stage(f"lowering ({target})", lower_ms)
     meta = {"level": level if passes is None else "custom"}
-    if target == "python" and any(f in getattr(program, "source", "") for f in _NATIVE_CALLS):
+    if getattr(program, "native_calls", ()):
         from transfuse.codegen import native
 
         # where the C kernels come from, or why torch's run instead (builds them if needed)
         meta["native_kernels"] = native.status()
     return CompiledModel(graph, captured.signature, log, backend=target, program=program,
                          meta=meta)
-
-
-#: generated calls that run codegen/native kernels when they are available
-_NATIVE_CALLS = ("_causal_attention(", "_swiglu(", "_rms_norm(", "_add_rms_norm(", "_rotary(")
 
 
 def _is_onnx_model(model: Any) -> bool:

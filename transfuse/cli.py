@@ -104,7 +104,7 @@ def _cmd_log(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from transfuse.runtime.artifact import load
+    from transfuse.runtime.compiled import load
 
     compiled = load(args.path)
     print(repr(compiled))

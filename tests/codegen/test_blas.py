@@ -1,4 +1,4 @@
-"""codegen/blas.py: the OpenBLAS linear, huge-page results, thread sync, timing."""
+"""codegen/python/blas.py: the OpenBLAS linear, huge-page results, thread sync, timing."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfuse.codegen import blas
-from transfuse.codegen.blas import (
+from transfuse.codegen.python import blas
+from transfuse.codegen.python.blas import (
     blas_unavailable,
     empty_huge,
     gemm_linear,

@@ -1,4 +1,4 @@
-"""codegen/cpu_attention.py: causal attention in query blocks equals SDPA's causal call."""
+"""codegen/python/cpu_attention.py: causal attention in query blocks equals SDPA's causal call."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfuse.codegen import cpu_attention
-from transfuse.codegen.cpu_attention import BLOCK, MIN_SEQ, causal_attention, causal_mask
+from transfuse.codegen.python import cpu_attention
+from transfuse.codegen.python.cpu_attention import BLOCK, MIN_SEQ, causal_attention, causal_mask
 
 
 @pytest.mark.parametrize("s", [1, BLOCK, MIN_SEQ, MIN_SEQ + 17, 300])

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import transfuse
 from transfuse.codegen import native
-from transfuse.codegen.cpu_attention import causal_attention
 from transfuse.codegen.native import ops
+from transfuse.codegen.python.cpu_attention import causal_attention
 from transfuse.models import get_model
 
 needs_lib = pytest.mark.skipif(native.library() is None,

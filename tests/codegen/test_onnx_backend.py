@@ -12,8 +12,7 @@ import onnx
 import pytest
 import torch
 
-from transfuse.codegen.onnx import MS_DOMAIN, OrtProgram, export_graph
-from transfuse.codegen.onnx_ops import LOWERINGS
+from transfuse.codegen.onnx import LOWERINGS, MS_DOMAIN, OrtProgram, export_graph
 from transfuse.codegen.python import generate_python
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Graph

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pass_helpers import apply
 
-from transfuse.codegen.blas import blas_unavailable
+from transfuse.codegen.python.blas import blas_unavailable
 from transfuse.passes.memory import gemm_cache, select_gemm
 
 

@@ -8,7 +8,7 @@ import torch
 from pass_helpers import apply
 
 import transfuse
-from transfuse.codegen.blas import blas_unavailable
+from transfuse.codegen.python.blas import blas_unavailable
 from transfuse.errors import IRVerifyError, PassError
 from transfuse.ir.parser import parse_graph
 from transfuse.ir.printer import print_graph

@@ -13,7 +13,7 @@ from test_compiled import inputs, make_model  # tests/runtime is on sys.path
 import transfuse
 from transfuse.errors import ArtifactError
 from transfuse.runtime import artifact
-from transfuse.runtime.artifact import FILES, MANIFEST, _manifest_digest
+from transfuse.runtime.artifact import FILES, MANIFEST, manifest_digest
 
 ALL_FILES = [MANIFEST, *FILES.values()]
 
@@ -41,7 +41,7 @@ def resign(path, name, data: bytes) -> None:
 
 
 def write_manifest(path, manifest) -> None:
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (path / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -91,7 +91,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "_manifest_digest", broken)
+    monkeypatch.setattr(artifact, "manifest_digest", broken)
     with pytest.raises(ArtifactError, match="disk full"):
         model.save(tmp_path / "art")
     assert list(tmp_path.iterdir()) == []
@@ -142,7 +142,7 @@ def test_not_an_artifact(tmp_path):
     ("format_version", 2, "format version 2 is not supported"),
     ("format", "onnx", "format is 'onnx'"),
     ("graph", "../graph.txt", "must be a file name inside"),
-    ("backend", "tvm", "unknown backend 'tvm'"),
+    ("backend", "tvm", "unknown target 'tvm'"),
 ])
 def test_bad_manifest_fields(saved, field, value, match):
     _, path = saved
@@ -266,4 +266,7 @@ def test_weights_sharing_storage_are_saved(tmp_path):
         assert torch.equal(loaded.graph.constants[name].const, g.constants[name].const)
     inp = torch.randn(3, 4)
     for a, b in zip(model(inp), loaded(inp)):
-        assert torch.equal(a, b)
+        # the weights are bit-exact (above); the products are not: the original "half" is a
+        # view at an unaligned offset of "base", for which MKL picks another kernel (last-bit
+        # differences, seen at HEAD on this machine), while the loaded tensors are fresh
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -125,5 +125,5 @@ def test_unknown_backend():
     g = parse_graph(GRAPH)
     sig = Signature([InputSpec("x", g.inputs[0].type), InputSpec("mask", g.inputs[1].type)], {},
                     tree("tuple", leaf(0), leaf(1)), 2)
-    with pytest.raises(LoweringError, match="unknown backend 'tvm'"):
+    with pytest.raises(LoweringError, match="unknown target 'tvm'"):
         CompiledModel(g, sig, backend="tvm")

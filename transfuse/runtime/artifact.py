@@ -13,18 +13,19 @@ Layout of an artifact directory::
                          (weights in model.onnx.data above 2 GB); load rebuilds from the graph
 
 ``save`` writes everything into a temporary directory next to the target and
-renames it into place, so a failure leaves no partial artifact. ``load``
-refuses, with an :class:`ArtifactError` naming the file and the problem, a
-missing or malformed manifest, an unknown format version, a missing file, a
+renames it into place, so a failure leaves no partial artifact. ``read`` (and
+:func:`transfuse.runtime.compiled.load`, which lowers what it reads) refuses, with
+an :class:`ArtifactError` naming the file and the problem, a missing or malformed manifest, an unknown format version, a missing file, a
 size or hash mismatch (every file is checked before any is parsed), a graph
 that does not parse or verify, and weights that are missing, extra or of
-another dtype/shape than the graph declares. It then regenerates the code with
-the backend. The hashes detect corruption and accidental edits; they are not a
+another dtype/shape than the graph declares. ``compiled.load`` then regenerates the
+code with the backend. The hashes detect corruption and accidental edits; they are not a
 signature against someone who can rewrite the whole directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,9 +37,9 @@ from typing import Any
 
 import torch
 
-import transfuse
 from transfuse.errors import ArtifactError, TransfuseError
 from transfuse.ir.types import TensorType
+from transfuse.version import __version__
 
 FORMAT_NAME = "transfuse-artifact"
 FORMAT_VERSION = 1
@@ -106,7 +107,7 @@ def _write(compiled: Any, root: Path) -> None:
 
     graph = compiled.graph
     save_file(_weights_for_saving(graph), str(root / FILES["weights"]),
-              metadata={"format": "pt", "producer": f"transfuse {transfuse.__version__}"})
+              metadata={"format": "pt", "producer": f"transfuse {__version__}"})
     _write_text(root / FILES["graph"], print_graph(graph))
     log = compiled.pass_log
     _write_text(root / FILES["pass_log"],
@@ -120,7 +121,7 @@ def _write(compiled: Any, root: Path) -> None:
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "transfuse_version": transfuse.__version__,
+        "transfuse_version": __version__,
         "torch_version": torch.__version__,
         "backend": compiled.backend,
         "graph_name": graph.name,
@@ -129,7 +130,7 @@ def _write(compiled: Any, root: Path) -> None:
         **FILES,
         "files": files,
     }
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     _write_text(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
@@ -169,21 +170,36 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _manifest_digest(manifest: Mapping[str, Any]) -> str:
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """The sha256 of a manifest's content without its own ``manifest_sha256`` field."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# -- load -------------------------------------------------------------------------------------
+# -- read -------------------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None):
-    """Read an artifact directory back into a :class:`CompiledModel` (weights on ``device``)."""
-    from transfuse.errors import IRVerifyError, LoweringError
+@dataclasses.dataclass
+class ArtifactContents:
+    """What an artifact directory holds, checked and parsed (not yet lowered)."""
+
+    root: Path
+    graph: Any
+    signature: Any
+    pass_log: Any
+    backend: str
+    meta: dict
+
+
+def read(path: str | os.PathLike, device: str | torch.device | None = None) -> ArtifactContents:
+    """Check and parse an artifact directory (weights on ``device``); nothing is lowered.
+
+    :func:`transfuse.runtime.compiled.load` builds the :class:`CompiledModel` from it.
+    """
+    from transfuse.errors import IRVerifyError
     from transfuse.ir.signature import Signature
     from transfuse.ir.verify import verify
-    from transfuse.runtime.compiled import CompiledModel, lower
 
     root = Path(path)
     if not root.is_dir():
@@ -198,13 +214,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None):
         raise ArtifactError(f"{root / manifest['graph']}: the graph does not verify: {e}") from None
     signature = Signature.from_json(manifest["signature"])
     pass_log = _read_pass_log(root / manifest["pass_log"])
-    backend = manifest["backend"]
-    try:
-        program = lower(graph, backend)
-        return CompiledModel(graph, signature, pass_log, backend=backend, program=program,
-                             meta=manifest.get("meta") or {})
-    except LoweringError as e:
-        raise ArtifactError(f"{root / MANIFEST}: cannot rebuild the model: {e}") from None
+    return ArtifactContents(root, graph, signature, pass_log, manifest["backend"],
+                            manifest.get("meta") or {})
 
 
 def _read_manifest(root: Path) -> dict:
@@ -223,9 +234,9 @@ def _read_manifest(root: Path) -> dict:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version!r} is not supported by "
-                            f"transfuse {transfuse.__version__} (it reads version "
+                            f"transfuse {__version__} (it reads version "
                             f"{FORMAT_VERSION}); re-save the model with this version")
-    if manifest.get("manifest_sha256") != _manifest_digest(manifest):
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise ArtifactError(f"{path}: content does not match its manifest_sha256; the manifest "
                             "was edited or corrupted")
     for key, kind in (("backend", str), ("signature", dict), ("files", dict)):
@@ -362,4 +373,5 @@ def _read_pass_log(path: Path):
         raise ArtifactError(f"{path}: malformed pass log: {e!r}") from None
 
 
-__all__ = ["save", "load", "read_pass_log", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "read", "read_pass_log", "manifest_digest", "ArtifactContents", "FORMAT_NAME",
+           "FORMAT_VERSION", "MANIFEST", "FILES"]

@@ -7,36 +7,29 @@ symbol ranges and consistency, all checked up front as :class:`InputError`)
 
 The compiled model owns its graph: the weights live once, in the graph's
 constants, which are the same tensors the backend program bound (``to(device)``
-moves both). ``save(path)`` writes an artifact (:mod:`transfuse.runtime.artifact`).
+moves both). ``save(path)`` writes an artifact (:mod:`transfuse.runtime.artifact`) and
+:func:`load` reads one back.
 """
 
 from __future__ import annotations
 
-import importlib
+import os
 from collections import Counter
 from typing import Any
 
 import torch
 
-from transfuse.errors import InputError, LoweringError
+from transfuse.codegen.targets import get_target
+from transfuse.errors import ArtifactError, InputError, LoweringError
 from transfuse.ir.graph import Graph
 from transfuse.ir.signature import Signature
-
-#: backend name -> (module, function(graph, device=None) -> program)
-BACKENDS: dict[str, tuple[str, str]] = {
-    "python": ("transfuse.codegen.python", "generate_python"),
-    "onnxruntime": ("transfuse.codegen.onnx", "generate_onnxruntime"),
-}
+from transfuse.runtime import artifact
 
 
 def lower(graph: Graph, backend: str = "python", device: str | torch.device | None = None):
-    """Build the runnable program of ``graph`` with ``backend``."""
-    try:
-        module, fn = BACKENDS[backend]
-    except KeyError:
-        raise LoweringError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}") \
-            from None
-    return getattr(importlib.import_module(module), fn)(graph, device=device)
+    """Build the runnable program of ``graph`` with the target named ``backend``
+    (:mod:`transfuse.codegen.targets`)."""
+    return get_target(backend).build(graph, device=device)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -117,9 +110,7 @@ class CompiledModel:
 
     def save(self, path: str) -> None:
         """Write an artifact directory; see :func:`transfuse.runtime.artifact.save`."""
-        from transfuse.runtime.artifact import save
-
-        save(self, path)
+        artifact.save(self, path)
 
     def export_onnx(self, path: str, *, fused: bool = True, opset: int | None = None) -> str:
         """Write the graph as a self-contained ONNX model (any backend): ORT's fused
@@ -186,6 +177,22 @@ class CompiledModel:
         return "\n".join(lines) + ")"
 
 
+def load(path: str | os.PathLike, device: str | torch.device | None = None) -> CompiledModel:
+    """Read an artifact directory back into a :class:`CompiledModel` (weights on ``device``).
+
+    The files are checked and parsed by :func:`transfuse.runtime.artifact.read`; the program
+    is regenerated with the artifact's backend (the saved source is never executed).
+    """
+    contents = artifact.read(path, device)
+    try:
+        program = lower(contents.graph, contents.backend)
+        return CompiledModel(contents.graph, contents.signature, contents.pass_log,
+                             backend=contents.backend, program=program, meta=contents.meta)
+    except LoweringError as e:
+        raise ArtifactError(f"{contents.root / artifact.MANIFEST}: cannot rebuild the model: "
+                            f"{e}") from None
+
+
 def _human(n: float, unit: str = "") -> str:
     for suffix in ("", "K", "M", "G", "T"):
         if abs(n) < 1000 or suffix == "T":
@@ -210,4 +217,4 @@ def _check_signature(graph: Graph, signature: Signature) -> None:
                             f"{graph.name} returns {len(graph.outputs)}")
 
 
-__all__ = ["CompiledModel", "lower", "BACKENDS"]
+__all__ = ["CompiledModel", "lower", "load"]

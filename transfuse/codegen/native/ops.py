@@ -1,7 +1,7 @@
 """torch-facing wrappers of the native kernels, each with its torch path as the fallback.
 
 The generated python code calls these (``_swiglu``, ``_rms_norm``, ``_add_rms_norm``;
-attention goes through :func:`transfuse.codegen.cpu_attention.causal_attention`). Each
+attention goes through :func:`transfuse.codegen.python.cpu_attention.causal_attention`). Each
 checks that the native kernel applies (fp32 CPU tensors, no autograd, a layout the kernel
 reads: rows of contiguous elements at one stride, see :func:`_rows`) and otherwise runs
 the torch expression the backend emitted before these kernels existed, so results never

@@ -47,7 +47,7 @@ import time
 import torch
 
 from transfuse.codegen import native
-from transfuse.codegen.blas import (
+from transfuse.codegen.python.blas import (
     GemmTiming,
     blas_unavailable,
     kmajor_eligible,

@@ -26,15 +26,9 @@ import math
 
 import torch
 
-from transfuse.codegen.onnx_fused import (
-    _fusable,
-    _half_table,
-    _producer,
-    _rotary_layout,
-    _unflatten,
-    rotary_tables,
-)
-from transfuse.codegen.onnx_ops import lowering, out_dtype
+from transfuse.codegen.onnx.fused import half_table, rotary_layout, rotary_tables, unflatten
+from transfuse.codegen.onnx.registry import LOWERINGS, fusable, out_dtype, producer
+from transfuse.codegen.onnx.tensors import onnx_dtype
 from transfuse.ir.graph import Node, Value
 from transfuse.ir.types import DType, dims_equal
 
@@ -58,7 +52,7 @@ def _dims(node: Node):
 
 def attention_route(b, node: Node) -> tuple[str | None, str]:
     """("gqa" | "mha" | None, why): which ORT attention op can compute this node exactly."""
-    if not _fusable(b, node):
+    if not fusable(b, node):
         return None, "not f32 or fused ops disabled"
     a = node.attrs
     (_, h, s, d), (hkv, t, dv) = _dims(node)
@@ -107,31 +101,32 @@ def _flat(b, v: Value, layout: str) -> str:
 
 def _bias_4d(b, node: Node, bias: Value, dtype: DType) -> str:
     """The bias as [B|1, H|1, S, T]: ORT's attention ops want the full S dim."""
-    (bb, h, s, _), (_, t, _) = _dims(node)
-    key = ("bias_4d", b.name(bias), dtype, str(s))
-    if key in b._cache:  # one padding bias serves every layer
-        return b._cache[key]
-    name = b.cast(b.name(bias), bias.type.dtype, dtype)
-    shape = (1,) * (4 - bias.type.rank) + tuple(bias.type.shape)
-    if bias.type.rank < 4:
-        name = b.add("Reshape", [name, b.reshape_target(shape)])
-    if shape[2] == 1 and not dims_equal(s, 1):
-        name = b.add("Expand", [name, b.shape([1, 1, s, 1])])
-    b._cache[key] = name
-    return name
+    (_, _, s, _), _ = _dims(node)
+
+    def make() -> str:
+        name = b.cast(b.name(bias), bias.type.dtype, dtype)
+        shape = (1,) * (4 - bias.type.rank) + tuple(bias.type.shape)
+        if bias.type.rank < 4:
+            name = b.add("Reshape", [name, b.reshape_target(shape)])
+        if shape[2] == 1 and not dims_equal(s, 1):
+            name = b.add("Expand", [name, b.shape([1, 1, s, 1])])
+        return name
+
+    # one padding bias serves every layer
+    return b.memo(("bias_4d", b.name(bias), dtype, str(s)), make)
 
 
 def _rotary_fold(b, node: Node):
     """(q source, k source, cos cache, sin cache, interleaved) when q and k are both rotated
     from position 0 with the same constant tables (GroupQueryAttention's do_rotary)."""
     layout = node.attrs["layout"]
-    rq, rk = _producer(node.inputs[0], "rotary"), _producer(node.inputs[1], "rotary")
+    rq, rk = producer(node.inputs[0], "rotary"), producer(node.inputs[1], "rotary")
     if rq is None or rk is None or layout != "bhsd":
         return None
     if rq.attrs["interleaved"] != rk.attrs["interleaved"] or rq.inputs[1:] != rk.inputs[1:]:
         return None
     (_, _, _, d), _ = _dims(node)
-    if d % 16 or _rotary_layout(rq) != "bhsd" or _rotary_layout(rk) != "bhsd":
+    if d % 16 or rotary_layout(rq) != "bhsd" or rotary_layout(rk) != "bhsd":
         return None  # ORT's kernel rotates head sizes that are multiples of 16
     tables = rotary_tables(rq)
     if tables is None or not (isinstance(tables[2], int) and tables[2] == 0):
@@ -140,10 +135,10 @@ def _rotary_fold(b, node: Node):
     if qf is None or kf is None:
         return None
     inter = rq.attrs["interleaved"]
-    return qf, kf, _half_table(b, tables[0], inter), _half_table(b, tables[1], inter), inter
+    return qf, kf, half_table(b, tables[0], inter), half_table(b, tables[1], inter), inter
 
 
-@lowering("attention")
+@LOWERINGS.register("attention")
 def _attention(b, node):
     route, _ = attention_route(b, node)
     if route is None:
@@ -167,12 +162,10 @@ def _attention(b, node):
         if packed:  # q|k|v are the three parts of one projection: no Split
             q, k, v = packed, "", ""
         total = b.scalar_dim(t, DType.i32)
-        key = ("seqlens_k", total, str(bb))
-        seqlens = b._cache.get(key)
-        if seqlens is None:  # every key is valid: T - 1 for each batch entry, once per graph
-            seqlens = b._cache[key] = b.add(
-                "Expand", [b.add("Sub", [total, b.const(1, DType.i32, "one")]), b.shape([bb])],
-                hint="seqlens_k")
+        # every key is valid: T - 1 for each batch entry, once per graph
+        seqlens = b.memo(("seqlens_k", total, str(bb)), lambda: b.add(
+            "Expand", [b.add("Sub", [total, b.const(1, DType.i32, "one")]), b.shape([bb])],
+            hint="seqlens_k"))
         ins = [q, k, v, "", "", seqlens, total, cos_c, sin_c, "",
                _bias_4d(b, node, bias, dtype) if bias is not None else ""]
         while ins[-1] == "":
@@ -197,10 +190,10 @@ def _attention(b, node):
         if kpm is not None:  # a row with every key padded is zeros in the IR
             any_key = b.add("Cast", [b.reduce("ReduceMax", b.cast(b.name(kpm), kpm.type.dtype,
                                                                   DType.f32), [1], True)],
-                            to=_onnx(DType.bool))
+                            to=onnx_dtype(DType.bool))
             out = b.add("Where", [b.unsqueeze(any_key, [2]), out, b.const(0.0, dtype, "zero")])
     (b.heads_first if layout == "bhsd" else b.split_heads)[id(node.outputs[0])] = out
-    return _unflatten(b, out, node.outputs[0], layout)
+    return unflatten(b, out, node.outputs[0], layout)
 
 
 def _packed(b, q: str, k: str, v: str) -> str | None:
@@ -212,12 +205,6 @@ def _packed(b, q: str, k: str, v: str) -> str | None:
     if [p[1] for p in parts] != [0, 1, 2] or parts[0][2] != 3:
         return None
     return parts[0][0]
-
-
-def _onnx(d: DType) -> int:
-    from transfuse.codegen.onnx import onnx_dtype
-
-    return onnx_dtype(d)
 
 
 def attention_std(b, node: Node) -> str:

@@ -2,15 +2,16 @@
 
 ``swiglu``, ``rotary`` and ``add_norm`` (``transfuse/ir/opdefs/fused.py``) written as
 direct torch calls in the order of their reference implementations, so the generated
-code computes what the interpreter does. Registered with the python backend's
-``@emitter`` (``python_ops.py`` imports this module).
+code computes what the interpreter does. Registered on the python backend's
+:data:`~transfuse.codegen.python.registry.LOWERINGS`.
 
 Glossary: D head dim (static, even), E normalised size.
 """
 
 from __future__ import annotations
 
-from transfuse.codegen.python_ops import _norm_shape, _x, emitter, rms_norm_expr
+from transfuse.codegen.python.nn import rms_norm_expr
+from transfuse.codegen.python.registry import LOWERINGS, arg, norm_shape
 from transfuse.ir.opdefs._util import result_dtype
 from transfuse.ir.types import DType, dims_equal
 
@@ -21,22 +22,22 @@ def _same_f32(a, b) -> bool:
             and all(dims_equal(p, q) for p, q in zip(a.type.shape, b.type.shape)))
 
 
-@emitter("swiglu")
+@LOWERINGS.register("swiglu")
 def _swiglu(ctx, node):
     """fp32: ``_swiglu`` (native/ops.py: one pass in C, else this same torch expression)."""
     g, u = node.inputs[0], node.inputs[1]
     if _same_f32(g, u):
-        return f"_swiglu({_x(ctx, node, 0)}, {_x(ctx, node, 1)})"
-    return f"F.silu({_x(ctx, node, 0)}) * {_x(ctx, node, 1)}"
+        return f"{ctx.helper('_swiglu')}({arg(ctx, node, 0)}, {arg(ctx, node, 1)})"
+    return f"F.silu({arg(ctx, node, 0)}) * {arg(ctx, node, 1)}"
 
 
-@emitter("rotary")
+@LOWERINGS.register("rotary")
 def _rotary(ctx, node):
     """fp32: ``_rotary`` (native/ops.py: one pass in C, else this same torch expression)."""
     if all(v.type.dtype == DType.f32 for v in node.inputs[:3]):
         x, cos, sin = (ctx.name(v) for v in node.inputs[:3])
-        return f"_rotary({x}, {cos}, {sin}, {ctx.lit(node.attrs['interleaved'])})"
-    x, cos, sin = (_x(ctx, node, i) for i in range(3))
+        return f"{ctx.helper('_rotary')}({x}, {cos}, {sin}, {ctx.lit(node.attrs['interleaved'])})"
+    x, cos, sin = (arg(ctx, node, i) for i in range(3))
     if node.attrs["interleaved"]:
         rot = f"torch.stack((-{x}[..., 1::2], {x}[..., 0::2]), dim=-1).flatten(-2)"
     else:
@@ -45,7 +46,7 @@ def _rotary(ctx, node):
     return f"{x} * {cos} + {rot} * {sin}"
 
 
-@emitter("add_norm")
+@LOWERINGS.register("add_norm")
 def _add_norm(ctx, node):
     """``(norm(s), s)`` with ``s = x + residual``, bound once by a lambda parameter (``_sum``:
     generated value names never start with an underscore, so it shadows nothing)."""
@@ -56,10 +57,10 @@ def _add_norm(ctx, node):
             and (w is None or w.type.dtype == DType.f32)):
         # one pass per row in C when available (native/ops.py), else x + r and F.rms_norm
         weight = "None" if w is None else ctx.name(w)
-        return f"_add_rms_norm({ctx.name(x)}, {ctx.name(r)}, {weight}, {ctx.lit(a['eps'])})"
+        return f"{ctx.helper('_add_rms_norm')}({ctx.name(x)}, {ctx.name(r)}, {weight}, {ctx.lit(a['eps'])})"
     if a["kind"] == "layer":
-        normed = (f"F.layer_norm(_sum, {_norm_shape(ctx, node, '_sum')}, {_x(ctx, node, 2)}, "
-                  f"{_x(ctx, node, 3)}, {ctx.lit(a['eps'])})")
+        normed = (f"F.layer_norm(_sum, {norm_shape(ctx, node, '_sum')}, {arg(ctx, node, 2)}, "
+                  f"{arg(ctx, node, 3)}, {ctx.lit(a['eps'])})")
     else:
         normed = rms_norm_expr(ctx, node, "_sum", result_dtype(x.type, r.type), w)
     return f"(lambda _sum: ({normed}, _sum))({ctx.name(x)} + {ctx.name(r)})"

@@ -1,6 +1,6 @@
 """The runnable form of the onnxruntime backend: an ORT session per graph.
 
-``OrtProgram(graph)`` lowers the graph (:mod:`transfuse.codegen.onnx`) and builds an
+``OrtProgram(graph)`` lowers the graph (``export.py``) and builds an
 ``InferenceSession`` tuned for speed: every graph optimization, ``intra_op_num_threads`` =
 torch's thread count (or as asked), one inter-op thread, sequential execution; the CPU
 execution provider, CUDA's when onnxruntime-gpu is installed and the program is moved there.
@@ -25,12 +25,12 @@ import sympy
 import torch
 from onnx import TensorProto, helper
 
-from transfuse.codegen.onnx import (
+from transfuse.codegen.onnx.export import lower_graph
+from transfuse.codegen.onnx.tensors import (
     DEFAULT_OPSET,
     MS_DOMAIN,
-    _numpy_view,
-    _safe,
-    lower_graph,
+    numpy_view,
+    printable,
     tensor_proto,
 )
 from transfuse.errors import LoweringError
@@ -117,7 +117,7 @@ class OrtProgram:
             tensor = self._inits[t.name].detach()
             if tensor.device.type != "cpu" or not tensor.is_contiguous():
                 tensor = tensor.cpu().contiguous()
-            array = _numpy_view(tensor)
+            array = numpy_view(tensor)
             self._keep.append((tensor, array))  # the session reads this memory
             names.append(t.name)
             values.append(ort.OrtValue.ortvalue_from_numpy(array))
@@ -148,7 +148,7 @@ class OrtProgram:
             t = t.detach()
             if not t.is_contiguous():
                 t = t.contiguous()
-            array = _numpy_view(t)
+            array = numpy_view(t)
             if array is None:
                 raise LoweringError(f"onnxruntime backend: input {name!r} of dtype {t.dtype} "
                                     "has no numpy type")
@@ -206,7 +206,7 @@ class OrtProgram:
         g = self._model.graph
         nbytes = sum(t.numel() * t.element_size() for t in self._inits.values())
         lines = [
-            f"# transfuse onnxruntime backend: graph {_safe(self.graph.name)} "
+            f"# transfuse onnxruntime backend: graph {printable(self.graph.name)} "
             f"({len(self.graph)} IR nodes -> {len(g.node)} ONNX nodes, opset {self.opset}, "
             f"{'fused' if self.fused else 'standard ops only'})",
             f"# session: providers={self.providers}, graph_optimization_level=ORT_ENABLE_ALL, "
@@ -229,7 +229,7 @@ class OrtProgram:
             if attrs:
                 line += f" {{{attrs}}}"
             if src:
-                line += f"  # {_safe(src)}"
+                line += f"  # {printable(src)}"
             lines.append(line)
         return "\n".join(lines) + "\n"
 

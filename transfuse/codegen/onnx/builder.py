@@ -1,100 +1,38 @@
-"""The onnxruntime backend: a graph becomes an ONNX model run by an ORT session.
+"""The object every onnxruntime lowering writes through: names, initializers, dims, views.
 
-``export_graph(graph)`` writes one ONNX model per graph: standard ONNX ops
-(opset 17 unless asked), symbolic dims as ``dim_param`` names, constants as
-initializers and, with ``fused=True``, ONNX Runtime's ``com.microsoft`` fused
-operators where they compute exactly what the IR op does (GroupQueryAttention,
-MultiHeadAttention, SkipLayerNormalization, SkipSimplifiedLayerNormalization,
-FastGelu, BiasGelu, Gelu, RotaryEmbedding, QuickGelu, FusedMatMul).
+:class:`OnnxBuilder` owns the ONNX graph being built for one IR graph: names,
+initializers, dims as tensors, casts and the "views" that let an attention op take its
+``[B, S, H*D]`` projections directly instead of the ``[B, H, S, D]`` permutes the IR
+shows. It emits eagerly and prunes at the end (:meth:`OnnxBuilder.build`): a node whose
+outputs nobody needs (a permute an attention op looked through) is dropped, so
+lowerings stay local. The loop over the graph's nodes is ``export.py``'s.
 
-The per-op lowerings live in :mod:`transfuse.codegen.onnx_ops` (standard ops)
-and :mod:`transfuse.codegen.onnx_fused` (the fused ones). They write through
-:class:`OnnxBuilder`, which owns names, initializers, dims as tensors, casts and
-the "views" that let an attention op take its ``[B, S, H*D]`` projections
-directly instead of the ``[B, H, S, D]`` permutes the IR shows. The builder
-emits eagerly and prunes at the end: a node whose outputs nobody needs (a
-permute an attention op looked through) is dropped, so lowerings stay local.
-
-``OrtProgram(graph)`` (:mod:`transfuse.codegen.onnx_program`, re-exported here) is
-the runnable form: an ORT session over the model, sharing the graph's weights.
-
-Glossary: B batch, H heads, Hkv key/value heads, S query length, T key length,
-D head dim, E hidden size (H*D).
+Glossary: B batch, H heads, S query length, D head dim.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import sympy
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
+from transfuse.codegen.onnx.tensors import (
+    DEFAULT_OPSET,
+    EXTERNAL_MIN_NUMEL,
+    MS_DOMAIN,
+    numpy_view,
+    onnx_dtype,
+    printable,
+    tensor_proto,
+)
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Graph, Node, Value
-from transfuse.ir.ops import get_op
 from transfuse.ir.types import Dim, DType, dim_str
-
-logger = logging.getLogger(__name__)
-
-DEFAULT_OPSET = 17
-MS_DOMAIN = "com.microsoft"
-#: a model above this many bytes cannot be one protobuf: its weights go to an external file
-PROTOBUF_LIMIT = 2**31 - 1
-#: constants with more elements than this are handed to the session by reference
-_EXTERNAL_MIN_NUMEL = 64
-
-ONNX_DTYPES: dict[DType, int] = {
-    DType.f64: TensorProto.DOUBLE, DType.f32: TensorProto.FLOAT, DType.f16: TensorProto.FLOAT16,
-    DType.bf16: TensorProto.BFLOAT16, DType.f8e4m3: TensorProto.FLOAT8E4M3FN,
-    DType.f8e5m2: TensorProto.FLOAT8E5M2, DType.i64: TensorProto.INT64,
-    DType.i32: TensorProto.INT32, DType.i16: TensorProto.INT16, DType.i8: TensorProto.INT8,
-    DType.u8: TensorProto.UINT8, DType.bool: TensorProto.BOOL,
-}
-
-
-def onnx_dtype(d: DType) -> int:
-    return ONNX_DTYPES[d]
-
-
-# -- tensors as initializers --------------------------------------------------------------
-
-
-def tensor_proto(name: str, t: torch.Tensor, *, external: bool = False) -> TensorProto:
-    """An initializer for ``t``: its bytes, or (``external``) a placeholder that the session
-    fills with an ``OrtValue`` view of ``t`` (``SessionOptions.add_external_initializers``)."""
-    t = t.detach()
-    tp = TensorProto()
-    tp.name = name
-    tp.data_type = onnx_dtype(DType.from_torch(t.dtype))
-    tp.dims.extend(t.shape)
-    if external:
-        tp.data_location = TensorProto.EXTERNAL
-        entry = tp.external_data.add()
-        entry.key, entry.value = "location", "transfuse-session-initializer"
-        return tp
-    t = t.cpu().contiguous()
-    if t.dtype == torch.bool:
-        tp.raw_data = t.numpy().astype(np.bool_).tobytes()
-    else:
-        tp.raw_data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return tp
-
-
-def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
-    """A numpy array sharing ``t``'s memory (contiguous CPU), or None (no numpy dtype)."""
-    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
-        return None
-    return t.detach().numpy()
-
-
-# -- the builder ----------------------------------------------------------------------------
+from transfuse.version import __version__
 
 
 class OnnxBuilder:
@@ -126,11 +64,11 @@ class OnnxBuilder:
         self.heads_first: dict[int, str] = {}
         #: value id -> ONNX name of its [B, S, H*D] form (the value is [B, S, H, D], "bshd")
         self.split_heads: dict[int, str] = {}
-        #: ids of linear nodes whose bias a following fused op adds (see onnx_fused.plan)
+        #: ids of linear nodes whose bias a following fused op adds (see plan.py)
         self.folded_bias: set[int] = set()
         #: ONNX name of a last-axis split output -> (split input, index, number of parts)
         self.split_of: dict[str, tuple[str, int, int]] = {}
-        #: linear node id -> output columns actually read (see onnx_fused.plan)
+        #: linear node id -> output columns actually read (see plan.py)
         self.narrowed: dict[int, int] = {}
         #: the execution providers the model is for: picks between equivalent fused forms
         self.providers = list(providers or ["CPUExecutionProvider"])
@@ -210,6 +148,14 @@ class OnnxBuilder:
         """A com.microsoft node (only when ``fused``)."""
         assert self.fused, f"{op_type}: a com.microsoft op in a standard-ops export"
         return self.add(op_type, inputs, outputs, domain=MS_DOMAIN, **attrs)
+
+    def memo(self, key: Any, make: Any) -> str:
+        """``make()`` once per ``key`` for the whole graph (e.g. one padding bias for every
+        layer); later calls return the first result."""
+        name = self._cache.get(key)
+        if name is None:
+            name = self._cache[key] = make()
+        return name
 
     # -- constants --------------------------------------------------------------------
 
@@ -360,37 +306,6 @@ class OnnxBuilder:
     def split(self, x: str, sizes: Sequence[Dim], axis: int) -> list[str]:
         return self.add("Split", [x, self.shape(sizes)], len(sizes), axis=axis)
 
-    # -- the whole graph -------------------------------------------------------------------
-
-    def lower_all(self) -> None:
-        from transfuse.codegen.onnx_fused import plan
-        from transfuse.codegen.onnx_ops import get_lowering
-
-        if self.fused:
-            plan(self)
-        for node in self.graph.nodes:
-            get_op(node.op)  # an unknown op is an error here, not in ORT
-            low = get_lowering(node.op)
-            reason = (f"no onnx lowering for op {node.op!r}" if low is None
-                      else low.refuses(node))
-            if reason is not None:
-                raise LoweringError(f"onnx backend cannot lower {_describe(node)}: {reason}")
-            self.current = node
-            try:
-                outs = low.lower(self, node)
-            except LoweringError as e:
-                raise LoweringError(f"onnx backend cannot lower {_describe(node)}: {e}") from None
-            finally:
-                self.current = None
-            if node.outputs:
-                outs = [outs] if isinstance(outs, str) else list(outs)
-                if len(outs) != len(node.outputs):
-                    raise LoweringError(f"onnx lowering of {node.op} made {len(outs)} outputs "
-                                        f"for {len(node.outputs)}")
-                for v, name in zip(node.outputs, outs):
-                    if name:
-                        self.bind(v, name)
-
     def build(self, output_names: Sequence[str] | None = None, *, external: bool = False,
               name: str | None = None) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
         """The model (pruned to what the outputs need) and its initializer tensors by name.
@@ -413,19 +328,19 @@ class OnnxBuilder:
         nodes, needed = _prune(self.nodes, outs)
         inits = {k: t for k, t in self.initializers.items() if k in needed}
         graph = helper.make_graph(
-            nodes, _safe(name or g.name or "main"),
+            nodes, printable(name or g.name or "main"),
             [helper.make_tensor_value_info(n, onnx_dtype(v.type.dtype), _dims(v.type.shape))
              for n, v in zip(inputs, g.inputs)],
             [helper.make_tensor_value_info(n, onnx_dtype(v.type.dtype), _dims(v.type.shape))
              for n, v in zip(outs, g.outputs)],
-            initializer=[tensor_proto(k, t, external=external and t.numel() > _EXTERNAL_MIN_NUMEL
-                                      and _numpy_view(t) is not None)
+            initializer=[tensor_proto(k, t, external=external and t.numel() > EXTERNAL_MIN_NUMEL
+                                      and numpy_view(t) is not None)
                          for k, t in inits.items()])
         opsets = [helper.make_opsetid("", self.opset)]
         if any(n.domain == MS_DOMAIN for n in nodes):
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="transfuse",
-                                  producer_version=_version())
+                                  producer_version=__version__)
         model.ir_version = min(model.ir_version, 10)  # what onnxruntime >= 1.20 reads
         return model, inits
 
@@ -457,104 +372,4 @@ def _dims(shape: Sequence[Dim]) -> list[Any]:
     return [d if isinstance(d, int) else dim_str(d) for d in shape]
 
 
-def _safe(text: str) -> str:
-    return "".join(c if c.isprintable() else "_" for c in text)
-
-
-def _describe(node: Node) -> str:
-    outs = ", ".join(f"%{v.name}" for v in node.outputs)
-    where = f" (from {node.source})" if node.source else ""
-    return f"{outs + ' = ' if outs else ''}{node.op}{where}"
-
-
-def _version() -> str:
-    import transfuse
-
-    return transfuse.__version__
-
-
-# -- public: export ----------------------------------------------------------------------------
-
-
-def output_names(signature: Any, count: int) -> list[str]:
-    """ONNX output names from the signature's output structure (``logits``, ``output_0``...)."""
-    if signature is None:
-        return [f"output_{i}" for i in range(count)]
-    names: dict[int, str] = {}
-
-    def walk(tree: dict, path: list[str]) -> None:
-        kind = tree.get("kind")
-        if kind == "tensor":
-            names.setdefault(tree["index"], "_".join(path) or "output")
-        elif kind in ("tuple", "list"):
-            for i, item in enumerate(tree.get("items", [])):
-                walk(item, path + [str(i)] if path else [f"output_{i}"])
-        elif kind in ("dict", "dataclass"):
-            for key, item in zip(tree.get("keys", []), tree.get("items", [])):
-                walk(item, path + [str(key)])
-
-    walk(signature.output_tree, [])
-    out, seen = [], set()
-    input_names = {s.name for s in signature.inputs}
-    for i in range(count):
-        n = "".join(c if c.isalnum() or c in "_." else "_" for c in names.get(i, f"output_{i}"))
-        while n in seen or n in input_names:
-            n += "_"
-        seen.add(n)
-        out.append(n)
-    return out
-
-
-def lower_graph(graph: Graph, signature: Any = None, *, fused: bool = True,
-                opset: int = DEFAULT_OPSET, external: bool = False,
-                providers: Sequence[str] | None = None
-                ) -> tuple[onnx.ModelProto, dict[str, torch.Tensor], OnnxBuilder]:
-    builder = OnnxBuilder(graph, fused=fused, opset=opset, providers=providers)
-    builder.lower_all()
-    names = output_names(signature, len(graph.outputs))
-    model, inits = builder.build(names, external=external)
-    return model, inits, builder
-
-
-def export_graph(graph: Graph, signature: Any = None, *, fused: bool = True,
-                 opset: int = DEFAULT_OPSET, providers: Sequence[str] | None = None
-                 ) -> onnx.ModelProto:
-    """The graph as a self-contained ONNX model (weights inside).
-
-    ``fused``: use ORT's com.microsoft fused ops where they match exactly; ``False`` gives
-    standard ONNX ops only (any ONNX runtime). ``providers``: the execution providers the
-    model is meant for (default CPU); where two exact forms exist it picks the one faster
-    there (SkipLayerNormalization for CUDA, Add + LayerNormalization for the CPU EP). Every
-    fused op emitted runs on the CPU EP.
-    """
-    model, _, _ = lower_graph(graph, signature, fused=fused, opset=opset, providers=providers)
-    return model
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *,
-               external_threshold: int = PROTOBUF_LIMIT) -> Path:
-    """Write ``model`` to ``path``; weights go to ``<name>.data`` next to it when the model is
-    larger than ``external_threshold`` bytes (protobuf cannot hold more than 2 GB)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()  # external data is appended to: start from nothing
-    if size + 1_000_000 > external_threshold:
-        onnx.save_model(model, str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    return path
-
-
-__all__ = ["export_graph", "save_model", "lower_graph", "OnnxBuilder", "OrtProgram",
-           "generate_onnxruntime", "session_options", "DEFAULT_OPSET", "MS_DOMAIN"]
-
-# the runnable program (re-exported: ``transfuse.codegen.onnx.OrtProgram`` is the API)
-from transfuse.codegen.onnx_program import (  # noqa: E402
-    OrtProgram,
-    generate_onnxruntime,
-    session_options,
-)
+__all__ = ["OnnxBuilder"]
