@@ -5,9 +5,13 @@ h the normalised input (``x``, or ``x - mean(x)`` for LayerNorm), eps the epsilo
 
 Rules (tried in this order at each node; later ones grow what earlier ones made):
 
-- ``norm/layer-norm``: ``d * rsqrt(mean(d²) + eps)`` with ``d = x - mean(x)`` (or
-  ``d / sqrt(...)``; ``d²`` as ``pow(d, 2)`` or ``d * d``) -> ``layer_norm(x)``;
-- ``norm/rms-norm``: ``x * rsqrt(mean(x²) + eps)`` (same spellings) -> ``rms_norm(x)``;
+- ``norm/layer-norm``: ``d * rsqrt(var + eps)`` with ``d = x - mean(x)`` and ``var =
+  mean(d²)`` -> ``layer_norm(x)``. ``rsqrt(v)`` may be written ``/ sqrt(v)``,
+  ``* reciprocal(sqrt(v))`` or ``* (1 / sqrt(v))``; ``d²`` as ``pow(d, 2)`` or ``d * d``
+  (``torch.square``). ``x.var(unbiased=False)`` decomposed by the frontend computes its
+  own ``x - mean(x)`` (the same node once CSE merged them, or a second one); an unbiased
+  variance (``mean(d²)`` times a correction N/(N-1)) is a near miss: layer_norm divides by N;
+- ``norm/rms-norm``: ``x * rsqrt(mean(x²) + eps)`` (the same spellings) -> ``rms_norm(x)``;
 - ``norm/rms-norm-upcast``: ``cast(rms_norm(cast(x, f32)), x.dtype)`` -> ``rms_norm(x)
   {upcast}`` (Llama's ``x.float()`` ... ``.to(x.dtype)``);
 - ``norm/rms-norm-weight``: ``rms_norm(x) * w`` or ``* (w + offset)`` (Gemma's ``1 + w``)
@@ -31,7 +35,13 @@ from __future__ import annotations
 import math
 
 from transfuse.ir.types import DType
-from transfuse.passes.recognize._common import is_param_of, keeps_type, positive_eps, trailing_axes
+from transfuse.passes.recognize._common import (
+    is_param_of,
+    keeps_type,
+    positive_eps,
+    scalar_is,
+    trailing_axes,
+)
 from transfuse.passes.registry import register_pass
 from transfuse.passes.rewrite import Match, P, Pattern, RewritePass, Rule
 
@@ -48,10 +58,25 @@ def mean(v: Pattern, name: str) -> Pattern:
 
 
 def normalize(h: Pattern, mean_square: Pattern) -> Pattern:
-    """``h * rsqrt(ms + eps)`` or ``h / sqrt(ms + eps)``."""
+    """``h * rsqrt(ms + eps)``, ``h / sqrt(ms + eps)``, ``h * reciprocal(sqrt(ms + eps))`` or
+    ``h * (1 / sqrt(ms + eps))``."""
     plus_eps = P.op("add", mean_square, P.scalar("eps"), commutative=True)
+    root = P.op("sqrt", plus_eps)
     return P.alt(P.op("mul", h, P.op("rsqrt", plus_eps), commutative=True),
-                 P.op("div", h, P.op("sqrt", plus_eps)), tags=("rsqrt", "sqrt-div"))
+                 P.op("div", h, root),
+                 P.op("mul", h, P.op("reciprocal", root), commutative=True),
+                 P.op("mul", h, P.op("div", P.scalar("one"), root), commutative=True),
+                 tags=("rsqrt", "sqrt-div", "reciprocal-sqrt", "one-div-sqrt"))
+
+
+def variance(x: Pattern) -> Pattern:
+    """``mean(d²)`` with ``d = x - mean(x)``: the numerator's own ``d`` or a second one (the
+    frontend's ``x.var()`` before CSE merged it with the numerator), optionally scaled by a
+    ``correction`` (an unbiased variance; the check decides)."""
+    centred = P.op("sub", x, mean(x, "var_mean"), name="var_centred")
+    ms = mean(square(centred), "var")
+    return P.alt(P.op("mul", ms, P.scalar("correction"), commutative=True), ms,
+                 tags=("corrected", None))
 
 
 def _check_statistic(m: Match, means: tuple[str, ...]) -> tuple[int, float, str | None]:
@@ -62,6 +87,7 @@ def _check_statistic(m: Match, means: tuple[str, ...]) -> tuple[int, float, str 
     if "two" in m and m.scalar("two") != 2.0:
         return 0, 0.0, f"pow exponent is {m.scalar('two')!r}, not 2"
     rank = max(x.type.rank, 1)
+    means = tuple(n for n in means if n in m.named_nodes)
     axes = {tuple(sorted(a % rank for a in m.node(n).attrs["axes"])) for n in means}
     if len(axes) != 1:
         return 0, 0.0, f"the reductions run over different axes {sorted(axes)}"
@@ -70,6 +96,7 @@ def _check_statistic(m: Match, means: tuple[str, ...]) -> tuple[int, float, str 
         return 0, 0.0, (f"reduce_mean axes {list(m.node(means[0]).attrs['axes'])} are not the "
                         f"trailing dims of {x.type}")
     eps, reason = positive_eps(m)
+    reason = reason or scalar_is(m, "one", 1.0, "the 1 of 1 / sqrt(...)", rtol=0.0)
     return nd, eps, reason or keeps_type(m)
 
 
@@ -79,18 +106,24 @@ _x = P.any("x")
 _centred = P.op("sub", _x, mean(_x, "mean"), name="centred")
 
 
+_LN_MEANS = ("mean", "var", "var_mean")
+
+
 def _check_layer_norm(m: Match) -> str | None:
-    return _check_statistic(m, ("mean", "var"))[2]
+    if "correction" in m and m.scalar("correction") != 1.0:
+        return (f"the variance is scaled by {m.scalar('correction')!r} (an unbiased variance, "
+                "N/(N-1)); layer_norm divides by N")
+    return _check_statistic(m, _LN_MEANS)[2]
 
 
 def _layer_norm(m, b):
-    nd, eps, _ = _check_statistic(m, ("mean", "var"))
+    nd, eps, _ = _check_statistic(m, _LN_MEANS)
     return b.op("layer_norm", m["x"], None, None, eps=eps, normalized_ndim=nd)
 
 
 LAYER_NORM = Rule(
     id="norm/layer-norm",
-    pattern=normalize(_centred, mean(square(_centred), "var")),
+    pattern=normalize(_centred, variance(_x)),
     check=_check_layer_norm,
     replace=_layer_norm,
     near_miss_depth=4,  # d * d also starts like d * rsqrt(...): report only deeper failures
@@ -219,4 +252,4 @@ class RecognizeNorms(RewritePass):
 
 
 __all__ = ["RecognizeNorms", "LAYER_NORM", "RMS_NORM", "RMS_NORM_UPCAST", "RMS_NORM_WEIGHT",
-           "LAYER_NORM_WEIGHT", "LAYER_NORM_BIAS", "square", "mean", "normalize"]
+           "LAYER_NORM_WEIGHT", "LAYER_NORM_BIAS", "square", "mean", "normalize", "variance"]
