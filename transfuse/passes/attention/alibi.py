@@ -17,6 +17,18 @@ exactly. So both ``j − i`` and plain ``j`` (BLOOM) forms are accepted. A term
 that depends on data (positions from an attention mask, an embedding lookup
 of bucketed relative positions as in T5) is no ALiBi and stays a bias.
 
+Two more spellings reach the scores:
+
+- a float **constant** (static shapes fold the whole term, MPT's table built for
+  ``max_seq_len``): per head h, every row is ``slope_h · j`` plus a row constant;
+  the slope is fitted in float64 and every element must agree with it within
+  the rounding of the constant's dtype (a few ulps of its largest magnitude);
+- a **slice** with step 1 along the query or key axis of an ALiBi term (MPT cuts
+  its table to the last T keys): it shifts i or j, which changes only row constants.
+
+On 3-D bmm scores [B·H, S, T] (``rank=3``) the caller passes the head count only
+when B is 1, so axis 0 is the head axis.
+
 Glossary: B batch, H query heads, S query length, T key length; i query index,
 j key index (the last two axes of the scores).
 """
@@ -25,8 +37,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from transfuse.ir.graph import Node, Value
 from transfuse.ir.types import Dim, DType, dims_equal
+
+#: elements a constant ALiBi table may have (larger ones are not inspected)
+MAX_TABLE = 1 << 22
+#: agreement with the fitted slopes, in units of the dtype's epsilon times the table's magnitude
+ULPS = 8
 
 
 @dataclass(frozen=True)
@@ -114,14 +133,18 @@ def _aligned(x: Value, rank: int, nodes: list[Node], depth: int) -> _Affine:
 
 def match_alibi(term: Value, heads: int, s: Dim, t: Dim, rank: int = 4) -> Alibi | None:
     """``term`` (added to scores of rank ``rank``, [.., H, S, T]) as ALiBi, or None."""
-    if rank != 4 or term.type.rank > rank or not term.dtype.is_float:
+    if rank not in (3, 4) or term.type.rank > rank or not term.dtype.is_float:
         return None
     nodes: list[Node] = []
     v = term
     if v.producer is not None and v.producer.op == "cast" and v.producer.inputs[0].dtype.is_float:
         nodes.append(v.producer)
         v = v.producer.inputs[0]
+    if v.is_const:
+        return _constant_table(v, heads, s, t, rank, nodes)
     n = v.producer
+    if n is not None and n.op == "slice":
+        return _sliced(n, heads, s, t, rank, nodes)
     if n is None or n.op != "mul":
         return None
     nodes.append(n)
@@ -143,6 +166,43 @@ def match_alibi(term: Value, heads: int, s: Dim, t: Dim, rank: int = 4) -> Alibi
             return None
         return Alibi(tuple(x * cj for x in slopes), tuple(nodes + pos_nodes))
     return None
+
+
+def _sliced(n: Node, heads: int, s: Dim, t: Dim, rank: int, nodes: list[Node]) -> Alibi | None:
+    """slice(X) with step 1 along the query or key axis of an ALiBi term X."""
+    x, out = n.inputs[0], n.outputs[0]
+    axis = n.attrs["axis"] % x.type.rank + rank - x.type.rank
+    if n.attrs["step"] != 1 or axis not in (rank - 1, rank - 2):
+        return None
+    shape = (1,) * (rank - out.type.rank) + tuple(out.shape)
+    if not dims_equal(shape[rank - 1], t) or not (shape[rank - 2] == 1
+                                                  or dims_equal(shape[rank - 2], s)):
+        return None
+    full = (1,) * (rank - x.type.rank) + tuple(x.shape)
+    inner = match_alibi(x, heads, full[rank - 2], full[rank - 1], rank)
+    return None if inner is None else Alibi(inner.slopes, (*nodes, n, *inner.nodes))
+
+
+def _constant_table(c: Value, heads: int, s: Dim, t: Dim, rank: int,
+                    nodes: list[Node]) -> Alibi | None:
+    """A constant [.., H|1, S|1, T] whose rows are ``slope_h · j`` plus a row constant."""
+    shape = (1,) * (rank - c.type.rank) + tuple(c.shape)
+    hc, sc, tc = shape[rank - 3], shape[rank - 2], shape[rank - 1]
+    if (any(d != 1 for d in shape[:rank - 3]) or hc not in (1, heads) or not isinstance(tc, int)
+            or tc < 2 or not dims_equal(tc, t) or not (sc == 1 or dims_equal(sc, s))
+            or c.const.numel() > MAX_TABLE):
+        return None
+    table = c.const.double().reshape(hc, -1, tc)
+    if not bool(table.isfinite().all()):
+        return None
+    rows = table - table[..., :1]  # (Hc, Sc, T): slope_h · j when this is ALiBi
+    slopes = rows[..., -1].mean(dim=1) / (tc - 1)  # (Hc,)
+    j = torch.arange(tc, dtype=torch.float64)
+    tol = ULPS * torch.finfo(c.dtype.torch).eps * max(float(table.abs().max()), 1.0)
+    if bool(((rows - slopes[:, None, None] * j).abs() > tol).any()) or not bool(slopes.any()):
+        return None
+    values = slopes.tolist() * (heads if hc == 1 else 1)
+    return Alibi(tuple(float(x) for x in values), tuple(nodes))
 
 
 def _slopes(c: Value, heads: int, rank: int) -> tuple[float, ...] | None:

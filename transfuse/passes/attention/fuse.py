@@ -44,14 +44,15 @@ from dataclasses import dataclass, field
 import torch
 
 from transfuse.ir.graph import Graph, Node, Value
-from transfuse.ir.types import Dim, DType, dims_equal
+from transfuse.ir.types import DType, dim_product, dims_equal
 from transfuse.passes.attention.alibi import match_alibi
-from transfuse.passes.attention.masks import (
-    NEG_LIMIT,
-    MaskFacts,
-    additive_summands,
-    analyze_additive_mask,
-    analyze_bool_mask,
+from transfuse.passes.attention.masks import NEG_LIMIT, additive_summands, analyze_additive_mask
+from transfuse.passes.attention.plan import (
+    MaskStep,
+    additive_plan,
+    bias_of,
+    plan_masks,
+    resolved_padding_keep,
 )
 from transfuse.passes.base import PassContext, erase_if_dead
 from transfuse.passes.rewrite import Builder, Match, P, RewritePass, Rule
@@ -102,14 +103,33 @@ _CAPPED = P.alt(P.op("mul", P.op("tanh", _scaled(_SCALED, "cap_in"), name="tanh"
                      P.scalar("cap"), commutative=True, name="cap_mul"),
                 _SCALED, tags=("softcap", None))
 _SCORES = P.maybe("cast", _CAPPED, name="cast_scores", tag="cast-scores")
-_MASKED = P.alt(P.op("add", _SCORES, P.any("mask"), commutative=True, name="masked"),
-                P.op("where", P.any("cond"), P.scalar("fill"), _SCORES, name="masked"),
-                P.op("where", P.any("cond"), _SCORES, P.scalar("fill"), name="masked"),
-                _SCORES, tags=("add-mask", "where-fill", "where-keep", None))
+#: mask steps between the scores and the softmax (T5: bias + mask; MPT: ALiBi + masked_fill;
+#: BLOOM: ALiBi on [B·H, S, T], a view to [B, H, S, T], the causal mask)
+MASK_STEPS = 3
+
+
+def _mask_chain(inner, depth: int):
+    """Up to ``depth`` steps over ``inner``; step k (0 nearest the scores) is tagged
+    ``add:k`` / ``fill:k`` / ``keep:k`` / ``view:k`` and its node is ``masked{k}``."""
+    level = inner
+    for k in range(depth):
+        level = P.alt(P.op("add", level, P.any(f"mask{k}"), commutative=True, name=f"masked{k}"),
+                      P.op("where", P.any(f"cond{k}"), P.scalar(f"fill{k}"), level,
+                           name=f"masked{k}"),
+                      P.op("where", P.any(f"cond{k}"), level, P.scalar(f"fill{k}"),
+                           name=f"masked{k}"),
+                      P.op("reshape", level, name=f"masked{k}"),
+                      level, tags=(f"add:{k}", f"fill:{k}", f"keep:{k}", f"view:{k}", None))
+    return level
+
+
+_MASKED = _mask_chain(_SCORES, MASK_STEPS)
 _SOFTMAX = P.op("softmax", P.maybe("cast", _MASKED, name="upcast", tag="upcast"),
                 name="softmax")
-_PROBS = P.maybe("dropout", P.maybe("cast", _SOFTMAX, name="downcast", tag="downcast"),
-                 name="dropout", tag="dropout")
+_PROBS = P.maybe("reshape", P.maybe("dropout", P.maybe("cast", _SOFTMAX, name="downcast",
+                                                       tag="downcast"),
+                                    name="dropout", tag="dropout"),
+                 name="probs_view", tag="probs-view")
 SDPA_PATTERN = P.op("matmul", _PROBS, P.any("v"), name="pv")  # (B, H, S, Dv)
 
 
@@ -183,16 +203,62 @@ def _softcap(m: Match) -> float | None | str:
     return cap
 
 
+def _steps(m: Match) -> list[tuple[str, Node]]:
+    """The matched mask steps, nearest the scores first: (kind, node)."""
+    out = []
+    for k in range(MASK_STEPS):
+        for kind in ("add", "fill", "keep", "view"):
+            if f"{kind}:{k}" in m.tags:
+                out.append((kind, m.node(f"masked{k}")))
+    return out
+
+
+def _step_input(m: Match, k: int, kind: str, node: Node) -> Value:
+    """The scores a step applies to (the pattern's inner level)."""
+    if kind == "add":
+        x, y = node.inputs
+        return x if y is m[f"mask{k}"] else y
+    return {"fill": node.inputs[2], "keep": node.inputs[1], "view": node.inputs[0]}[kind]
+
+
+def _view_reason(m: Match, view: Node | None) -> str | None:
+    """A view of 3-D bmm scores as [B, H, S, T] must be undone on the probabilities."""
+    probs = m.node("probs_view") if "probs-view" in m.tags else None
+    if view is None and probs is None:
+        return None
+    if view is None or probs is None:
+        return ("scores and probabilities are not viewed as [B, H, S, T] and back as "
+                "[B·H, S, T] around the softmax")
+    src, dst = view.inputs[0].shape, view.outputs[0].shape
+    if len(src) != 3 or len(dst) != 4 or not isinstance(dst[1], int) or not (
+            dims_equal(src[0], dim_product(dst[:2]))
+            and all(dims_equal(x, y) for x, y in zip(src[1:], dst[2:]))):
+        return f"view of the scores {view.inputs[0].type} as {view.outputs[0].type}: not " \
+               "[B·H, S, T] -> [B, H, S, T] with static H"
+    back = probs.outputs[0].shape
+    if not (len(back) == 3 and all(dims_equal(x, y) for x, y in zip(back, src))):
+        return f"probabilities viewed as {probs.outputs[0].type}, not as the scores {src}"
+    return None
+
+
 def _check(m: Match) -> str | None:
     sm = m.node("softmax")
-    rank = sm.outputs[0].type.rank
-    if rank not in (3, 4):
-        return f"scores of rank {rank}; attention scores are [B, H, S, T] or [B·H, S, T]"
+    srank = sm.outputs[0].type.rank
+    rank = m.node("qk").outputs[0].type.rank
+    if rank not in (3, 4) or srank not in (3, 4):
+        return f"scores of rank {srank}; attention scores are [B, H, S, T] or [B·H, S, T]"
     axis = sm.attrs["axis"]
-    if axis % rank != rank - 1:
-        return f"softmax is over axis {axis}, not the key axis (the last of {rank})"
+    if axis % srank != srank - 1:
+        return f"softmax is over axis {axis}, not the key axis (the last of {srank})"
     if "dropout" in m.tags and m.node("dropout").attrs["train"]:
         return "dropout in training mode is random"
+    steps = _steps(m)
+    views = [n for kind, n in steps if kind == "view"]
+    if len(views) > 1:
+        return f"{len(views)} views of the scores between the product and the softmax"
+    reason = _view_reason(m, views[0] if views else None)
+    if reason:
+        return reason
     key = _key(m)
     if isinstance(key, str):
         return key
@@ -212,15 +278,17 @@ def _check(m: Match) -> str | None:
             return f"head counts {h}, {hk}, {hv} are not static"
         if hk != hv or (hk != h and hk != 1):
             return f"q has {h} heads, k {hk}, v {hv}: no GQA layout"
-    scores = m.node("qk").outputs[0].type
-    if "masked" in m.named_nodes:
-        mt = m.node("masked").outputs[0].type
-        if mt.rank != rank or not all(dims_equal(a, b) for a, b in zip(mt.shape, scores.shape)):
-            return f"the mask broadcasts the scores {scores} up to {mt}"
-    if "fill" in m:
-        fill = m.scalar("fill")
-        if not (fill == -math.inf or fill <= NEG_LIMIT):
-            return f"masked_fill value {fill} is not -inf or <= {NEG_LIMIT}"
+    for k_, (kind, node) in zip(_step_indices(m), steps):
+        if kind == "view":
+            continue
+        inner, mt = _step_input(m, k_, kind, node).type, node.outputs[0].type
+        if mt.rank != inner.rank or not all(dims_equal(x, y) for x, y in
+                                            zip(mt.shape, inner.shape)):
+            return f"the mask broadcasts the scores {inner} up to {mt}"
+        if kind in ("fill", "keep"):
+            fill = m.scalar(f"fill{k_}")
+            if not (fill == -math.inf or fill <= NEG_LIMIT):
+                return f"masked_fill value {fill} is not -inf or <= {NEG_LIMIT}"
     for name in ("cast_scores", "upcast", "downcast"):
         if name in m.named_nodes:
             c = m.node(name)
@@ -232,86 +300,16 @@ def _check(m: Match) -> str | None:
     return None
 
 
-# -- masks ------------------------------------------------------------------------------------
+def _step_indices(m: Match) -> list[int]:
+    return [k for k in range(MASK_STEPS) for kind in ("add", "fill", "keep", "view")
+            if f"{kind}:{k}" in m.tags]
 
 
-@dataclass
-class _MaskPlan:
-    causal: bool = False
-    window: int | None = None
-    alibi: tuple[float, ...] | None = None
-    bias: Value | None = None
+# -- replace ----------------------------------------------------------------------------------
 
 
-def _resolved_padding_keep(facts: MaskFacts) -> bool:
-    """All but a bool keep-mask for padding is resolved (masks.py sets ``padding_keep`` only
-    when it is the one thing left; ``reason`` then says so)."""
-    return facts.padding_keep is not None
-
-
-def _apply_facts(facts: MaskFacts, plan: _MaskPlan, b: Builder, dtype: DType,
-                 fallback, where: Node) -> None:
-    """Fill ``plan`` from ``facts``; an unresolved mask becomes ``fallback()`` as the bias."""
-    resolved = facts.reason is None or _resolved_padding_keep(facts)
-    _mask_outcome(b.state, where, None if resolved else facts.reason)
-    if facts.reason is None:
-        plan.causal, plan.window, plan.bias = facts.causal, facts.window, facts.padding
-    elif resolved:
-        plan.causal, plan.window = facts.causal, facts.window
-        # additive padding with the dtype's most negative number, as HF builds it
-        low = b.const(torch.tensor(torch.finfo(dtype.torch).min, dtype=dtype.torch), "neg_min")
-        zero = b.const(torch.tensor(0.0, dtype=dtype.torch), "zero")
-        plan.bias = b.op("where", facts.padding_keep, zero, low)
-    else:
-        plan.bias = fallback()
-
-
-def _additive(mask: Value, plan: _MaskPlan, b: Builder, heads: int | None, s: Dim, t: Dim,
-              rank: int, dtype: DType, where: Node) -> None:
-    """An additive mask: ALiBi summands -> the alibi attr, the rest analysed by masks.py."""
-    rest = mask
-    if heads is not None:
-        parts = additive_summands(mask)
-        found = [(p, match_alibi(p, heads, s, t, rank)) for p in parts]
-        alibis = [a for _, a in found if a is not None]
-        if len(alibis) == 1:
-            plan.alibi = alibis[0].slopes
-            others = [p for p, a in found if a is None]
-            rest = None
-            for p in others:
-                rest = p if rest is None else b.op("add", rest, p)
-    if rest is None:
-        return
-    _apply_facts(analyze_additive_mask(rest, s, t), plan, b, dtype, lambda: rest, where)
-
-
-def _mask_plan(m: Match, b: Builder, heads: int | None, s: Dim, t: Dim, rank: int) -> _MaskPlan:
-    plan = _MaskPlan()
-    if "masked" not in m.named_nodes:
-        return plan
-    dtype = m.node("masked").outputs[0].dtype
-    if "add-mask" in m.tags:
-        _additive(m["mask"], plan, b, heads, s, t, rank, dtype, m.root)
-        return plan
-    cond, fill = m["cond"], m["fill"]
-    keep = "where-keep" in m.tags
-
-    def as_bias() -> Value:  # where(cond, fill, x) == x + where(cond, fill, 0) up to underflow
-        zero = b.const(torch.tensor(0.0, dtype=fill.dtype.torch), "zero")
-        return b.op("where", cond, zero, fill) if keep else b.op("where", cond, fill, zero)
-
-    _apply_facts(analyze_bool_mask(cond, s, t, keep), plan, b, dtype, as_bias, m.root)
-    return plan
-
-
-def _bias_4d(b: Builder, bias: Value | None, dtype: DType, rank: int) -> Value | None:
-    if bias is None:
-        return None
-    if bias.dtype != dtype:
-        bias = b.op("cast", bias, dtype=dtype)
-    if rank == 3 and bias.type.rank == 3:  # [B·H, S, T] -> [B·H, 1, S, T]
-        bias = b.op("reshape", bias, shape=[bias.shape[0], 1, *bias.shape[1:]])
-    return bias
+def _report(b: Builder):
+    return lambda node, reason: _mask_outcome(b.state, node, reason)
 
 
 def _attention(b: Builder, q: Value, k: Value, v: Value, bias: Value | None, **attrs) -> Value:
@@ -319,11 +317,8 @@ def _attention(b: Builder, q: Value, k: Value, v: Value, bias: Value | None, **a
     return b.create("attention", inputs, attrs).output
 
 
-# -- replace ----------------------------------------------------------------------------------
-
-
 def _replace(m: Match, b: Builder) -> Value:
-    rank = m.node("softmax").outputs[0].type.rank
+    rank = m.node("qk").outputs[0].type.rank
     state = m.state
     if "dropout" in m.tags and state is not None:
         state.dropouts.append(m.node("dropout"))
@@ -332,17 +327,45 @@ def _replace(m: Match, b: Builder) -> Value:
     k = src if perm is None else b.op("permute", src, perm=perm)
     scores = m.node("qk").outputs[0].type
     s, t = scores.shape[-2], scores.shape[-1]
-    heads = q.shape[1] if rank == 4 else None
-    plan = _mask_plan(m, b, heads, s, t, rank)
-    bias = _bias_4d(b, plan.bias, q.dtype, rank)
-    if rank == 3:  # [B·H, S, D] -> [B·H, 1, S, D]
-        q, k, v = (b.op("reshape", x, shape=[x.shape[0], 1, *x.shape[1:]]) for x in (q, k, v))
+    steps = list(zip(_step_indices(m), _steps(m)))
+    view = next((n for _, (kind, n) in steps if kind == "view"), None)
+    heads3 = None  # heads of an ALiBi term on 3-D scores (only when axis 0 is the head axis)
+    if view is not None:  # [B·H, S, D] -> [B, H, S, D]
+        lead = list(view.outputs[0].shape[:2])
+        heads3 = lead[1] if lead[0] == 1 else None
+    elif rank == 3:  # [B·H, S, D] -> [B·H, 1, S, D]
+        lead = None
+    if rank == 3:
+        def to4(x: Value) -> Value:
+            head = lead if lead is not None else [x.shape[0], 1]
+            return b.op("reshape", x, shape=[*head, *x.shape[1:]])
+
+        def lift(x: Value) -> Value:  # a term on [B·H, S, T] as one on the 4-D scores
+            return to4(x) if x.type.rank == 3 and (lead is None or x.shape[0] != 1) else x
+        q, k, v = to4(q), to4(k), to4(v)
+    else:
+        lift = None  # every step is on the 4-D scores
+    mask_steps, frame = [], rank
+    for k_, (kind, _) in steps:
+        if kind == "view":
+            frame = 4
+            continue
+        heads = q.shape[1] if frame == 4 and (view is not None or rank == 4) else heads3
+        value = m[f"mask{k_}"] if kind == "add" else m[f"cond{k_}"]
+        mask_steps.append(MaskStep(kind, value, m.get(f"fill{k_}"), frame, heads))
+    plan = plan_masks(mask_steps, b, s, t, node_dtype(m), lift, _report(b), m.root)
+    bias = bias_of(plan, b, q.dtype)
     kv_heads = k.shape[1] if k.shape[1] != q.shape[1] else None
     out = _attention(b, q, k, v, bias, scale=_scale(m), causal=plan.causal, window=plan.window,
                      kv_heads=kv_heads, alibi=plan.alibi, softcap=_softcap(m))
     if rank == 3:
         out = b.op("reshape", out, shape=list(m.root.outputs[0].shape))
     return out
+
+
+def node_dtype(m: Match) -> DType:
+    """The dtype the masks are added in (the softmax input's)."""
+    return m.node("softmax").inputs[0].dtype
 
 
 SDPA = Rule(id="attention/sdpa", pattern=SDPA_PATTERN, check=_check, replace=_replace)
@@ -365,14 +388,13 @@ def _reanalyse(m: Match, b: Builder) -> Value | None:
     parts = additive_summands(bias)
     if not any(match_alibi(p, heads, s, t) for p in parts):
         facts = analyze_additive_mask(bias, s, t)
-        if facts.reason is not None and not _resolved_padding_keep(facts):
+        if facts.reason is not None and not resolved_padding_keep(facts):
             _mask_outcome(state, node, facts.reason)
             return None
         if facts.padding is bias and not facts.causal and facts.window is None:
             return None  # already the padding term alone
-    plan = _MaskPlan()
-    _additive(bias, plan, b, heads, s, t, 4, bias.dtype, node)
-    return _attention(b, q, k, v, _bias_4d(b, plan.bias, q.dtype, 4),
+    plan = additive_plan(bias, b, heads, s, t, 4, bias.dtype, _report(b), node)
+    return _attention(b, q, k, v, bias_of(plan, b, q.dtype),
                       **{**a, "causal": plan.causal, "window": plan.window, "alibi": plan.alibi})
 
 
