@@ -56,7 +56,8 @@ def _rms_norm(cx, a):
 def _sdpa(cx, a):
     """SDPA -> ``attention`` when representable: bool masks become an additive bias,
     ``is_causal`` becomes ``causal`` only when S == T (SDPA aligns top-left, the IR
-    bottom-right), ``enable_gqa`` with Hkv < H becomes ``kv_heads``."""
+    bottom-right), ``enable_gqa`` with Hkv < H, or a single K/V head (broadcast), becomes
+    ``kv_heads``."""
     q, k, v = (cx.value(a[n]) for n in ("query", "key", "value"))
     if any(t.type.rank != 4 for t in (q, k, v)) or a["dropout_p"] != 0:
         return FALLBACK
@@ -66,7 +67,9 @@ def _sdpa(cx, a):
         return FALLBACK
     kv_heads = None
     if hkv != h:
-        if not a["enable_gqa"] or h % hkv:
+        # one K/V head broadcasts over the query heads by matmul's batch broadcasting (MQA,
+        # Falcon); other counts need enable_gqa
+        if not (a["enable_gqa"] or hkv == 1) or h % hkv or v.shape[1] != hkv:
             return FALLBACK
         kv_heads = hkv
     if causal and not dims_equal(q.shape[2], k.shape[2]):
