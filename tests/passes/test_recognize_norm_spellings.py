@@ -165,41 +165,42 @@ VARIANCES = {
 }
 
 
-def _recognised(model, eps):
-    """Capture, clean up and recognise; the one fused norm's eps; the graph against eager on
+def _recognised(model):
+    """Capture, clean up and recognise; the graph's ops after checking it against eager on
     low-variance inputs (where an eps of 1e-2 against a dropped or default one shows)."""
     x = 0.05 * torch.randn(2, 5, 16)
-    captured = capture(model.eval(), (x,))
-    graph = captured.graph
+    graph = capture(model.eval(), (x,)).graph
     run_pipeline(graph, "O1")
     run_pipeline(graph, RECOGNIZE, verify=True, sample_inputs=[x])
     with torch.no_grad():
         want = model(x)
     torch.testing.assert_close(interpret(graph, [x])[0], want, rtol=1e-5, atol=1e-5)
-    ops = [n.op for n in graph.nodes]
-    return ops, graph
+    return [n.op for n in graph.nodes], graph
+
+
+def _one_norm(model, op: str):
+    """The graph is one ``op`` with the module's eps, weight (and bias)."""
+    ops, graph = _recognised(model)
+    assert ops == [op], ops
+    (norm,) = graph.find(op)
+    assert norm.attrs["eps"] == pytest.approx(model.eps, rel=1e-6)
+    assert all(v is not None for v in norm.inputs), norm
+    return norm
 
 
 @pytest.mark.parametrize("inverse", INVERSES)
 @pytest.mark.parametrize("square", SQUARES)
 def test_rms_norm_spellings_fuse_and_match_eager(square, inverse):
-    ops, graph = _recognised(_RMSNorm(SQUARES[square], INVERSES[inverse]), 1e-2)
-    assert ops == ["rms_norm"], ops
-    (norm,) = graph.find("rms_norm")
-    assert norm.attrs["eps"] == pytest.approx(1e-2, rel=1e-6) and norm.inputs[1] is not None
+    _one_norm(_RMSNorm(SQUARES[square], INVERSES[inverse]), "rms_norm")
 
 
 @pytest.mark.parametrize("inverse", INVERSES)
 @pytest.mark.parametrize("variance", VARIANCES)
 def test_layer_norm_spellings_fuse_and_match_eager(variance, inverse):
-    ops, graph = _recognised(_LayerNorm(VARIANCES[variance], INVERSES[inverse]), 1e-2)
-    assert ops == ["layer_norm"], ops
-    (norm,) = graph.find("layer_norm")
-    assert norm.attrs["eps"] == pytest.approx(1e-2, rel=1e-6)
-    assert norm.inputs[1] is not None and norm.inputs[2] is not None
+    _one_norm(_LayerNorm(VARIANCES[variance], INVERSES[inverse]), "layer_norm")
 
 
 def test_layer_norm_with_the_unbiased_variance_stays_unfused_and_matches_eager():
     for unbiased in (lambda x: _explicit_var(x, 16 / 15),):
-        ops, _ = _recognised(_LayerNorm(unbiased, torch.rsqrt), 1e-2)
+        ops, _ = _recognised(_LayerNorm(unbiased, torch.rsqrt))
         assert "layer_norm" not in ops and "torch_fallback" not in ops, ops
