@@ -413,6 +413,7 @@ class _Converter:
         self.symbols = SymbolMap()
         self.env: dict[fx.Node, Any] = {}
         self.fallbacks: Counter = Counter()
+        self.fallback_reasons: list[str] = []
         self.dropped_asserts = 0
         self._consts: dict[tuple, Value] = {}
 
@@ -448,6 +449,8 @@ class _Converter:
             if node.op == "torch_fallback":
                 self.fallbacks[node.attrs["target"]] += 1
         self.graph.meta["fallbacks"] = dict(self.fallbacks)
+        if self.fallback_reasons:
+            self.graph.meta["fallback_reasons"] = list(self.fallback_reasons)
         self.graph.meta["dropped_asserts"] = self.dropped_asserts
         try:
             verify(self.graph)
@@ -665,6 +668,14 @@ class _Converter:
         if key not in self._consts:
             self._consts[key] = self.graph.add_constant(torch.tensor(value, dtype=dtype.torch), "c")
         return self._consts[key]
+
+    def fallback_because(self, reason: str) -> Any:
+        """A converter's way to keep the current node as ``torch_fallback`` with a reason:
+        logged, and listed in ``graph.meta["fallback_reasons"]``; returns FALLBACK."""
+        msg = f"{self.op_name()} at {self.where()} stays a torch fallback: {reason}"
+        log.info(msg)
+        self.fallback_reasons.append(msg)
+        return aten.FALLBACK
 
     def fallback(self, n: fx.Node) -> Any:
         """Keep ``n`` as a ``torch_fallback`` node (output types from torch's meta)."""

@@ -172,3 +172,10 @@ def _masked_fill(cx, a):
             else cx.const(value, x.dtype)
         )
     return cx.op("where", mask, fill, x)
+
+
+@aten("square")
+def _square(cx, a):
+    """square(x) = x * x (in the result dtype: bool squares to int64, as torch's pow does)."""
+    x = cast(cx, cx.value(a["self"]), cx.out_type().dtype)
+    return cx.op("mul", x, x)

@@ -1,10 +1,11 @@
-"""aten reductions, softmax and cumsum."""
+"""aten reductions (sum, mean, max, min, argmax, var, std), softmax and cumsum."""
 
 from __future__ import annotations
 
 from transfuse.frontend.aten.helpers import norm_axes, norm_axis, uses_outputs
 from transfuse.frontend.aten.registry import FALLBACK, Converter, aten
-from transfuse.frontend.build import cast
+from transfuse.frontend.build import cast, sym_value
+from transfuse.ir.types import dim_product
 
 
 def _reduce(ir_op: str) -> Converter:
@@ -69,3 +70,40 @@ aten("log_softmax.int", "_log_softmax")(_softmax("log_softmax"))
 def _cumsum(cx, a):
     x = cx.value(a["self"])
     return cx.op("cumsum", x, axis=norm_axis(a["dim"], x.type.rank), dtype=a["dtype"])
+
+
+@aten("var", "std")
+def _var(cx, a):
+    """var / std over ``dim`` (all when None or empty) with ``correction`` (or ``unbiased``):
+    ``mean(d * d)`` with ``d = x - mean(x, keepdim)``, the spelling the norm recognizers read;
+    with a correction c the sum of squares over ``max(N - c, 0)`` instead, as torch does.
+    std is the ``sqrt`` of that."""
+    x = cx.value(a["self"])
+    want = cx.out_type().dtype
+    if not x.dtype.is_float or want != x.dtype:
+        return FALLBACK  # complex or integer variance has no IR spelling
+    correction = a.get("correction")
+    if correction is None:
+        correction = 1 if a.get("unbiased", True) else 0
+    correction = cx.scalar(correction)
+    if isinstance(correction, bool) or not isinstance(correction, (int, float)):
+        return FALLBACK
+    axes = norm_axes(a.get("dim"), x.type.rank)
+    keep = bool(a.get("keepdim"))
+    mean = cx.op("reduce_mean", x, axes=axes, keepdim=True)
+    d = cx.op("sub", x, mean)
+    sq = cx.op("mul", d, d)
+    if correction == 0:
+        out = cx.op("reduce_mean", sq, axes=axes, keepdim=keep)
+    else:
+        n = dim_product(x.shape[i] for i in (axes or range(x.type.rank)))
+        total = cx.op("reduce_sum", sq, axes=axes, keepdim=keep)
+        if isinstance(n, int):
+            count = cx.const(float(max(n - correction, 0)), x.dtype)
+        else:
+            count = sym_value(cx, n, x.dtype)
+            if correction:
+                count = cx.op("sub", count, cx.const(float(correction), x.dtype))
+            count = cx.op("maximum", count, cx.const(0.0, x.dtype))
+        out = cx.op("div", total, count)
+    return cx.op("sqrt", out) if cx.current.target._schema.name == "aten::std" else out

@@ -3,10 +3,10 @@ split/chunk, unbind. Shapes of view-like ops are read from torch's meta output."
 
 from __future__ import annotations
 
-from transfuse.frontend.aten.helpers import args_list, norm_axis, permute_value
+from transfuse.frontend.aten.helpers import args_list, is_tensor_arg, norm_axis, permute_value
 from transfuse.frontend.aten.registry import FALLBACK, aten
 from transfuse.frontend.build import cast, to_shape
-from transfuse.ir.types import dims_equal
+from transfuse.ir.types import dim_product, dims_equal
 
 
 @aten(
@@ -93,6 +93,37 @@ def _repeat(cx, a):
     big = [v for r, d in zip(reps, dims) for v in (r, d)]
     y = cx.op("expand", to_shape(cx, x, inter), shape=big)
     return to_shape(cx, y, cx.out_type().shape)
+
+
+@aten("repeat_interleave.self_int", "repeat_interleave.self_Tensor")
+def _repeat_interleave(cx, a):
+    """x.repeat_interleave(r, dim) with one repeat count for every element (an int, or a
+    one-element constant tensor): ``reshape(expand(unsqueeze(x, dim + 1), [.., d, r, ..]),
+    [.., d * r, ..])``, the spelling of Hugging Face's ``repeat_kv`` (GQA) that the passes
+    read; ``dim=None`` flattens first. Per-element counts stay a fallback."""
+    x = cx.value(a["self"])
+    reps = a["repeats"]
+    if is_tensor_arg(cx, reps):
+        r = cx.value(reps)
+        if not r.is_const or r.const.numel() != 1 or r.dtype.is_float:
+            return FALLBACK  # per-element or data-dependent counts: the output size is data
+        reps = int(r.const.reshape(()).item())
+    r = cx.dim(reps)
+    want = cx.out_type().shape
+    if a["dim"] is None:
+        x = to_shape(cx, x, [dim_product(x.shape)])
+        axis = 0
+    else:
+        axis = norm_axis(a["dim"], x.type.rank)
+    if x.type.rank == 0:
+        x = to_shape(cx, x, [1])
+    if isinstance(r, int) and r == 1:
+        return to_shape(cx, x, want)
+    shape = list(x.shape)
+    inter = shape[: axis + 1] + [1] + shape[axis + 1 :]
+    big = shape[: axis + 1] + [r] + shape[axis + 1 :]
+    y = cx.op("expand", to_shape(cx, x, inter), shape=big)
+    return to_shape(cx, y, want)
 
 
 @aten("cat")
