@@ -327,23 +327,27 @@ def _fallback(n, xs):
     args = spec.get("args", [])
     val = lambda a: None if a is None else xs[a["$in"]]  # noqa: E731
     if target == "aten::index.Tensor" and not spec.get("kwargs") and None not in args[1]:
-        return _index(n, val(args[0]), [(val(i), n.inputs[i["$in"]]) for i in args[1]])
+        return _index(n, val(args[0]), [(val(i), n.inputs[i["$in"]]) for i in args[1]],
+                      list(range(len(args[1]))))
     if target == "aten::diff.default" and len(args) == 4 and args[1] == 1 and args[3]:
         return _diff(n, val(args[0]), val(args[3]), args[2], n.inputs[args[3]["$in"]])
     raise _Opaque(f"%{n.outputs[0].name} = {_op_name(n)} (not understood)")
 
 
-def _index(n: Node, x, idx: list):
-    """x[i0, i1, ..] with integer index tensors for the leading dims (advanced indexing)."""
-    rb = n.outputs[0].type.rank - (n.inputs[0].type.rank - len(idx))
+def _index(n: Node, x, idx: list, axes: list[int]):
+    """x[.., i0, .., i1, ..] with integer index tensors on dims ``axes`` (advanced indexing:
+    the index shape I sits where the dims were when they are consecutive, else first)."""
+    r = n.inputs[0].type.rank
+    rb = n.outputs[0].type.rank - (r - len(idx))  # rank of I
+    at = axes[0] if all(b == a + 1 for a, b in zip(axes, axes[1:])) else 0
     mapping = {}
-    for k, (a, v) in enumerate(idx):
+    for axis, (a, v) in zip(axes, idx):
         if v.dtype in (DType.bool, DType.u8) or len(a) != 1 or a[0][0] is not _T \
                 or not a[0][1].is_nonnegative:
             _opaque(n, "with a bool, data-dependent or maybe negative index")
-        mapping[_AX[k]] = _shift(a, rb - v.type.rank)[0][1]
-    for m in range(len(idx), n.inputs[0].type.rank):
-        mapping[_AX[m]] = _AX[rb + m - len(idx)]
+        mapping[_AX[axis]] = _shift(a, at + rb - v.type.rank)[0][1]
+    for p, m in enumerate(m for m in range(r) if m not in axes):
+        mapping[_AX[m]] = _AX[p if m < at else rb + p]
     return _sub(x, mapping)
 
 
@@ -373,6 +377,7 @@ _RULES: dict[str, Callable] = {
     "permute": lambda n, xs: _sub(xs[0], {_AX[p]: _AX[m] for m, p in enumerate(n.attr("perm"))}),
     "slice": _slice, "arange": _arange, "full": _full, "cumsum": _cumsum,
     "torch_fallback": _fallback,
+    "index": lambda n, xs: _index(n, xs[0], list(zip(xs[1:], n.inputs[1:])), n.attr("axes")),
     "shape_of": lambda n, xs: ((_T, sympy.sympify(n.inputs[0].shape[n.attr("axis")])),),
 }
 
