@@ -245,7 +245,7 @@ def test_isnan_guard_of_a_finite_masked_softmax_is_dropped():
     assert kept.graph.op_histogram()["ne"] == 1
 
 
-def test_gathernd_of_stacked_indices_is_the_index_fallback():
+def test_gathernd_of_stacked_indices_is_index_of_the_components():
     c = helper.make_node
     nodes = [c("Unsqueeze", ["i", "ax"], ["i1"]), c("Unsqueeze", ["j", "ax"], ["j1"]),
              c("Concat", ["i1", "j1"], ["ij"], axis=-1), c("GatherND", ["x", "ij"], ["y"])]
@@ -253,9 +253,10 @@ def test_gathernd_of_stacked_indices_is_the_index_fallback():
                        [("y", F32, None)], {"ax": np.array([-1])})
     feeds = {"x": rand(3, 5), "i": np.array([0, 2, 1, -1]), "j": np.array([4, 0, 3, 2])}
     captured = check_against_ort(model, feeds)
-    (fb,) = captured.graph.find("torch_fallback")
-    assert fb.attrs["target"] == "aten::index.Tensor"
-    assert [v.name for v in fb.inputs] == ["x", "i", "j"]
+    (ix,) = captured.graph.find("index")
+    assert ix.attrs["axes"] == (0, 1)
+    assert [v.name for v in ix.inputs] == ["x", "i", "j"]
+    assert not captured.graph.find("torch_fallback")
 
 
 @pytest.mark.parametrize("equation, shapes", [

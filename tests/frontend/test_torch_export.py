@@ -331,8 +331,8 @@ def test_fallback_is_counted_and_runs():
     assert captured.graph.meta["fallbacks"] == {
         "aten::cumprod.default": 1,
         "aten::special_erfcx.default": 1,
-        "aten::index.Tensor": 2,
     }
+    assert len(captured.graph.find("index")) == 2  # advanced indexing is an IR op
     x2 = torch.rand(5, 9) + 0.5
     _close(_run(captured, (x2, idx)), fn(x2, idx))
 

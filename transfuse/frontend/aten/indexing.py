@@ -1,5 +1,5 @@
 """aten indexing: slice/select/narrow, slice_scatter/select_scatter, index_select,
-gather, and advanced ``index.Tensor`` (kept as a torch fallback)."""
+gather, and advanced ``index.Tensor`` (-> ``index``; boolean masks stay a torch fallback)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from transfuse.frontend.aten.helpers import INT64_MAX, norm_axis
 from transfuse.frontend.aten.registry import FALLBACK, aten
 from transfuse.frontend.build import cast, to_shape
 from transfuse.ir.graph import Value
+from transfuse.ir.opdefs.indexing import INDEX_DTYPES
 from transfuse.ir.types import dims_equal, normalize_dim
 
 
@@ -106,4 +107,19 @@ def _gather(cx, a):
 
 @aten("index.Tensor")
 def _index(cx, a):
-    return FALLBACK  # advanced indexing (Hugging Face's mask functions) stays in torch
+    """x[.., i, .., j, ..] with integer index tensors (Hugging Face's mask functions) ->
+    ``index`` on the dims that have one (None entries take a dim whole). A bool/uint8 mask
+    index has a data-dependent result shape: it stays a torch fallback."""
+    x = cx.value(a["self"])
+    axes, idx = [], []
+    for axis, i in enumerate(a["indices"]):
+        if i is None:
+            continue
+        v = cx.value(i)
+        if v.dtype not in INDEX_DTYPES:
+            return FALLBACK
+        axes.append(axis)
+        idx.append(v)
+    if not idx:
+        return x
+    return cx.op("index", x, *idx, axes=axes)

@@ -1,9 +1,7 @@
-"""ONNX gathers: Gather (a 2-D constant on axis 0 -> ``embedding``), GatherElements,
-GatherND (-> the ``aten::index.Tensor`` fallback)."""
+"""ONNX gathers and scatters: Gather (a 2-D constant on axis 0 -> ``embedding``),
+GatherElements (-> ``gather``), GatherND (-> ``index``), ScatterND (-> ``scatter_nd``)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 
@@ -12,7 +10,8 @@ from transfuse.frontend.onnx_ops.helpers import axis_of, rank, wrap_index
 from transfuse.frontend.onnx_ops.known import KNOWN_MAX, Known, known, obj_array
 from transfuse.frontend.onnx_ops.registry import onnx_op
 from transfuse.ir.graph import Value
-from transfuse.ir.types import DType, TensorType, dim_product, dims_equal
+from transfuse.ir.opdefs.indexing import SCATTER_REDUCTIONS
+from transfuse.ir.types import DType, dim_product, dims_equal
 
 # -- gathers -----------------------------------------------------------------------------------
 
@@ -63,8 +62,9 @@ def _gather_elements(cx, node):
 @onnx_op("GatherND")
 def _gather_nd(cx, node):
     """data[i_0, .., i_{k-1}] with the k index components stacked in the last axis of
-    ``indices``: the ``aten::index.Tensor`` fallback the torch frontend keeps for advanced
-    indexing (so the mask analysis reads the components, e.g. arange-based ones)."""
+    ``indices``: ``index`` on the leading k dims, one input per component, as the torch
+    frontend captures advanced indexing (so the mask analysis reads the components, e.g.
+    arange-based ones). ``batch_dims`` b: the first b components are the batch positions."""
     x, idx = cx.value(node.input(0)), cx.value(node.input(1))
     nb = node.attr("batch_dims", 0)
     k = idx.shape[-1] if idx.type.rank else None
@@ -85,11 +85,7 @@ def _gather_nd(cx, node):
         pos = cx.op("arange", start=0, end=x.shape[b], step=1, dtype=DType.i64)
         batch.append(to_shape(cx, pos, shape))
     comps = batch + comps
-    k += nb
-    out = TensorType(x.dtype, lead + list(x.shape[k:]))
-    args = {"args": [{"$in": 0}, [{"$in": i + 1} for i in range(k)]], "kwargs": {}}
-    return [cx.emit("torch_fallback", [x, *comps],
-                    {"target": "aten::index.Tensor", "args": json.dumps(args)}, out_types=[out])]
+    return [cx.op("index", x, *comps, axes=list(range(len(comps))))]
 
 
 def _stacked_components(idx: Value, k: int) -> list[Value] | None:
@@ -110,3 +106,14 @@ def _stacked_components(idx: Value, k: int) -> list[Value] | None:
             return None
         comps.append(src)
     return comps
+
+
+@onnx_op("ScatterND")
+def _scatter_nd(cx, node):
+    """A copy of data with the slices ``indices`` [*I, k] addresses replaced by (or reduced
+    with) ``updates``: ``scatter_nd`` (same semantics, negative indices included)."""
+    x, idx, upd = (cx.value(node.input(i)) for i in range(3))
+    reduction = node.attr("reduction", "none")
+    if reduction not in SCATTER_REDUCTIONS:
+        raise cx.unsupported(f"ScatterND reduction {reduction!r} (known: {SCATTER_REDUCTIONS})")
+    return [cx.op("scatter_nd", x, idx, upd, reduction=reduction)]
