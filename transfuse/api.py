@@ -98,8 +98,9 @@ def optimize(
 
     graph = captured.graph
     samples = list(sample_inputs) if sample_inputs is not None else captured.example_inputs
-    options = _pass_options(options, samples, target=target, logits=logits, convert_gqa=convert_gqa,
-                            sparse_attention=sparse_attention, max_error=max_error)
+    options = _pass_options(options, samples, target=backend, logits=logits,
+                            convert_gqa=convert_gqa, sparse_attention=sparse_attention,
+                            max_error=max_error)
     log = run_pipeline(graph, list(passes) if passes is not None else level, verify=verify,
                        sample_inputs=samples, options=options)
 
@@ -151,5 +152,6 @@ def _pass_options(options: Mapping[str, Any] | None, samples: Sequence[torch.Ten
     if named["max_error"] is not None:
         out["max_error"] = float(named["max_error"])
     out.setdefault("sample_inputs", list(samples))
+    # the Target object: passes read its name (ctx.target) and ask it (ctx.target_info)
     out.setdefault("target", named["target"])
     return out

@@ -1,7 +1,11 @@
-"""layout.select-gemm: the CPU GEMM library of each linear is chosen by timing, recorded as
-the linear's ``gemm`` attribute, kept through print/parse and save/load."""
+"""layout.select-gemm: the CPU GEMM library of each linear is chosen by asking the target
+(timings), recorded as the linear's ``gemm`` attribute, kept through print/parse and
+save/load. Unit tests ask a fake target with fixed answers; the last ones ask the real
+python target."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -9,13 +13,14 @@ from pass_helpers import apply
 
 import transfuse
 from transfuse.codegen.python.blas import blas_unavailable
+from transfuse.codegen.targets import get_target
 from transfuse.errors import IRVerifyError, PassError
 from transfuse.ir.parser import parse_graph
 from transfuse.ir.printer import print_graph
 from transfuse.ir.verify import verify
 from transfuse.models import get_model
 
-pytestmark = pytest.mark.skipif(blas_unavailable() is not None,
+needs_blas = pytest.mark.skipif(blas_unavailable() is not None,
                                 reason=f"numpy's OpenBLAS is unavailable: {blas_unavailable()}")
 
 GRAPH = """
@@ -29,27 +34,173 @@ graph main(%x: f32[batch, seq, 64]) {
 }"""
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    torch_s: float
+    blas_s: float
+    flops: float
+
+    def gflops(self, which: str) -> float:
+        return self.flops / (self.torch_s if which == "torch" else self.blas_s) / 1e9
+
+
+class FakeTarget:
+    """Answers select-gemm's questions from fixed data: (K, N) -> (torch s, blas s)."""
+
+    name = "python"
+    gemm_libraries = ("torch", "blas")
+
+    def __init__(self, seconds=None, unavailable=None, no_native=None):
+        self.seconds = seconds or {}
+        self.unavailable, self.no_native = unavailable, no_native
+        self.timed: list[tuple] = []
+
+    def gemm_unavailable(self):
+        return self.unavailable
+
+    def native_kernels_unavailable(self):
+        return self.no_native
+
+    def gemm_relayout_eligible(self, weight):
+        return bool(weight.uses) and all(u.op == "linear" and i == 1 for u, i in weight.uses)
+
+    def gemm_weight_relaid(self, weight):
+        return self.gemm_relayout_eligible(weight) and all(
+            u.attrs.get("gemm") == "blas" for u, _ in weight.uses)
+
+    def time_gemm(self, rows, weights, bias, *, relayout, use_cache=True):
+        n, k = weights[0].shape
+        self.timed.append((rows, k, n, len(weights), bias is not None, relayout, use_cache))
+        torch_s, blas_s = self.seconds[(k, n)]
+        return Timing(torch_s, blas_s, 2.0 * rows * k * n), " (fake)"
+
+
 def _gemms(graph):
     return [n.attrs["gemm"] for n in graph.find("linear")]
 
 
+def _opts(target, **more):
+    return {"sample_inputs": [torch.randn(4, 64, 64)], "select_gemm_min_columns": 1,
+            "target": target, **more}
+
+
 def test_forced_blas_marks_every_linear_and_keeps_the_math():
-    graph, rec = apply(GRAPH, "layout.select-gemm", options={"gemm": "blas"})
+    target = FakeTarget()
+    graph, rec = apply(GRAPH, "layout.select-gemm", options={"gemm": "blas", "target": target})
     assert _gemms(graph) == ["blas", "blas"]
     assert rec.matched("layout/select-gemm") == 2
+    assert target.timed == []  # forced: nothing timed
     text = print_graph(graph)
     assert 'gemm="blas"' in text
     again = parse_graph(text)  # the choice survives the text form
     assert _gemms(again) == ["blas", "blas"]
+    assert any("stores 2 weight(s) K-major" in n for n in rec.notes), rec.notes
 
 
 def test_forced_torch_changes_nothing():
-    graph, rec = apply(GRAPH, "layout.select-gemm", options={"gemm": "torch"})
+    graph, rec = apply(GRAPH, "layout.select-gemm",
+                       options={"gemm": "torch", "target": FakeTarget()})
     assert _gemms(graph) == ["torch", "torch"] and rec.status == "unchanged"
 
 
-def test_auto_times_each_shape_and_logs_both_rates():
-    opts = {"sample_inputs": [torch.randn(4, 64, 64)], "select_gemm_min_columns": 1}
+def test_auto_chooses_what_the_target_timed_faster_beyond_the_margin():
+    # w1 [256, 64]: OpenBLAS 10% faster -> blas; w2 [64, 256]: 2% faster, inside the 3% margin
+    target = FakeTarget({(64, 256): (1.0e-4, 0.9e-4), (256, 64): (1.0e-4, 0.98e-4)})
+    graph, rec = apply(GRAPH, "layout.select-gemm", options=_opts(target))
+    assert _gemms(graph) == ["blas", "torch"]
+    assert rec.matched("layout/select-gemm") == 1
+    # one timing per distinct shape, at M = 4 * 64 rows capped to 64, K-major, with the cache
+    assert sorted(target.timed) == [(64, 64, 256, 1, True, True, True),
+                                    (64, 256, 64, 1, False, True, True)]
+    lines = [n for n in rec.notes if "GFLOP/s" in n]
+    assert len(lines) == 2, rec.notes
+    assert ("layout/select-gemm: M=256 K=64 N=256 +bias (timed at M=64, 1 weight(s)): torch "
+            "21.0 GFLOP/s, OpenBLAS K-major 23.3 GFLOP/s -> blas (fake)") in lines
+    assert any(n.endswith("-> torch (fake)") for n in lines)
+    # a wider margin keeps both on torch; select_gemm_cache=False reaches the target
+    graph, rec = apply(GRAPH, "layout.select-gemm",
+                       options=_opts(target, select_gemm_margin=0.2, select_gemm_cache=False))
+    assert _gemms(graph) == ["torch", "torch"] and target.timed[-1][-1] is False
+
+
+def test_several_threads_without_native_kernels_stay_on_torch(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    target = FakeTarget({(64, 256): (1.0, 0.5), (256, 64): (1.0, 0.5)},
+                        no_native="no C compiler found")
+    graph, rec = apply(GRAPH, "layout.select-gemm", options=_opts(target))
+    assert _gemms(graph) == ["torch", "torch"] and target.timed == []
+    assert any("2 threads without the native kernels" in n and "no C compiler" in n
+               for n in rec.notes), rec.notes
+    # forced blas is the user's call and still honoured
+    graph, _ = apply(GRAPH, "layout.select-gemm", options=_opts(target, gemm="blas"))
+    assert _gemms(graph) == ["blas", "blas"]
+    # one thread: the native kernels do not matter, the timings decide
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    graph, _ = apply(GRAPH, "layout.select-gemm", options=_opts(target))
+    assert _gemms(graph) == ["blas", "blas"]
+
+
+def test_unavailable_blas_keeps_torch():
+    target = FakeTarget(unavailable="numpy's BLAS is not OpenBLAS")
+    graph, rec = apply(GRAPH, "layout.select-gemm", options=_opts(target, gemm="blas"))
+    assert _gemms(graph) == ["torch", "torch"]
+    assert any("OpenBLAS path unavailable: numpy's BLAS is not OpenBLAS" in n for n in rec.notes)
+
+
+def test_min_columns_limits_what_is_timed():
+    target = FakeTarget()
+    graph, rec = apply(GRAPH, "layout.select-gemm",
+                       options=_opts(target, select_gemm_min_columns=8192))
+    assert _gemms(graph) == ["torch", "torch"] and target.timed == []
+    assert sum("not timed (N < 8192)" in n for n in rec.notes) == 2
+
+
+def test_tied_weight_is_timed_without_relayout():
+    target = FakeTarget({(64, 512): (1.0e-4, 0.5e-4)})
+    graph, rec = apply("""
+graph main(%ids: i64[batch, seq]) {
+  const %wte: f32[512, 64]
+  %0: f32[batch, seq, 64] = embedding(%wte, %ids)
+  %1: f32[batch, seq, 512] = linear(%0, %wte, _)
+  return %1
+}""", "layout.select-gemm", options={"sample_inputs": [torch.randint(0, 512, (2, 64))],
+                                     "target": target})
+    (line,) = [n for n in rec.notes if "GFLOP/s" in n]
+    assert "[N, K] transposed" in line and "1 weight(s)" in line
+    assert target.timed[0][5] is False  # relayout
+    assert _gemms(graph) == ["blas"]
+    assert not any("K-major (" in n for n in rec.notes)  # the tied weight is not copied
+
+
+def test_tiny_gemms_are_not_timed():
+    target = FakeTarget()
+    graph, rec = apply(GRAPH, "layout.select-gemm",
+                       options=_opts(target, sample_inputs=[torch.randn(1, 2, 64)]))
+    assert _gemms(graph) == ["torch", "torch"] and target.timed == []
+    assert any("too small to time" in n for n in rec.notes)
+
+
+def test_other_targets_and_no_target_are_left_alone():
+    onnx_like = FakeTarget()
+    onnx_like.name, onnx_like.gemm_libraries = "onnxruntime", ("torch",)
+    graph, rec = apply(GRAPH, "layout.select-gemm", options={"gemm": "blas", "target": onnx_like})
+    assert _gemms(graph) == ["torch", "torch"]
+    assert ("layout/select-gemm: nothing to choose for target 'onnxruntime' "
+            "(it brings its own GEMMs)") in rec.notes
+    # a name alone (no target object to ask): nothing is chosen, and the log says why
+    graph, rec = apply(GRAPH, "layout.select-gemm", options={"gemm": "blas", "target": "python"})
+    assert _gemms(graph) == ["torch", "torch"]
+    assert any("no target object" in n for n in rec.notes), rec.notes
+    # the real onnxruntime target answers the same
+    graph, rec = apply(GRAPH, "layout.select-gemm",
+                       options={"gemm": "blas", "target": get_target("onnxruntime")})
+    assert _gemms(graph) == ["torch", "torch"]
+    assert any("it brings its own GEMMs" in n for n in rec.notes)
+
+
+@needs_blas
+def test_auto_with_the_python_target_times_each_shape_and_logs_both_rates():
+    opts = _opts(get_target("python"))
     graph, rec = apply(GRAPH, "layout.select-gemm", options=opts)
     lines = [n for n in rec.notes if "GFLOP/s" in n]
     assert len(lines) == 2, rec.notes  # two distinct shapes, M = 4 * 64
@@ -59,57 +210,6 @@ def test_auto_times_each_shape_and_logs_both_rates():
     graph2, rec2 = apply(GRAPH, "layout.select-gemm", options=opts)
     assert all("timed earlier" in n for n in rec2.notes if "GFLOP/s" in n)
     assert _gemms(graph2) == _gemms(graph)
-
-
-def test_several_threads_without_native_kernels_stay_on_torch(monkeypatch):
-    from transfuse.codegen import native
-
-    monkeypatch.setattr(native, "library", lambda: None)
-    monkeypatch.setattr(native, "status", lambda: "no C compiler found")
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    opts = {"sample_inputs": [torch.randn(4, 64, 64)], "select_gemm_min_columns": 1}
-    graph, rec = apply(GRAPH, "layout.select-gemm", options=opts)
-    assert _gemms(graph) == ["torch", "torch"]
-    assert any("2 threads without the native kernels" in n and "no C compiler" in n
-               for n in rec.notes), rec.notes
-    # forced blas is the user's call and still honoured
-    graph, _ = apply(GRAPH, "layout.select-gemm", options={**opts, "gemm": "blas"})
-    assert _gemms(graph) == ["blas", "blas"]
-
-
-def test_min_columns_limits_what_is_timed():
-    graph, rec = apply(GRAPH, "layout.select-gemm",
-                       options={"sample_inputs": [torch.randn(4, 64, 64)],
-                                "select_gemm_min_columns": 8192})
-    assert _gemms(graph) == ["torch", "torch"]
-    assert sum("not timed (N < 8192)" in n for n in rec.notes) == 2
-
-
-def test_tied_weight_is_timed_without_relayout():
-    graph, rec = apply("""
-graph main(%ids: i64[batch, seq]) {
-  const %wte: f32[512, 64]
-  %0: f32[batch, seq, 64] = embedding(%wte, %ids)
-  %1: f32[batch, seq, 512] = linear(%0, %wte, _)
-  return %1
-}""", "layout.select-gemm", options={"sample_inputs": [torch.randint(0, 512, (2, 64))]})
-    (line,) = [n for n in rec.notes if "GFLOP/s" in n]
-    assert "[N, K] transposed" in line and "1 weight(s)" in line
-
-
-def test_tiny_gemms_are_not_timed():
-    graph, rec = apply(GRAPH, "layout.select-gemm",
-                       options={"sample_inputs": [torch.randn(1, 2, 64)],
-                                "select_gemm_min_columns": 1})
-    assert _gemms(graph) == ["torch", "torch"]
-    assert any("too small to time" in n for n in rec.notes)
-
-
-def test_other_targets_are_left_alone():
-    graph, rec = apply(GRAPH, "layout.select-gemm",
-                       options={"gemm": "blas", "target": "onnxruntime"})
-    assert _gemms(graph) == ["torch", "torch"]
-    assert any("onnxruntime" in n for n in rec.notes)
 
 
 def test_bad_option_and_bad_attr_are_typed_errors():
@@ -123,6 +223,7 @@ def test_bad_option_and_bad_attr_are_typed_errors():
         verify(bad)
 
 
+@needs_blas
 def test_o2_end_to_end_blas_codegen_and_artifact(tmp_path):
     model, inputs, dyn = get_model("gpt2-tiny", seq=24)
     compiled = transfuse.optimize(model, inputs, dynamic=dyn, level="O2",

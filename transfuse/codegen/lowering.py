@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from transfuse.errors import LoweringError
-from transfuse.ir.graph import Graph, Node
+from transfuse.ir.graph import Graph, Node, Value
 
 #: ``supports(node) -> reason | None``: why a lowering cannot take this node (None: it can)
 SupportsFn = Callable[[Node], "str | None"]
@@ -134,6 +134,37 @@ class Target:
     def supports(self, node: Node) -> str | None:
         """Why this target cannot run ``node`` (None when it can)."""
         return self.lowerings.supports(node)
+
+    # -- what passes may ask (the contract: transfuse.passes.base.TargetInfo) --------------
+
+    #: values of ``linear``'s ``gemm`` attribute this target can run, first the default;
+    #: fewer than two: there is nothing for ``layout.select-gemm`` to choose
+    gemm_libraries: ClassVar[tuple[str, ...]] = ()
+
+    def gemm_unavailable(self) -> str | None:
+        """Why the non-default GEMM libraries cannot run here (None when they can)."""
+        return f"target {self.name!r} has one GEMM library"
+
+    def native_kernels_unavailable(self) -> str | None:
+        """Why the target's native (C) kernels cannot run here (None when they can)."""
+        return f"target {self.name!r} has no native kernels"
+
+    def gemm_relayout_eligible(self, weight: Value) -> bool:
+        """Whether graph constant ``weight`` may be stored in another layout for its GEMMs
+        (every use reads it as a ``linear`` weight)."""
+        return False
+
+    def gemm_weight_relaid(self, weight: Value) -> bool:
+        """Whether the built program will store graph constant ``weight`` in another layout
+        (so it holds a copy of the weight the source model still has)."""
+        return False
+
+    def time_gemm(self, rows: int, weights: list, bias: Any, *, relayout: bool,
+                  use_cache: bool = True) -> tuple[Any, str]:
+        """(timing, where it came from) of the GEMM libraries on x [rows, K] times ``weights``
+        [N, K]: an object with ``torch_s``, ``blas_s`` and ``gflops(library)``, and text for
+        the pass log. Only a target with :attr:`gemm_libraries` to choose from times."""
+        raise LoweringError(f"target {self.name!r} has no GEMM libraries to time")
 
     def __repr__(self) -> str:
         return f"<target {self.name}>"

@@ -20,7 +20,7 @@ has to say whether it changed something.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.ops import get_op, has_op
@@ -55,6 +55,45 @@ class Pass:
         return f"<pass {self.name}>"
 
 
+class GemmTimingInfo(Protocol):
+    """One shape timed with each GEMM library (seconds per call)."""
+
+    torch_s: float
+    blas_s: float
+
+    def gflops(self, which: str) -> float: ...
+
+
+class TargetInfo(Protocol):
+    """What a pass may ask the target it compiles for; the backend answers.
+
+    Passes never import codegen (DESIGN.md §2): ``transfuse.optimize`` puts the target object
+    in the options (``target``), and :attr:`PassContext.target_info` hands it to the pass.
+    Every backend implements this through ``transfuse.codegen.lowering.Target`` (whose
+    defaults answer "nothing to choose"); ``tests/passes`` use fakes with fixed answers.
+    """
+
+    name: str
+    #: values of ``linear``'s ``gemm`` attribute the target runs, the default first
+    gemm_libraries: tuple[str, ...]
+
+    def gemm_unavailable(self) -> str | None:
+        """Why the non-default GEMM libraries cannot run here (None: they can)."""
+
+    def native_kernels_unavailable(self) -> str | None:
+        """Why the target's native kernels cannot run here (None: they can)."""
+
+    def gemm_relayout_eligible(self, weight: Value) -> bool:
+        """Whether constant ``weight`` may be stored in another layout for its GEMMs."""
+
+    def gemm_weight_relaid(self, weight: Value) -> bool:
+        """Whether the built program will store constant ``weight`` in another layout."""
+
+    def time_gemm(self, rows: int, weights: list, bias: Any, *, relayout: bool,
+                  use_cache: bool = True) -> tuple[GemmTimingInfo, str]:
+        """(timing, where it came from: text for the log) of x [rows, K] times ``weights``."""
+
+
 class PassContext:
     """What a running pass sees besides the graph: options and its log record."""
 
@@ -73,8 +112,17 @@ class PassContext:
 
     @property
     def target(self) -> str:
-        """The backend the graph is compiled for (option ``target``; ``"python"`` by default)."""
-        return self.option("target", "python")
+        """The name of the backend the graph is compiled for (option ``target``: a name or
+        a target object; ``"python"`` by default)."""
+        target = self.option("target", "python")
+        return target if isinstance(target, str) else target.name
+
+    @property
+    def target_info(self) -> TargetInfo | None:
+        """The target object to ask (:class:`TargetInfo`), when the option ``target`` is one
+        (``transfuse.optimize`` passes it); None when only a name was given."""
+        target = self.option("target")
+        return None if target is None or isinstance(target, str) else target
 
     def option(self, key: str, default: Any = None) -> Any:
         """``options[pass name][key]``, else ``options[key]``, else ``default``."""
@@ -182,4 +230,4 @@ def erase_if_dead(graph: Graph, node: Node | None) -> bool:
     return True
 
 
-__all__ = ["Pass", "PassContext", "is_pure", "node_ref", "forward_to", "erase_if_dead"]
+__all__ = ["Pass", "PassContext", "TargetInfo", "GemmTimingInfo", "is_pure", "node_ref", "forward_to", "erase_if_dead"]

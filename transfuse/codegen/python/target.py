@@ -1,17 +1,29 @@
 """The ``python`` target: generated Python over torch (and the native CPU kernels).
 
 The reference backend: it runs anywhere torch runs and never refuses a graph (an op
-without an emitter runs its reference implementation).
+without an emitter runs its reference implementation). It answers
+``layout.select-gemm``'s questions: which GEMM libraries exist here, whether the native
+kernels do, and what each GEMM costs on this machine (timed, cached per machine).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from transfuse.codegen import native
 from transfuse.codegen.lowering import Target
+from transfuse.codegen.python import gemm_timing
+from transfuse.codegen.python.blas import (
+    GemmTiming,
+    blas_unavailable,
+    kmajor_eligible,
+    stored_kmajor,
+)
 from transfuse.codegen.python.program import PythonProgram, generate_python
 from transfuse.codegen.python.registry import LOWERINGS
-from transfuse.ir.graph import Graph
+from transfuse.ir.graph import Graph, Value
 
 
 class PythonTarget(Target):
@@ -26,6 +38,27 @@ class PythonTarget(Target):
     def supports(self, node: Any) -> str | None:
         """Never a reason: a node without an emitter runs its op's reference implementation."""
         return None
+
+    # -- answers to layout.select-gemm (blas.py, gemm_timing.py, codegen/native) -----------
+
+    #: torch's GEMM (MKL in the CPU wheels) or numpy's OpenBLAS on K-major weights
+    gemm_libraries = ("torch", "blas")
+
+    def gemm_unavailable(self) -> str | None:
+        return blas_unavailable()
+
+    def native_kernels_unavailable(self) -> str | None:
+        return None if native.library() is not None else native.status()
+
+    def gemm_relayout_eligible(self, weight: Value) -> bool:
+        return kmajor_eligible(weight)
+
+    def gemm_weight_relaid(self, weight: Value) -> bool:
+        return stored_kmajor(weight)
+
+    def time_gemm(self, rows: int, weights: list[torch.Tensor], bias: torch.Tensor | None, *,
+                  relayout: bool, use_cache: bool = True) -> tuple[GemmTiming, str]:
+        return gemm_timing.measure(rows, weights, bias, relayout=relayout, use_cache=use_cache)
 
 
 #: what :func:`transfuse.codegen.targets.get_target` instantiates for ``"python"``

@@ -5,7 +5,9 @@ leading dims at the sample inputs' sizes.
 
 Two libraries can run a CPU float32 ``linear`` in the python backend: torch's own
 (MKL in the CPU wheels, weight [N, K]) and numpy's OpenBLAS on the weight stored K-major
-(``codegen/blas.py``). Which is faster depends on the shape and the machine, so this
+(``codegen/python/blas.py``). The pass asks the target (``ctx.target_info``, see
+:class:`~transfuse.passes.base.TargetInfo`) which libraries exist, whether they and the
+native kernels can run here, and what each costs on a shape; it imports no backend. Which is faster depends on the shape and the machine, so this
 pass measures rather than guesses: for every distinct (M, K, N, bias) among the graph's
 linears it times both on up to :data:`MAX_TIMED_WEIGHTS` of the graph's own weights of
 that shape, one after the other (so they stream from memory as in a forward pass;
@@ -27,8 +29,9 @@ product (last-bit differences, as between two BLAS builds). It lives in the
 graph, so a saved artifact loads with the same choice and the same outputs (the
 backend re-derives the K-major storage from it).
 
-Runs only where the measurement means something: target ``python`` (other
-backends bring their own GEMMs), sample inputs and weights on the CPU in
+Runs only where the measurement means something: a target with GEMM libraries to choose
+from (``python``; other backends bring their own GEMMs, and without a target object in
+the context there is nobody to ask), sample inputs and weights on the CPU in
 float32, numpy's BLAS being OpenBLAS with a controllable thread pool. Elsewhere
 it records why it did nothing.
 
@@ -46,30 +49,18 @@ import time
 
 import torch
 
-from transfuse.codegen import native
-from transfuse.codegen.python.blas import (
-    GemmTiming,
-    blas_unavailable,
-    kmajor_eligible,
-    stored_kmajor,
-    time_gemm,
-)
 from transfuse.errors import PassError
 from transfuse.ir.graph import Graph, Node
 from transfuse.ir.interpret import bind_symbols
 from transfuse.ir.types import eval_dim
-from transfuse.passes.base import Pass, PassContext
+from transfuse.passes.base import Pass, PassContext, TargetInfo
 from transfuse.passes.convert.error_report import sample_inputs
-from transfuse.passes.memory import gemm_cache
 from transfuse.passes.registry import register_pass
 
 RULE = "layout/select-gemm"
 
 #: below this many flops per call the library call overhead dominates; stay on torch
 MIN_FLOPS = 2e6
-
-#: (M, K, N, bias, K-major, threads) -> timing, for the life of the process
-_TIMINGS: dict[tuple, GemmTiming] = {}
 
 #: distinct weights of one shape timed together (streamed, as in a forward pass)
 MAX_TIMED_WEIGHTS = 3
@@ -91,11 +82,13 @@ class SelectGemm(Pass):
         linears = [n for n in graph.nodes if n.op == "linear"]
         if not linears or mode == "torch":
             return
-        target = ctx.target
-        if target != "python":
-            ctx.note(f"{RULE}: nothing to choose for target {target!r} (it brings its own GEMMs)")
+        target = ctx.target_info
+        if target is None or "blas" not in target.gemm_libraries:
+            how = ("it brings its own GEMMs" if target is not None else
+                   "no target object in the pass context to ask")
+            ctx.note(f"{RULE}: nothing to choose for target {ctx.target!r} ({how})")
             return
-        why = blas_unavailable()
+        why = target.gemm_unavailable()
         if why is not None:
             ctx.note(f"{RULE}: OpenBLAS path unavailable: {why}; every linear stays on torch")
             return
@@ -104,13 +97,14 @@ class SelectGemm(Pass):
             ctx.note(f"{RULE}: sample inputs are not on the CPU; every linear stays on torch")
             return
         threads = torch.get_num_threads()
-        if mode == "auto" and threads > 1 and native.library() is None:
+        no_native = target.native_kernels_unavailable() if mode == "auto" and threads > 1 else None
+        if no_native is not None:
             # between two OpenBLAS GEMMs the torch ops' OpenMP threads spin, and the other way
             # round: measured on 2 cores, llama-small seq 256, 2 threads, the blas choice with
             # the torch elementwise/attention path 1251 ms vs eager 561 (with the native
             # kernels, which run on their own pool, 511)
             ctx.note(f"{RULE}: {threads} threads without the native kernels "
-                     f"({native.status()}): OpenBLAS's threads and torch's OpenMP threads "
+                     f"({no_native}): OpenBLAS's threads and torch's OpenMP threads "
                      "would spin against each other between ops; every linear stays on torch")
             return
         try:
@@ -133,7 +127,7 @@ class SelectGemm(Pass):
                 ctx.near_miss(RULE, node, shape)
                 continue
             m, k, n, w, b = shape
-            key = (m, k, n, b is not None, kmajor_eligible(node.inputs[1]))
+            key = (m, k, n, b is not None, target.gemm_relayout_eligible(node.inputs[1]))
             groups.setdefault(key, []).append((node, w, b))
         for key, members in groups.items():
             m, k, n, _, relayout = key
@@ -154,14 +148,15 @@ class SelectGemm(Pass):
                 for _, w, _ in members:  # distinct tensors only (a shared weight counts once)
                     if all(w is not o for o in weights):
                         weights.append(w)
-                choice = self._measure(ctx, m, weights[:MAX_TIMED_WEIGHTS], members[0][2],
-                                       margin, relayout, use_cache)
+                choice = self._measure(ctx, target, m, weights[:MAX_TIMED_WEIGHTS],
+                                       members[0][2], margin, relayout, use_cache)
             for node, _, _ in members:
                 if choice != node.attrs.get("gemm", "torch"):
                     node.attrs["gemm"] = choice
                     ctx.count(RULE)
                     ctx.mark_changed()
-        relaid = {id(n.inputs[1]): n.inputs[1] for n in linears if stored_kmajor(n.inputs[1])}
+        relaid = {id(n.inputs[1]): n.inputs[1] for n in linears
+                  if target.gemm_weight_relaid(n.inputs[1])}
         if relaid:
             mb = sum(v.const.numel() * v.const.element_size() for v in relaid.values()) / 2**20
             ctx.note(f"{RULE}: the python backend stores {len(relaid)} weight(s) K-major "
@@ -191,24 +186,11 @@ class SelectGemm(Pass):
         return m, k, n, w.const, (b.const if b is not None else None)
 
     @staticmethod
-    def _measure(ctx: PassContext, m: int, weights: list, b, margin: float,
-                 relayout: bool, use_cache: bool) -> str:
+    def _measure(ctx: PassContext, target: TargetInfo, m: int, weights: list, b,
+                 margin: float, relayout: bool, use_cache: bool) -> str:
         rows = min(m, MAX_TIMED_ROWS)
         n, k = weights[0].shape
-        key = (rows, k, n, b is not None, relayout, torch.get_num_threads())
-        source = " (timed earlier in this process)"
-        if key not in _TIMINGS:
-            disk_key = f"{rows}x{k}x{n}|bias={int(b is not None)}|kmajor={int(relayout)}"
-            stored = gemm_cache.load(disk_key) if use_cache else None
-            if stored is not None:
-                _TIMINGS[key] = GemmTiming(rows, k, n, *stored)
-                source = f" (from the timing cache {gemm_cache.cache_path()})"
-            else:
-                _TIMINGS[key] = time_gemm(rows, weights, b, rounds=2, relayout=relayout)
-                source = ""
-                if use_cache:
-                    gemm_cache.store(disk_key, _TIMINGS[key].torch_s, _TIMINGS[key].blas_s)
-        t = _TIMINGS[key]
+        t, source = target.time_gemm(rows, weights, b, relayout=relayout, use_cache=use_cache)
         choice = "blas" if t.blas_s < t.torch_s * (1.0 - margin) else "torch"
         layout = "K-major" if relayout else "[N, K] transposed"
         ctx.note(f"{RULE}: M={m} K={k} N={n}{' +bias' if b is not None else ''}"

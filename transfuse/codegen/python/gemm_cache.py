@@ -1,4 +1,4 @@
-"""The GEMM timings of ``layout.select-gemm``, kept across processes.
+"""GEMM timings of the python target, kept across processes (the disk half of ``gemm_timing.py``).
 
 Timing both libraries costs ~0.6-0.9 s on the first compile of a small model; the answer
 is a property of the machine and the libraries, not of the model. So timings are stored
@@ -8,8 +8,8 @@ thread count. A different machine or library build never reads another's entries
 
 The file is plain JSON, only numbers are read from it (checked: finite and positive),
 and it is written atomically (temporary file + ``os.replace``). A missing, unreadable,
-corrupt or unwritable file is never an error: the pass times again and says so in its
-log. ``TRANSFUSE_CACHE_DIR=""`` (empty) or the option ``select_gemm_cache=False`` turns
+corrupt or unwritable file is never an error: the target times again and
+``layout.select-gemm`` says so in its log. ``TRANSFUSE_CACHE_DIR=""`` (empty) or the option ``select_gemm_cache=False`` turns
 the file off; the in-process memo stays.
 """
 

@@ -1,5 +1,5 @@
-"""passes/memory/gemm_cache.py: select-gemm timings kept on disk, per machine fingerprint;
-a bad file is never an error."""
+"""codegen/python/gemm_cache.py and gemm_timing.py: the python target's GEMM timings, kept
+for the process and on disk per machine fingerprint; a bad file is never an error."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from pass_helpers import apply
 
+from transfuse.codegen.python import gemm_cache, gemm_timing
 from transfuse.codegen.python.blas import blas_unavailable
-from transfuse.passes.memory import gemm_cache, select_gemm
+from transfuse.codegen.targets import get_target
 
 
 @pytest.fixture
@@ -52,23 +52,22 @@ def test_disabled_and_unwritable(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(blas_unavailable() is not None, reason="numpy's OpenBLAS is unavailable")
-def test_select_gemm_reads_what_an_earlier_process_timed(cache_dir, monkeypatch):
-    graph_text = """
-graph main(%x: f32[batch, seq, 64]) {
-  const %w: f32[192, 64]
-  %0: f32[batch, seq, 192] = linear(%x, %w, _)
-  return %0
-}"""
-    opts = {"sample_inputs": [torch.randn(2, 64, 64)]}
-    monkeypatch.setattr(select_gemm, "_TIMINGS", {})
-    _, rec = apply(graph_text, "layout.select-gemm", options=opts)
+def test_python_target_reads_what_an_earlier_process_timed(cache_dir):
+    target = get_target("python")
+    w = [torch.randn(192, 64)]
+    gemm_timing.forget()
+    first, source = target.time_gemm(64, w, None, relayout=True)
+    assert source == "" and first.torch_s > 0 and first.blas_s > 0
     assert (cache_dir / gemm_cache.FILENAME).exists()
-    assert not any("cache" in n for n in rec.notes if "GFLOP/s" in n)
-    monkeypatch.setattr(select_gemm, "_TIMINGS", {})  # a new process
-    _, rec = apply(graph_text, "layout.select-gemm", options=opts)
-    assert any("from the timing cache" in n for n in rec.notes), rec.notes
-    monkeypatch.setattr(select_gemm, "_TIMINGS", {})
+    again, source = target.time_gemm(64, w, None, relayout=True)
+    assert source == " (timed earlier in this process)" and again == first
+    gemm_timing.forget()  # a new process
+    cached, source = target.time_gemm(64, w, None, relayout=True)
+    assert source == f" (from the timing cache {cache_dir / gemm_cache.FILENAME})"
+    assert (cached.torch_s, cached.blas_s) == (first.torch_s, first.blas_s)
+    # another layout or a bias is another entry; use_cache=False neither reads nor writes
+    gemm_timing.forget()
     (cache_dir / gemm_cache.FILENAME).unlink()
-    _, rec = apply(graph_text, "layout.select-gemm", options={**opts,
-                                                              "select_gemm_cache": False})
-    assert not (cache_dir / gemm_cache.FILENAME).exists()
+    _, source = target.time_gemm(64, w, torch.zeros(192), relayout=False, use_cache=False)
+    assert source == "" and not (cache_dir / gemm_cache.FILENAME).exists()
+    gemm_timing.forget()
