@@ -219,7 +219,7 @@ def test_load_never_runs_saved_code(saved, tmp_path):
 
 def test_gpt2_tiny_end_to_end_round_trip(tmp_path):
     """Capture -> O2 -> python backend -> save -> load, against eager PyTorch."""
-    capture = pytest.importorskip("transfuse.frontend.torch_export").capture
+    from transfuse.frontend.torch_export import capture
     from transfuse.models import get_model
     from transfuse.passes.manager import run_pipeline
     from transfuse.runtime.compiled import CompiledModel
