@@ -230,4 +230,5 @@ def erase_if_dead(graph: Graph, node: Node | None) -> bool:
     return True
 
 
-__all__ = ["Pass", "PassContext", "TargetInfo", "GemmTimingInfo", "is_pure", "node_ref", "forward_to", "erase_if_dead"]
+__all__ = ["Pass", "PassContext", "TargetInfo", "GemmTimingInfo", "is_pure", "node_ref",
+           "forward_to", "erase_if_dead"]

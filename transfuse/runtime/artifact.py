@@ -12,15 +12,15 @@ Layout of an artifact directory::
     model.onnx           onnxruntime backend only: the model for plain ONNX Runtime
                          (weights in model.onnx.data above 2 GB); load rebuilds from the graph
 
-``save`` writes everything into a temporary directory next to the target and
-renames it into place, so a failure leaves no partial artifact. ``read`` (and
-:func:`transfuse.runtime.compiled.load`, which lowers what it reads) refuses, with
-an :class:`ArtifactError` naming the file and the problem, a missing or malformed manifest, an unknown format version, a missing file, a
-size or hash mismatch (every file is checked before any is parsed), a graph
-that does not parse or verify, and weights that are missing, extra or of
-another dtype/shape than the graph declares. ``compiled.load`` then regenerates the
-code with the backend. The hashes detect corruption and accidental edits; they are not a
-signature against someone who can rewrite the whole directory.
+``save`` writes everything into a temporary directory next to the target and renames it
+into place, so a failure leaves no partial artifact. ``read`` (and
+:func:`transfuse.runtime.compiled.load`, which lowers what it reads) refuses, with an
+:class:`ArtifactError` naming the file and the problem, a missing or malformed manifest,
+an unknown format version, a missing file, a size or hash mismatch (every file is checked
+before any is parsed), a graph that does not parse or verify, and weights that are
+missing, extra or of another dtype/shape than the graph declares. ``compiled.load`` then
+regenerates the code with the backend. The hashes detect corruption and accidental edits;
+they are not a signature against someone who can rewrite the whole directory.
 """
 
 from __future__ import annotations

@@ -257,5 +257,5 @@ def time_gemm(m: int, weights: list[torch.Tensor], bias: torch.Tensor | None, *,
     return GemmTiming(m, k, n, best["torch"], best["blas"])
 
 
-__all__ = ["gemm_linear", "empty_huge", "kmajor", "is_kmajor", "kmajor_eligible", "stored_kmajor", "blas_unavailable", "time_gemm",
-           "GemmTiming", "HUGE_OUTPUT_BYTES"]
+__all__ = ["gemm_linear", "empty_huge", "kmajor", "is_kmajor", "kmajor_eligible", "stored_kmajor",
+           "blas_unavailable", "time_gemm", "GemmTiming", "HUGE_OUTPUT_BYTES"]

@@ -57,7 +57,8 @@ def _add_norm(ctx, node):
             and (w is None or w.type.dtype == DType.f32)):
         # one pass per row in C when available (native/ops.py), else x + r and F.rms_norm
         weight = "None" if w is None else ctx.name(w)
-        return f"{ctx.helper('_add_rms_norm')}({ctx.name(x)}, {ctx.name(r)}, {weight}, {ctx.lit(a['eps'])})"
+        fn = ctx.helper("_add_rms_norm")
+        return f"{fn}({ctx.name(x)}, {ctx.name(r)}, {weight}, {ctx.lit(a['eps'])})"
     if a["kind"] == "layer":
         normed = (f"F.layer_norm(_sum, {norm_shape(ctx, node, '_sum')}, {arg(ctx, node, 2)}, "
                   f"{arg(ctx, node, 3)}, {ctx.lit(a['eps'])})")

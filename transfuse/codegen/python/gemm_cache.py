@@ -6,11 +6,11 @@ in ``$TRANSFUSE_CACHE_DIR/gemm-timings-v1.json`` (default ``~/.cache/transfuse``
 a fingerprint of what decides them: CPU model, torch, numpy and OpenBLAS versions,
 thread count. A different machine or library build never reads another's entries.
 
-The file is plain JSON, only numbers are read from it (checked: finite and positive),
-and it is written atomically (temporary file + ``os.replace``). A missing, unreadable,
-corrupt or unwritable file is never an error: the target times again and
-``layout.select-gemm`` says so in its log. ``TRANSFUSE_CACHE_DIR=""`` (empty) or the option ``select_gemm_cache=False`` turns
-the file off; the in-process memo stays.
+The file is plain JSON, only numbers are read from it (checked: finite and positive), and
+it is written atomically (temporary file + ``os.replace``). A missing, unreadable, corrupt
+or unwritable file is never an error: the target times again and ``layout.select-gemm``
+says so in its log. ``TRANSFUSE_CACHE_DIR=""`` (empty) or the option
+``select_gemm_cache=False`` turns the file off; the in-process memo stays.
 """
 
 from __future__ import annotations

@@ -48,10 +48,10 @@ def _torch_fallback_supports(node: Node) -> str | None:
 
 @LOWERINGS.register("torch_fallback", supports=_torch_fallback_supports)
 def _torch_fallback(ctx, node):
-    """The aten op through ``call_fallback`` (same path as the reference), counted by the backend."""
+    """The aten op through ``call_fallback`` (the reference's path), counted by the backend."""
     xs = ", ".join(ctx.name(v) for v in node.inputs)
-    call = (f"{ctx.helper('call_fallback')}({ctx.lit(node.attrs['target'])}, {ctx.lit(node.attrs['args'])}, "
-            f"[{xs}])")
+    fn = ctx.helper("call_fallback")
+    call = f"{fn}({ctx.lit(node.attrs['target'])}, {ctx.lit(node.attrs['args'])}, [{xs}])"
     if len(node.outputs) == 1 and _aten_returns(node) is not None:
         return f"{call}[0]"  # a one-element tuple/list result, as run_reference unpacks it
     return call

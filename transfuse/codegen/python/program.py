@@ -80,7 +80,8 @@ class PythonProgram:
                                      "__name__": "transfuse_generated"}
         exec(self._code, namespace)  # noqa: S102 - our own generated source, see module docstring
         dev = self.device if self.device is not None else torch.device("cpu")
-        attn_mask = functools.lru_cache(maxsize=8)(attn_position_mask)  # small: ALiBi masks are H*S*T
+        # small: ALiBi masks are H*S*T
+        attn_mask = functools.lru_cache(maxsize=8)(attn_position_mask)
         return namespace["_bind"](self.constants, dev, _make_ref(self._refs), attn_mask)
 
     def __call__(self, flat_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -3,22 +3,22 @@
 Glossary: x [M, K] times a weight [N, K] gives [M, N]; M is the product of x's
 leading dims at the sample inputs' sizes.
 
-Two libraries can run a CPU float32 ``linear`` in the python backend: torch's own
-(MKL in the CPU wheels, weight [N, K]) and numpy's OpenBLAS on the weight stored K-major
+Two libraries can run a CPU float32 ``linear`` in the python backend: torch's own (MKL in
+the CPU wheels, weight [N, K]) and numpy's OpenBLAS on the weight stored K-major
 (``codegen/python/blas.py``). The pass asks the target (``ctx.target_info``, see
 :class:`~transfuse.passes.base.TargetInfo`) which libraries exist, whether they and the
-native kernels can run here, and what each costs on a shape; it imports no backend. Which is faster depends on the shape and the machine, so this
-pass measures rather than guesses: for every distinct (M, K, N, bias) among the graph's
-linears it times both on up to :data:`MAX_TIMED_WEIGHTS` of the graph's own weights of
-that shape, one after the other (so they stream from memory as in a forward pass;
-with one weight hot in cache the comparison came out differently than in the model),
-at M capped to :data:`MAX_TIMED_ROWS` rows to bound compile time. It sets the nodes'
-``gemm`` attribute to ``"blas"`` when OpenBLAS is faster by more than
-``select_gemm_margin`` (default 3%, above timing noise); otherwise they stay
-``"torch"``. The pass log has one line per shape with both GFLOP/s and the choice.
-Timings are kept for the process (keyed by shape and torch's thread count) and on disk
-for the machine (``gemm_cache.py``: ``~/.cache/transfuse``), so compiling the same
-shapes again costs nothing.
+native kernels can run here, and what each costs on a shape; it imports no backend. Which
+is faster depends on the shape and the machine, so this pass measures rather than guesses:
+for every distinct (M, K, N, bias) among the graph's linears it times both on up to
+:data:`MAX_TIMED_WEIGHTS` of the graph's own weights of that shape, one after the other
+(so they stream from memory as in a forward pass; with one weight hot in cache the
+comparison came out differently than in the model), at M capped to :data:`MAX_TIMED_ROWS`
+rows to bound compile time. It sets the nodes' ``gemm`` attribute to ``"blas"`` when
+OpenBLAS is faster by more than ``select_gemm_margin`` (default 3%, above timing noise);
+otherwise they stay ``"torch"``. The pass log has one line per shape with both GFLOP/s and
+the choice. The target keeps timings for the process (keyed by shape and torch's thread
+count) and on disk for the machine (``codegen/python/gemm_cache.py``:
+``~/.cache/transfuse``), so compiling the same shapes again costs nothing.
 
 A weight read by anything other than ``linear`` weights (a tied embedding) cannot be
 stored K-major without slowing its other reader; its linears are timed with OpenBLAS
