@@ -85,7 +85,7 @@ def test_large_results_are_huge_page_aligned_and_usable():
     rows = blas.HUGE_OUTPUT_BYTES // (4 * 256) + 1
     t = empty_huge((rows, 256))
     assert t.shape == (rows, 256) and t.dtype == torch.float32 and t.is_contiguous()
-    if blas._THP:
+    if blas.HUGE_PAGES:
         assert t.data_ptr() % (2 << 20) == 0
     t.fill_(1.5)
     tail = t[-1]

@@ -35,7 +35,7 @@ def test_transposed_views_in_and_a_view_out():
 
 
 def test_mask_is_shared_grown_and_capped(monkeypatch):
-    monkeypatch.setattr(cpu_attention, "_MASKS", {})
+    monkeypatch.setattr(cpu_attention, "MASK_CACHE", {})
     m = causal_mask(10, torch.float32, torch.device("cpu"))
     assert m.shape[0] >= 10 and m[0, 1] == float("-inf") and m[1, 0] == 0 and m[3, 3] == 0
     assert causal_mask(20, torch.float32, torch.device("cpu")) is m  # reused, not rebuilt
@@ -43,10 +43,10 @@ def test_mask_is_shared_grown_and_capped(monkeypatch):
     # past MAX_SEQ: the kernel's own causal path, no mask built
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, 2, 300, 8, generator=gen)
-    monkeypatch.setattr(cpu_attention, "_MASKS", {})
+    monkeypatch.setattr(cpu_attention, "MASK_CACHE", {})
     torch.testing.assert_close(causal_attention(q, q, q),
                                F.scaled_dot_product_attention(q, q, q, is_causal=True))
-    assert cpu_attention._MASKS == {}
+    assert cpu_attention.MASK_CACHE == {}
 
 
 def test_autograd_flows():

@@ -79,7 +79,8 @@ _SIGNATURES = {
 }
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C compiler the kernels are built with (``$CC``, else cc/gcc/clang), or None."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return shutil.which(name)
@@ -100,7 +101,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "turned off by TRANSFUSE_NATIVE=0"
     if sys.platform not in ("linux", "darwin"):
         return None, f"native kernels are built on Linux and macOS only (this is {sys.platform})"
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
     try:
@@ -198,4 +199,4 @@ def run_split(fn, units: int, *args) -> None:
         raise RuntimeError(f"native kernel {fn.__name__} refused its arguments (codes {codes})")
 
 
-__all__ = ["library", "status", "reset", "usable", "run_split", "SOURCE", "ABI_VERSION"]
+__all__ = ["library", "status", "reset", "compiler", "usable", "run_split", "SOURCE", "ABI_VERSION"]

@@ -108,7 +108,8 @@ def _thp_mode() -> str:
     return text[text.find("[") + 1:text.find("]")] if "[" in text else "unavailable"
 
 
-_THP = _thp_mode() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
+#: whether large results can be mapped with transparent huge pages here (see `empty_huge`)
+HUGE_PAGES = _thp_mode() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
 
 
 def empty_huge(shape: tuple[int, ...]) -> torch.Tensor:
@@ -124,7 +125,7 @@ def empty_huge(shape: tuple[int, ...]) -> torch.Tensor:
     """
     numel = math.prod(shape)
     nbytes = numel * 4
-    if not _THP or nbytes < HUGE_OUTPUT_BYTES:
+    if not HUGE_PAGES or nbytes < HUGE_OUTPUT_BYTES:
         return torch.empty(shape, dtype=torch.float32)
     buf = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.madvise(mmap.MADV_HUGEPAGE)
@@ -258,4 +259,4 @@ def time_gemm(m: int, weights: list[torch.Tensor], bias: torch.Tensor | None, *,
 
 
 __all__ = ["gemm_linear", "empty_huge", "kmajor", "is_kmajor", "kmajor_eligible", "stored_kmajor",
-           "blas_unavailable", "time_gemm", "GemmTiming", "HUGE_OUTPUT_BYTES"]
+           "blas_unavailable", "time_gemm", "GemmTiming", "HUGE_OUTPUT_BYTES", "HUGE_PAGES"]

@@ -47,7 +47,8 @@ MIN_SEQ = 128
 #: kernel's own causal path, whose 512-key blocks are fine-grained enough at that length
 MAX_SEQ = 4096
 
-_MASKS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+#: (dtype, device) -> the additive causal mask of :func:`causal_mask`, grown on demand
+MASK_CACHE: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 @functools.lru_cache(maxsize=8)
@@ -59,11 +60,11 @@ def causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     """An additive causal mask [m, m] with m >= n (0 on and below the diagonal, -inf above);
     any top-left [a:b, :c] slice of it is the causal mask of those rows and columns."""
     key = (dtype, device)
-    mask = _MASKS.get(key)
+    mask = MASK_CACHE.get(key)
     if mask is None or mask.shape[0] < n:
         size = min(max(n, 2 * mask.shape[0] if mask is not None else 1024), max(n, MAX_SEQ))
         mask = torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu_(1)
-        _MASKS[key] = mask
+        MASK_CACHE[key] = mask
     return mask
 
 
