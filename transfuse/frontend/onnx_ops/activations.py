@@ -5,8 +5,6 @@ from __future__ import annotations
 from transfuse.frontend.onnx_ops.known import known
 from transfuse.frontend.onnx_ops.registry import MS, onnx_op
 
-# -- activations ----------------------------------------------------------------------------
-
 
 @onnx_op("Gelu")
 def _gelu(cx, node):

@@ -10,8 +10,6 @@ from transfuse.frontend.onnx_ops.helpers import weight_t
 from transfuse.frontend.onnx_ops.registry import MS, onnx_op
 from transfuse.ir.graph import Value
 
-# -- attention and rotary (ORT contrib ops, ONNX 23 RotaryEmbedding) --------------------------
-
 
 @onnx_op("MultiHeadAttention", domain=MS)
 def _multi_head_attention(cx, node):

@@ -8,8 +8,6 @@ from transfuse.frontend.onnx_ops.known import Known, known
 from transfuse.frontend.onnx_ops.registry import onnx_op
 from transfuse.ir.types import DType
 
-# -- casts, identity, constants -------------------------------------------------------------
-
 
 def _cast_to(cx, node, x, dtype: DType):
     k = known(cx, x)

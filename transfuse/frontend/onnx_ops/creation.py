@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import sympy
 import torch
 
 from transfuse.frontend.onnx_external import tensor_from_proto
-from transfuse.frontend.onnx_ops.helpers import axis_of, check_shape_values, full_value
+from transfuse.frontend.onnx_ops.helpers import (
+    axis_of,
+    check_constant_size,
+    check_shape_values,
+    full_value,
+)
 from transfuse.frontend.onnx_ops.known import (
     KNOWN_MAX,
     Known,
@@ -52,6 +58,7 @@ def _constant_of_shape(cx, node):
         dtype, fill = DType.from_torch(t.dtype), t.reshape(()).item()
     else:
         dtype, fill = DType.f32, 0.0
+    check_constant_size(cx, shape, dtype, f"a constant of shape {shape}")
     if is_concrete_shape(shape) and math.prod(shape) <= KNOWN_MAX:
         return [Known(np.full(shape, fill, dtype=object) if shape else fill, dtype)]
     return [full_value(cx, shape, fill, dtype)]
@@ -68,6 +75,8 @@ def _range(cx, node):
     if all(not isinstance(v, sympy.Basic) for v in values):
         if delta == 0:
             raise cx.fail("delta is 0")
+        check_constant_size(cx, [_range_length(cx, start, limit, delta)], dtype,
+                            f"Range({start}, {limit}, {delta})")
         t = torch.arange(start, limit, delta, dtype=torch.float64 if dtype.is_float
                          else torch.int64).to(dtype.torch)
         return [tensor_result(cx, t, "range")]
@@ -77,6 +86,16 @@ def _range(cx, node):
         raise cx.fail(f"Range({start}, {limit}, {delta}) over a symbolic size needs integral "
                       "bounds and a positive static step")
     return [cx.op("arange", start=as_int[0], end=as_int[1], step=as_int[2], dtype=dtype)]
+
+
+def _range_length(cx, start: Any, limit: Any, delta: Any) -> int:
+    """Elements of Range(start, limit, delta): max(ceil((limit - start) / delta), 0)."""
+    if all(isinstance(v, int) for v in (start, limit, delta)):
+        return max(-((start - limit) // delta), 0)
+    span = (limit - start) / delta
+    if not math.isfinite(span):
+        raise cx.fail(f"Range({start}, {limit}, {delta}) has no finite length")
+    return max(math.ceil(span), 0)
 
 
 @onnx_op("Trilu")
@@ -96,6 +115,7 @@ def _cumsum(cx, node):
     if node.attr("reverse", 0):
         if not isinstance(size, int):
             raise cx.unsupported("CumSum with reverse=1 over a symbolic dim")
+        check_constant_size(cx, [size], DType.i64, "the reversing index of CumSum")
         rev = cx.add_weight(torch.arange(size - 1, -1, -1, dtype=torch.int64), "rev")
         v = cx.op("index_select", v, rev, axis=axis)
     x = v

@@ -3,6 +3,7 @@ checks, index wrapping, filled tensors, transposed constant weights."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from transfuse.frontend.build import cast, sym_value, to_shape
 from transfuse.frontend.onnx_ops.known import Known, is_concrete_shape, known, known_ints
 from transfuse.frontend.onnx_ops.registry import INT64_MAX, OnnxNode
 from transfuse.ir.graph import Value
+from transfuse.ir.limits import oversize_reason
 from transfuse.ir.types import DType, TensorType, dim_product, normalize_dim
 
 
@@ -94,3 +96,14 @@ def weight_t(cx, w: Value) -> Value:
     if key not in cx.cache:
         cx.cache[key] = cx.add_weight(w.const.t().contiguous(), f"{w.name}_t")
     return cx.cache[key]
+
+
+def check_constant_size(cx, shape: Sequence, dtype: DType, what: str) -> None:
+    """Refuse, before anything is allocated, a tensor the frontend would make of a static
+    ``shape`` (a Range, a constant filled or broadcast to a shape, an index table) above the
+    limit of :mod:`transfuse.ir.limits`: a CaptureError naming the node and the bytes."""
+    if not is_concrete_shape(shape):
+        return
+    reason = oversize_reason(math.prod(shape), dtype)
+    if reason is not None:
+        raise cx.fail(f"{what}: {reason}")

@@ -8,13 +8,17 @@ from functools import reduce
 import numpy as np
 import torch
 
-from transfuse.frontend.onnx_ops.helpers import axes_arg, axis_of, full_value, rank
+from transfuse.frontend.onnx_ops.helpers import (
+    axes_arg,
+    axis_of,
+    check_constant_size,
+    full_value,
+    rank,
+)
 from transfuse.frontend.onnx_ops.known import Known, known, sym_max, sym_min
 from transfuse.frontend.onnx_ops.registry import onnx_op
 from transfuse.ir.graph import Value
 from transfuse.ir.types import DType
-
-# -- reductions, softmax, norms ----------------------------------------------------------------
 
 REDUCE = {"ReduceSum": "reduce_sum", "ReduceMean": "reduce_mean", "ReduceMax": "reduce_max",
           "ReduceMin": "reduce_min", "ReduceProd": None}
@@ -84,6 +88,7 @@ def _argmax(cx, node):
     n = v.shape[axis]  # the last maximum: argmax of the reversed axis, counted from the end
     if not isinstance(n, int):
         raise cx.unsupported(f"{node.op_type} with select_last_index=1 over a symbolic dim")
+    check_constant_size(cx, [n], DType.i64, f"the reversing index of {node.op_type}")
     rev = cx.add_weight(torch.arange(n - 1, -1, -1, dtype=torch.int64), "rev")
     idx = cx.op("argmax", cx.op("index_select", v, rev, axis=axis), axis=axis, keepdim=keep)
     return [cx.op("sub", cx.const(n - 1, DType.i64), idx)]

@@ -16,6 +16,7 @@ from transfuse.frontend.build import to_shape
 from transfuse.frontend.onnx_ops.helpers import (
     axes_arg,
     axis_of,
+    check_constant_size,
     check_shape_values,
     full_value,
     rank,
@@ -25,8 +26,6 @@ from transfuse.frontend.onnx_ops.known import KNOWN_MAX, Known, is_concrete_shap
 from transfuse.frontend.onnx_ops.registry import INT64_MAX, INT64_MIN, onnx_op
 from transfuse.ir.graph import Value
 from transfuse.ir.types import DType, broadcast_shapes, dim_product, dims_equal, normalize_dim
-
-# -- shapes --------------------------------------------------------------------------------
 
 
 @onnx_op("Shape")
@@ -174,6 +173,8 @@ def _expand(cx, node):
     except Exception as e:  # noqa: BLE001
         raise cx.fail(f"cannot expand {list(x.shape)} to {target}: {e}") from None
     k = known(cx, x)
+    if _is_constant(x):  # a constant broadcast to a static shape is a constant of that size
+        check_constant_size(cx, out, x.dtype, f"a constant expanded to {out}")
     if k is not None and is_concrete_shape(out) and math.prod(out) <= KNOWN_MAX:
         return [Known(np.broadcast_to(k.data, out), k.dtype)]
     if all(dims_equal(a, b) for a, b in zip(x.shape, out)) and rank(x) == len(out):
@@ -183,6 +184,10 @@ def _expand(cx, node):
     v = cx.value(x)
     return [cx.op("expand", to_shape(cx, v, [1] * (len(out) - v.type.rank) + list(v.shape))
                   if v.type.rank < len(out) else v, shape=out)]
+
+
+def _is_constant(x: Any) -> bool:
+    return isinstance(x, Known) or (isinstance(x, Value) and x.is_const)
 
 
 @onnx_op("Concat")
@@ -290,6 +295,7 @@ def _reverse_slice(cx, v: Value, axis: int, s: Any, e: Any, step: int) -> Value:
     size = v.shape[axis]
     if not (isinstance(size, int) and isinstance(s, int) and isinstance(e, int)):
         raise cx.fail("a negative slice step needs a static dim and static bounds")
+    check_constant_size(cx, [size], DType.i64, "the index of a reversing Slice")
     idx = list(range(size))[slice(s, e, step)]
     index = cx.add_weight(torch.tensor(idx, dtype=torch.int64), "rev")
     return cx.op("index_select", v, index, axis=axis)
@@ -303,6 +309,8 @@ def _tile(cx, node):
         raise cx.fail(f"{len(reps)} repeats for rank {rank(x)}")
     out = [normalize_dim(r * d) for r, d in zip(reps, x.shape)]
     k = known(cx, x)
+    if _is_constant(x):  # a constant tiled to a static shape is a constant of that size
+        check_constant_size(cx, out, x.dtype, f"a constant tiled to {out}")
     if isinstance(x, Known) and all(isinstance(r, int) for r in reps) and \
             is_concrete_shape(out) and math.prod(out) <= KNOWN_MAX:
         return [Known(np.tile(k.data, reps), k.dtype)]
