@@ -61,6 +61,9 @@ def test_hf_model_matches_eager(family, attn):
     example = _inputs(family, 16, seed=0)
     for level in LEVELS:
         compiled = transfuse.optimize(model, (), example, dynamic={"seq": (2, 128)}, level=level)
+        if level == "O2":  # every layer's attention fused, whatever the spelling
+            assert len(compiled.graph.find("attention")) == 2, str(compiled.pass_log)
+            assert not compiled.graph.find("softmax"), str(compiled.pass_log)
         with torch.inference_mode():
             for i, seq in enumerate((5, 16, 40)):
                 kw = _inputs(family, seq, seed=10 + i)
