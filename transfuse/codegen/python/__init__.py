@@ -19,7 +19,7 @@ from transfuse.codegen.python.registry import LOWERINGS
 
 # every op family's emitters (registration on import; the order does not matter)
 from transfuse.codegen.python import (  # noqa: F401  isort: skip
-    attention, elementwise, fused, linalg, misc, nn, reduce, shape,
+    attention, elementwise, fused, indexing, linalg, misc, nn, reduce, shape,
 )
 from transfuse.codegen.python.program import PythonProgram, generate_python  # isort: skip
 
