@@ -1,4 +1,4 @@
-"""aten matrix products: linear, mm/bmm/matmul, addmm, einsum, outer."""
+"""aten matrix products: linear, mm/bmm/matmul, addmm/baddbmm, einsum, outer."""
 
 from __future__ import annotations
 
@@ -27,12 +27,16 @@ def _matmul(cx, a):
     return cx.op("matmul", cx.value(x), cx.value(y))
 
 
-@aten("addmm")
+@aten("addmm", "baddbmm")
 def _addmm(cx, a):
-    """beta * self + alpha * (mat1 @ mat2), as matmul and add (Hugging Face Conv1D)."""
-    out = cx.op("matmul", cx.value(a["mat1"]), cx.value(a["mat2"]))
+    """beta * self + alpha * (mat1 @ mat2), as matmul and add (Hugging Face Conv1D; baddbmm
+    with batch1/batch2: BLOOM's ALiBi scores)."""
+    x, y = ("batch1", "batch2") if "batch1" in a else ("mat1", "mat2")
+    out = cx.op("matmul", cx.value(a[x]), cx.value(a[y]))
     if a["alpha"] != 1:
         out = cx.op("mul", out, operand(cx, a["alpha"], out.dtype))
+    if a["beta"] == 0:  # torch ignores self then (even inf/nan in it)
+        return out
     bias = cx.value(a["self"])
     if a["beta"] != 1:
         bias = cx.op("mul", bias, operand(cx, a["beta"], bias.dtype))
