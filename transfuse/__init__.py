@@ -9,6 +9,7 @@
 from transfuse.errors import (
     ArtifactError,
     CaptureError,
+    ExecutionError,
     InputError,
     IRVerifyError,
     LoweringError,
@@ -16,7 +17,8 @@ from transfuse.errors import (
     TransfuseError,
     UnsupportedOpError,
 )
-from transfuse.version import __version__
+
+__version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: importing transfuse stays cheap
@@ -51,6 +53,7 @@ __all__ = [
     "PassError",
     "LoweringError",
     "InputError",
+    "ExecutionError",
     "ArtifactError",
     "__version__",
 ]

@@ -39,6 +39,11 @@ class InputError(TransfuseError):
     """A compiled model was called with inputs that do not match its signature."""
 
 
+class ExecutionError(TransfuseError):
+    """A compiled model's backend failed while running a call (e.g. an ONNX Runtime kernel
+    rejected its inputs); the message names the backend, the graph and the failing node."""
+
+
 class ArtifactError(TransfuseError):
     """A saved artifact is missing, incomplete, tampered with or of an unknown version."""
 
@@ -52,5 +57,6 @@ __all__ = [
     "PassError",
     "LoweringError",
     "InputError",
+    "ExecutionError",
     "ArtifactError",
 ]

@@ -12,7 +12,10 @@
 - standard ops (MatMul / Softmax, GQA without repeating K/V) for what those cannot express:
   ALiBi, causal/window/softcap attention with S != T (MultiHeadAttention's
   ``unidirectional`` is top-left aligned there, the IR's causal is bottom-right), a key
-  padding mask with causal/window masks.
+  padding mask with causal/window masks, and causal/window/softcap/GQA attention whose head
+  size GroupQueryAttention's CPU kernel rejects (the head-size rules, with their source, are
+  data in ``contrib_limits.py``; non-causal MHA with such a head size goes to
+  MultiHeadAttention).
 
 The q/k/v inputs are looked through to their [B, S, H*D] projections (the builder's
 ``heads_first`` / ``split_heads`` views), and the output is recorded the same way, so the
@@ -26,6 +29,7 @@ import math
 
 import torch
 
+from transfuse.codegen.onnx.contrib_limits import GQA_HEAD_SIZE, MHA_HEAD_SIZE
 from transfuse.codegen.onnx.fused import half_table, rotary_layout, rotary_tables, unflatten
 from transfuse.codegen.onnx.registry import LOWERINGS, fusable, out_dtype, producer
 from transfuse.codegen.onnx.tensors import onnx_dtype
@@ -65,7 +69,8 @@ def attention_route(b, node: Node) -> tuple[str | None, str]:
         return None, f"bias {bias.type} does not broadcast as [B|1, H|1, S|1, T]"
     if a["window"] is not None and not a["causal"]:
         return None, "a window without causal masking"
-    if square and dv == d and kpm is None:
+    gqa_refuses = GQA_HEAD_SIZE.refuses(d, dv)
+    if square and dv == d and kpm is None and gqa_refuses is None:
         # self-attention: GroupQueryAttention also for H == Hkv and non-causal (causal=0); it
         # takes the packed q|k|v projection and measured faster than MultiHeadAttention
         return "gqa", ""
@@ -74,7 +79,12 @@ def attention_route(b, node: Node) -> tuple[str | None, str]:
             return None, "causal / window / softcap / GQA attention with S != T"
         if kpm is not None:
             return None, "a key padding mask together with causal / window / softcap / GQA"
+        if gqa_refuses is not None:
+            return None, gqa_refuses
         return None, "GroupQueryAttention needs equal q/k and v head dims"
+    mha_refuses = MHA_HEAD_SIZE.refuses(d, dv)
+    if mha_refuses is not None:
+        return None, mha_refuses
     return "mha", ""
 
 
@@ -140,8 +150,11 @@ def _rotary_fold(b, node: Node):
 
 @LOWERINGS.register("attention")
 def _attention(b, node):
-    route, _ = attention_route(b, node)
+    route, why = attention_route(b, node)
     if route is None:
+        if fusable(b, node):  # say once per reason why ORT's attention ops were not used
+            b.memo(("attention-route", why), lambda: b.notes.append(
+                f"attention with standard ops: {why}") or why)
         return attention_std(b, node)
     a = node.attrs
     layout = a["layout"]

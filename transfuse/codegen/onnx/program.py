@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -33,11 +34,15 @@ from transfuse.codegen.onnx.tensors import (
     printable,
     tensor_proto,
 )
-from transfuse.errors import LoweringError
+from transfuse.errors import ExecutionError, LoweringError
 from transfuse.ir.graph import Graph
 from transfuse.ir.types import eval_dim
 
 logger = logging.getLogger(__name__)
+
+# ORT's run errors read "... running <OpType> node. Name:'<name>' Status Message: <text>"
+_ORT_NODE = re.compile(r"running (\w+) node\. Name:'([^']*)'")
+_ORT_STATUS = re.compile(r"Status Message: (.*)", re.S)
 
 
 def ort_providers(device: torch.device) -> list[str]:
@@ -153,8 +158,27 @@ class OrtProgram:
                 raise LoweringError(f"onnxruntime backend: input {name!r} of dtype {t.dtype} "
                                     "has no numpy type")
             feeds[name] = self._ort.OrtValue.ortvalue_from_numpy(array)._ortvalue
-        outs = self._sess.run_with_ort_values(feeds, self.output_names, None)
+        try:
+            outs = self._sess.run_with_ort_values(feeds, self.output_names, None)
+        except Exception as e:  # ORT's own run errors: a kernel that rejects its inputs
+            raise self._run_error(e, flat_inputs) from e
         return [torch.from_numpy(o.numpy()) for o in outs]  # zero copy: the array owns o
+
+    def _run_error(self, e: Exception, flat_inputs: Sequence[torch.Tensor]) -> ExecutionError:
+        """ORT's run error as an :class:`ExecutionError` naming the graph, the ONNX node and
+        the input shapes of the call."""
+        text = str(e)
+        where = ""
+        m = _ORT_NODE.search(text)
+        if m is not None:
+            where = f" in {m.group(1)} node {m.group(2)!r}"
+        status = _ORT_STATUS.search(text)
+        detail = status.group(1).strip() if status is not None else f"{type(e).__name__}: {text}"
+        shapes = ", ".join(f"{n}={list(t.shape)}" for n, t in zip(self.input_names, flat_inputs))
+        return ExecutionError(
+            f"onnxruntime failed{where} while running graph {self.graph.name!r} "
+            f"(inputs {shapes}): {detail}. This is a transfuse lowering bug: please report it "
+            "with compiled.export_onnx(...); target='python' runs the same graph")
 
     def _call_bound(self, flat_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Device tensors through IO binding: inputs and preallocated outputs by pointer."""
@@ -175,7 +199,10 @@ class OrtProgram:
                                 _np_dtype(out.dtype), shape, out.data_ptr())
             outs.append(out)
         binding.synchronize_inputs()
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:
+            raise self._run_error(e, flat_inputs) from e
         binding.synchronize_outputs()
         return outs
 
