@@ -27,8 +27,8 @@ Spellings kept close to what the torch frontend produces, so the passes see the
 same IR: ``MatMul``/``Gemm`` with a constant 2-D weight -> ``linear`` (the weight
 transposed once, shared); ``Gather`` of a 2-D constant on axis 0 -> ``embedding``;
 ``Reciprocal(Sqrt(x))`` -> ``rsqrt``; ``Expand`` of a one-element constant -> ``full``;
-``Range`` -> ``arange``; ``Trilu`` -> ``tril``/``triu``; ``GatherND`` -> the
-``aten::index.Tensor`` fallback (Hugging Face's mask functions); a Reshape of a
+``Range`` -> ``arange``; ``Trilu`` -> ``tril``/``triu``; ``GatherND`` -> ``index``
+of its components, as aten ``index.Tensor`` (Hugging Face's mask functions); a Reshape of a
 Transpose of a Reshape that only moves trailing dims -> one ``permute`` (the
 exporter's rank-agnostic key transpose); ``Where(IsNaN(Softmax(s + where(m, 0, c))),
 0, ·)`` with a finite ``c`` -> the softmax itself (the row of a finite mask is never
