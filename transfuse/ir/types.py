@@ -193,6 +193,60 @@ def dims_equal(a: Dim, b: Dim) -> bool:
     return sympy.simplify(diff) == 0
 
 
+def resolve_min_max(d: Dim, ranges: Mapping[str, tuple[int, int]]) -> Dim:
+    """``d`` with every ``Max``/``Min`` that the symbols' inclusive ``ranges`` decide replaced
+    by the argument it selects (exact for every value in the ranges; a symbol without a range,
+    or an argument difference that is not linear in the symbols, leaves that Max/Min as it is).
+
+    torch.export writes the size of ``x[:, max(0, P - T):]`` as ``P - Max(0, P - T)``; with
+    T <= P known from its range that is exactly T, and shape checks can see it."""
+    if isinstance(d, int) or not d.has(sympy.Max, sympy.Min):
+        return d
+    return normalize_dim(_resolve(sympy.sympify(d), ranges))
+
+
+def _resolve(e: sympy.Expr, ranges: Mapping[str, tuple[int, int]]) -> sympy.Expr:
+    if e.is_Atom:
+        return e
+    args = [_resolve(a, ranges) for a in e.args]
+    if isinstance(e, (sympy.Max, sympy.Min)):
+        keep = list(args)
+        for a in args:
+            for b in args:
+                if a is b or a not in keep or b not in keep:
+                    continue
+                lo, hi = _linear_bounds(sympy.expand(a - b), ranges)
+                # Max keeps the larger: a >= b everywhere drops b; Min keeps the smaller
+                if (lo is not None and lo >= 0) if isinstance(e, sympy.Max) else \
+                        (hi is not None and hi <= 0):
+                    keep.remove(b)
+        return keep[0] if len(keep) == 1 else e.func(*keep)
+    return e.func(*args)
+
+
+def _linear_bounds(e: sympy.Expr, ranges: Mapping[str, tuple[int, int]]):
+    """(min, max) of a linear integer expression over the box of symbol ranges; None for an
+    unbounded side or an expression that is not linear over ranged symbols."""
+    lo, hi = 0, 0
+    for term, coef in e.as_coefficients_dict().items():
+        if not coef.is_Integer:
+            return None, None
+        c = int(coef)
+        if term == 1:
+            lo, hi = (None if lo is None else lo + c), (None if hi is None else hi + c)
+            continue
+        if not (term.is_Symbol and term.name in ranges):
+            return None, None
+        r_lo, r_hi = ranges[term.name]
+        r_hi = None if r_hi >= 2**62 else r_hi  # "unbounded" as the frontends write it
+        a, b = (c * r_lo, None if r_hi is None else c * r_hi)
+        if c < 0:
+            a, b = b, a
+        lo = None if lo is None or a is None else lo + a
+        hi = None if hi is None or b is None else hi + b
+    return lo, hi
+
+
 def dim_product(dims: Iterable[Dim]) -> Dim:
     static, symbolic = 1, []
     for d in dims:
