@@ -52,7 +52,7 @@ from transfuse.frontend.dynamic import DynamicSpec, resolve
 from transfuse.ir.graph import Graph, Value
 from transfuse.ir.ops import get_op
 from transfuse.ir.signature import InputSpec, Signature, output_tree
-from transfuse.ir.types import DType, TensorType, normalize_dim, sym
+from transfuse.ir.types import DType, TensorType, normalize_dim, resolve_min_max, sym
 from transfuse.ir.verify import verify
 
 log = logging.getLogger(__name__)
@@ -359,10 +359,13 @@ _FUNCS = {
 
 
 class SymbolMap:
-    """torch's shape symbols -> the user's named symbols."""
+    """torch's shape symbols -> the user's named symbols. ``ranges`` (the dynamic spec's
+    inclusive ranges by our names, which the compiled model's input checks enforce) decide
+    Max/Min exactly where they can (``resolve_min_max``)."""
 
-    def __init__(self):
+    def __init__(self, ranges: Mapping[str, tuple[int, int]] | None = None):
         self.map: dict[sympy.Symbol, sympy.Symbol] = {}
+        self.ranges = dict(ranges or {})
 
     def expr(self, e: Any, where: str = "") -> Any:
         """A torch SymInt / sympy expression as an IR dim (int or sympy over our symbols)."""
@@ -372,7 +375,8 @@ class SymbolMap:
             raise CaptureError(f"{where}: expected an int, got {e!r}")
         if isinstance(e, int):
             return e
-        return normalize_dim(self._convert(sympy.sympify(e), where))
+        return resolve_min_max(normalize_dim(self._convert(sympy.sympify(e), where)),
+                               self.ranges)
 
     def _convert(self, e, where):
         if e.is_Integer:
@@ -410,7 +414,7 @@ class _Converter:
         self.input_names = input_names
         self.spec = spec
         self.graph = Graph("main")
-        self.symbols = SymbolMap()
+        self.symbols = SymbolMap(spec.ranges())
         self.env: dict[fx.Node, Any] = {}
         self.fallbacks: Counter = Counter()
         self.fallback_reasons: list[str] = []
