@@ -59,6 +59,15 @@ def test_round_trip_is_bit_identical(saved):
     assert (path / "code.py").read_text() == model.source
 
 
+def test_manifest_records_the_package_version(saved):
+    """The version written (package metadata, codegen/version.py) is transfuse.__version__: a
+    pyproject version bump without the matching __init__ change fails here."""
+    _, path = saved
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["transfuse_version"] == transfuse.__version__
+    assert manifest["torch_version"] == torch.__version__
+
+
 def test_pass_log_and_meta_round_trip(tmp_path):
     from transfuse.passes.log import PassLog
 

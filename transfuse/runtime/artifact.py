@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
+from transfuse.codegen.version import transfuse_version
 from transfuse.errors import ArtifactError, TransfuseError
 from transfuse.ir.types import TensorType
-from transfuse.version import __version__
 
 FORMAT_NAME = "transfuse-artifact"
 FORMAT_VERSION = 1
@@ -107,7 +107,7 @@ def _write(compiled: Any, root: Path) -> None:
 
     graph = compiled.graph
     save_file(_weights_for_saving(graph), str(root / FILES["weights"]),
-              metadata={"format": "pt", "producer": f"transfuse {__version__}"})
+              metadata={"format": "pt", "producer": f"transfuse {transfuse_version()}"})
     _write_text(root / FILES["graph"], print_graph(graph))
     log = compiled.pass_log
     _write_text(root / FILES["pass_log"],
@@ -121,7 +121,7 @@ def _write(compiled: Any, root: Path) -> None:
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "transfuse_version": __version__,
+        "transfuse_version": transfuse_version(),
         "torch_version": torch.__version__,
         "backend": compiled.backend,
         "graph_name": graph.name,
@@ -234,7 +234,7 @@ def _read_manifest(root: Path) -> dict:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version!r} is not supported by "
-                            f"transfuse {__version__} (it reads version "
+                            f"transfuse {transfuse_version()} (it reads version "
                             f"{FORMAT_VERSION}); re-save the model with this version")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise ArtifactError(f"{path}: content does not match its manifest_sha256; the manifest "

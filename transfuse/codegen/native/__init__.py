@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from transfuse.machine_cache import cache_root, cpuinfo
+from transfuse.codegen.machine_cache import cache_root, cpuinfo
 
 SOURCE = Path(__file__).with_name("kernels.c")
 #: must equal tf_abi_version() in kernels.c: a stale library with another ABI is rebuilt

@@ -29,10 +29,10 @@ from transfuse.codegen.onnx.tensors import (
     printable,
     tensor_proto,
 )
+from transfuse.codegen.version import transfuse_version
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.types import Dim, DType, dim_str
-from transfuse.version import __version__
 
 
 class OnnxBuilder:
@@ -340,7 +340,7 @@ class OnnxBuilder:
         if any(n.domain == MS_DOMAIN for n in nodes):
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="transfuse",
-                                  producer_version=__version__)
+                                  producer_version=transfuse_version())
         model.ir_version = min(model.ir_version, 10)  # what onnxruntime >= 1.20 reads
         return model, inits
 

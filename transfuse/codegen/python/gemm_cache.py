@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from transfuse.machine_cache import cache_root, cpuinfo
+from transfuse.codegen.machine_cache import cache_root, cpuinfo
 
 logger = logging.getLogger(__name__)
 

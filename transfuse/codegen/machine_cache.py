@@ -1,7 +1,7 @@
 """Where transfuse keeps what it learns about this machine, and how it names the machine.
 
-Used by the GEMM timing cache (``passes/memory/gemm_cache.py``) and the native kernel
-build (``codegen/native``). ``$TRANSFUSE_CACHE_DIR`` overrides the default
+Used by the python target's GEMM timing cache (``codegen/python/gemm_cache.py``) and the
+native kernel build (``codegen/native``). ``$TRANSFUSE_CACHE_DIR`` overrides the default
 ``~/.cache/transfuse``; set to ``""`` it turns the on-disk caches off.
 """
 
