@@ -97,3 +97,26 @@ def test_hf_llama_without_mask_dynamic_batch_and_seq():
         )
         with torch.no_grad():
             torch.testing.assert_close(got.logits, model(x, **kwargs).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_gptj_rotary_tables_run_on_the_onnxruntime_target():
+    """GPT-J builds its rotary sin/cos tables with repeat_interleave: converted (no fallback
+    for it), so the ONNX Runtime target takes the model; attention fuses, equal to eager."""
+    import transfuse
+
+    config = transformers.GPTJConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8,
+                                     vocab_size=VOCAB, n_positions=64, use_cache=False,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPTJForCausalLM._from_config(config, attn_implementation="eager").eval()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    dynamic = {"batch": (1, 4), "seq": (1, 32)}
+    captured = capture(model, (ids,), dynamic=dynamic)
+    assert not any("repeat_interleave" in t for t in captured.graph.meta["fallbacks"])
+    compiled = transfuse.optimize(model, (ids,), dynamic=dynamic, target="onnxruntime")
+    assert compiled.graph.op_histogram().get("attention") == 2
+    for b, s in ((2, 9), (3, 13)):
+        x = torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(s))
+        out = compiled(x)
+        got = out["logits"] if isinstance(out, dict) else getattr(out, "logits", out)
+        torch.testing.assert_close(got, model(x).logits, atol=1e-4, rtol=1e-4)
