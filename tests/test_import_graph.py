@@ -329,9 +329,14 @@ SYNTHETIC = {
 
         def load(name):
             return importlib.import_module(BACKENDS[name])
+
+        def lower():
+            from ..codegen import emit
+            return emit
         """,
     "pkg/runtime/__init__.py": "",
     "pkg/runtime/run.py": "from pkg.passes import log\nfrom pkg.codegen import emit\n",
+    "pkg/runtime/serve.py": "import pkg.frontend.read\n",
 }
 
 
@@ -359,6 +364,8 @@ def test_checker_finds_cycles_and_layer_violations(tmp_path):
         ("pkg.passes.fuse", "pkg.codegen.emit"),  # passes never import codegen
         ("pkg.codegen.emit", "pkg.passes.log"),  # codegen never imports passes
         ("pkg.frontend.read", "pkg.passes.fuse"),  # frontend never imports passes
+        ("pkg.frontend.read", "pkg.codegen.emit"),  # ... nor codegen
+        ("pkg.runtime.serve", "pkg.frontend.read"),  # runtime never imports frontend
     }  # runtime -> passes.log and codegen are allowed; api may import anything
 
 
