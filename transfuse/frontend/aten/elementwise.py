@@ -28,6 +28,8 @@ BINARY = {
     ).split()
 }
 BINARY["floor_divide"] = "floor_div"
+#: the binary overloads of min/max (the reductions are in reduce.py; T5's position buckets)
+BINARY.update({"min.other": "minimum", "max.other": "maximum"})
 #: bit operations are logical ones on bool tensors (integer ones fall back)
 BITWISE_ON_BOOL = {
     f"{prefix}{op}{suffix}": f"logical_{op}"
