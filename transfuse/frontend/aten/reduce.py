@@ -81,13 +81,13 @@ def _var(cx, a):
     x = cx.value(a["self"])
     want = cx.out_type().dtype
     if not x.dtype.is_float or want != x.dtype:
-        return FALLBACK  # complex or integer variance has no IR spelling
+        return cx.fallback_because(f"variance of {x.dtype} into {want} has no IR spelling")
     correction = a.get("correction")
     if correction is None:
         correction = 1 if a.get("unbiased", True) else 0
     correction = cx.scalar(correction)
     if isinstance(correction, bool) or not isinstance(correction, (int, float)):
-        return FALLBACK
+        return cx.fallback_because(f"correction {correction!r} is not a number known at capture")
     axes = norm_axes(a.get("dim"), x.type.rank)
     keep = bool(a.get("keepdim"))
     mean = cx.op("reduce_mean", x, axes=axes, keepdim=True)

@@ -106,7 +106,9 @@ def _repeat_interleave(cx, a):
     if is_tensor_arg(cx, reps):
         r = cx.value(reps)
         if not r.is_const or r.const.numel() != 1 or r.dtype.is_float:
-            return FALLBACK  # per-element or data-dependent counts: the output size is data
+            return cx.fallback_because(
+                "per-element or computed repeat counts (the output size depends on tensor values)"
+            )
         reps = int(r.const.reshape(()).item())
     r = cx.dim(reps)
     want = cx.out_type().shape

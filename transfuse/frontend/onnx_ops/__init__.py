@@ -17,10 +17,12 @@ Known values. Shape computations are evaluated at capture: ``Shape`` gives a
 :class:`Known` (a small array of ints and sympy dims such as ``[batch, seq, 768]``),
 and the ops of shape arithmetic (Gather, Slice, Concat, Unsqueeze, Squeeze, Reshape,
 Cast, Add/Sub/Mul/Div/Mod, Max/Min, comparisons, Where, Range, ConstantOfShape, ...)
-compute Known results from Known inputs (each such op has a ``known`` evaluator; see ``known.py``).
-Small constants are Known too. Ops that need a shape (Reshape, Expand, Range, Slice,
-ConstantOfShape, Tile, Split, ...) read it from a Known input and put it in the IR
-op's attrs; a shape input that is not Known is a :class:`CaptureError`. A Known used
+compute Known results from Known inputs (each such op has a ``known`` evaluator; see
+``known.py``). Small constants are Known too. A constant the frontend would make itself
+(Range, ConstantOfShape, Expand/Tile of a constant, index tables) above the size limit of
+:mod:`transfuse.ir.limits` is refused before it is allocated
+(``helpers.check_constant_size``). Ops that need a shape (Reshape, Expand, Range, Slice,
+ConstantOfShape, Tile, Split, ...) read it from a Known input and put it in the IR op's attrs; a shape input that is not Known is a :class:`CaptureError`. A Known used
 as data becomes a constant, or for symbolic entries ``shape_of`` arithmetic.
 
 Spellings kept close to what the torch frontend produces, so the passes see the
@@ -33,6 +35,8 @@ Transpose of a Reshape that only moves trailing dims -> one ``permute`` (the
 exporter's rank-agnostic key transpose); ``Where(IsNaN(Softmax(s + where(m, 0, c))),
 0, ·)`` with a finite ``c`` -> the softmax itself (the row of a finite mask is never
 all -inf, so the guard is the identity).
+``Einsum`` -> reduce_sum / mul / linear / matmul / permute, shared with the torch frontend
+(``frontend/einsum.py``): attention's ``bhqd,bhkd->bhqk`` is ``matmul(q, permute(k))``.
 
 Glossary for attention: B batch, H heads, S query length, T key length, D head dim.
 """
