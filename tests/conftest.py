@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +31,19 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def make_package(tmp_path):
+    """``make_package({"pkg/a.py": source, ...})`` writes the files (dedented) under a fresh
+    folder and returns the package folder (the first path component): a tiny synthetic
+    package for tests of checkers that read source trees."""
+
+    def make(files: dict[str, str]) -> Path:
+        for rel, text in files.items():
+            path = tmp_path / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(text))
+        return tmp_path / next(iter(files)).split("/")[0]
+
+    return make

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -285,14 +284,6 @@ def _show(items: Iterable, indent: int = 2) -> str:
 # -- the checker on a synthetic package (so it can fail) -------------------------------
 
 
-def _write_package(tmp: Path, files: Mapping[str, str]) -> Path:
-    for rel, text in files.items():
-        path = tmp / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return tmp / "pkg"
-
-
 SYNTHETIC = {
     "pkg/__init__.py": "",
     "pkg/errors.py": "",
@@ -340,8 +331,8 @@ SYNTHETIC = {
 }
 
 
-def test_checker_finds_cycles_and_layer_violations(tmp_path):
-    root = _write_package(tmp_path, SYNTHETIC)
+def test_checker_finds_cycles_and_layer_violations(make_package):
+    root = make_package(SYNTHETIC)
     modules, edges = collect_edges(root)
     assert "pkg.ir" in modules and "pkg.ir.graph" in modules
     got = {(e.src, e.dst, e.runs) for e in edges}
@@ -369,8 +360,8 @@ def test_checker_finds_cycles_and_layer_violations(tmp_path):
     }  # runtime -> passes.log and codegen are allowed; api may import anything
 
 
-def test_checker_prints_a_longer_cycle_and_passes_a_clean_package(tmp_path):
-    root = _write_package(tmp_path, {
+def test_checker_prints_a_longer_cycle_and_passes_a_clean_package(make_package):
+    root = make_package({
         "pkg/__init__.py": "",
         "pkg/a.py": "from pkg import b\n",
         "pkg/b.py": "def f():\n    import pkg.c\n",

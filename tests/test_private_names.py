@@ -16,8 +16,6 @@ may be imported by their siblings. Dunders are public.
 from __future__ import annotations
 
 import ast
-import textwrap
-from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "transfuse"
@@ -67,16 +65,8 @@ def private_uses(root: Path) -> list[str]:
     return out
 
 
-def _write_package(tmp: Path, files: Mapping[str, str]) -> Path:
-    for rel, text in files.items():
-        path = tmp / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return tmp / "pkg"
-
-
-def test_checker_finds_private_imports_and_attribute_uses(tmp_path):
-    root = _write_package(tmp_path, {
+def test_checker_finds_private_imports_and_attribute_uses(make_package):
+    root = make_package({
         "pkg/__init__.py": "",
         "pkg/_util.py": "def helper():\n    pass\n",
         "pkg/graph.py": """

@@ -77,26 +77,26 @@ class LowVarianceNorms(nn.Module):
         return a, b, c
 
 
-def _low_variance(seq: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return 0.03 * torch.randn(1, seq, D, generator=g)
+def _gaussian(std: float):
+    """Inputs (1, S, D) of standard deviation ``std``: ``make(seq, seed)``."""
 
+    def make(seq: int, seed: int) -> torch.Tensor:
+        return std * torch.randn(1, seq, D, generator=torch.Generator().manual_seed(seed))
 
-def _norm_eps(node) -> float:
-    return node.attrs["eps"]
+    return make
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_norm_eps_1e2_on_low_variance_inputs(target):
     torch.manual_seed(0)
     model = LowVarianceNorms().eval()
-    compiled = _compile_and_compare(model, _low_variance, target)
+    compiled = _compile_and_compare(model, _gaussian(0.03), target)
     g = compiled.graph
     norms = g.find("layer_norm") + g.find("rms_norm") + g.find("add_norm")
     kinds = sorted(n.op if n.op != "add_norm" else f"add_norm:{n.attrs['kind']}" for n in norms)
     assert len(norms) == 3, kinds  # every spelling fused (into add_norm with the residual add)
     assert {"sqrt", "rsqrt", "pow", "mean"}.isdisjoint(g.op_histogram()), g.op_histogram()
-    assert all(_norm_eps(n) == pytest.approx(EPS) for n in norms), [_norm_eps(n) for n in norms]
+    assert all(n.attrs["eps"] == pytest.approx(EPS) for n in norms), [n.attrs for n in norms]
 
 
 # -- GELU on inputs of magnitude 2..4 -----------------------------------------------------------
@@ -173,16 +173,11 @@ class ScaledAttention(nn.Module):
         return a.transpose(1, 2).reshape(B, S, D), b.transpose(1, 2).reshape(B, S, D)
 
 
-def _unit(seq: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, seq, D, generator=g)
-
-
 @pytest.mark.parametrize("target", TARGETS)
 def test_attention_scale_0_3(target):
     torch.manual_seed(0)
     model = ScaledAttention().eval()
-    compiled = _compile_and_compare(model, _unit, target)
+    compiled = _compile_and_compare(model, _gaussian(1.0), target)
     g = compiled.graph
     attention = g.find("attention")
     assert attention and not g.find("softmax"), g.op_histogram()
