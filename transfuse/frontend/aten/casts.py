@@ -33,7 +33,8 @@ def _identity(cx, a):
 
 @aten("copy")
 def _copy(cx, a):
-    """copy(self, src): src broadcast to self's shape, in self's dtype (functionalized ``copy_``)."""
+    """copy(self, src): src broadcast to self's shape, in self's dtype (the functionalized
+    ``copy_``)."""
     want = cx.out_type()
     src = cast(cx, cx.value(a["src"]), want.dtype)
     if src.type.rank == want.rank and all(dims_equal(p, q) for p, q in zip(src.shape, want.shape)):
