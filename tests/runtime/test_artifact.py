@@ -71,8 +71,7 @@ def test_manifest_records_the_package_version(saved):
 def test_pass_log_and_meta_round_trip(tmp_path):
     from transfuse.passes.log import PassLog
 
-    model = make_model()
-    model._pass_log = PassLog("O2")
+    model = make_model(pass_log=PassLog("O2"))
     model.meta["level"] = "O2"
     model.save(tmp_path / "a")
     loaded = transfuse.load(tmp_path / "a", device="cpu")

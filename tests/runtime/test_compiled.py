@@ -35,15 +35,16 @@ def leaf(i):
     return {"kind": "tensor", "index": i}
 
 
-def make_model(output_tree=None) -> CompiledModel:
+def make_model(output_tree=None, pass_log=None) -> CompiledModel:
     g = parse_graph(GRAPH)
     sig = Signature(
-        inputs=[InputSpec("x", g.inputs[0].type), InputSpec("mask", g.inputs[1].type, keyword=True)],
+        inputs=[InputSpec("x", g.inputs[0].type),
+                InputSpec("mask", g.inputs[1].type, keyword=True)],
         symbols={"batch": (1, 4), "seq": (2, 16)},
         output_tree=output_tree or tree("tuple", leaf(0), leaf(1)),
         num_outputs=2,
     )
-    return CompiledModel(g, sig)
+    return CompiledModel(g, sig, pass_log)
 
 
 def inputs(batch=2, seq=5):
