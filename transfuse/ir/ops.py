@@ -17,22 +17,24 @@ from transfuse.errors import UnsupportedOpError
 from transfuse.ir import opdefs  # noqa: F401  (registers every op family)
 from transfuse.ir.opdef import OpDef, registered
 
+_OPS = registered()  # a live read-only view of the registry: lookups are one dict access
+
 
 def get_op(name: str) -> OpDef:
     """The definition of op ``name``; :class:`UnsupportedOpError` if there is none."""
-    op = registered().get(name)
-    if op is None:
-        raise UnsupportedOpError(f"unknown IR op {name!r}")
-    return op
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise UnsupportedOpError(f"unknown IR op {name!r}") from None
 
 
 def has_op(name: str) -> bool:
-    return name in registered()
+    return name in _OPS
 
 
 def all_ops() -> dict[str, OpDef]:
     """Every registered op, by name (a copy)."""
-    return dict(registered())
+    return dict(_OPS)
 
 
 def run_reference(node, inputs: list, env: Mapping[str, int]) -> list[torch.Tensor]:
