@@ -257,6 +257,9 @@ def test_exact_names_and_rename_values():
     g.rename_values([a, b], [b.name, a.name])  # a swap is fine: renamed all at once
     g.rename_values([w], ["weight"])
     assert list(g.constants) == ["weight"] and g.constants["weight"] is w
+    w2 = g.add_constant(torch.zeros(4), "w2", exact=True)
+    g.rename_values([w, w2], ["w2", "weight"])  # constants swap names too
+    assert g.constants == {"w2": w, "weight": w2}
     with pytest.raises(IRVerifyError, match="%7 already in use"):
         g.rename_values([a], ["7"])
     assert a.name != "7"  # nothing renamed on error

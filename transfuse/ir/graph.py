@@ -243,11 +243,13 @@ class Graph:
             raise IRVerifyError(f"graph {self.name}: value name(s) "
                                 f"{', '.join('%' + n for n in taken)} already in use")
         self._names.update(names)
+        consts = [v for v in values if v.is_const and self.constants.get(v.name) is v]
+        for v in consts:
+            del self.constants[v.name]
         for v, name in zip(values, names):
-            if v.is_const and self.constants.get(v.name) is v:
-                del self.constants[v.name]
-                self.constants[name] = v
             v.name = name
+        for v in consts:
+            self.constants[v.name] = v
 
     def scalar(self, value: float | int | bool, dtype: DType) -> Value:
         return self.add_constant(torch.tensor(value, dtype=dtype.torch), "c")
