@@ -25,18 +25,29 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
-def _defined_private_names(tree: ast.Module) -> set[str]:
+def _body_names(body: list[ast.stmt]) -> set[str]:
+    """Functions, classes and variables (``__slots__`` entries too) defined in ``body``."""
     names: set[str] = set()
-    for stmt in tree.body:  # top level
+    for stmt in body:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(stmt.name)
         elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
             names.update(t.id for t in targets if isinstance(t, ast.Name))
-    for node in ast.walk(tree):  # self._x = ... / cls._x = ... anywhere
-        if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+            if any(isinstance(t, ast.Name) and t.id == "__slots__" for t in targets):
+                names.update(c.value for c in ast.walk(stmt.value)
+                             if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return names
+
+
+def _defined_private_names(tree: ast.Module) -> set[str]:
+    names = _body_names(tree.body)  # top level
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):  # methods, class attributes, dataclass fields, slots
+            names |= _body_names(node.body)
+        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
                 and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
-            names.add(node.attr)
+            names.add(node.attr)  # self._x = ... / cls._x = ... anywhere
     return {n for n in names if _private(n)}
 
 
@@ -96,8 +107,31 @@ def test_checker_finds_private_imports_and_attribute_uses(make_package):
                 def peek(self, o):
                     return o._erased  # defines _erased itself: its own name
             """,
+        "pkg/fields.py": """
+            import dataclasses
+
+            @dataclasses.dataclass
+            class Spec:
+                _hidden: int = 0
+
+                def _helper(self):
+                    pass
+
+            class Slotted:
+                __slots__ = ("_slot",)
+
+            def read(spec, other):
+                return spec._hidden + spec._slot + other._helper()  # all its own
+            """,
+        "pkg/user.py": """
+            def peek(spec):
+                return spec._hidden, spec._slot, spec._helper()
+            """,
     })
     assert private_uses(root) == [
+        "pkg/user.py:3: uses spec._hidden",
+        "pkg/user.py:3: uses spec._slot",
+        "pkg/user.py:3: uses spec._helper",
         "pkg/verify.py:3: imports pkg.graph._CACHE",
         "pkg/verify.py:7: uses node._erased",
     ]
