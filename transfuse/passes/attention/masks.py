@@ -351,6 +351,29 @@ def _index(n: Node, x, idx: list, axes: list[int]):
     return _sub(x, mapping)
 
 
+def _concat(n: Node, xs):
+    """concat along one axis, when every part is one index expression shifted to its offset
+    (a part one wide is checked at its position): the ONNX exporter writes ``torch.diff(p,
+    prepend=p[:, :1] - 1)`` as ``concat([p[:, :1] - 1, p])`` and two slices. Else data."""
+    axis = n.attr("axis") % n.outputs[0].type.rank
+    parts, off = [], 0
+    for a, v in zip(xs, n.inputs):
+        if v.dtype == DType.bool or len(a) != 1 or a[0][0] is not _T:
+            _opaque(n, "of bool or piecewise parts")
+        parts.append((off, v.shape[axis], a[0][1].xreplace({_AX[axis]: _AX[axis] - off})))
+        off = off + v.shape[axis]
+
+    def agrees(e, at, size, part):
+        if sympy.simplify(e - part) == 0:
+            return True
+        return size == 1 and sympy.simplify((e - part).xreplace({_AX[axis]: at})) == 0
+
+    for _, _, e in parts:
+        if all(agrees(e, *part) for part in parts):
+            return ((_T, e),)
+    _opaque(n, "of parts that are not one index expression")
+
+
 def _diff(n: Node, x, prepend, dim: int, prepend_value: Value):
     """torch.diff(x, n=1, dim, prepend=p) with a size-1 p: one formula if the first element
     x[0] - p equals the general x[k] - x[k-1] at k = 0."""
@@ -375,7 +398,7 @@ _RULES: dict[str, Callable] = {
     "where": _where, "cast": _cast, "tril": _tri, "triu": _tri, "reshape": _reshape,
     "expand": lambda n, xs: _broadcast(n, xs)[0], "identity": lambda n, xs: xs[0],
     "permute": lambda n, xs: _sub(xs[0], {_AX[p]: _AX[m] for m, p in enumerate(n.attr("perm"))}),
-    "slice": _slice, "arange": _arange, "full": _full, "cumsum": _cumsum,
+    "slice": _slice, "arange": _arange, "full": _full, "cumsum": _cumsum, "concat": _concat,
     "torch_fallback": _fallback,
     "index": lambda n, xs: _index(n, xs[0], list(zip(xs[1:], n.inputs[1:])), n.attr("axes")),
     "shape_of": lambda n, xs: ((_T, sympy.sympify(n.inputs[0].shape[n.attr("axis")])),),
