@@ -4,15 +4,16 @@ Mistral, Qwen2, Phi-3, GPT-NeoX, Gemma (decoders) and BERT (encoder), then
 ``transfuse.optimize(path, target=...)``.
 
 The decoders' exports build their masks with ``GatherND`` (``aten::index.Tensor``), which
-the ONNX frontend captures as the IR ``index`` op; both targets lower it (before, it was a
-``torch_fallback`` the onnxruntime target refused). For each export and target: every layer's
-attention is one fused ``attention`` op (GQA kept as ``kv_heads``), no ``torch_fallback`` is
-left, and the outputs equal plain ONNX Runtime on the same file at two sequence lengths.
+the ONNX frontend captures as the IR ``index`` op (before, a ``torch_fallback`` the
+onnxruntime target refused). For each export and target: every layer's attention is one
+fused ``attention`` op (causal for the decoders, Mistral's window, GQA kept as
+``kv_heads``), no ``torch_fallback`` is left, and the outputs equal plain ONNX Runtime on
+the same file at two sequence lengths. With an attention mask (Llama, BERT) the padding
+term stays an ``index`` of the mask at run time, lowered by both targets.
 
 Tiny configs: 2 layers, hidden 64, 4 heads (2 kv heads where the family has GQA), vocab
 128, 64 positions, random weights; batch and sequence are dynamic in the export. The
-exports are built once per module (a few seconds each).
-"""
+exports are built once per module (a few seconds each)."""
 
 from __future__ import annotations
 
@@ -67,56 +68,64 @@ def tiny_model(family: str) -> torch.nn.Module:
     return cls._from_config(config, attn_implementation="sdpa").eval()
 
 
-def export(family: str, path) -> None:
-    """The dynamo export of ``tiny_model(family)`` with dynamic batch and sequence."""
-    ids = torch.randint(0, VOCAB, (2, 16))
-    batch = torch.export.Dim("batch", min=1, max=8)
-    seq = torch.export.Dim("seq", min=2, max=POSITIONS)
+class _WithMask(torch.nn.Module):
+    """``model(input_ids, attention_mask=...)``'s first output (logits / hidden states)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids, attention_mask=attention_mask)[0]
+
+
+def export(family: str, path, with_mask: bool) -> None:
+    """The dynamo export of ``tiny_model(family)`` (called with the token ids, and the
+    attention mask when ``with_mask``) with dynamic batch and sequence."""
+    model = tiny_model(family)
+    args = (torch.randint(0, VOCAB, (2, 16)),)
+    if with_mask:
+        model, args = _WithMask(model).eval(), args + (torch.ones(2, 16, dtype=torch.int64),)
+    dims = {0: torch.export.Dim("batch", min=1, max=8),
+            1: torch.export.Dim("seq", min=2, max=POSITIONS)}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(tiny_model(family), (ids,), dynamo=True,
-                                    dynamic_shapes=({0: batch, 1: seq},),
-                                    input_names=["input_ids"], verbose=False)
+        program = torch.onnx.export(model, args, dynamo=True,
+                                    dynamic_shapes=tuple(dims for _ in args),
+                                    input_names=["input_ids", "attention_mask"][:len(args)],
+                                    verbose=False)
         program.save(str(path))
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """family -> path of its export, built on first use and kept for the module."""
+    """(family, with_mask) -> path of its export, built on first use, kept for the module."""
     root, paths = tmp_path_factory.mktemp("onnx_exports"), {}
 
-    def get(family: str):
-        if family not in paths:
-            export(family, root / f"{family}.onnx")
-            paths[family] = root / f"{family}.onnx"
-        return paths[family]
+    def get(family: str, with_mask: bool = False):
+        key = (family, with_mask)
+        if key not in paths:
+            paths[key] = root / f"{family}{'-mask' if with_mask else ''}.onnx"
+            export(family, paths[key], with_mask)
+        return paths[key]
 
     return get
 
 
-def _feeds(seq: int) -> dict[str, np.ndarray]:
+def _feeds(seq: int, with_mask: bool) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(seq)
-    return {"input_ids": torch.randint(0, VOCAB, (2, seq), generator=g).numpy()}
+    feeds = {"input_ids": torch.randint(0, VOCAB, (2, seq), generator=g).numpy()}
+    if with_mask:
+        mask = np.ones((2, seq), dtype=np.int64)
+        mask[1, seq - seq // 4:] = 0  # right padding on the second row
+        feeds["attention_mask"] = mask
+    return feeds
 
 
-@pytest.mark.slow
-@pytest.mark.hf
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_export_fuses_attention_and_matches_onnxruntime(exported, family, target):
-    path = exported(family)
-    compiled = transfuse.optimize(path, target=target)
-    graph = compiled.graph
-    atts = graph.find("attention")
-    assert len(atts) == LAYERS and not graph.find("softmax"), compiled.pass_log.why_not(
-        "attention/")
-    assert all(a.attrs["kv_heads"] == FAMILIES[family] for a in atts), [a.attrs for a in atts]
-    assert not graph.find("torch_fallback"), graph.meta.get("fallbacks")
-    if family != "bert":  # the decoders' mask indexing is the IR op (GatherND in the file)
-        assert graph.find("index")
+def _check_against_onnxruntime(path, compiled, with_mask: bool) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for seq in SEQ_LENS:
-        feeds = _feeds(seq)
+        feeds = _feeds(seq, with_mask)
         want = session.run(None, feeds)
         got = compiled(**{k: torch.from_numpy(v) for k, v in feeds.items()})
         got = [got] if isinstance(got, torch.Tensor) else list(
@@ -124,3 +133,43 @@ def test_export_fuses_attention_and_matches_onnxruntime(exported, family, target
         assert len(got) == len(want)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, torch.from_numpy(w), rtol=TOL, atol=TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_fuses_attention_and_matches_onnxruntime(exported, family, target):
+    """Token ids only: the decoders' masks (causal, same packed sequence, Mistral's window)
+    are proven and gone; BERT attends everywhere."""
+    path = exported(family)
+    compiled = transfuse.optimize(path, target=target)
+    graph = compiled.graph
+    atts = graph.find("attention")
+    assert len(atts) == LAYERS and not graph.find("softmax"), compiled.pass_log.why_not(
+        "attention/")
+    window = 8 if family == "mistral" else None
+    assert all(a.attrs["kv_heads"] == FAMILIES[family] and a.attrs["window"] == window
+               and a.attrs["causal"] is (family != "bert") and len(a.inputs) == 3
+               for a in atts), [a.attrs for a in atts]
+    assert not graph.find("torch_fallback"), graph.meta.get("fallbacks")
+    _check_against_onnxruntime(path, compiled, with_mask=False)
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_export_with_attention_mask(exported, family, target):
+    """With an attention mask (right padding): the padding term is an attention bias read
+    from the mask with GatherND, the IR index op that both targets run."""
+    path = exported(family, with_mask=True)
+    compiled = transfuse.optimize(path, target=target)
+    graph = compiled.graph
+    atts = graph.find("attention")
+    assert len(atts) == LAYERS and not graph.find("softmax"), compiled.pass_log.why_not(
+        "attention/")
+    assert all(a.attrs["causal"] is (family != "bert") and a.inputs[3] is not None
+               for a in atts), [a.attrs for a in atts]
+    assert graph.find("index") and not graph.find("torch_fallback")
+    _check_against_onnxruntime(path, compiled, with_mask=True)
