@@ -11,16 +11,22 @@ Rewrites (rule ids):
     query), of K or Kᵀ, or of both (√scale on each); the ``scale`` attr is their
     product computed in float64 (``div`` by c is ``1/c``);
   - softcap is ``tanh(x / c) · c`` (Gemma 2) before the mask;
-  - the mask is ``add`` (additive), ``where(mask, fill, x)`` (masked_fill) or
-    ``where(keep, x, fill)`` with fill -inf or <= -1e4, or absent. It is analysed
-    by :mod:`.masks`: proven causal / sliding window -> attrs, a padding term ->
-    the small [B, 1, 1, T] ``bias``, ALiBi summands (:mod:`.alibi`) -> the
-    ``alibi`` attr. A mask that is not fully understood becomes the explicit
-    ``bias`` (whole) and the reason is recorded as an ``attention/mask`` near miss;
-    the fusion still happens;
+  - up to ``MASK_STEPS`` mask steps, in any order: ``add`` (additive),
+    ``where(mask, fill, x)`` (masked_fill) or ``where(keep, x, fill)`` with fill
+    -inf or <= -1e4 (T5: position bias then mask; MPT: ALiBi then a causal
+    masked_fill). They are planned by :mod:`.plan`: proven causal / sliding window
+    (:mod:`.masks`) -> attrs, a padding term -> the small [B, 1, 1, T] ``bias``,
+    one ALiBi summand (:mod:`.alibi`) -> the ``alibi`` attr. A term that is not
+    understood is added to the explicit ``bias`` unchanged (T5's bias, computed
+    once, stays one value shared by the layers) and the reason is recorded as an
+    ``attention/mask`` near miss; the fusion still happens;
   - optional float casts around the softmax (fp32 softmax), eval-mode
     ``dropout``; the softmax must be over the last (key) axis;
   - 3-D bmm forms [B·H, S, D] are fused with a unit head axis ([B·H, 1, S, D]).
+- ``attention/sdpa-view``: the same on 3-D bmm scores [B·H, S, T] viewed as
+  [B, H, S, T] (one ``reshape`` mask step) for the softmax, and the probabilities
+  viewed back for the bmm with V (BLOOM): q, k, v are viewed as [B, H, ., D]; mask
+  steps before the view are terms on [B·H, S, T] (ALiBi there only when B is 1).
 - ``attention/sdpa-mask``: an ``attention`` made by the frontend from
   ``scaled_dot_product_attention`` with a mask as ``bias``: the bias is analysed
   the same way and turned into causal/window/padding/alibi where proven.
@@ -126,11 +132,12 @@ def _mask_chain(inner, depth: int):
 _MASKED = _mask_chain(_SCORES, MASK_STEPS)
 _SOFTMAX = P.op("softmax", P.maybe("cast", _MASKED, name="upcast", tag="upcast"),
                 name="softmax")
-_PROBS = P.maybe("reshape", P.maybe("dropout", P.maybe("cast", _SOFTMAX, name="downcast",
-                                                       tag="downcast"),
-                                    name="dropout", tag="dropout"),
-                 name="probs_view", tag="probs-view")
+_PROBS = P.maybe("dropout", P.maybe("cast", _SOFTMAX, name="downcast", tag="downcast"),
+                 name="dropout", tag="dropout")
 SDPA_PATTERN = P.op("matmul", _PROBS, P.any("v"), name="pv")  # (B, H, S, Dv)
+#: BLOOM: [B, H, S, T] probabilities viewed as [B·H, S, T] for a bmm with V [B·H, T, Dv]
+SDPA_VIEW_PATTERN = P.op("matmul", P.op("reshape", _PROBS, name="probs_view"), P.any("v"),
+                         name="pv")
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -223,7 +230,7 @@ def _step_input(m: Match, k: int, kind: str, node: Node) -> Value:
 
 def _view_reason(m: Match, view: Node | None) -> str | None:
     """A view of 3-D bmm scores as [B, H, S, T] must be undone on the probabilities."""
-    probs = m.node("probs_view") if "probs-view" in m.tags else None
+    probs = m.named_nodes.get("probs_view")
     if view is None and probs is None:
         return None
     if view is None or probs is None:
@@ -369,6 +376,10 @@ def node_dtype(m: Match) -> DType:
 
 
 SDPA = Rule(id="attention/sdpa", pattern=SDPA_PATTERN, check=_check, replace=_replace)
+#: a separate rule so that every matmul of a reshape (a linear's input, say) is no near miss
+#: of ``attention/sdpa``; its own near misses start past the softmax
+SDPA_VIEW = Rule(id="attention/sdpa-view", pattern=SDPA_VIEW_PATTERN, check=_check,
+                 replace=_replace, near_miss_depth=3)
 
 
 # -- the frontend's attention: analyse its bias -------------------------------------------------
@@ -410,7 +421,7 @@ class FuseAttention(RewritePass):
     causal/window/padding/alibi attrs (unknown masks stay an explicit bias)."""
 
     name = "attention.fuse-sdpa"
-    rule_list = [SDPA, SDPA_MASK]
+    rule_list = [SDPA, SDPA_VIEW, SDPA_MASK]
 
     state_factory = _RunState
 
@@ -444,4 +455,4 @@ def register_lazily(cls: type) -> None:
 
 register_lazily(FuseAttention)
 
-__all__ = ["FuseAttention", "SDPA", "SDPA_MASK", "SDPA_PATTERN", "MASK_RULE"]
+__all__ = ["FuseAttention", "SDPA", "SDPA_MASK", "SDPA_PATTERN", "SDPA_VIEW", "MASK_RULE"]
