@@ -1,5 +1,6 @@
 """ONNX gathers and scatters: Gather (a 2-D constant on axis 0 -> ``embedding``),
-GatherElements (-> ``gather``), GatherND (-> ``index``), ScatterND (-> ``scatter_nd``)."""
+GatherElements (-> ``gather``), GatherND (-> ``index``), ScatterND and ScatterElements
+(-> ``scatter_nd``)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,32 @@ def _scatter_nd(cx, node):
     if reduction not in SCATTER_REDUCTIONS:
         raise cx.unsupported(f"ScatterND reduction {reduction!r} (known: {SCATTER_REDUCTIONS})")
     return [cx.op("scatter_nd", x, idx, upd, reduction=reduction)]
+
+
+@onnx_op("ScatterElements")
+def _scatter_elements(cx, node):
+    """data with data[.., indices[p], ..] (along ``axis``, the other dims at p's own
+    position) replaced by (or reduced with) updates[p] for every position p of indices:
+    ``scatter_nd`` on the full coordinates, the other components aranges."""
+    x, idx, upd = (cx.value(node.input(i)) for i in range(3))
+    r = x.type.rank
+    axis = axis_of(cx, node.attr("axis", 0), r)
+    reduction = node.attr("reduction", "none")
+    if reduction not in SCATTER_REDUCTIONS:
+        raise cx.unsupported(f"ScatterElements reduction {reduction!r} "
+                             f"(known: {SCATTER_REDUCTIONS})")
+    if idx.type.rank != r:
+        raise cx.fail(f"indices {idx.type} must have the rank of data {x.type}")
+    shape = list(idx.shape)
+    comps = []
+    for d in range(r):
+        if d == axis:
+            comp = cast(cx, idx, DType.i64)
+        else:
+            view = [1] * r
+            view[d] = shape[d]
+            pos = cx.op("arange", start=0, end=shape[d], step=1, dtype=DType.i64)
+            comp = cx.op("expand", to_shape(cx, pos, view), shape=shape)
+        comps.append(to_shape(cx, comp, shape + [1]))
+    coords = comps[0] if r == 1 else cx.emit("concat", comps, {"axis": r})
+    return [cx.op("scatter_nd", x, coords, upd, reduction=reduction)]
