@@ -1,16 +1,18 @@
 """aten indexing: slice/select/narrow, slice_scatter/select_scatter, index_select,
-gather, and advanced ``index.Tensor`` (-> ``index``; boolean masks stay a torch fallback)."""
+gather, advanced ``index.Tensor`` (-> ``index``) and ``index_put`` (-> ``scatter_nd``);
+boolean masks stay a torch fallback."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from transfuse.errors import IRVerifyError
 from transfuse.frontend.aten.helpers import INT64_MAX, norm_axis
 from transfuse.frontend.aten.registry import FALLBACK, aten
 from transfuse.frontend.build import cast, to_shape
 from transfuse.ir.graph import Value
 from transfuse.ir.opdefs.indexing import INDEX_DTYPES
-from transfuse.ir.types import dims_equal, normalize_dim
+from transfuse.ir.types import DType, broadcast_shapes, dims_equal, normalize_dim
 
 
 def _norm_index(i: Any, size: Any) -> Any:
@@ -123,3 +125,38 @@ def _index(cx, a):
     if not idx:
         return x
     return cx.op("index", x, *idx, axes=axes)
+
+
+@aten("index_put")
+def _index_put(cx, a):
+    """``x[i_0, .., i_{k-1}] = values`` (``+=`` with accumulate) with integer index tensors for
+    the leading k dims -> ``scatter_nd`` on their stacked components (values broadcast to
+    I + x.shape[k:]). Other index lists (None between indices, bool masks) stay a fallback."""
+    x = cx.value(a["self"])
+    indices = list(a["indices"])
+    if not indices or any(i is None for i in indices):
+        return FALLBACK
+    idx = [cx.value(i) for i in indices]
+    if any(v.dtype not in INDEX_DTYPES for v in idx):
+        return FALLBACK
+    values = cx.value(a["values"])
+    k = len(idx)
+    try:
+        shape = list(broadcast_shapes(*[v.shape for v in idx]))
+        full = shape + list(x.shape[k:])
+        broadcast_shapes(values.shape, full)
+    except IRVerifyError:
+        return FALLBACK
+    comps = []
+    for v in idx:
+        v = cast(cx, v, DType.i64)
+        if not all(dims_equal(p, q) for p, q in zip(v.shape, shape)) or v.type.rank != len(shape):
+            v = cx.op("expand", v, shape=shape)
+        comps.append(to_shape(cx, v, shape + [1]))
+    stacked = comps[0] if k == 1 else cx.emit("concat", comps, {"axis": len(shape)})
+    values = cast(cx, values, x.dtype)
+    if values.type.rank != len(full) or not all(
+            dims_equal(p, q) for p, q in zip(values.shape, full)):
+        values = cx.op("expand", values, shape=full)
+    reduction = "add" if a["accumulate"] else "none"
+    return cx.op("scatter_nd", x, stacked, values, reduction=reduction)
