@@ -91,9 +91,8 @@ def _check_graph(family: str, attn: str, graph) -> None:
                 assert all(b is None and not n.attrs["causal"] for n, b in members), members
                 continue
             assert members[0][1] is not None and all(b is members[0][1] for _, b in members)
-            # the decoder's causal mask becomes the attr in eager; SDPA gets the masked bias
-            want_causal = kind == "decoder" and attn == "eager"
-            assert all(n.attrs["causal"] == want_causal for n, _ in members), members
+            # the decoder's causal mask becomes the attr (SDPA: split from the masked bias)
+            assert all(n.attrs["causal"] == (kind == "decoder") for n, _ in members), members
         assert set(stacks) == ({"encoder"} if family == "t5" else
                                {"encoder", "decoder", "cross"})
 

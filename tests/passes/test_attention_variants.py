@@ -244,3 +244,38 @@ graph main(%q: f32[1, 4, seq, 8], %k: f32[1, 4, seq, 8], %v: f32[4, seq, 8]) {
   %o: f32[4, seq, 8] = matmul(%p3, %v)
   return %o
 }""", "not viewed as [B, H, S, T] and back", "attention/sdpa-view")
+
+
+# -- the frontend's attention with a mask folded into its bias (T5 through SDPA) ----------------
+
+def test_mask_folded_into_an_sdpa_bias_by_where_is_split():
+    """T5's decoder hands SDPA ``where(causal, position_bias, min)``: causal becomes the
+    attr and the position bias, unchanged, the bias."""
+    graph, rec, _ = fuse(f"""
+graph main({QKV}, %pb: f32[1, 4, seq, seq]) {{
+  const %low: f32[] = -3.4028235e+38
+  %0: bool[seq, seq] = full() {{shape=[seq, seq], value=1.0, dtype=bool}}
+  %1: bool[seq, seq] = tril(%0)
+  %2: f32[1, 4, seq, seq] = where(%1, %pb, %low)
+  %3: f32[batch, 4, seq, 8] = attention(%q, %k, %v, %2) {{scale=1.0}}
+  return %3
+}}""")
+    assert_graph(graph, f"""
+graph main({QKV}, %pb: f32[1, 4, seq, seq]) {{
+  %0: f32[batch, 4, seq, 8] = attention(%q, %k, %v, %pb) {{causal, scale=1.0}}
+  return %0
+}}""")
+    assert rec.matched("attention/sdpa-mask") == 1
+
+
+def test_unproven_mask_folded_into_an_sdpa_bias_is_left_alone():
+    text = f"""
+graph main({QKV}, %pb: f32[1, 4, seq, seq], %keep: bool[batch, 1, seq, seq]) {{
+  const %low: f32[] = -3.4028235e+38
+  %0: f32[batch, 4, seq, seq] = where(%keep, %pb, %low)
+  %1: f32[batch, 4, seq, 8] = attention(%q, %k, %v, %0) {{scale=1.0}}
+  return %1
+}}"""
+    graph, rec, log = fuse(text, dce=False)
+    assert_graph(graph, text)
+    assert "mask kept as an explicit bias" in log.why_not("attention/mask")

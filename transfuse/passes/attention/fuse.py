@@ -57,6 +57,7 @@ from transfuse.passes.attention.plan import (
     MaskStep,
     additive_plan,
     bias_of,
+    masked_bias_steps,
     plan_masks,
     resolved_padding_keep,
 )
@@ -396,6 +397,11 @@ def _reanalyse(m: Match, b: Builder) -> Value | None:
     state.seen.add(("analysed", id(node)))
     q, k, v, bias = m["q"], m["k"], m["v"], m["bias"]
     s, t, heads = q.shape[2], k.shape[2], q.shape[1]
+    steps = masked_bias_steps(bias, heads, s, t)
+    if steps is not None:  # a proven mask folded into a bias by where: split them
+        plan = plan_masks(steps, b, s, t, bias.dtype, None, _report(b), node)
+        return _attention(b, q, k, v, bias_of(plan, b, q.dtype), **{
+            **a, "causal": plan.causal, "window": plan.window, "alibi": plan.alibi})
     parts = additive_summands(bias)
     if not any(match_alibi(p, heads, s, t) for p in parts):
         facts = analyze_additive_mask(bias, s, t)

@@ -33,6 +33,7 @@ from transfuse.ir.graph import Node, Value
 from transfuse.ir.types import Dim, DType
 from transfuse.passes.attention.alibi import match_alibi
 from transfuse.passes.attention.masks import (
+    NEG_LIMIT,
     MaskFacts,
     additive_summands,
     analyze_additive_mask,
@@ -104,6 +105,25 @@ def additive_plan(mask: Value, b: Builder, heads: int | None, s: Dim, t: Dim, ra
     return plan
 
 
+def masked_bias_steps(bias: Value, heads: int, s: Dim, t: Dim) -> list[MaskStep] | None:
+    """A bias ``where(keep, X, fill)`` or ``where(masked, fill, X)`` with a fill <= -1e4 (a
+    position bias with the mask folded in, as T5's decoder hands SDPA) as two steps: the
+    bool mask and the term X. None when the bias is not of that form or its bool mask is not
+    proven causal / window / all-keep (then the caller keeps the bias whole)."""
+    n = bias.producer
+    if n is None or n.op != "where":
+        return None
+    cond, a, c = n.inputs
+    for kind, x, fill in (("keep", a, c), ("fill", c, a)):
+        if not (fill.is_const and fill.const.numel() == 1 and fill.dtype.is_float
+                and x.dtype.is_float and float(fill.const.reshape(-1)[0]) <= NEG_LIMIT):
+            continue
+        if analyze_bool_mask(cond, s, t, kind == "keep").reason is not None:
+            return None
+        return [MaskStep(kind, cond, fill, 4, heads), MaskStep("add", x, None, 4, heads)]
+    return None
+
+
 def bias_of(plan: MaskPlan, b: Builder, dtype: DType) -> Value | None:
     """The sum of the plan's bias terms in ``dtype``, or None."""
     total = None
@@ -128,8 +148,8 @@ def _additive(step: MaskStep, plan: MaskPlan, b: Builder, s: Dim, t: Dim, dtype:
             for p, a in found:
                 if a is None:
                     rest = p if rest is None else b.op("add", rest, p)
-    if rest is None:
-        return
+    if rest is None or (rest.is_const and not bool(rest.const.any())):
+        return  # nothing, or adding zeros (x + 0 is x)
     _apply_facts(analyze_additive_mask(rest, s, t), plan, b, dtype, lambda: lift(rest),
                  report, where)
 
@@ -154,5 +174,5 @@ def _apply_facts(facts: MaskFacts, plan: MaskPlan, b: Builder, dtype: DType,
         plan.biases.append(b.op("where", facts.padding_keep, zero, low))
 
 
-__all__ = ["MaskPlan", "MaskStep", "additive_plan", "bias_of", "plan_masks",
-           "resolved_padding_keep"]
+__all__ = ["MaskPlan", "MaskStep", "additive_plan", "bias_of", "masked_bias_steps",
+           "plan_masks", "resolved_padding_keep"]
