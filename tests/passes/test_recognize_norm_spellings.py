@@ -96,16 +96,18 @@ def test_layer_norm_with_its_own_variance_centring_and_one_over_sqrt():
 
 
 def test_unbiased_variance_is_a_near_miss():
+    # the frontend's x.var() (correction 1): sum(d * d) / (N - 1)
     text = LAYER_NORM_VAR.replace("  const %one: f32[] = 1.0\n", """  const %one: f32[] = 1.0
-  const %n: f32[] = 1.1428571939468384
-""").replace("  %5: f32[batch, seq, 1] = add(%4, %eps)", """  %11: f32[batch, seq, 1] = mul(%4, %n)
-  %5: f32[batch, seq, 1] = add(%11, %eps)""")
+  const %count: f32[] = 7.0
+""").replace("  %4: f32[batch, seq, 1] = reduce_mean(%3) {axes=[-1], keepdim}", """  %11: f32[batch, seq, 1] = reduce_sum(%3) {axes=[-1], keepdim}
+  %4: f32[batch, seq, 1] = div(%11, %count)""")
     graph, rec = fuse(text, PASS)
     assert not graph.find("layer_norm")
     (miss,) = misses(rec, "norm/layer-norm")
-    assert "unbiased variance" in miss and "1.142857" in miss
-    # a correction of exactly 1 is the biased variance
-    graph, rec = fuse(text.replace("1.1428571939468384", "1.0"), PASS, rtol=1e-5, atol=1e-5)
+    assert miss == ("the variance divides the sum of squares by 7, not by N = 8 (an unbiased "
+                    "variance, correction 1); layer_norm divides by N")
+    # sum(d * d) / N is the biased variance
+    graph, rec = fuse(text.replace("= 7.0", "= 8.0"), PASS, rtol=1e-5, atol=1e-5)
     assert_graph(graph, LAYER_NORM_FUSED)
 
 
@@ -144,6 +146,7 @@ class _LayerNorm(torch.nn.Module):
 
 
 SQUARES = {
+    "torch.square": torch.square,
     "x * x": lambda x: x * x,
     "x.pow(2)": lambda x: x.pow(2),
 }
@@ -152,14 +155,17 @@ INVERSES = {
     "1 / sqrt": lambda v: 1 / torch.sqrt(v),
     "reciprocal(sqrt)": lambda v: torch.reciprocal(torch.sqrt(v)),
 }
-def _explicit_var(x, correction: float = 1.0):
-    """x.var() as the frontend decomposes it: mean(x), d = x - mean, mean(d * d) (· N/(N-1))."""
+def _explicit_var(x):
+    """x.var(unbiased=False) written out: mean(x), d = x - mean, mean(d * d)."""
     d = x - x.mean(-1, keepdim=True)
-    var = (d * d).mean(-1, keepdim=True)
-    return var * correction if correction != 1.0 else var
+    return (d * d).mean(-1, keepdim=True)
 
 
 VARIANCES = {
+    "var(unbiased=False)": lambda x: x.var(dim=-1, keepdim=True, unbiased=False),
+    "var(correction=0)": lambda x: torch.var(x, -1, keepdim=True, correction=0),
+    "mean(square(x - mean))": lambda x: torch.square(x - x.mean(-1, keepdim=True)).mean(
+        -1, keepdim=True),
     "mean(d * d)": _explicit_var,
     "mean(d.pow(2))": lambda x: (x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True),
 }
@@ -171,16 +177,16 @@ def _recognised(model):
     x = 0.05 * torch.randn(2, 5, 16)
     graph = capture(model.eval(), (x,)).graph
     run_pipeline(graph, "O1")
-    run_pipeline(graph, RECOGNIZE, verify=True, sample_inputs=[x])
+    log = run_pipeline(graph, RECOGNIZE, verify=True, sample_inputs=[x])
     with torch.no_grad():
         want = model(x)
     torch.testing.assert_close(interpret(graph, [x])[0], want, rtol=1e-5, atol=1e-5)
-    return [n.op for n in graph.nodes], graph
+    return [n.op for n in graph.nodes], graph, log
 
 
 def _one_norm(model, op: str):
     """The graph is one ``op`` with the module's eps, weight (and bias)."""
-    ops, graph = _recognised(model)
+    ops, graph, _ = _recognised(model)
     assert ops == [op], ops
     (norm,) = graph.find(op)
     assert norm.attrs["eps"] == pytest.approx(model.eps, rel=1e-6)
@@ -201,6 +207,10 @@ def test_layer_norm_spellings_fuse_and_match_eager(variance, inverse):
 
 
 def test_layer_norm_with_the_unbiased_variance_stays_unfused_and_matches_eager():
-    for unbiased in (lambda x: _explicit_var(x, 16 / 15),):
-        ops, _ = _recognised(_LayerNorm(unbiased, torch.rsqrt))
+    for unbiased in (lambda x: _explicit_var(x) * (16 / 15),
+                     lambda x: torch.var(x, -1, keepdim=True, correction=1),
+                     lambda x: x.var(dim=-1, keepdim=True)):
+        ops, _, log = _recognised(_LayerNorm(unbiased, torch.rsqrt))
         assert "layer_norm" not in ops and "torch_fallback" not in ops, ops
+    # the frontend's x.var() divides by N - 1: the near miss says so
+    assert "by 15, not by N = 16 (an unbiased variance" in log.why_not("norm/layer-norm")

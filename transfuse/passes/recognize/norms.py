@@ -9,8 +9,9 @@ Rules (tried in this order at each node; later ones grow what earlier ones made)
   mean(d²)`` -> ``layer_norm(x)``. ``rsqrt(v)`` may be written ``/ sqrt(v)``,
   ``* reciprocal(sqrt(v))`` or ``* (1 / sqrt(v))``; ``d²`` as ``pow(d, 2)`` or ``d * d``
   (``torch.square``). ``x.var(unbiased=False)`` decomposed by the frontend computes its
-  own ``x - mean(x)`` (the same node once CSE merged them, or a second one); an unbiased
-  variance (``mean(d²)`` times a correction N/(N-1)) is a near miss: layer_norm divides by N;
+  own ``x - mean(x)`` (the same node once CSE merged them, or a second one); ``var`` may
+  be ``sum(d²) / N``. An unbiased variance (``sum(d²) / (N - 1)``, the frontend's
+  ``x.var()``) is a near miss: layer_norm divides by N;
 - ``norm/rms-norm``: ``x * rsqrt(mean(x²) + eps)`` (the same spellings) -> ``rms_norm(x)``;
 - ``norm/rms-norm-upcast``: ``cast(rms_norm(cast(x, f32)), x.dtype)`` -> ``rms_norm(x)
   {upcast}`` (Llama's ``x.float()`` ... ``.to(x.dtype)``);
@@ -70,13 +71,33 @@ def normalize(h: Pattern, mean_square: Pattern) -> Pattern:
 
 
 def variance(x: Pattern) -> Pattern:
-    """``mean(d²)`` with ``d = x - mean(x)``: the numerator's own ``d`` or a second one (the
-    frontend's ``x.var()`` before CSE merged it with the numerator), optionally scaled by a
-    ``correction`` (an unbiased variance; the check decides)."""
-    centred = P.op("sub", x, mean(x, "var_mean"), name="var_centred")
-    ms = mean(square(centred), "var")
-    return P.alt(P.op("mul", ms, P.scalar("correction"), commutative=True), ms,
-                 tags=("corrected", None))
+    """``mean(d²)`` with ``d = x - mean(x)`` (the numerator's own ``d`` or a second one: the
+    frontend's ``x.var()`` before CSE merged it with the numerator), or ``sum(d²) / count``
+    (the frontend's ``x.var()`` with a correction: count = N - correction; the check decides
+    whether count is N)."""
+    squares = square(P.op("sub", x, mean(x, "var_mean"), name="var_centred"))
+    total = P.op("reduce_sum", squares, name="var_sum", attrs={"keepdim": True})
+    return P.alt(mean(squares, "var"), P.op("div", total, P.any("count")),
+                 tags=(None, "sum-count"))
+
+
+def _biased_variance(m: Match) -> str | None:
+    """None when ``sum(d²) / count`` (if that is the spelling) divides by N, else why not."""
+    if "sum-count" not in m.tags:
+        return None
+    x, count = m["x"], m["count"]
+    rank = max(x.type.rank, 1)
+    dims = [x.shape[a % rank] for a in m.node("var_sum").attrs["axes"]]
+    if count.const is None or count.const.numel() != 1:
+        return (f"the sum of squares is divided by %{count.name}, computed at run time: not "
+                f"provably N (an unbiased variance divides by N - 1; layer_norm by N)")
+    if not all(isinstance(d, int) for d in dims):
+        return f"the variance divides by a constant over the symbolic dims {dims}"
+    n, c = math.prod(dims), float(count.const.reshape(-1)[0])
+    if c != n:
+        return (f"the variance divides the sum of squares by {c:g}, not by N = {n} (an "
+                f"unbiased variance, correction {n - c:g}); layer_norm divides by N")
+    return None
 
 
 def _check_statistic(m: Match, means: tuple[str, ...]) -> tuple[int, float, str | None]:
@@ -106,14 +127,11 @@ _x = P.any("x")
 _centred = P.op("sub", _x, mean(_x, "mean"), name="centred")
 
 
-_LN_MEANS = ("mean", "var", "var_mean")
+_LN_MEANS = ("mean", "var", "var_mean", "var_sum")
 
 
 def _check_layer_norm(m: Match) -> str | None:
-    if "correction" in m and m.scalar("correction") != 1.0:
-        return (f"the variance is scaled by {m.scalar('correction')!r} (an unbiased variance, "
-                "N/(N-1)); layer_norm divides by N")
-    return _check_statistic(m, _LN_MEANS)[2]
+    return _check_statistic(m, _LN_MEANS)[2] or _biased_variance(m)
 
 
 def _layer_norm(m, b):
