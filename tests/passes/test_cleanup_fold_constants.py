@@ -1,6 +1,7 @@
 import torch
 from pass_helpers import apply, assert_graph
 
+from transfuse.ir.limits import tensor_limit
 from transfuse.ir.parser import parse_graph
 from transfuse.passes.manager import run_passes
 
@@ -68,3 +69,55 @@ graph main(%x: f32[64, 128]) {
     assert rec.matched("fold/constant") == 1
     (c,) = graph.constants.values()
     assert torch.equal(c.const, torch.ones(64, 128))
+
+
+HUGE_RANGE = """
+graph main(%x: i64[4]) {
+  %0: i64[2147483648] = arange() {end=2147483648}
+  %1: i64[4] = slice(%0) {axis=0, start=0, end=4}
+  %2: i64[4] = add(%x, %1)
+  return %2
+}"""
+
+
+def test_a_16_gib_range_is_never_materialised(monkeypatch):
+    allocations = []
+    real_arange = torch.arange
+
+    def spy(start, end, *args, **kw):  # records every call; never really allocates 16 GiB
+        allocations.append((start, end))
+        if end - start > 1 << 20:
+            raise MemoryError(f"the test refuses to allocate arange({start}, {end})")
+        return real_arange(start, end, *args, **kw)
+
+    monkeypatch.setattr(torch, "arange", spy)
+    for options in (None, {PASS: {"max_elements": 1 << 40}}):  # even with a huge element limit
+        graph = parse_graph(HUGE_RANGE)
+        rec = run_passes(graph, [PASS], verify=True, options=options)[0]
+        assert rec.status == "unchanged" and graph.find("arange")
+        (miss,) = rec.near_misses
+        assert miss.node.op == "arange" and miss.node.outputs == "%0"
+        assert "17179869184 bytes (16.0 GiB)" in miss.reason
+        if options:
+            assert "not materialised" in miss.reason and "above the limit" in miss.reason
+    assert not allocations
+    # the spy sees what folding does allocate: a small range is folded through torch.arange
+    graph = parse_graph(HUGE_RANGE.replace("2147483648", "8"))
+    assert run_passes(graph, [PASS])[0].matched("fold/constant") == 2  # arange, slice
+    assert len(allocations) == 1
+
+
+def test_the_byte_limit_is_the_ir_s_and_applies_before_the_element_limit():
+    text = """
+graph main(%x: i64[8]) {
+  %0: i64[8] = arange() {end=8}
+  %1: i64[8] = add(%x, %0)
+  %2: i64[9] = arange() {end=9}
+  return %1, %2
+}"""
+    with tensor_limit(64):  # 8 int64 fold, 9 do not
+        graph, rec = apply(text, PASS)
+    assert rec.matched("fold/constant") == 1 and [n.op for n in graph.nodes] == ["add", "arange"]
+    (miss,) = rec.near_misses
+    assert miss.reason.startswith("output %2 i64[9] not materialised: ")
+    assert "72 bytes" in miss.reason and "limit of 64 bytes" in miss.reason

@@ -16,8 +16,11 @@ Never folded: impure ops (``assert``, training ``dropout``), ``torch_fallback``
 (opaque), nodes whose attrs hold symbolic dims (``reshape``/``expand``/``full``/
 ``arange`` over ``seq`` stay as they are: they are cheap and shape-generic), and
 outputs over the size limit (a folded ``expand`` of a bias would turn a view
-into a weight-sized tensor). A refused all-constant node is a near miss with
-its reason.
+into a weight-sized tensor). Whatever ``max_elements`` says, an output over the
+limit of :mod:`transfuse.ir.limits` (``max_tensor_bytes()``, 2 GiB by default) is
+never materialised: the size is checked from the declared type before anything is
+allocated (a hostile 16 GiB ``arange`` stays a node). A refused all-constant node
+is a near miss with its reason (the output, its type and its size in bytes).
 
 Needs: nothing. Guarantees: folded values are what the reference interpreter
 computes for the node, with the node's declared type.
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 from transfuse.ir.graph import Graph, Node, Value
+from transfuse.ir.limits import oversize_reason, tensor_bytes
 from transfuse.ir.ops import run_reference
 from transfuse.ir.types import TensorType, free_symbols
 from transfuse.passes.base import Pass, PassContext, is_pure
@@ -98,14 +102,20 @@ class FoldConstants(Pass):
         ctx.attempt("fold/constant")
         if _attrs_symbolic(node.attrs):
             return []  # shape-generic by design: keep
-        for v in node.outputs:
+        for v in node.outputs:  # sizes from the declared types: nothing is allocated yet
             n = _static_numel(v.type)
             if n is None:
+                return []
+            too_big = oversize_reason(n, v.dtype)
+            if too_big:
+                ctx.near_miss("fold/constant", node,
+                              f"output %{v.name} {v.type} not materialised: {too_big}")
                 return []
             if n > limit:
                 ctx.near_miss("fold/constant", node,
                               f"all inputs are constant but output %{v.name} has {n} elements "
-                              f"> limit {limit} (option max_elements)")
+                              f"> limit {limit} (option max_elements), "
+                              f"{tensor_bytes(n, v.dtype)} bytes")
                 return []
         args = [None if v is None else v.const for v in node.inputs]
         try:
