@@ -104,6 +104,13 @@ def test_index_out_of_range_is_an_error():
         _run(g, [torch.randn(3, 4), torch.tensor([0, 3])])
 
 
+def _rejects(op: str, types, attrs: dict, message: str) -> None:
+    g = Graph()
+    vals = [g.add_input(f"x{i}", TensorType(d, s)) for i, (d, s) in enumerate(types)]
+    with pytest.raises(IRVerifyError, match=message):
+        g.create(op, vals, attrs)
+
+
 @pytest.mark.parametrize("types, axes, message", [
     ([(DType.f32, [3, 4]), (DType.i64, [2]), (DType.i64, [2])], (1, 0), "increasing"),
     ([(DType.f32, [3, 4]), (DType.i64, [2])], (2,), "increasing dims"),
@@ -115,10 +122,7 @@ def test_index_out_of_range_is_an_error():
     ([(DType.f32, [3, 4])], (), "at least one index"),
 ])
 def test_index_rejects(types, axes, message):
-    g = Graph()
-    vals = [g.add_input(f"x{i}", TensorType(d, s)) for i, (d, s) in enumerate(types)]
-    with pytest.raises(IRVerifyError, match=message):
-        g.create("index", vals, {"axes": axes})
+    _rejects("index", types, {"axes": axes}, message)
 
 
 def test_index_shape_helper_places_the_index_shape():
@@ -210,10 +214,7 @@ def test_scatter_nd_out_of_range_is_an_error():
     ([(DType.bool, [3]), (DType.i64, [2, 1]), (DType.bool, [2])], "max", "of bool"),
 ])
 def test_scatter_nd_rejects(types, reduction, message):
-    g = Graph()
-    vals = [g.add_input(f"x{i}", TensorType(d, s)) for i, (d, s) in enumerate(types)]
-    with pytest.raises(IRVerifyError, match=message):
-        g.create("scatter_nd", vals, {"reduction": reduction})
+    _rejects("scatter_nd", types, {"reduction": reduction}, message)
 
 
 # -- text form and cost ----------------------------------------------------------------------

@@ -68,10 +68,14 @@ def _index_reason(node) -> str | None:
     return None
 
 
-def _infer_index(node) -> list[TensorType]:
-    reason = _index_reason(node)
+def _raise_if(reason: str | None) -> None:
+    """Type inference cannot go on past a verify reason: raise it."""
     if reason:
         raise IRVerifyError(reason)
+
+
+def _infer_index(node) -> list[TensorType]:
+    _raise_if(_index_reason(node))
     x = in_type(node, 0)
     try:
         shape = broadcast_shapes(*[v.shape for v in node.inputs[1:]])
@@ -122,9 +126,7 @@ def _scatter_reason(node) -> str | None:
 
 
 def _infer_scatter(node) -> list[TensorType]:
-    reason = _scatter_reason(node)
-    if reason:
-        raise IRVerifyError(reason)
+    _raise_if(_scatter_reason(node))
     return [in_type(node, 0)]
 
 
