@@ -22,6 +22,7 @@ import io
 import warnings
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -160,9 +161,10 @@ def test_export_fuses_attention_and_matches_onnxruntime(exported, family, target
 @pytest.mark.hf
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("family", ["llama", "bert"])
-def test_export_with_attention_mask(exported, family, target):
+def test_export_with_attention_mask(exported, family, target, tmp_path):
     """With an attention mask (right padding): the padding term is an attention bias read
-    from the mask with GatherND, the IR index op that both targets run."""
+    from the mask with GatherND, the IR index op that both targets run; the onnxruntime
+    target's own export runs in plain ONNX Runtime."""
     path = exported(family, with_mask=True)
     compiled = transfuse.optimize(path, target=target)
     graph = compiled.graph
@@ -173,3 +175,13 @@ def test_export_with_attention_mask(exported, family, target):
                for a in atts), [a.attrs for a in atts]
     assert graph.find("index") and not graph.find("torch_fallback")
     _check_against_onnxruntime(path, compiled, with_mask=True)
+    if target == "onnxruntime":
+        out = tmp_path / "transfused.onnx"
+        compiled.export_onnx(out)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert "GatherND" in {n.op_type for n in onnx.load(str(out)).graph.node}
+        feeds = _feeds(11, with_mask=True)
+        (got,) = session.run(None, feeds)
+        (want,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, feeds)
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
