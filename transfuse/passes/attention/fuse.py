@@ -48,7 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transfuse.ir.graph import Graph, Node, Value
-from transfuse.ir.types import DType
+from transfuse.ir.types import DType, dims_equal
 from transfuse.passes.attention.alibi import match_alibi
 from transfuse.passes.attention.masks import additive_summands, analyze_additive_mask
 from transfuse.passes.attention.plan import (
@@ -130,8 +130,13 @@ def _replace(m: Match, b: Builder) -> Value:
         lead = None
     if rank == 3:
         def to4(x: Value) -> Value:
-            head = lead if lead is not None else [x.shape[0], 1]
-            return b.op("reshape", x, shape=[*head, *x.shape[1:]])
+            shape = [*(lead if lead is not None else [x.shape[0], 1]), *x.shape[1:]]
+            src = x.producer.inputs[0] if x.producer is not None and \
+                x.producer.op == "reshape" else None
+            if src is not None and src.type.rank == 4 and all(
+                    dims_equal(p, q) for p, q in zip(src.shape, shape)):
+                return src  # x is the [B, H, S, D] tensor viewed as [B·H, S, D]: undo the view
+            return b.op("reshape", x, shape=shape)
 
         def lift(x: Value) -> Value:  # a term on [B·H, S, T] as one on the 4-D scores
             return to4(x) if x.type.rank == 3 and (lead is None or x.shape[0] != 1) else x
