@@ -130,6 +130,21 @@ def test_static_shapes_fold_the_position_bias_and_still_fuse(family):
 
 
 @pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_with_a_dynamic_batch(family):
+    """BLOOM views its per-head ALiBi, expanded over the batch, as [B·H, 1, T]: still the
+    alibi attr with a symbolic batch; MPT's table is batch-free."""
+    model = tiny_hf_model(family, "eager", layers=LAYERS, hidden=HIDDEN, vocab=VOCAB,
+                          positions=POSITIONS)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    compiled = transfuse.optimize(model, (ids,), dynamic={"batch": (1, 4), "seq": (2, 32)})
+    _check_graph(family, "eager", compiled.graph)
+    with torch.inference_mode():
+        for shape in ((2, 12), (3, 7)):
+            x = torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
 def test_alibi_models_have_no_sdpa_path_in_transformers(family):
     """Why BLOOM and MPT run eager only above: transformers refuses SDPA for them. If this
     starts to pass, add their sdpa cases to CASES."""

@@ -213,13 +213,48 @@ graph main(%q: f32[4, seq, 8], %k: f32[4, seq, 8], %v: f32[4, seq, 8]) {{
     assert rec.matched("attention/sdpa-view") == 1 and not rec.near_misses
 
 
-def test_bloom_view_with_batch_two_keeps_the_b_h_term_as_a_bias():
-    """With B = 2 the 3-D term's axis 0 is B·H, not the heads: it is reshaped to
-    [B, H, 1, T] and kept as the bias; the causal mask after the view is still proven."""
-    graph, _, _ = fuse(_bloom(2))
+def test_bloom_view_with_batch_two_keeps_a_b_h_slope_table_as_a_bias():
+    """With B = 2 the 3-D term's axis 0 is B·H: a constant of B·H slopes is no view of one
+    slope per head, so the term is viewed as [B, H, 1, T] and kept as the bias (with the
+    reason); the causal mask after the view is still proven."""
+    graph, rec, log = fuse(_bloom(2))
     node = attn(graph)
     assert node.attrs["causal"] and node.attrs["alibi"] is None
     assert list(node.inputs[3].shape[:3]) == [2, 4, 1]
+    assert "mask kept as an explicit bias" in log.why_not("attention/mask")
+
+
+def test_bloom_alibi_broadcast_over_a_symbolic_batch_is_recognised():
+    """BLOOM with a dynamic batch: one slope per head, expanded over B and viewed as
+    [B·H, 1, T] for the bmm."""
+    n = "4*batch"
+    qkv = f"%q: f32[{n}, seq, 8], %k: f32[{n}, seq, 8], %v: f32[{n}, seq, 8]"
+    text = f"""
+graph main({qkv}, %batch_size: f32[batch]) {{
+  const %slopes: f32[4, 1, 1] = {SLOPES_LIT}
+  const %s: f32[] = 0.25
+  %0: i64[seq] = arange() {{end=seq}}
+  %h: f32[4, 1, seq] = mul(%slopes, %0)
+  %h4: f32[1, 4, 1, seq] = reshape(%h) {{shape=[1, 4, 1, seq]}}
+  %hb: f32[batch, 4, 1, seq] = expand(%h4) {{shape=[batch, 4, 1, seq]}}
+  %alibi: f32[{n}, 1, seq] = reshape(%hb) {{shape=[{n}, 1, seq]}}
+  %m0: f32[seq, seq] = full() {{shape=[seq, seq], value=-inf, dtype=f32}}
+  %mask: f32[seq, seq] = triu(%m0) {{diagonal=1}}
+  %kt: f32[{n}, 8, seq] = permute(%k) {{perm=[0, 2, 1]}}
+  %qk: f32[{n}, seq, seq] = matmul(%q, %kt)
+  %sc: f32[{n}, seq, seq] = mul(%qk, %s)
+  %ab: f32[{n}, seq, seq] = add(%alibi, %sc)
+  %s4: f32[batch, 4, seq, seq] = reshape(%ab) {{shape=[batch, 4, seq, seq]}}
+  %mk: f32[batch, 4, seq, seq] = add(%s4, %mask)
+  %p4: f32[batch, 4, seq, seq] = softmax(%mk) {{axis=3}}
+  %p3: f32[{n}, seq, seq] = reshape(%p4) {{shape=[{n}, seq, seq]}}
+  %o: f32[{n}, seq, 8] = matmul(%p3, %v)
+  return %o
+}}"""
+    graph, rec, _ = fuse(text)
+    node = attn(graph)
+    assert node.attrs["causal"] and node.attrs["alibi"] == tuple(SLOPES)
+    assert len(node.inputs) == 3 and not rec.near_misses
 
 
 def test_viewed_scores_used_elsewhere_block_the_rewrite():

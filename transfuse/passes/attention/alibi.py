@@ -24,7 +24,10 @@ Two more spellings reach the scores:
   the slope is fitted in float64 and every element must agree with it within
   the rounding of the constant's dtype (a few ulps of its largest magnitude);
 - a **slice** with step 1 along the query or key axis of an ALiBi term (MPT cuts
-  its table to the last T keys): it shifts i or j, which changes only row constants.
+  its table to the last T keys): it shifts i or j, which changes only row constants;
+- **views**: reshapes and expands over an ALiBi term that only move size-1 dims and
+  broadcast, keeping its head, query and key axes (BLOOM's [H, 1, T] viewed as
+  [B·H, 1, T] for the bmm and as [B, H, 1, T] for the op).
 
 On 3-D bmm scores [B·H, S, T] (``rank=3``) the caller passes the head count only
 when B is 1, so axis 0 is the head axis.
@@ -145,6 +148,8 @@ def match_alibi(term: Value, heads: int, s: Dim, t: Dim, rank: int = 4) -> Alibi
     n = v.producer
     if n is not None and n.op == "slice":
         return _sliced(n, heads, s, t, rank, nodes)
+    if n is not None and n.op in ("reshape", "expand"):
+        return _viewed(v, heads, s, t, rank, nodes)
     if n is None or n.op != "mul":
         return None
     nodes.append(n)
@@ -183,22 +188,79 @@ def _sliced(n: Node, heads: int, s: Dim, t: Dim, rank: int, nodes: list[Node]) -
     return None if inner is None else Alibi(inner.slopes, (*nodes, n, *inner.nodes))
 
 
+def _nonunit(shape) -> list:
+    return [d for d in shape if d != 1]
+
+
+def _viewed(v: Value, heads: int, s: Dim, t: Dim, rank: int, nodes: list[Node]) -> Alibi | None:
+    """A chain of reshapes and expands over an ALiBi term x that only moves size-1 dims and
+    broadcasts (BLOOM with a dynamic batch: [H, 1, T] -> [B·H, 1, T] -> [B, H, 1, T]).
+    Consecutive reshapes compose into one; each must keep the non-unit dims in order; an
+    expand adds broadcast dims. x's non-unit dims must keep their axes counted from the end,
+    so its head, query and key axes are the scores'."""
+    chain, cur = [], v
+    while cur.producer is not None and cur.producer.op in ("reshape", "expand"):
+        chain.append(cur.producer)
+        cur = cur.producer.inputs[0]
+    if cur.is_const and cur.const.numel() <= MAX_TABLE and all(
+            n.outputs[0].type.is_static for n in chain):  # views of a table: replay them
+        table = cur.const
+        for n in reversed(chain):
+            table = table.reshape(n.outputs[0].shape) if n.op == "reshape" else \
+                table.expand(n.outputs[0].shape)
+        return _table(table, v.dtype, heads, s, t, rank, [*nodes, *chain])
+    slots = list(range(len(_nonunit(v.shape))))  # each non-unit dim of cur: the term's dim
+    cur, i = v, 0
+    while i < len(chain):
+        n, src = chain[i], chain[i].inputs[0]
+        if n.op == "reshape":
+            while i + 1 < len(chain) and chain[i + 1].op == "reshape":  # one reshape in all
+                i += 1
+                src = chain[i].inputs[0]
+            a, b = _nonunit(cur.shape), _nonunit(src.shape)
+            if len(a) != len(b) or not all(dims_equal(x, y) for x, y in zip(a, b)):
+                return None
+        else:  # right-aligned broadcast: dims that were 1 in the input are not from x
+            pad = (1,) * (cur.type.rank - src.type.rank) + tuple(src.shape)
+            kept = [p != 1 for d, p in zip(cur.shape, pad) if d != 1]
+            slots = [slot for slot, keep in zip(slots, kept) if keep]
+        cur, i = src, i + 1
+    term_axes = [k - v.type.rank for k, d in enumerate(v.shape) if d != 1]
+    x_axes = [k - cur.type.rank for k, d in enumerate(cur.shape) if d != 1]
+    if cur.type.rank not in (3, 4) or [term_axes[slot] for slot in slots] != x_axes:
+        return None
+    inner = match_alibi(cur, heads, s, t, cur.type.rank)
+    return None if inner is None else Alibi(inner.slopes, (*nodes, *chain, *inner.nodes))
+
+
 def _constant_table(c: Value, heads: int, s: Dim, t: Dim, rank: int,
                     nodes: list[Node]) -> Alibi | None:
     """A constant [.., H|1, S|1, T] whose rows are ``slope_h · j`` plus a row constant."""
-    shape = (1,) * (rank - c.type.rank) + tuple(c.shape)
-    hc, sc, tc = shape[rank - 3], shape[rank - 2], shape[rank - 1]
-    if (any(d != 1 for d in shape[:rank - 3]) or hc not in (1, heads) or not isinstance(tc, int)
-            or tc < 2 or not dims_equal(tc, t) or not (sc == 1 or dims_equal(sc, s))
-            or c.const.numel() > MAX_TABLE):
+    if c.const.numel() > MAX_TABLE:
         return None
-    table = c.const.double().reshape(hc, -1, tc)
+    return _table(c.const, c.dtype, heads, s, t, rank, nodes)
+
+
+def _table(const: torch.Tensor, dtype: DType, heads: int, s: Dim, t: Dim, rank: int,
+           nodes: list[Node]) -> Alibi | None:
+    """``const`` (the same along any axes before the head axis) as an ALiBi table."""
+    if const.dim() > rank:
+        return None
+    shape = (1,) * (rank - const.dim()) + tuple(const.shape)
+    hc, sc, tc = shape[rank - 3], shape[rank - 2], shape[rank - 1]
+    if (hc not in (1, heads) or tc < 2 or not dims_equal(tc, t)
+            or not (sc == 1 or dims_equal(sc, s))):
+        return None
+    lead = const.reshape(-1, hc, sc, tc).double()
+    if not bool((lead == lead[:1]).all()):  # varies along the batch axis
+        return None
+    table = lead[0]
     if not bool(table.isfinite().all()):
         return None
     rows = table - table[..., :1]  # (Hc, Sc, T): slope_h · j when this is ALiBi
     slopes = rows[..., -1].mean(dim=1) / (tc - 1)  # (Hc,)
     j = torch.arange(tc, dtype=torch.float64)
-    tol = ULPS * torch.finfo(c.dtype.torch).eps * max(float(table.abs().max()), 1.0)
+    tol = ULPS * torch.finfo(dtype.torch).eps * max(float(table.abs().max()), 1.0)
     if bool(((rows - slopes[:, None, None] * j).abs() > tol).any()) or not bool(slopes.any()):
         return None
     values = slopes.tolist() * (heads if hc == 1 else 1)

@@ -122,10 +122,10 @@ def _replace(m: Match, b: Builder) -> Value:
     s, t = scores.shape[-2], scores.shape[-1]
     steps = matched_steps(m)
     view = next((n for _, kind, n in steps if kind == "view"), None)
-    heads3 = None  # heads of an ALiBi term on 3-D scores (only when axis 0 is the head axis)
+    heads3 = None  # ALiBi on 3-D scores: matched on the term viewed as [B, H, .., T]
     if view is not None:  # [B·H, S, D] -> [B, H, S, D]
         lead = list(view.outputs[0].shape[:2])
-        heads3 = lead[1] if lead[0] == 1 else None
+        heads3 = lead[1]
     elif rank == 3:  # [B·H, S, D] -> [B·H, 1, S, D]
         lead = None
     if rank == 3:

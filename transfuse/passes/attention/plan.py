@@ -50,7 +50,8 @@ class MaskStep:
     """One mask operation: ``add`` (``value`` is the term), ``fill`` (``where(value, fill,
     x)``: True = masked) or ``keep`` (``where(value, x, fill)``: True = attend).
     ``rank`` is the rank of the scores it applies to; ``alibi_heads`` the head count an
-    ALiBi term may be matched with in that frame (None: no ALiBi there)."""
+    ALiBi term may be matched with (None: no ALiBi there); a term on 3-D scores is matched
+    after ``lift`` views it on the op's [B, H, S, T] scores."""
 
     kind: str
     value: Value
@@ -79,7 +80,7 @@ def plan_masks(steps: list[MaskStep], b: Builder, s: Dim, t: Dim, dtype: DType,
     maps a term of a step on 3-D scores (``rank`` 3) to the 4-D scores of the op."""
     plan = MaskPlan()
     for step in steps:
-        lift_step = lift if step.rank == 3 and lift is not None else (lambda v: v)
+        lift_step = lift if step.rank == 3 and lift is not None else _same
         if step.kind == "add":
             _additive(step, plan, b, s, t, dtype, lift_step, report, where)
         else:
@@ -139,8 +140,10 @@ def _additive(step: MaskStep, plan: MaskPlan, b: Builder, s: Dim, t: Dim, dtype:
     """An additive term: one ALiBi summand -> the alibi attr, the rest analysed by masks.py."""
     rest: Value | None = step.value
     if step.alibi_heads is not None and plan.alibi is None:
-        parts = additive_summands(step.value)
-        found = [(p, match_alibi(p, step.alibi_heads, s, t, step.rank)) for p in parts]
+        parts, rank = additive_summands(step.value), step.rank
+        if rank == 3 and lift is not None:  # match on the op's 4-D scores, as the bias would be
+            parts, rank, lift = [lift(p) for p in parts], 4, _same
+        found = [(p, match_alibi(p, step.alibi_heads, s, t, rank)) for p in parts]
         alibis = [a for _, a in found if a is not None]
         if len(alibis) == 1:
             plan.alibi = alibis[0].slopes
@@ -148,10 +151,18 @@ def _additive(step: MaskStep, plan: MaskPlan, b: Builder, s: Dim, t: Dim, dtype:
             for p, a in found:
                 if a is None:
                     rest = p if rest is None else b.op("add", rest, p)
+        elif lift is _same:  # keep the lifted summands: they are the bias
+            rest = None
+            for p in parts:
+                rest = p if rest is None else b.op("add", rest, p)
     if rest is None or (rest.is_const and not bool(rest.const.any())):
         return  # nothing, or adding zeros (x + 0 is x)
     _apply_facts(analyze_additive_mask(rest, s, t), plan, b, dtype, lambda: lift(rest),
                  report, where)
+
+
+def _same(v: Value) -> Value:
+    return v
 
 
 def _apply_facts(facts: MaskFacts, plan: MaskPlan, b: Builder, dtype: DType,
