@@ -140,3 +140,50 @@ def test_checker_finds_private_imports_and_attribute_uses(make_package):
 def test_transfuse_uses_no_private_name_of_another_module():
     bad = private_uses(ROOT)
     assert not bad, "private names used outside their module:\n" + "\n".join(bad)
+
+
+def private_module_imports(root: Path) -> list[str]:
+    """``file:line: what`` for every import of a private module (``_util``) from outside the
+    package that holds it (siblings may share one; nobody else may)."""
+    pkg = root.name
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent)
+        home = ".".join(rel.with_suffix("").parts[:-1])  # the importing module's package
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] != pkg:
+                    continue
+                for i, part in enumerate(parts):
+                    if not _private(part):
+                        continue
+                    owner = ".".join(parts[:i])
+                    if root.parent.joinpath(*parts[:i + 1]).with_suffix(".py").exists() \
+                            and owner != home:
+                        out.append(f"{rel}:{node.lineno}: imports private module "
+                                   f"{'.'.join(parts[:i + 1])}")
+                    break
+    return sorted(set(out))
+
+
+def test_checker_finds_private_module_imports_from_other_packages(make_package):
+    root = make_package({
+        "pkg/__init__.py": "",
+        "pkg/a/__init__.py": "",
+        "pkg/a/_util.py": "def helper():\n    pass\n",
+        "pkg/a/ops.py": "from pkg.a._util import helper\n",
+        "pkg/b.py": "from pkg.a._util import helper\nimport pkg.a._util\n",
+    })
+    assert private_module_imports(root) == ["pkg/b.py:1: imports private module pkg.a._util",
+                                            "pkg/b.py:2: imports private module pkg.a._util"]
+
+
+def test_private_modules_are_imported_only_by_their_siblings():
+    bad = private_module_imports(ROOT)
+    assert not bad, "private modules imported from another package:\n" + "\n".join(bad)

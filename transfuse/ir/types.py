@@ -385,3 +385,14 @@ def broadcast_shapes(*shapes: Sequence[Dim]) -> tuple[Dim, ...]:
 
 def promote(a: DType, b: DType) -> DType:
     return DType.from_torch(torch.promote_types(a.torch, b.torch))
+
+
+def result_dtype(*types: TensorType) -> DType:
+    """The dtype an op over tensors of ``types`` computes in: torch's promotion rules, 0-d
+    tensors participating like torch's 0-d tensors (so ``f16 tensor * f32 scalar`` stays f16)."""
+    probes = [torch.empty(() if t.rank == 0 else (1,) * t.rank, dtype=t.dtype.torch) for t in types]
+    out = probes[0]
+    for p in probes[1:]:
+        out = torch.empty((), dtype=torch.result_type(out, p)) if out.dim() == 0 and p.dim() == 0 else \
+            torch.empty((1,), dtype=torch.result_type(out, p))
+    return DType.from_torch(out.dtype)

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from transfuse.codegen.lowering import Lowerings
 from transfuse.ir.graph import Node, Value
-from transfuse.ir.opdefs._util import result_dtype
-from transfuse.ir.types import DType
+from transfuse.ir.types import DType, result_dtype
 
 #: every onnxruntime lowering, by IR op
 LOWERINGS = Lowerings("onnxruntime")

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from transfuse.codegen.python.nn import rms_norm_expr
 from transfuse.codegen.python.registry import LOWERINGS, arg, norm_shape
-from transfuse.ir.opdefs._util import result_dtype
-from transfuse.ir.types import DType, dims_equal
+from transfuse.ir.types import DType, dims_equal, result_dtype
 
 
 def _same_f32(a, b) -> bool:

@@ -11,8 +11,7 @@ from transfuse.frontend.aten.helpers import args_list, is_tensor_arg, operand, o
 from transfuse.frontend.aten.registry import FALLBACK, Converter, aten
 from transfuse.frontend.build import cast, sym_value
 from transfuse.ir.graph import Value
-from transfuse.ir.opdefs._util import result_dtype
-from transfuse.ir.types import DType
+from transfuse.ir.types import DType, result_dtype
 
 #: elementwise ops whose IR op has the aten name; binary ones take tensor or python-scalar
 #: operands (and ``alpha`` for add/sub)

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import torch
-
 from transfuse.errors import IRVerifyError
-from transfuse.ir.types import Dim, DType, TensorType, broadcast_shapes, normalize_dim
+from transfuse.ir.types import (  # noqa: F401  (result_dtype: re-exported for opdefs)
+    Dim,
+    DType,
+    TensorType,
+    broadcast_shapes,
+    normalize_dim,
+    result_dtype,
+)
 
 
 def in_type(node, i: int) -> TensorType:
     return node.inputs[i].type
-
-
-def result_dtype(*types: TensorType) -> DType:
-    """torch's promotion rules; 0-d tensors participate like torch's 0-d tensors."""
-    probes = [torch.empty(() if t.rank == 0 else (1,) * t.rank, dtype=t.dtype.torch) for t in types]
-    out = probes[0]
-    for p in probes[1:]:
-        out = torch.empty((), dtype=torch.result_type(out, p)) if out.dim() == 0 and p.dim() == 0 else \
-            torch.empty((1,), dtype=torch.result_type(out, p))
-    return DType.from_torch(out.dtype)
 
 
 def broadcast(node, *indices: int) -> tuple[Dim, ...]:

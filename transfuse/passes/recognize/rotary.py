@@ -31,9 +31,8 @@ product and takes pairs cut from what x is a view of. Complex-number RoPE
 from __future__ import annotations
 
 from transfuse.ir.graph import Value
-from transfuse.ir.opdefs._util import result_dtype
 from transfuse.ir.opdefs.shape import INT64_MAX
-from transfuse.ir.types import dims_equal
+from transfuse.ir.types import dims_equal, result_dtype
 from transfuse.passes.recognize._common import same_shape
 from transfuse.passes.registry import register_pass
 from transfuse.passes.rewrite import Match, P, Pattern, RewritePass, Rule
