@@ -1,0 +1,51 @@
+"""BlockPool: free list order, reference counts, all-or-nothing allocation, misuse errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from transfuse.errors import InputError
+from transfuse.runtime.block_pool import BlockPool
+
+
+def test_allocate_share_release_and_reuse_order():
+    pool = BlockPool(4)
+    a = pool.allocate(2)
+    assert a == [0, 1] and pool.num_used == 2 and pool.num_free == 2
+    pool.share([1])
+    assert [pool.ref_count(b) for b in range(4)] == [1, 2, 0, 0]
+    assert pool.release([0, 1]) == 1  # 0 freed, 1 still held once
+    assert pool.ref_count(1) == 1 and pool.free_blocks() == [2, 3, 0]
+    assert pool.release([1]) == 1
+    assert pool.free_blocks() == [2, 3, 0, 1]  # freed blocks queue at the back
+    assert pool.allocate(3) == [2, 3, 0]
+
+
+def test_allocate_is_all_or_nothing():
+    pool = BlockPool(3)
+    pool.allocate(2)
+    with pytest.raises(InputError, match="3 needed, 1 free of 3"):
+        pool.allocate(3)
+    assert pool.num_free == 1 and pool.free_blocks() == [2]
+    assert pool.allocate(0) == []
+
+
+@pytest.mark.parametrize("n", [0, -1, True, 2.0])
+def test_bad_size(n):
+    with pytest.raises(InputError, match="num_blocks must be a positive int"):
+        BlockPool(n)
+
+
+def test_misuse_is_refused_without_change():
+    pool = BlockPool(3)
+    pool.allocate(1)  # block 0
+    with pytest.raises(InputError, match="block 1 is free"):
+        pool.share([0, 1])
+    assert pool.ref_count(0) == 1  # block 0 was not shared half-way
+    with pytest.raises(InputError, match="released 2 times, held 1"):
+        pool.release([0, 0])
+    assert pool.ref_count(0) == 1
+    with pytest.raises(InputError, match="block id 3 not in 0..2"):
+        pool.ref_count(3)
+    with pytest.raises(InputError, match="block id -1"):
+        pool.release([-1])

@@ -1,0 +1,375 @@
+"""KVCache: allocation, step metadata, write/read through the metadata, fork and copy-on-write,
+exhaustion, memory accounting (the property test is in test_kv_cache_random.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kv_reference import read_seq, write_step
+
+from transfuse.errors import InputError
+from transfuse.runtime.kv_cache import KVCache
+
+BOTH = [(lay, order) for lay in ("contiguous", "paged") for order in ("token-major", "head-major")]
+
+
+def make(layout="paged", order="token-major", **kw):
+    args = dict(max_seq_len=32, max_batch=4, layout=layout, order=order)
+    if layout == "paged":
+        args["block_size"] = 4
+    args.update(kw)
+    return KVCache(2, 2, 3, **args)
+
+
+def step(cache, items, gen=None):
+    """Run one step: prepare, write random K/V in every layer, commit; returns (meta, k, v)."""
+    meta = cache.prepare_step(items)
+    n = meta.num_tokens
+    ks, vs = [], []
+    for layer in range(cache.layers):
+        k = torch.randn(n, cache.kv_heads, cache.head_dim, generator=gen)
+        v = torch.randn(n, cache.kv_heads, cache.head_dim, generator=gen)
+        write_step(cache, meta, layer, k, v)
+        ks.append(k)
+        vs.append(v)
+    cache.commit_step()
+    return meta, ks, vs
+
+
+def state(cache):
+    """Everything observable about the bookkeeping (for 'unchanged after an error')."""
+    seqs = {s: (cache.length(s), cache.block_table(s) if cache.paged else cache.slot(s))
+            for s in cache.seq_ids()}
+    return seqs, cache.memory_report()
+
+
+@pytest.mark.parametrize("layout,order", BOTH)
+def test_shapes_bytes_and_zero_fill(layout, order):
+    c = make(layout, order)
+    rows, cols = (32, 4) if layout == "paged" else (4, 32)  # 4 seqs x 8 blocks of 4
+    want = (rows, cols, 2, 3) if order == "token-major" else (rows, 2, cols, 3)
+    assert len(c.k) == len(c.v) == 2
+    assert all(t.shape == want and t.dtype == torch.float32 for t in c.k + c.v)
+    assert all(not t.any() for t in c.k + c.v)
+    assert c.bytes_per_token == 2 * 2 * 2 * 3 * 4  # K and V x layers x Hkv x D x fp32
+    assert c.nbytes == sum(t.numel() * t.element_size() for t in c.k + c.v)
+    assert list(c.cache_inputs()) == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    assert c.cache_inputs()["v_cache_1"] is c.v[1]
+
+
+def test_block_budget_and_dtype_names():
+    c = KVCache(1, 1, 8, "bf16", max_seq_len=100, max_batch=2, layout="paged", block_size=16,
+                num_blocks=5)
+    assert c.k[0].shape == (5, 16, 1, 8) and c.dtype == torch.bfloat16
+    assert c.max_blocks == 7 and c.bytes_per_token == 2 * 8 * 2
+    assert KVCache(1, 1, 8, torch.float16, max_seq_len=8, max_batch=1).dtype == torch.float16
+    assert KVCache(1, 1, 1, "torch.float64", max_seq_len=8, max_batch=1).dtype == torch.float64
+    meta = KVCache(1, 1, 1, max_seq_len=8, max_batch=1, device="meta")
+    assert meta.k[0].device.type == "meta"
+
+
+def test_metadata_mixed_prefill_and_decode_contiguous():
+    c = make("contiguous")
+    c.add("a", 3)
+    c.add("b", 2)
+    step(c, [("a", 3), ("b", 2)])
+    c.add("c", 4)
+    meta = c.prepare_step([("b", 1), ("c", 4), ("a", 1)])  # decode, prefill, decode
+    assert meta.seq_ids == ("b", "c", "a") and meta.num_new == (1, 4, 1)
+    assert meta.position_ids.tolist() == [[2, 0, 1, 2, 3, 3]]
+    assert meta.seq_of_token.tolist() == [0, 1, 1, 1, 1, 2]
+    assert meta.seq_lens.tolist() == [3, 4, 4]
+    assert meta.cache_table.tolist() == [1, 2, 0]  # slots in order of add
+    assert meta.last_rows.tolist() == [0, 4, 5]
+    assert meta.num_tokens == 6 and meta.batch == 3
+    assert all(t.dtype == torch.int64 for t in meta.inputs().values())
+    assert list(meta.inputs()) == [
+        "position_ids", "seq_of_token", "seq_lens", "cache_table", "logit_rows"]
+    assert meta.inputs()["logit_rows"] is meta.last_rows
+    assert c.length("c") == 0  # nothing grows before commit
+    c.commit_step()
+    assert [c.length(s) for s in "abc"] == [4, 3, 4]
+
+
+def test_paged_tables_with_scattered_blocks():
+    c = make("paged", max_seq_len=16)  # block_size 4, 4 blocks per seq max, 16 blocks
+    c.add("a", 5)  # blocks 0, 1
+    c.add("b", 4)  # block 2
+    c.add("c", 3)  # block 3
+    step(c, [("a", 5), ("b", 4), ("c", 3)])
+    c.free("b")  # block 2 back on the free list, behind 4..15
+    c.add("d", 16)  # takes 4 blocks: 4, 5, 6, 7
+    meta = c.prepare_step([("c", 1), ("a", 4), ("d", 16)])  # a grows into a third block: 8
+    assert meta.cache_table.tolist() == [
+        [3, -1, -1, -1], [0, 1, 8, -1], [4, 5, 6, 7]]
+    assert meta.position_ids.tolist() == [[3, 5, 6, 7, 8] + list(range(16))]
+    assert meta.seq_lens.tolist() == [4, 9, 16]
+    assert meta.last_rows.tolist() == [0, 4, 20]
+    c.commit_step()
+    for b in range(8):  # 2 went free and 4 more are handed out before it comes back
+        c.add(("x", b), 1)
+    assert c.block_table(("x", 7)) == [2]
+
+
+@pytest.mark.parametrize("layout,order", BOTH)
+def test_write_read_through_metadata(layout, order):
+    gen = torch.Generator().manual_seed(0)
+    c = make(layout, order)
+    want = {s: ([[] for _ in range(2)], [[] for _ in range(2)]) for s in "abc"}
+
+    def run(items):
+        meta, ks, vs = step(c, items, gen)
+        row = 0
+        for sid, n in items:
+            for layer in range(2):
+                want[sid][0][layer].append(ks[layer][row:row + n])
+                want[sid][1][layer].append(vs[layer][row:row + n])
+            row += n
+
+    for s, n in zip("abc", (7, 1, 4)):
+        c.add(s, n)
+    run([("a", 7), ("b", 1), ("c", 4)])
+    for _ in range(6):
+        run([("c", 1), ("a", 1), ("b", 1)])
+    run([("b", 9), ("a", 2)])  # a prefill chunk after decodes
+    for s in "abc":
+        for layer in range(2):
+            k, v = read_seq(c, s, layer)
+            assert torch.equal(k, torch.cat(want[s][0][layer]))
+            assert torch.equal(v, torch.cat(want[s][1][layer]))
+
+
+def test_paged_fork_copy_on_write_and_reuse():
+    gen = torch.Generator().manual_seed(1)
+    c = make("paged")  # block_size 4
+    c.add("p", 6)
+    step(c, [("p", 6)], gen)  # blocks 0 (full), 1 (2 of 4)
+    before = [read_seq(c, "p", i) for i in range(2)]
+    c.fork("p", "c1")
+    c.fork("p", "c2")
+    assert c.block_table("c1") == c.block_table("p") == [0, 1]
+    assert c.ref_count(0) == c.ref_count(1) == 3
+    assert c.blocks_needed([("c1", 1)]) == 1  # copies block 1 and only that one
+    step(c, [("c1", 1)], gen)
+    assert c.block_table("c1") == [0, 2] and c.ref_count(1) == 2 and c.ref_count(0) == 3
+    k1, _ = read_seq(c, "c1", 0)
+    assert torch.equal(k1[:6], before[0][0])  # the copy carries the shared prefix
+    step(c, [("p", 3), ("c2", 1)], gen)  # p copies 1 (refs 2 -> 1), c2 then owns it
+    assert c.block_table("p")[:2] == [0, 3] and c.block_table("c2") == [0, 1]
+    assert c.ref_count(1) == 1 and c.ref_count(0) == 3
+    for i in range(2):  # the parent's old positions are untouched by the children's writes
+        assert all(torch.equal(a[:6], b) for a, b in zip(read_seq(c, "p", i), before[i]))
+    assert c.memory_report()["blocks_shared"] == 1
+    for s in ("p", "c1", "c2"):
+        c.free(s)
+    assert all(c.ref_count(b) == 0 for b in range(c.num_blocks))
+    assert c.memory_report()["blocks_free"] == c.num_blocks
+    c.add("q", 32)
+    assert len(set(c.block_table("q")) & {0, 1, 2, 3}) == 0  # fresh blocks come first ...
+    c.free("q")
+    for i in range(c.num_blocks):
+        c.add(i, 1)  # ... and every block, freed ones included, is handed out again
+    assert sorted(b for i in range(c.num_blocks) for b in c.block_table(i)) == list(range(32))
+
+
+def test_fork_of_full_blocks_shares_without_copy():
+    c = make("paged")
+    c.add("p", 8)
+    step(c, [("p", 8)])
+    c.fork("p", "c")
+    assert c.blocks_needed([("c", 1)]) == 1  # a new block, no copy: blocks 0, 1 are full
+    step(c, [("c", 1)])
+    assert c.block_table("c")[:2] == [0, 1] and c.ref_count(0) == 2
+
+
+@pytest.mark.parametrize("order", ["token-major", "head-major"])
+def test_contiguous_fork_copies_the_prefix(order):
+    gen = torch.Generator().manual_seed(2)
+    c = make("contiguous", order)
+    c.add("p", 5)
+    step(c, [("p", 5)], gen)
+    c.fork("p", "c")
+    assert c.slot("c") == 1 and c.length("c") == 5
+    assert all(torch.equal(a, b) for a, b in zip(read_seq(c, "c", 1), read_seq(c, "p", 1)))
+    parent = read_seq(c, "p", 0)
+    step(c, [("c", 2)], gen)
+    assert all(torch.equal(a, b) for a, b in zip(read_seq(c, "p", 0), parent))
+    assert torch.equal(read_seq(c, "c", 0)[0][:5], parent[0])
+
+
+def test_paged_exhaustion_leaves_state_unchanged():
+    c = make("paged", max_seq_len=32, num_blocks=6)  # block_size 4
+    c.add("a", 6)
+    c.add("b", 4)
+    step(c, [("a", 6), ("b", 4)])  # a: 2 blocks, b: 1 block, 3 free
+    c.fork("a", "a2")
+    snap = state(c)
+    data = [t.clone() for t in c.k + c.v]
+    # a2 needs 1 copy + 2 new, b needs 2 new: 5 > 3 free
+    with pytest.raises(InputError, match=r"needs 5 blocks \(4 new, 1 copy-on-write\) but 3 of 6"):
+        c.prepare_step([("a2", 7), ("b", 5)])
+    assert state(c) == snap
+    assert all(torch.equal(a, b) for a, b in zip(data, c.k + c.v))
+    with pytest.raises(InputError, match="needs 4 blocks for its 13 prompt tokens, 3 of 6"):
+        c.add("z", 13)
+    with pytest.raises(InputError, match="needs 4 blocks"):
+        c.extend("b", 13)
+    assert state(c) == snap and "z" not in c
+    step(c, [("a2", 7)])  # 1 copy + 2 new: fits exactly
+    assert c.memory_report()["blocks_free"] == 0
+
+
+def test_contiguous_slots_run_out():
+    c = make("contiguous", max_batch=2)
+    c.add("a", 1)
+    c.add("b", 1)
+    with pytest.raises(InputError, match="no free slot for sequence 'c': all max_batch 2"):
+        c.add("c", 1)
+    with pytest.raises(InputError, match="max_batch 2"):
+        c.fork("a", "c")
+    assert c.seq_ids() == ["a", "b"]
+    c.free("a")
+    c.add("c", 1)
+    assert c.slot("c") == 0
+
+
+def test_memory_report_and_waste_below_one_block_per_sequence():
+    c = make("paged", max_seq_len=64, max_batch=6)  # block_size 4
+    lens = {"a": 1, "b": 4, "c": 5, "d": 11, "e": 16, "f": 33}
+    for s, n in lens.items():
+        c.add(s, n)
+    step(c, list(lens.items()))
+    for _ in range(3):
+        step(c, [(s, 1) for s in lens])
+    r = c.memory_report()
+    tokens = sum(lens.values()) + 3 * len(lens)
+    blocks = sum(-(-(n + 3) // 4) for n in lens.values())
+    assert r["tokens"] == tokens and r["blocks_used"] == blocks
+    assert r["blocks_free"] == c.num_blocks - blocks and r["blocks_shared"] == 0
+    assert r["waste_tokens"] == blocks * 4 - tokens < 4 * len(lens)
+    assert all(len(c.block_table(s)) * 4 - c.length(s) < 4 for s in lens)
+    assert r["bytes_used"] == blocks * r["bytes_per_block"] == blocks * 4 * c.bytes_per_token
+    assert r["bytes"] == c.nbytes and r["capacity_tokens"] == c.num_blocks * 4
+    cc = make("contiguous")
+    cc.add("a", 3)
+    step(cc, [("a", 3)])
+    rc = cc.memory_report()
+    assert (rc["slots_used"], rc["slots_free"], rc["tokens"]) == (1, 3, 3)
+    assert rc["bytes_used"] == 32 * cc.bytes_per_token
+
+
+def test_step_protocol():
+    c = make("paged")
+    c.add("a", 2)
+    c.add("b", 2)
+    with pytest.raises(InputError, match="no step in flight"):
+        c.commit_step()
+    c.prepare_step([("a", 2)])
+    with pytest.raises(InputError, match="a step is in flight"):
+        c.prepare_step([("b", 2)])
+    for call in (lambda: c.free("a"), lambda: c.fork("a", "x"), lambda: c.extend("a", 1)):
+        with pytest.raises(InputError, match="'a' is in a step in flight"):
+            call()
+    c.free("b")  # not in the step: fine
+    c.abort_step()
+    assert c.length("a") == 0 and c.block_table("a") == []  # reserved blocks returned
+    assert c.memory_report()["blocks_used"] == 0
+    c.extend("a", 5)
+    assert len(c.block_table("a")) == 2 and c.length("a") == 0
+    step(c, [("a", 5)])
+    assert len(c.block_table("a")) == 2 and c.length("a") == 5
+
+
+@pytest.mark.parametrize("items,match", [
+    ([], "non-empty list"),
+    ("ab", "non-empty list"),
+    ([("a",)], r"each item is \(seq_id, n_new\)"),
+    ([("zz", 1)], "unknown sequence 'zz'"),
+    ([("a", 1), ("a", 1)], "'a' appears twice"),
+    ([("a", 0)], "n_new of sequence 'a' must be a positive int, got 0"),
+    ([("a", 1.0)], "must be a positive int"),
+    ([("a", 31)], r"would hold 33 tokens \(2 \+ 31\), more than max_seq_len 32"),
+])
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_bad_steps_are_refused_without_change(layout, items, match):
+    c = make(layout)
+    c.add("a", 2)
+    step(c, [("a", 2)])
+    snap = state(c)
+    with pytest.raises(InputError, match=match):
+        c.prepare_step(items)
+    assert state(c) == snap
+    step(c, [("a", 1)])  # no step was left in flight
+
+
+def test_bad_sequence_calls():
+    c = make("paged")
+    with pytest.raises(InputError, match="prompt of sequence 's' has 33 tokens, longer than "
+                                         "max_seq_len 32"):
+        c.add("s", 33)
+    with pytest.raises(InputError, match="prompt_len of sequence 's' must be a positive int"):
+        c.add("s", 0)
+    c.add("s", 32)
+    with pytest.raises(InputError, match="sequence 's' already exists"):
+        c.add("s", 1)
+    for call, name in ((lambda: c.length("t"), "length"), (lambda: c.free("t"), "free"),
+                       (lambda: c.fork("t", "u"), "fork"), (lambda: c.extend("t", 1), "extend"),
+                       (lambda: c.length([1]), "length")):
+        with pytest.raises(InputError, match=f"KVCache.{name}: unknown sequence"):
+            call()
+    with pytest.raises(InputError, match="sequence 's' already exists"):
+        c.fork("s", "s")
+    step(c, [("s", 30)])
+    with pytest.raises(InputError, match=r"would hold 33 tokens \(30 \+ 3\)"):
+        c.extend("s", 3)
+    with pytest.raises(InputError, match="a paged cache has block tables"):
+        c.slot("s")
+    with pytest.raises(InputError, match="a contiguous cache has slots"):
+        make("contiguous").block_table("s")
+
+
+@pytest.mark.parametrize("field", ["layers", "kv_heads", "head_dim", "max_seq_len", "max_batch",
+                                   "block_size", "num_blocks"])
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, None])
+def test_non_positive_sizes(field, value):
+    args = dict(layers=1, kv_heads=1, head_dim=1, max_seq_len=8, max_batch=1, layout="paged")
+    if field == "num_blocks" and value is None:
+        return  # None is the default: sized from max_batch x max_seq_len
+    args[field] = value
+    with pytest.raises(InputError, match=f"{field} must be a positive int, got {value!r}"):
+        KVCache(**args)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(dtype="int8"), "dtype 'int8' unknown"),
+    (dict(dtype=torch.int32), "must be a floating type"),
+    (dict(dtype=3), "dtype 3 unknown"),
+    (dict(device="gpu0"), "device 'gpu0' is not a device name"),
+    (dict(device="cuda:7"), "this machine has"),
+    (dict(device="mps"), "type not one of"),
+    (dict(device=0), "must be a str or torch.device"),
+    (dict(layout="blocked"), "layout must be one of"),
+    (dict(order="bnsh"), "order must be one of"),
+    (dict(layout="contiguous", num_blocks=4), "num_blocks is for layout='paged' only"),
+])
+def test_bad_options(kw, match):
+    args = dict(max_seq_len=8, max_batch=1, layout="paged")
+    args.update(kw)
+    with pytest.raises(InputError, match=match):
+        KVCache(1, 1, 4, **args)
+
+
+def test_refuses_a_cache_that_does_not_fit_before_allocating(monkeypatch):
+    import transfuse.runtime.kv_cache as kv
+
+    monkeypatch.setattr(kv, "available_memory", lambda device: 1000)
+    zeros = []
+    monkeypatch.setattr(kv.torch, "zeros", lambda *a, **k: zeros.append(a))
+    with pytest.raises(InputError, match=r"2048 bytes .*max_batch 2 x max_seq_len 8 x 128 bytes "
+                                         r"per token\) do not fit in the 1000 bytes"):
+        KVCache(2, 2, 4, max_seq_len=8, max_batch=2)
+    assert zeros == []  # refused before any tensor was made
+    monkeypatch.undo()
+    huge = dict(max_seq_len=2**20, max_batch=2**10, layout="paged", block_size=2**10)
+    with pytest.raises(InputError, match=r"1048576 blocks x 1024 tokens .* do not fit"):
+        KVCache(64, 8, 128, **huge)  # 256 TiB: no machine here has that; nothing allocated

@@ -1,0 +1,484 @@
+"""KVCache: the per-layer key/value caches a generation graph reads and writes, and their owners.
+
+Glossary: L layers, Hkv key/value heads, D head dim, S max_seq_len, M max_batch (slots),
+NB blocks, BS block_size, N tokens of a step, B sequences of a step.
+
+The tensors are allocated once, zero-filled, when the cache is made (after checking that they
+fit in the device's available memory), and written in place by the compiled graph's
+``cached_attention`` ops; this object only decides *where* each token goes and hands the graph
+the metadata inputs that say so (see /tmp/team/GEN_DESIGN.md, "One step = one flattened token
+axis"). Layouts (``order="token-major"`` / ``"head-major"``):
+
+- contiguous: ``k[i]``, ``v[i]`` are [M, S, Hkv, D] / [M, Hkv, S, D]; a sequence owns one slot
+  (``cache_table[b]`` = its slot) and token position p lives at ``[slot, p]``.
+- paged: [NB, BS, Hkv, D] / [NB, Hkv, BS, D]; a sequence owns a list of blocks
+  (``cache_table[b, p // BS]``), shared between forks with reference counts
+  (:class:`~transfuse.runtime.block_pool.BlockPool`) and copied before a write (copy-on-write).
+
+A sequence's ``length`` counts the tokens whose K/V are in the cache. A step goes
+``prepare_step(items)`` (validate everything, then reserve room: allocate blocks, copy shared
+blocks the step writes into; all or nothing) → run the graph → ``commit_step()`` (lengths grow)
+or ``abort_step()`` (nothing grows; blocks reserved beyond the lengths are returned).
+``add(seq_id, prompt_len)`` registers a sequence of length 0 and reserves room for its prompt;
+``extend(seq_id, n)`` reserves room for n more tokens ahead of time. Every refusal is an
+:class:`~transfuse.errors.InputError` raised before any state changed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from transfuse.errors import InputError
+from transfuse.runtime.block_pool import BlockPool
+from transfuse.runtime.kv_memory import available_memory, parse_device, parse_dtype
+from transfuse.runtime.step_meta import StepMeta
+
+__all__ = ["KVCache", "StepMeta", "LAYOUTS", "ORDERS"]
+
+LAYOUTS = ("contiguous", "paged")
+ORDERS = ("token-major", "head-major")
+
+
+def _positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"KVCache: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+class _Seq:
+    """One sequence's place in the cache (private: KVCache's bookkeeping)."""
+
+    __slots__ = ("length", "slot", "blocks", "pending")
+
+    def __init__(self, slot: int = -1, blocks: list[int] | None = None) -> None:
+        self.length = 0  # tokens whose K/V are in the cache
+        self.slot = slot  # contiguous: the slot it owns
+        self.blocks = blocks if blocks is not None else []  # paged: block ids in order
+        self.pending = 0  # tokens of the step in flight (0 outside a step)
+
+
+class KVCache:
+    """Contiguous or paged per-layer K/V caches with sequence bookkeeping (module docstring)."""
+
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype | str = torch.float32,
+        *,
+        max_seq_len: int,
+        max_batch: int,
+        layout: str = "contiguous",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        device: str | torch.device = "cpu",
+        order: str = "token-major",
+    ) -> None:
+        self.layers = _positive("layers", layers)
+        self.kv_heads = _positive("kv_heads", kv_heads)
+        self.head_dim = _positive("head_dim", head_dim)
+        self.max_seq_len = _positive("max_seq_len", max_seq_len)
+        self.max_batch = _positive("max_batch", max_batch)
+        if layout not in LAYOUTS:
+            raise InputError(f"KVCache: layout must be one of {LAYOUTS}, got {layout!r}")
+        if order not in ORDERS:
+            raise InputError(f"KVCache: order must be one of {ORDERS}, got {order!r}")
+        self.layout = layout
+        self.order = order
+        self.dtype = parse_dtype(dtype)
+        self.device = parse_device(device)
+        self.paged = layout == "paged"
+        if self.paged:
+            self.block_size = _positive("block_size", block_size)
+            self.max_blocks = math.ceil(self.max_seq_len / self.block_size)
+            default_blocks = self.max_batch * self.max_blocks
+            self.num_blocks = default_blocks if num_blocks is None else _positive(
+                "num_blocks", num_blocks
+            )
+            rows, cols = self.num_blocks, self.block_size  # [NB, BS, ...]
+        else:
+            if num_blocks is not None:
+                raise InputError("KVCache: num_blocks is for layout='paged' only")
+            self.block_size = self.max_seq_len
+            self.max_blocks = 1
+            self.num_blocks = self.max_batch
+            rows, cols = self.max_batch, self.max_seq_len  # [M, S, ...]
+        if order == "token-major":
+            self.shape = (rows, cols, self.kv_heads, self.head_dim)
+        else:
+            self.shape = (rows, self.kv_heads, cols, self.head_dim)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        self.bytes_per_token = 2 * self.layers * self.kv_heads * self.head_dim * itemsize
+        self.nbytes = self.bytes_per_token * rows * cols
+        self._check_fits()
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        try:
+            for _ in range(self.layers):
+                self.k.append(torch.zeros(self.shape, dtype=self.dtype, device=self.device))
+                self.v.append(torch.zeros(self.shape, dtype=self.dtype, device=self.device))
+        except (RuntimeError, MemoryError) as exc:
+            self.k, self.v = [], []  # give back what was taken
+            raise InputError(
+                f"KVCache: allocating {self.nbytes} bytes on {self.device} failed after the "
+                f"memory check passed: {exc}"
+            ) from None
+        self._seqs: dict[Hashable, _Seq] = {}
+        self._pool = BlockPool(self.num_blocks) if self.paged else None
+        self._free_slots = list(range(self.max_batch))  # a heap: lowest slot first
+        self._step: list[tuple[Hashable, int]] | None = None
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def _check_fits(self) -> None:
+        available = available_memory(self.device)
+        if available is not None and self.nbytes > available:
+            what = (
+                f"{self.num_blocks} blocks x {self.block_size} tokens"
+                if self.paged
+                else f"max_batch {self.max_batch} x max_seq_len {self.max_seq_len}"
+            )
+            raise InputError(
+                f"KVCache: {self.nbytes} bytes ({_human(self.nbytes)}: {what} x "
+                f"{self.bytes_per_token} bytes per token) do not fit in the {available} bytes "
+                f"({_human(available)}) available on {self.device}; lower max_seq_len, "
+                f"max_batch or num_blocks"
+            )
+
+    def memory_report(self) -> dict[str, object]:
+        """Bytes and tokens: total, per token, in use; paged: blocks used/free/shared, waste."""
+        report: dict[str, object] = {
+            "layout": self.layout,
+            "order": self.order,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "bytes": self.nbytes,
+            "bytes_per_token": self.bytes_per_token,
+            "capacity_tokens": self.num_blocks * self.block_size,
+            "sequences": len(self._seqs),
+            "tokens": sum(s.length for s in self._seqs.values()),
+        }
+        if self.paged:
+            fill: dict[int, int] = {}  # tokens stored in each used block (shared: counted once)
+            for s in self._seqs.values():
+                for j, b in enumerate(s.blocks):
+                    n = min(self.block_size, max(0, s.length - j * self.block_size))
+                    fill[b] = max(fill.get(b, 0), n)
+            used = self._pool.num_used
+            report.update(
+                block_size=self.block_size,
+                bytes_per_block=self.bytes_per_token * self.block_size,
+                blocks_total=self.num_blocks,
+                blocks_used=used,
+                blocks_free=self._pool.num_free,
+                blocks_shared=sum(1 for b in fill if self._pool.ref_count(b) > 1),
+                bytes_used=used * self.block_size * self.bytes_per_token,
+                waste_tokens=used * self.block_size - sum(fill.values()),
+            )
+        else:
+            report.update(
+                slots_total=self.max_batch,
+                slots_used=len(self._seqs),
+                slots_free=len(self._free_slots),
+                bytes_used=len(self._seqs) * self.max_seq_len * self.bytes_per_token,
+            )
+        return report
+
+    # -- queries --------------------------------------------------------------------------
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def seq_ids(self) -> list[Hashable]:
+        """The live sequences, in the order they were added."""
+        return list(self._seqs)
+
+    def length(self, seq_id: Hashable) -> int:
+        """Tokens of ``seq_id`` whose K/V are in the cache."""
+        return self._get(seq_id, "length").length
+
+    def slot(self, seq_id: Hashable) -> int:
+        """The slot ``seq_id`` owns (contiguous layout)."""
+        if self.paged:
+            raise InputError("KVCache.slot: a paged cache has block tables, not slots")
+        return self._get(seq_id, "slot").slot
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        """The block ids of ``seq_id`` in position order (paged layout)."""
+        if not self.paged:
+            raise InputError("KVCache.block_table: a contiguous cache has slots, not blocks")
+        return list(self._get(seq_id, "block_table").blocks)
+
+    def ref_count(self, block: int) -> int:
+        """How many sequences hold ``block`` (paged layout; 0: free)."""
+        if not self.paged:
+            raise InputError("KVCache.ref_count: a contiguous cache has no blocks")
+        return self._pool.ref_count(block)
+
+    def cache_inputs(self) -> dict[str, torch.Tensor]:
+        """The graph's cache inputs in order: ``k_cache_0, v_cache_0, k_cache_1, ...``."""
+        out: dict[str, torch.Tensor] = {}
+        for i in range(self.layers):
+            out[f"k_cache_{i}"] = self.k[i]
+            out[f"v_cache_{i}"] = self.v[i]
+        return out
+
+    def blocks_needed(self, items: Sequence[tuple[Hashable, int]]) -> int:
+        """Free blocks ``prepare_step(items)`` would take (new and copy-on-write); 0 when
+        contiguous. Validates ``items`` like prepare_step; changes nothing."""
+        self._check_items(items, "blocks_needed")
+        return sum(len(c) + n for _, c, n in self._plan(items))
+
+    # -- sequences ------------------------------------------------------------------------
+
+    def add(self, seq_id: Hashable, prompt_len: int) -> None:
+        """Register ``seq_id`` (length 0) and reserve room for its ``prompt_len`` tokens."""
+        if seq_id in self._seqs:
+            raise InputError(f"KVCache.add: sequence {seq_id!r} already exists")
+        self._check_n(prompt_len, "add", "prompt_len", seq_id)
+        if prompt_len > self.max_seq_len:
+            raise InputError(
+                f"KVCache.add: prompt of sequence {seq_id!r} has {prompt_len} tokens, longer "
+                f"than max_seq_len {self.max_seq_len}"
+            )
+        if self.paged:
+            need = math.ceil(prompt_len / self.block_size)
+            free = self._pool.num_free
+            if need > free:
+                raise InputError(
+                    f"KVCache.add: sequence {seq_id!r} needs {need} blocks for its "
+                    f"{prompt_len} prompt tokens, {free} of {self.num_blocks} are free"
+                )
+            self._seqs[seq_id] = _Seq(blocks=self._pool.allocate(need))
+        else:
+            self._seqs[seq_id] = _Seq(slot=self._take_slot("add", seq_id))
+
+    def extend(self, seq_id: Hashable, n: int) -> None:
+        """Reserve room for ``n`` more tokens of ``seq_id`` (its length does not change)."""
+        s = self._get(seq_id, "extend")
+        if s.pending:
+            raise InputError(f"KVCache.extend: sequence {seq_id!r} is in a step in flight")
+        self._check_n(n, "extend", "n", seq_id)
+        self._check_room(seq_id, s, n, "extend")
+        self._reserve([(seq_id, n)], "extend")
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """Make ``child_id`` a copy of ``parent_id``'s cached tokens (paged: shares its blocks)."""
+        parent = self._get(parent_id, "fork")
+        if child_id in self._seqs:
+            raise InputError(f"KVCache.fork: sequence {child_id!r} already exists")
+        if parent.pending:
+            raise InputError(f"KVCache.fork: sequence {parent_id!r} is in a step in flight")
+        if self.paged:
+            shared = parent.blocks[: math.ceil(parent.length / self.block_size)]
+            self._pool.share(shared)
+            child = _Seq(blocks=list(shared))
+        else:
+            child = _Seq(slot=self._take_slot("fork", child_id))
+            n = parent.length
+            for t in self.k + self.v:
+                src, dst = t[parent.slot], t[child.slot]
+                if self.order == "token-major":
+                    dst[:n].copy_(src[:n])
+                else:
+                    dst[:, :n].copy_(src[:, :n])
+        child.length = parent.length
+        self._seqs[child_id] = child
+
+    def free(self, seq_id: Hashable) -> None:
+        """Forget ``seq_id`` and give back its slot or its holds on blocks."""
+        s = self._get(seq_id, "free")
+        if s.pending:
+            raise InputError(f"KVCache.free: sequence {seq_id!r} is in a step in flight")
+        del self._seqs[seq_id]
+        if self.paged:
+            self._pool.release(s.blocks)
+        else:
+            heapq.heappush(self._free_slots, s.slot)
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def prepare_step(self, items: Sequence[tuple[Hashable, int]]) -> StepMeta:
+        """Reserve room for a step of ``items`` = [(seq_id, n_new), ...] and return its
+        metadata. All checks run first; on any error nothing has changed."""
+        if self._step is not None:
+            raise InputError(
+                "KVCache.prepare_step: a step is in flight; call commit_step() or abort_step()"
+            )
+        self._check_items(items, "prepare_step")
+        self._reserve(items, "prepare_step")
+        for sid, n in items:
+            self._seqs[sid].pending = n
+        self._step = [(sid, n) for sid, n in items]
+        return self._meta(self._step)
+
+    def commit_step(self) -> None:
+        """The step ran: each of its sequences now holds its new tokens."""
+        if self._step is None:
+            raise InputError("KVCache.commit_step: no step in flight (call prepare_step first)")
+        for sid, n in self._step:
+            s = self._seqs[sid]
+            s.length += n
+            s.pending = 0
+        self._step = None
+
+    def abort_step(self) -> None:
+        """The step did not run: lengths stay, blocks reserved beyond them are returned."""
+        if self._step is None:
+            raise InputError("KVCache.abort_step: no step in flight")
+        for sid, _ in self._step:
+            s = self._seqs[sid]
+            s.pending = 0
+            if self.paged:
+                keep = math.ceil(s.length / self.block_size)
+                self._pool.release(s.blocks[keep:])
+                del s.blocks[keep:]
+        self._step = None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _get(self, seq_id: Hashable, where: str) -> _Seq:
+        try:
+            return self._seqs[seq_id]
+        except (KeyError, TypeError):
+            raise InputError(
+                f"KVCache.{where}: unknown sequence {seq_id!r} ({len(self._seqs)} live)"
+            ) from None
+
+    def _check_n(self, n: object, where: str, name: str, seq_id: Hashable) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(
+                f"KVCache.{where}: {name} of sequence {seq_id!r} must be a positive int, "
+                f"got {n!r}"
+            )
+
+    def _check_room(self, seq_id: Hashable, s: _Seq, n: int, where: str) -> None:
+        if s.length + n > self.max_seq_len:
+            raise InputError(
+                f"KVCache.{where}: sequence {seq_id!r} would hold {s.length + n} tokens "
+                f"({s.length} + {n}), more than max_seq_len {self.max_seq_len}"
+            )
+
+    def _check_items(self, items: Sequence[tuple[Hashable, int]], where: str) -> None:
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
+            raise InputError(f"KVCache.{where}: items must be a non-empty list of (seq_id, n)")
+        seen: set[Hashable] = set()
+        for item in items:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise InputError(f"KVCache.{where}: each item is (seq_id, n_new), got {item!r}")
+            sid, n = item
+            s = self._get(sid, where)
+            if sid in seen:
+                raise InputError(f"KVCache.{where}: sequence {sid!r} appears twice in one step")
+            seen.add(sid)
+            self._check_n(n, where, "n_new", sid)
+            self._check_room(sid, s, n, where)
+
+    def _plan(self, items: Sequence[tuple[Hashable, int]]) -> list[tuple[Hashable, list, int]]:
+        """Per item: (seq_id, indices of shared blocks it will write, new blocks to append)."""
+        if not self.paged:
+            return []
+        bs = self.block_size
+        refs_left: dict[int, int] = {}  # shared blocks' counts after the copies planned so far
+        plan = []
+        for sid, n in items:
+            s = self._seqs[sid]
+            first, last = s.length // bs, (s.length + n - 1) // bs
+            copies = []
+            for j in range(first, min(last + 1, len(s.blocks))):
+                b = s.blocks[j]
+                refs = refs_left.get(b, self._pool.ref_count(b))
+                if refs > 1:
+                    copies.append(j)
+                    refs_left[b] = refs - 1
+            plan.append((sid, copies, max(0, last + 1 - len(s.blocks))))
+        return plan
+
+    def _reserve(self, items: Sequence[tuple[Hashable, int]], where: str) -> None:
+        plan = self._plan(items)
+        need = sum(len(c) + n for _, c, n in plan)
+        if need == 0:
+            return
+        free = self._pool.num_free
+        if need > free:
+            copies = sum(len(c) for _, c, _ in plan)
+            raise InputError(
+                f"KVCache.{where}: the step needs {need} blocks ({need - copies} new, {copies} "
+                f"copy-on-write) but {free} of {self.num_blocks} are free (block_size "
+                f"{self.block_size}); free or preempt sequences, or raise num_blocks"
+            )
+        fresh = iter(self._pool.allocate(need))
+        for sid, copies, n_new in plan:
+            s = self._seqs[sid]
+            for j in copies:
+                old, new = s.blocks[j], next(fresh)
+                for t in self.k + self.v:
+                    t[new].copy_(t[old])
+                s.blocks[j] = new
+                self._pool.release([old])
+            s.blocks.extend(next(fresh) for _ in range(n_new))
+
+    def _take_slot(self, where: str, seq_id: Hashable) -> int:
+        if not self._free_slots:
+            raise InputError(
+                f"KVCache.{where}: no free slot for sequence {seq_id!r}: all max_batch "
+                f"{self.max_batch} slots hold sequences"
+            )
+        return heapq.heappop(self._free_slots)
+
+    def _meta(self, step: list[tuple[Hashable, int]]) -> StepMeta:
+        positions: list[int] = []
+        seq_of_token: list[int] = []
+        seq_lens, table, last_rows = [], [], []
+        row = 0
+        for b, (sid, n) in enumerate(step):
+            s = self._seqs[sid]
+            positions.extend(range(s.length, s.length + n))
+            seq_of_token.extend([b] * n)
+            seq_lens.append(s.length + n)
+            row += n
+            last_rows.append(row - 1)
+            if self.paged:
+                table.append(s.blocks + [-1] * (self.max_blocks - len(s.blocks)))
+            else:
+                table.append(s.slot)
+
+        def i64(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+        return StepMeta(
+            seq_ids=tuple(sid for sid, _ in step),
+            num_new=tuple(n for _, n in step),
+            position_ids=i64([positions]),
+            seq_of_token=i64(seq_of_token),
+            seq_lens=i64(seq_lens),
+            cache_table=i64(table),
+            last_rows=i64(last_rows),
+        )
+
+    def __repr__(self) -> str:
+        used = (
+            f"{self._pool.num_used}/{self.num_blocks} blocks of {self.block_size}"
+            if self.paged
+            else f"{len(self._seqs)}/{self.max_batch} slots of {self.max_seq_len}"
+        )
+        return (
+            f"KVCache({self.layout}, {self.order}, {self.layers} layers, {self.shape}, "
+            f"{str(self.dtype).removeprefix('torch.')}, {self.device}, {used}, "
+            f"{self.nbytes} bytes)"
+        )

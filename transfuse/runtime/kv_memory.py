@@ -1,0 +1,113 @@
+"""What a KV cache may be made of and where: dtype and device names, and the memory available.
+
+:func:`available_memory` is asked *before* a cache is allocated so that one that would not fit
+is refused with the numbers instead of being half-allocated or swapping the machine:
+CPU: ``MemAvailable`` of ``/proc/meminfo`` (else ``os.sysconf`` free pages), lowered to what
+the cgroup (container) limit leaves; CUDA: ``torch.cuda.mem_get_info``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from transfuse.errors import InputError
+
+#: dtype names a cache accepts (the CLI's short names and torch's own)
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+}
+#: device types a cache can live on (meta: shapes only, no memory; for planning)
+DEVICE_TYPES = ("cpu", "cuda", "meta")
+
+_CGROUP_FILES = (  # (limit, usage): cgroup v2, then v1
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a dtype or one of :data:`DTYPES`' names."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InputError(f"KV cache dtype must be a floating type, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise InputError(f"KV cache dtype {dtype!r} unknown; one of {sorted(DTYPES)}")
+
+
+def parse_device(device: torch.device | str) -> torch.device:
+    """A torch device of :data:`DEVICE_TYPES` that exists on this machine."""
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise InputError(
+                f"KV cache device {device!r} is not a device name (e.g. 'cpu', 'cuda:0')"
+            ) from None
+    if not isinstance(device, torch.device):
+        raise InputError(f"KV cache device must be a str or torch.device, got {device!r}")
+    if device.type not in DEVICE_TYPES:
+        raise InputError(f"KV cache device {str(device)!r}: type not one of {DEVICE_TYPES}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = 0 if device.index is None else device.index
+        if index >= count:
+            raise InputError(
+                f"KV cache device {str(device)!r}: this machine has {count} CUDA device(s)"
+            )
+    return device
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (no limit) -> None
+
+
+def _cpu_available() -> int | None:
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        available = None
+    if available is None and hasattr(os, "sysconf"):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            available = None
+    for limit_file, usage_file in _CGROUP_FILES:
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**62:
+            left = max(0, limit - usage)
+            available = left if available is None else min(available, left)
+            break
+    return available
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``; None where it cannot be known."""
+    if device.type == "cpu":
+        return _cpu_available()
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return None
