@@ -361,8 +361,9 @@ def test_bad_options(kw, match):
 
 def test_refuses_a_cache_that_does_not_fit_before_allocating(monkeypatch):
     import transfuse.runtime.kv_cache as kv
+    import transfuse.runtime.kv_memory as kv_memory
 
-    monkeypatch.setattr(kv, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(kv_memory, "available_memory", lambda device: 1000)
     zeros = []
     monkeypatch.setattr(kv.torch, "zeros", lambda *a, **k: zeros.append(a))
     with pytest.raises(InputError, match=r"2048 bytes .*max_batch 2 x max_seq_len 8 x 128 bytes "

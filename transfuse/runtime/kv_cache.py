@@ -34,7 +34,7 @@ import torch
 
 from transfuse.errors import InputError
 from transfuse.runtime.block_pool import BlockPool
-from transfuse.runtime.kv_memory import available_memory, parse_device, parse_dtype
+from transfuse.runtime.kv_memory import check_fits, parse_device, parse_dtype
 from transfuse.runtime.step_meta import StepMeta
 
 __all__ = ["KVCache", "StepMeta", "LAYOUTS", "ORDERS"]
@@ -47,13 +47,6 @@ def _positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"KVCache: {name} must be a positive int, got {value!r}")
     return value
-
-
-def _human(nbytes: int) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= size:
-            return f"{nbytes / size:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 class _Seq:
@@ -69,7 +62,19 @@ class _Seq:
 
 
 class KVCache:
-    """Contiguous or paged per-layer K/V caches with sequence bookkeeping (module docstring)."""
+    """Contiguous or paged per-layer K/V caches with sequence bookkeeping (module docstring).
+
+    Public attributes (read-only by convention): ``k``, ``v`` (lists of L tensors of
+    ``shape``), ``nbytes`` (all of them), ``bytes_per_token`` (K and V of one token in every
+    layer), ``layout``, ``order``, ``paged``, ``dtype``, ``device``, ``max_seq_len``,
+    ``max_batch``, ``block_size`` (contiguous: max_seq_len), ``num_blocks`` (contiguous:
+    max_batch slots), ``max_blocks`` (width of a paged ``cache_table``; contiguous: 1) and
+    ``pool`` (the paged :class:`BlockPool`; None when contiguous).
+
+    Paged: ``num_blocks`` defaults to enough for ``max_batch`` sequences of ``max_seq_len``;
+    the number of live sequences is limited by blocks only (``max_batch`` only sizes that
+    default). Contiguous: at most ``max_batch`` live sequences, one slot each.
+    """
 
     def __init__(
         self,
@@ -122,7 +127,13 @@ class KVCache:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         self.bytes_per_token = 2 * self.layers * self.kv_heads * self.head_dim * itemsize
         self.nbytes = self.bytes_per_token * rows * cols
-        self._check_fits()
+        what = (
+            f"{self.num_blocks} blocks x {self.block_size} tokens"
+            if self.paged
+            else f"max_batch {self.max_batch} x max_seq_len {self.max_seq_len}"
+        )
+        check_fits("KVCache", self.nbytes, self.device, f"{what} x {self.bytes_per_token} bytes "
+                   "per token", "lower max_seq_len, max_batch or num_blocks")
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         try:
@@ -136,26 +147,11 @@ class KVCache:
                 f"memory check passed: {exc}"
             ) from None
         self._seqs: dict[Hashable, _Seq] = {}
-        self._pool = BlockPool(self.num_blocks) if self.paged else None
+        self.pool = BlockPool(self.num_blocks) if self.paged else None
         self._free_slots = list(range(self.max_batch))  # a heap: lowest slot first
         self._step: list[tuple[Hashable, int]] | None = None
 
     # -- memory ---------------------------------------------------------------------------
-
-    def _check_fits(self) -> None:
-        available = available_memory(self.device)
-        if available is not None and self.nbytes > available:
-            what = (
-                f"{self.num_blocks} blocks x {self.block_size} tokens"
-                if self.paged
-                else f"max_batch {self.max_batch} x max_seq_len {self.max_seq_len}"
-            )
-            raise InputError(
-                f"KVCache: {self.nbytes} bytes ({_human(self.nbytes)}: {what} x "
-                f"{self.bytes_per_token} bytes per token) do not fit in the {available} bytes "
-                f"({_human(available)}) available on {self.device}; lower max_seq_len, "
-                f"max_batch or num_blocks"
-            )
 
     def memory_report(self) -> dict[str, object]:
         """Bytes and tokens: total, per token, in use; paged: blocks used/free/shared, waste."""
@@ -176,14 +172,14 @@ class KVCache:
                 for j, b in enumerate(s.blocks):
                     n = min(self.block_size, max(0, s.length - j * self.block_size))
                     fill[b] = max(fill.get(b, 0), n)
-            used = self._pool.num_used
+            used = self.pool.num_used
             report.update(
                 block_size=self.block_size,
                 bytes_per_block=self.bytes_per_token * self.block_size,
                 blocks_total=self.num_blocks,
                 blocks_used=used,
-                blocks_free=self._pool.num_free,
-                blocks_shared=sum(1 for b in fill if self._pool.ref_count(b) > 1),
+                blocks_free=self.pool.num_free,
+                blocks_shared=sum(1 for b in fill if self.pool.ref_count(b) > 1),
                 bytes_used=used * self.block_size * self.bytes_per_token,
                 waste_tokens=used * self.block_size - sum(fill.values()),
             )
@@ -228,7 +224,7 @@ class KVCache:
         """How many sequences hold ``block`` (paged layout; 0: free)."""
         if not self.paged:
             raise InputError("KVCache.ref_count: a contiguous cache has no blocks")
-        return self._pool.ref_count(block)
+        return self.pool.ref_count(block)
 
     def cache_inputs(self) -> dict[str, torch.Tensor]:
         """The graph's cache inputs in order: ``k_cache_0, v_cache_0, k_cache_1, ...``."""
@@ -258,13 +254,13 @@ class KVCache:
             )
         if self.paged:
             need = math.ceil(prompt_len / self.block_size)
-            free = self._pool.num_free
+            free = self.pool.num_free
             if need > free:
                 raise InputError(
                     f"KVCache.add: sequence {seq_id!r} needs {need} blocks for its "
                     f"{prompt_len} prompt tokens, {free} of {self.num_blocks} are free"
                 )
-            self._seqs[seq_id] = _Seq(blocks=self._pool.allocate(need))
+            self._seqs[seq_id] = _Seq(blocks=self.pool.allocate(need))
         else:
             self._seqs[seq_id] = _Seq(slot=self._take_slot("add", seq_id))
 
@@ -286,7 +282,7 @@ class KVCache:
             raise InputError(f"KVCache.fork: sequence {parent_id!r} is in a step in flight")
         if self.paged:
             shared = parent.blocks[: math.ceil(parent.length / self.block_size)]
-            self._pool.share(shared)
+            self.pool.share(shared)
             child = _Seq(blocks=list(shared))
         else:
             child = _Seq(slot=self._take_slot("fork", child_id))
@@ -307,7 +303,7 @@ class KVCache:
             raise InputError(f"KVCache.free: sequence {seq_id!r} is in a step in flight")
         del self._seqs[seq_id]
         if self.paged:
-            self._pool.release(s.blocks)
+            self.pool.release(s.blocks)
         else:
             heapq.heappush(self._free_slots, s.slot)
 
@@ -346,7 +342,7 @@ class KVCache:
             s.pending = 0
             if self.paged:
                 keep = math.ceil(s.length / self.block_size)
-                self._pool.release(s.blocks[keep:])
+                self.pool.release(s.blocks[keep:])
                 del s.blocks[keep:]
         self._step = None
 
@@ -402,7 +398,7 @@ class KVCache:
             copies = []
             for j in range(first, min(last + 1, len(s.blocks))):
                 b = s.blocks[j]
-                refs = refs_left.get(b, self._pool.ref_count(b))
+                refs = refs_left.get(b, self.pool.ref_count(b))
                 if refs > 1:
                     copies.append(j)
                     refs_left[b] = refs - 1
@@ -414,7 +410,7 @@ class KVCache:
         need = sum(len(c) + n for _, c, n in plan)
         if need == 0:
             return
-        free = self._pool.num_free
+        free = self.pool.num_free
         if need > free:
             copies = sum(len(c) for _, c, _ in plan)
             raise InputError(
@@ -422,7 +418,7 @@ class KVCache:
                 f"copy-on-write) but {free} of {self.num_blocks} are free (block_size "
                 f"{self.block_size}); free or preempt sequences, or raise num_blocks"
             )
-        fresh = iter(self._pool.allocate(need))
+        fresh = iter(self.pool.allocate(need))
         for sid, copies, n_new in plan:
             s = self._seqs[sid]
             for j in copies:
@@ -430,7 +426,7 @@ class KVCache:
                 for t in self.k + self.v:
                     t[new].copy_(t[old])
                 s.blocks[j] = new
-                self._pool.release([old])
+                self.pool.release([old])
             s.blocks.extend(next(fresh) for _ in range(n_new))
 
     def _take_slot(self, where: str, seq_id: Hashable) -> int:
@@ -442,38 +438,15 @@ class KVCache:
         return heapq.heappop(self._free_slots)
 
     def _meta(self, step: list[tuple[Hashable, int]]) -> StepMeta:
-        positions: list[int] = []
-        seq_of_token: list[int] = []
-        seq_lens, table, last_rows = [], [], []
-        row = 0
-        for b, (sid, n) in enumerate(step):
+        rows = []
+        for sid, n in step:
             s = self._seqs[sid]
-            positions.extend(range(s.length, s.length + n))
-            seq_of_token.extend([b] * n)
-            seq_lens.append(s.length + n)
-            row += n
-            last_rows.append(row - 1)
-            if self.paged:
-                table.append(s.blocks + [-1] * (self.max_blocks - len(s.blocks)))
-            else:
-                table.append(s.slot)
-
-        def i64(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-        return StepMeta(
-            seq_ids=tuple(sid for sid, _ in step),
-            num_new=tuple(n for _, n in step),
-            position_ids=i64([positions]),
-            seq_of_token=i64(seq_of_token),
-            seq_lens=i64(seq_lens),
-            cache_table=i64(table),
-            last_rows=i64(last_rows),
-        )
+            rows.append((sid, s.length, n, s.blocks if self.paged else s.slot))
+        return StepMeta.build(rows, self.max_blocks if self.paged else None, self.device)
 
     def __repr__(self) -> str:
         used = (
-            f"{self._pool.num_used}/{self.num_blocks} blocks of {self.block_size}"
+            f"{self.pool.num_used}/{self.num_blocks} blocks of {self.block_size}"
             if self.paged
             else f"{len(self._seqs)}/{self.max_batch} slots of {self.max_seq_len}"
         )

@@ -111,3 +111,22 @@ def available_memory(device: torch.device) -> int | None:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     return None
+
+
+def human_bytes(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit that keeps it >= 1 (``1.5 GiB``)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def check_fits(what: str, nbytes: int, device: torch.device, sizes: str, advice: str) -> None:
+    """Raise InputError when ``nbytes`` exceed the memory available on ``device``; ``sizes``
+    says how the bytes come about, ``advice`` what to lower. Call it before allocating."""
+    available = available_memory(device)
+    if available is not None and nbytes > available:
+        raise InputError(
+            f"{what}: {nbytes} bytes ({human_bytes(nbytes)}: {sizes}) do not fit in the "
+            f"{available} bytes ({human_bytes(available)}) available on {device}; {advice}"
+        )

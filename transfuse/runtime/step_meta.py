@@ -14,7 +14,7 @@ int64 on the cache's device:
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,3 +55,38 @@ class StepMeta:
             "cache_table": self.cache_table,
             "logit_rows": self.last_rows if logit_rows is None else logit_rows,
         }
+
+    @classmethod
+    def build(
+        cls,
+        rows: Sequence[tuple[Hashable, int, int, int | Sequence[int]]],
+        max_blocks: int | None,
+        device: torch.device,
+    ) -> StepMeta:
+        """The metadata of a step of ``rows`` = [(seq_id, cached length, n_new, slot or block
+        ids)]; ``max_blocks`` is the paged table's width (None: contiguous, one slot each)."""
+        positions: list[int] = []
+        seq_of_token: list[int] = []
+        seq_lens, table, last_rows = [], [], []
+        end = 0
+        for b, (_, start, n, where) in enumerate(rows):
+            positions.extend(range(start, start + n))
+            seq_of_token.extend([b] * n)
+            seq_lens.append(start + n)
+            end += n
+            last_rows.append(end - 1)
+            table.append(where if max_blocks is None else
+                         list(where) + [-1] * (max_blocks - len(where)))
+
+        def i64(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return cls(
+            seq_ids=tuple(r[0] for r in rows),
+            num_new=tuple(r[2] for r in rows),
+            position_ids=i64([positions]),
+            seq_of_token=i64(seq_of_token),
+            seq_lens=i64(seq_lens),
+            cache_table=i64(table),
+            last_rows=i64(last_rows),
+        )
