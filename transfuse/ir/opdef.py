@@ -12,7 +12,9 @@ An :class:`OpDef` says everything the compiler knows about an op:
   implementation in torch. ``env`` maps symbolic dim names to their values for
   this call, for attrs that hold symbolic dims. It is the numeric oracle and
   what ``ir/interpret.py`` runs;
-- ``cost(node) -> (flops, bytes)``: work and memory traffic (may be symbolic).
+- ``cost(node) -> (flops, bytes)``: work and memory traffic (may be symbolic);
+- ``mutates``: indices of the inputs the op writes in place (a KV cache). Such an op
+  is never pure: cleanup passes never drop, merge, fold or move it.
 
 The op families in ``transfuse/ir/opdefs/`` register into the table kept here.
 This module imports none of them: look ops up through :mod:`transfuse.ir.ops`,
@@ -105,6 +107,12 @@ class OpDef:
     cost: Callable[[Any], tuple[Dim, Dim]] | None = None
     pure: bool = True
     doc: str = ""
+    #: indices of inputs written in place; a mutating op is impure (``__post_init__``)
+    mutates: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.mutates:
+            self.pure = False
 
     @property
     def min_inputs(self) -> int:
@@ -171,6 +179,7 @@ def register(
     verify: Callable | None = None,
     cost: Callable | None = None,
     pure: bool = True,
+    mutates: Sequence[int] = (),
 ) -> Callable:
     """Decorator on the reference implementation: ``@register("add", ["a", "b"], infer=...)``."""
 
@@ -178,7 +187,7 @@ def register(
         if name in _REGISTRY:
             raise ValueError(f"op {name} registered twice")
         _REGISTRY[name] = OpDef(name, tuple(inputs), dict(attrs or {}), infer, impl, verify, cost,
-                                pure, (impl.__doc__ or "").strip())
+                                pure, (impl.__doc__ or "").strip(), tuple(mutates))
         return impl
 
     return deco

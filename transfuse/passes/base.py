@@ -201,10 +201,11 @@ _IMPURE_FALLBACK_HINTS = ("rand", "bernoulli", "dropout", "normal", "uniform", "
 def is_pure(node: Node) -> bool:
     """True when ``node`` has no effect besides its outputs and is deterministic.
 
-    Uses ``OpDef.pure``; a ``torch_fallback`` is pure unless its target looks
+    Uses ``OpDef.pure``; an op that writes an input in place (``OpDef.mutates``: a KV cache)
+    is never pure; a ``torch_fallback`` is pure unless its target looks
     random or in-place (``aten::add_``, ``aten::bernoulli``...), conservatively.
     """
-    if not has_op(node.op) or not get_op(node.op).pure:
+    if not has_op(node.op) or not get_op(node.op).pure or get_op(node.op).mutates:
         return False
     if node.op == "torch_fallback":
         target = str(node.attrs.get("target", ""))

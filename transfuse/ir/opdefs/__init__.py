@@ -9,6 +9,7 @@ the order below does not matter. A new family is added here.
 from transfuse.ir.opdefs import (  # noqa: F401
     elementwise,
     fused,
+    generation,
     indexing,
     linalg,
     misc,

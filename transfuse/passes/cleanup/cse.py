@@ -12,7 +12,8 @@ Rewrites (rule ids):
   are never read.
 
 Needs: nothing. Guarantees: bit-identical outputs; impure nodes
-(``assert``, training ``dropout``) are never merged; the kept node is the
+(``assert``, training ``dropout``, ops that write inputs in place:
+``OpDef.mutates``, e.g. ``cached_attention``) are never merged; the kept node is the
 earliest, so the topological order stays valid.
 """
 

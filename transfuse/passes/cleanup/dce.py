@@ -8,7 +8,8 @@ Rewrites (rule ids):
 - ``dce/constant``: constants nothing uses are dropped from the graph.
 
 Needs: nothing. Guarantees: impure nodes (``assert``, training ``dropout``,
-random or in-place fallbacks) stay even when unused; graph inputs stay (they
+random or in-place fallbacks, ops that write inputs in place such as
+``cached_attention``: ``OpDef.mutates``) stay even when unused; graph inputs stay (they
 are the signature); outputs are unchanged.
 """
 

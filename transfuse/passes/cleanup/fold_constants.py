@@ -12,7 +12,8 @@ Rewrites (rule ids):
   :data:`MAX_ELEMENTS`) is run with the op's reference implementation and
   replaced by constants. Shape arithmetic on folded constants folds in turn.
 
-Never folded: impure ops (``assert``, training ``dropout``), ``torch_fallback``
+Never folded: impure ops (``assert``, training ``dropout``, ops that write inputs
+in place: ``OpDef.mutates``), ``torch_fallback``
 (opaque), nodes whose attrs hold symbolic dims (``reshape``/``expand``/``full``/
 ``arange`` over ``seq`` stay as they are: they are cheap and shape-generic), and
 outputs over the size limit (a folded ``expand`` of a bias would turn a view
