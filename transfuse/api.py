@@ -38,6 +38,7 @@ def optimize(
     convert_gqa: int | None = None,
     sparse_attention: str | None = None,
     max_error: float | None = None,
+    generation: bool | Mapping[str, Any] | None = None,
 ):
     """Compile ``model`` for ``example_inputs``; returns a :class:`CompiledModel`.
 
@@ -66,11 +67,18 @@ def optimize(
         sparse_attention: opt-in, changes the model: ``"window:W"`` or
             ``"block:B,local:L,global:G"``; the pass log reports the error.
         max_error: refuse an opt-in conversion whose max abs output error exceeds this.
+        generation: compile a causal LM for generation (``True`` or ``{"max_seq_len",
+            "max_batch", "kv": "contiguous" | "paged", "block_size", ...}``): the KV cache
+            goes into the graph. Not end to end yet: raises :class:`TransfuseError` naming
+            what is missing until the runtime's ``GenerationModel`` lands; the compiled step
+            itself is :func:`compile_generation_step`.
     """
     from transfuse.frontend.torch_export import capture
     from transfuse.passes.manager import run_pipeline
     from transfuse.runtime.compiled import CompiledModel
 
+    if generation is not None and generation is not False:
+        _generation_model_missing()
     if target not in TARGETS:
         raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
     backend = get_target(target)
@@ -155,3 +163,111 @@ def _pass_options(options: Mapping[str, Any] | None, samples: Sequence[torch.Ten
     # the Target object: passes read its name (ctx.target) and ask it (ctx.target_info)
     out.setdefault("target", named["target"])
     return out
+
+
+# -- generation (issue 11) -------------------------------------------------------------------
+
+
+def _generation_model_missing() -> None:
+    """``optimize(generation=...)`` needs ``runtime/generation_model.py``; say so until it lands."""
+    raise TransfuseError(
+        "optimize(generation=...) is not end to end yet: the compiled step exists "
+        "(transfuse.api.compile_generation_step) but the runtime's GenerationModel "
+        "(transfuse/runtime/generation_model.py: generate(), save/load) has not landed")
+
+
+def _is_causal_lm(model: Any) -> str | None:
+    """Why ``model`` is not a Hugging Face causal LM with an LM head (None when it is)."""
+    if not isinstance(model, torch.nn.Module):
+        return f"generation takes a Hugging Face causal LM (torch.nn.Module), got " \
+               f"{type(model).__name__}"
+    head = getattr(model, "get_output_embeddings", None)
+    if head is None or head() is None:
+        return f"{type(model).__name__} has no causal LM head (get_output_embeddings() is None)"
+    return None
+
+
+class GenerationStep:
+    """One compiled generation step (GEN_DESIGN.md): the step's tokens in, logits at rows out.
+
+    ``step.run(input_ids=..., position_ids=..., seq_of_token=..., seq_lens=...,
+    cache_table=..., logit_rows=..., k_cache_0=..., ...)`` runs the graph once (the caches
+    are written in place) and returns ``logits`` [R, V]; ``step.bind(cache)`` returns the
+    ``step(input_ids, meta)`` callable of ``runtime/generate.py`` over a KV cache object that
+    has ``cache_inputs()`` (the ``k_cache_i``/``v_cache_i`` tensors by name), with ``meta``
+    a StepMeta (``meta.inputs()`` gives the metadata by name). The program is built once:
+    every prefill and decode step runs it.
+    """
+
+    def __init__(self, graph: Any, program: Any, pass_log: Any, geometry: dict[str, Any]):
+        self.graph, self.program, self.pass_log = graph, program, pass_log
+        self.geometry = dict(geometry)
+        self.input_names = [v.name for v in graph.inputs]
+
+    @property
+    def cache_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of every cache input, in graph order."""
+        return [(v.name, tuple(int(d) for d in v.type.shape), v.type.dtype.torch)
+                for v in self.graph.inputs if v.name.startswith(("k_cache_", "v_cache_"))]
+
+    def run(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Run one step on the graph inputs given by name; returns ``logits`` [R, V]."""
+        from transfuse.errors import InputError
+
+        missing = [n for n in self.input_names if n not in inputs]
+        extra = sorted(set(inputs) - set(self.input_names))
+        if missing or extra:
+            raise InputError(f"generation step: missing inputs {missing}, unknown {extra}; "
+                             f"expected {self.input_names}")
+        return self.program([inputs[n] for n in self.input_names])[0]
+
+    def bind(self, cache: Any):
+        """``step(input_ids [1, N], meta) -> logits [R, V]`` over ``cache``'s tensors."""
+        def step(input_ids: torch.Tensor, meta: Any) -> torch.Tensor:
+            return self.run(input_ids=input_ids, **meta.inputs(), **cache.cache_inputs())
+        return step
+
+
+def compile_generation_step(model: Any, example_ids: torch.Tensor,
+                            generation: bool | Mapping[str, Any] = True, *,
+                            target: str = "python", device: str | torch.device | None = None,
+                            verify: bool = False) -> GenerationStep:
+    """Capture a causal LM for generation and compile its step (python target).
+
+    The model is captured with ``input_ids`` and ``position_ids`` [1, N] (N dynamic up to
+    ``max_batch × max_seq_len`` tokens per step), run through O2 with
+    ``generation.insert-kv-cache`` (options: ``generation``), and lowered once.
+    """
+    from transfuse.errors import InputError
+    from transfuse.frontend.torch_export import capture
+    from transfuse.passes.generation.insert_kv_cache import cache_geometry
+    from transfuse.passes.manager import run_pipeline
+
+    reason = _is_causal_lm(model)
+    if reason:
+        raise InputError(reason)
+    if target != "python":
+        raise LoweringError(f"generation: target {target!r} has no cached_attention lowering "
+                            "yet; use target='python'")
+    geo = cache_geometry({} if generation is True else dict(generation))
+    if not isinstance(example_ids, torch.Tensor) or example_ids.dim() != 2:
+        raise InputError("generation: example input_ids must be an i64 [B, S] tensor")
+    ids = example_ids[:1, :8].to(torch.long)
+    if ids.shape[1] < 2:  # torch.export specialises a dynamic dim seen as 1
+        ids = ids.repeat(1, 2)
+    pos = torch.arange(ids.shape[1])[None]
+    max_tokens = geo["max_batch"] * geo["max_seq_len"]
+    t0 = time.perf_counter()
+    captured = capture(model, (), {"input_ids": ids, "position_ids": pos, "use_cache": False},
+                       {"seq": (1, max(max_tokens, 2))})
+    capture_ms = (time.perf_counter() - t0) * 1e3
+    backend = get_target(target)
+    options = _pass_options({"generation": geo}, captured.example_inputs, target=backend,
+                            logits="all", convert_gqa=None, sparse_attention=None,
+                            max_error=None)
+    log = run_pipeline(captured.graph, "O2", verify=verify, sample_inputs=None, options=options)
+    t1 = time.perf_counter()
+    program = backend.build(captured.graph, device=device)
+    log.add_stage("capture", capture_ms)
+    log.add_stage(f"lowering ({target})", (time.perf_counter() - t1) * 1e3)
+    return GenerationStep(captured.graph, program, log, captured.graph.meta["generation"])

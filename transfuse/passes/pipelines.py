@@ -21,6 +21,7 @@ from transfuse.passes.cleanup import (
 )
 from transfuse.passes.convert import ConvertMhaToGqa, ConvertSparseAttention
 from transfuse.passes.fusion import ComputeLastLogits, MergeProjections
+from transfuse.passes.generation import InsertKvCache
 from transfuse.passes.memory import PadGemmColumns, SelectGemm
 from transfuse.passes.recognize import (
     FoldLinearEpilogue,
@@ -35,7 +36,7 @@ for _cls in (RemoveNoops, FoldConstants, FoldViews, EliminateCommonSubexpression
              EliminateDeadCode, MergeProjections, ComputeLastLogits, ConvertMhaToGqa,
              ConvertSparseAttention, FuseAttention, RemoveRepeatKv, RecognizeNorms,
              RecognizeActivations, RecognizeRotary, FuseAddNorm, FoldLinearEpilogue,
-             PadGemmColumns, SelectGemm):
+             PadGemmColumns, SelectGemm, InsertKvCache):
     register_pass(_cls)
 
 
@@ -70,6 +71,7 @@ PIPELINES: dict[str, list[str]] = {
         "fusion.merge-projections",  # q/k/v, gate/up, parallel blocks -> one linear + split
         "recognize.fold-linear-epilogue",  # bias add and activation -> linear (after merging)
         "fusion.compute-last-logits",  # only with logits="last": norm + LM head on one position
+        "generation.insert-kv-cache",  # only with generation=...: cached_attention, logit rows
         "layout.pad-gemm-columns",  # wide GEMMs (LM heads) padded to 64 columns, sliced back
         "layout.select-gemm",  # python target, CPU: torch vs OpenBLAS timed per GEMM shape
         "cleanup.eliminate-common-subexpressions",  # masks/casts the fusions left duplicated

@@ -1,0 +1,122 @@
+"""The compiled generation step (issue 11) against Hugging Face's full forward.
+
+One compile per model and cache layout; then a prefill step of three prompts of
+different lengths flattened into one token axis, and decode steps of one token per
+sequence. After every step the logits at each sequence's last token equal the HF
+model's full-forward logits at that position (fp32, atol 1e-4). Caches are allocated
+here (contiguous slots, or a paged pool with scattered block tables of block size 4).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hf_builders import tiny_hf_model
+
+import transfuse
+from transfuse.api import compile_generation_step
+from transfuse.errors import InputError, TransfuseError
+
+MAX_LEN, MAX_BATCH, BLOCK = 32, 4, 4
+PROMPTS = (5, 3, 7)
+DECODE_STEPS = 3
+
+
+class TinyCache:
+    """Per-layer caches and the metadata of GEN_DESIGN.md for whole sequences (test only)."""
+
+    def __init__(self, step, kv: str, seed: int = 0):
+        self.caches = {name: torch.zeros(shape, dtype=dtype)
+                       for name, shape, dtype in step.cache_specs}
+        self.paged = kv == "paged"
+        rng = random.Random(seed)
+        if self.paged:
+            blocks = list(range(step.geometry["num_blocks"]))
+            rng.shuffle(blocks)  # scattered: sequence s gets blocks from anywhere in the pool
+            per_seq = MAX_LEN // BLOCK
+            self.tables = [blocks[s * per_seq:(s + 1) * per_seq] for s in range(MAX_BATCH)]
+        else:
+            self.slots = [2, 0, 3, 1]  # not in sequence order either
+
+    def inputs(self, seqs: list[int], starts: list[int], counts: list[int]) -> dict:
+        pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)])
+        sot = torch.cat([torch.full((c,), b) for b, c in enumerate(counts)])
+        lens = torch.tensor([a + c for a, c in zip(starts, counts)])
+        if self.paged:
+            table = torch.tensor([self.tables[s] for s in seqs])
+            table[:, -1] = -1  # -1 padding past the blocks a sequence owns
+        else:
+            table = torch.tensor([self.slots[s] for s in seqs])
+        last = torch.cumsum(torch.tensor(counts), 0) - 1
+        return {"position_ids": pos[None], "seq_of_token": sot, "seq_lens": lens,
+                "cache_table": table, "logit_rows": last, **self.caches}
+
+
+def _run_and_compare(model, step, kv: str) -> None:
+    torch.manual_seed(1)
+    vocab = model.config.vocab_size
+    seqs = [torch.randint(0, vocab, (n + DECODE_STEPS,)) for n in PROMPTS]
+    cache = TinyCache(step, kv)
+    with torch.no_grad():
+        full = [model(input_ids=s[None]).logits[0] for s in seqs]  # [S, V] each
+    # prefill: every prompt in one step
+    ids = torch.cat([s[:n] for s, n in zip(seqs, PROMPTS)])[None]
+    logits = step.run(input_ids=ids, **cache.inputs([0, 1, 2], [0, 0, 0], list(PROMPTS)))
+    want = torch.stack([f[n - 1] for f, n in zip(full, PROMPTS)])
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    for k in range(DECODE_STEPS):
+        starts = [n + k for n in PROMPTS]
+        ids = torch.stack([s[p] for s, p in zip(seqs, starts)])[None]
+        logits = step.run(input_ids=ids, **cache.inputs([0, 1, 2], starts, [1, 1, 1]))
+        want = torch.stack([f[p] for f, p in zip(full, starts)])
+        torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    # a mixed step: sequence 1 decodes while sequence 0 continues with a 2-token chunk
+    starts = [PROMPTS[0] + DECODE_STEPS, PROMPTS[1] + DECODE_STEPS]
+    extra = [torch.randint(0, vocab, (2,)), torch.randint(0, vocab, (1,))]
+    ids = torch.cat(extra)[None]
+    logits = step.run(input_ids=ids, **cache.inputs([0, 1], starts, [2, 1]))
+    with torch.no_grad():
+        want = torch.stack([model(input_ids=torch.cat([seqs[i], extra[i]])[None]).logits[0, -1]
+                            for i in range(2)])
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+
+
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return request.param, tiny_hf_model(request.param, "sdpa", layers=2, hidden=64, vocab=128,
+                                        positions=64)
+
+
+@pytest.mark.parametrize("kv", ["contiguous", "paged"])
+def test_step_matches_hf_full_forward(family_model, kv):
+    family, model = family_model
+    step = compile_generation_step(model, torch.randint(0, 128, (1, 8)),
+                                   {"max_seq_len": MAX_LEN, "max_batch": MAX_BATCH, "kv": kv,
+                                    "block_size": BLOCK})
+    hist = step.graph.op_histogram()
+    assert hist["cached_attention"] == 2 and not hist["attention"] and not hist["softmax"]
+    assert [v.name for v in step.graph.inputs][:6] == [
+        "input_ids", "position_ids", "seq_of_token", "seq_lens", "cache_table", "logit_rows"]
+    assert [v.name for v in step.graph.outputs] == ["logits"]
+    program = step.program
+    _run_and_compare(model, step, kv)
+    assert step.program is program  # one compile served prefill, decode and mixed steps
+    if family == "mistral":  # the sliding window came from the model's own mask
+        assert all(n.attrs["window"] == 8 for n in step.graph.find("cached_attention"))
+
+
+def test_optimize_generation_names_what_is_missing():
+    model = tiny_hf_model("gpt2", "sdpa", layers=1, hidden=64, vocab=128, positions=64)
+    with pytest.raises(TransfuseError, match="GenerationModel"):
+        transfuse.optimize(model, (torch.randint(0, 128, (1, 8)),), generation=True)
+
+
+def test_model_without_lm_head_is_refused():
+    model = tiny_hf_model("bert", "sdpa", layers=1, hidden=64, vocab=128, positions=64)
+    with pytest.raises(InputError, match="no causal LM head"):
+        compile_generation_step(model, torch.randint(0, 128, (1, 8)))

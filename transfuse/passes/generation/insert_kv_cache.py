@@ -1,0 +1,278 @@
+"""generation.insert-kv-cache: the KV cache goes into the graph; one step serves prefill and decode.
+
+Runs only with the option ``generation`` (a dict: ``max_seq_len``, ``max_batch``,
+``kv`` = ``"contiguous"`` | ``"paged"``, ``block_size``, ``num_blocks``,
+``cache_order``), set by ``optimize(..., generation=...)``.
+
+Needs: a causal LM captured with ``input_ids`` [1, N] and ``position_ids`` [1, N]
+(N symbolic) whose attention fused into ``attention`` ops, and whose position-dependent
+ops (RoPE tables, learned position embeddings) read ``position_ids``.
+
+Rewrites (rule ``generation/cached-attention``): every ``attention(q, k, v, [bias])``
+becomes ``cached_attention(q, k, v, k_cache_i, v_cache_i, pos, seq_of_token, seq_lens,
+cache_table)`` with the same scale, window, kv heads, ALiBi slopes, softcap and layout.
+The bias is accepted only when it is the model's own causal mask built from the
+positions (``position_mask.py``: position-only and a causal band, whose window becomes
+the op's); it and everything only it used are removed. Rule ``generation/logit-rows``:
+the hidden state is gathered at ``logit_rows`` before the final norm and LM head
+(the walk of ``fusion.compute-last-logits``), and the output becomes ``logits`` [R, V].
+
+Graph inputs afterwards, in this order (GEN_DESIGN.md): ``input_ids`` [1, N],
+``position_ids`` [1, N], ``seq_of_token`` [N], ``seq_lens`` [B], ``cache_table`` [B]
+(contiguous) or [B, W] (paged), ``logit_rows`` [R], then ``k_cache_i``, ``v_cache_i`` per
+layer. ``graph.meta["generation"]`` records the cache geometry for the runtime.
+
+Refuses (near miss with the reason, then ``PassError``): a softmax left (attention that
+did not fuse), an attention with a key-padding mask, one that is neither causal nor
+masked by a proven causal band, a bias that is not position-only, no LM head, or
+positions computed from the token index (an ``arange`` over N still reaching the
+output) instead of ``position_ids``.
+
+Glossary: N step tokens, B step sequences, R logit rows, V vocabulary, E hidden size,
+H heads, Hkv kv heads, D head dim, W block-table width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from transfuse.errors import PassError
+from transfuse.ir.graph import Graph, Node, Value
+from transfuse.ir.opdefs.generation import heads_tokens
+from transfuse.ir.types import DType, TensorType, dims_equal, sym
+from transfuse.passes.base import Pass, PassContext, is_pure
+from transfuse.passes.fusion.logits_last import backward_region, per_position_reason, retype
+from transfuse.passes.generation.position_mask import band_of, position_only_reason
+
+RULE = "generation/cached-attention"
+ROWS_RULE = "generation/logit-rows"
+#: names of the step metadata inputs, in graph order after input_ids
+META_INPUTS = ("position_ids", "seq_of_token", "seq_lens", "cache_table", "logit_rows")
+#: symbols of the new inputs' dims
+SEQS, ROWS, TABLE = "seqs", "rows", "table_blocks"
+
+
+def cache_geometry(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The checked generation options: layout, sizes and order of the caches."""
+    g = dict(options)
+    kv = g.get("kv", "contiguous")
+    if kv not in ("contiguous", "paged"):
+        raise PassError(f"generation option kv={kv!r}: expected 'contiguous' or 'paged'")
+    max_len, max_batch = int(g.get("max_seq_len", 1024)), int(g.get("max_batch", 8))
+    block = int(g.get("block_size", 16))
+    if min(max_len, max_batch, block) < 1:
+        raise PassError(f"generation options max_seq_len={max_len}, max_batch={max_batch}, "
+                        f"block_size={block} must be >= 1")
+    order = g.get("cache_order", "token-major")
+    blocks = int(g.get("num_blocks") or max_batch * -(-max_len // block))
+    return {"kv": kv, "max_seq_len": max_len, "max_batch": max_batch, "block_size": block,
+            "num_blocks": blocks, "cache_order": order}
+
+
+class InsertKvCache(Pass):
+    """Rewrite fused attention into cached_attention over per-layer KV caches (generation)."""
+
+    name = "generation.insert-kv-cache"
+    rules = (RULE, ROWS_RULE)
+    #: inputs and outputs change (caches in, logits at chosen rows out)
+    changes_function = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> None:
+        options = ctx.option("generation")
+        if not options:
+            return
+        geo = cache_geometry(options if isinstance(options, Mapping) else {})
+        ctx.attempt(RULE)
+        ids, pos = self._token_inputs(graph, ctx)
+        n = ids.type.shape[1]
+        attns = self._check_attentions(graph, ctx, pos, geo, n)
+        head = self._find_head(graph, ctx, n)
+
+        seqs, rows = sym(SEQS), sym(ROWS)
+        i64 = DType.i64
+        paged = geo["kv"] == "paged"
+        sot = graph.add_input("seq_of_token", TensorType(i64, [n]), exact=True)
+        lens = graph.add_input("seq_lens", TensorType(i64, [seqs]), exact=True)
+        table = graph.add_input("cache_table", TensorType(
+            i64, [seqs, sym(TABLE)] if paged else [seqs]), exact=True)
+        logit_rows = graph.add_input("logit_rows", TensorType(i64, [rows]), exact=True)
+        first = next(iter(graph.nodes), None)
+        flat = graph.create("reshape", [pos], {"shape": [n]}, before=first, name="positions")
+        for i, (attn, window) in enumerate(attns):
+            self._replace(graph, ctx, i, attn, window, geo, [flat.output, sot, lens, table])
+        self._gather_rows(graph, ctx, head, logit_rows, n)
+        graph.inputs[:] = [ids, pos, sot, lens, table, logit_rows,
+                           *[v for v in graph.inputs if v.name.startswith(("k_cache_",
+                                                                           "v_cache_"))]]
+        _remove_dead(graph)
+        self._check_positions(graph, ctx, n)
+        graph.meta["generation"] = {**geo, "layers": len(attns)}
+        ctx.note(f"generation: {len(attns)} attention ops read/write {geo['kv']} KV caches "
+                 f"({geo['cache_order']}); logits for logit_rows only")
+
+    # -- checks ------------------------------------------------------------------
+
+    def _refuse(self, ctx: PassContext, node: Node | None, reason: str, rule: str = RULE):
+        ctx.near_miss(rule, node, reason)
+        raise PassError(f"generation.insert-kv-cache: {reason}")
+
+    def _token_inputs(self, graph: Graph, ctx: PassContext) -> tuple[Value, Value]:
+        by_name = {v.name: v for v in graph.inputs}
+        ids, pos = by_name.get("input_ids"), by_name.get("position_ids")
+        names = [v.name for v in graph.inputs]
+        if ids is None or pos is None or len(names) != 2:
+            self._refuse(ctx, None, f"graph inputs {names}: a generation step is captured with "
+                                    "exactly input_ids [1, N] and position_ids [1, N]")
+        for v in (ids, pos):
+            t = v.type
+            if t.rank != 2 or t.shape[0] != 1 or isinstance(t.shape[1], int):
+                self._refuse(ctx, None, f"%{v.name} {t} is not [1, N] with N dynamic")
+        if not dims_equal(ids.type.shape[1], pos.type.shape[1]):
+            self._refuse(ctx, None, f"input_ids {ids.type} and position_ids {pos.type} differ")
+        return ids, pos
+
+    def _check_attentions(self, graph, ctx, pos, geo, n) -> list[tuple[Node, int | None]]:
+        for node in graph.nodes:
+            if node.op in ("softmax", "log_softmax"):
+                self._refuse(ctx, node, f"{node.op} left at {node.source or '?'}: attention "
+                                        "did not fuse (see attention.fuse-sdpa's near misses)")
+        attns = graph.find("attention")
+        if not attns:
+            self._refuse(ctx, None, "no attention op: nothing to cache")
+        out = []
+        symbol = n.name if hasattr(n, "name") else None
+        for a in attns:
+            bias = a.inputs[3] if len(a.inputs) > 3 else None
+            if len(a.inputs) > 4 and a.inputs[4] is not None:
+                self._refuse(ctx, a, f"attention at {a.source or '?'} has a key-padding mask")
+            window, band = a.attrs["window"], None
+            if bias is None:
+                if not a.attrs["causal"]:
+                    self._refuse(ctx, a, f"attention at {a.source or '?'} is not causal")
+            else:
+                reason = position_only_reason(bias, pos)
+                if reason is None:
+                    band, reason = band_of(bias, pos, symbol, geo["max_seq_len"])
+                if reason:
+                    self._refuse(ctx, a, f"attention at {a.source or '?'}: {reason}")
+                if band is not None:
+                    window = band if window is None else min(window, band)
+            for x in a.inputs[:3]:
+                _, _, tokens, _ = heads_tokens(x.type, a.attrs["layout"])
+                if not dims_equal(tokens, n) or not dims_equal(x.type.shape[0], 1):
+                    self._refuse(ctx, a, f"attention at {a.source or '?'}: {x.type} does not "
+                                         f"run over the step's tokens (batch 1, N)")
+            out.append((a, window))
+        return out
+
+    def _find_head(self, graph: Graph, ctx: PassContext, n) -> Node:
+        if len(graph.outputs) != 1:
+            self._refuse(ctx, None, f"{len(graph.outputs)} graph outputs; a causal LM step has "
+                                    "one (the logits)", ROWS_RULE)
+        v = graph.outputs[0]
+        while v.producer is not None and v.producer.op != "linear":
+            deps = [x for x in v.producer.inputs if x is not None and not x.is_const]
+            if len(deps) != 1:
+                break
+            v = deps[0]
+        head = v.producer
+        if head is None or head.op != "linear" or not head.inputs[1].is_const:
+            self._refuse(ctx, None, "the output is not computed by an LM head (a linear with a "
+                                    "constant weight)", ROWS_RULE)
+        t = head.output.type
+        if t.rank != 3 or not dims_equal(t.shape[1], n):
+            self._refuse(ctx, head, f"LM head output {t} is not [1, N, V]", ROWS_RULE)
+        return head
+
+    def _check_positions(self, graph: Graph, ctx: PassContext, n) -> None:
+        """No arange over the token axis may remain: positions come from position_ids."""
+        for node in graph.nodes:
+            if node.op == "arange" and any(dims_equal(d, n) for d in node.output.type.shape):
+                self._refuse(ctx, node, f"arange over the token axis at {node.source or '?'} "
+                                        "still feeds the output: positions must come from "
+                                        "position_ids")
+
+    # -- rewrites ----------------------------------------------------------------
+
+    def _replace(self, graph, ctx, i, attn: Node, window, geo, meta: list[Value]) -> None:
+        a = attn.attrs
+        k = attn.inputs[1]
+        _, hkv, _, d = heads_tokens(k.type, a["layout"])
+        _, _, _, dv = heads_tokens(attn.inputs[2].type, a["layout"])
+        paged = geo["kv"] == "paged"
+        rows = geo["num_blocks"] if paged else geo["max_batch"]
+        length = geo["block_size"] if paged else geo["max_seq_len"]
+        head_major = geo["cache_order"] == "head-major"
+
+        def cache_type(dim):
+            shape = [rows, hkv, length, dim] if head_major else [rows, length, hkv, dim]
+            return TensorType(k.type.dtype, shape)
+
+        kc = graph.add_input(f"k_cache_{i}", cache_type(d), exact=True)
+        vc = graph.add_input(f"v_cache_{i}", cache_type(dv), exact=True)
+        attrs = {"scale": a["scale"], "window": window, "kv_heads": a["kv_heads"],
+                 "alibi": a["alibi"], "softcap": a["softcap"], "layout": a["layout"],
+                 "paged": paged, "block_size": geo["block_size"] if paged else None,
+                 "cache_order": geo["cache_order"]}
+        new = graph.create("cached_attention", [*attn.inputs[:3], kc, vc, *meta], attrs,
+                           before=attn, name=attn.output.name,
+                           meta={"source": attn.source} if attn.source else None)
+        graph.replace_all_uses(attn.output, new.output)
+        graph.erase(attn)
+        ctx.rewrite(RULE, [attn], [new])
+
+    def _gather_rows(self, graph, ctx, head: Node, logit_rows: Value, n) -> None:
+        def dependent(v: Value) -> bool:
+            return not v.is_const and v.type.rank == 3 and dims_equal(v.type.shape[1], n)
+
+        entries, region = backward_region(
+            head.inputs[0], head, lambda x: per_position_reason(x, dependent) is None, dependent)
+        users = [*region, head]
+        made = []
+        for h in entries:
+            first = next(x for x in users if any(v is h for v in x.inputs))
+            g = graph.create("index", [h, logit_rows], {"axes": [1]}, before=first,
+                             name="logit_rows_of",
+                             meta={"source": first.source} if first.source else None)
+            for x in users:
+                for j, v in enumerate(x.inputs):
+                    if v is h:
+                        graph.set_input(x, j, g.output)
+            made.append(g)
+        after = _downstream(head)
+        retype([*region, head, *after])
+        out = graph.outputs[0]
+        rows, vocab = logit_rows.type.shape[0], out.type.shape[2]
+        flat = graph.create("reshape", [out], {"shape": [rows, vocab]}, name="logits")
+        graph.set_outputs([flat.output])
+        if flat.output.name != "logits":
+            names = {v.name for v in graph.values()}
+            taken = [v for v in graph.values() if v.name == "logits"]
+            spare = next(f"logits_all_{i}" for i in range(len(names) + 1)
+                         if f"logits_all_{i}" not in names)
+            graph.rename_values([*taken, flat.output], [spare] * len(taken) + ["logits"])
+        ctx.rewrite(ROWS_RULE, [head], [*made, flat])
+
+
+def _downstream(head: Node) -> list[Node]:
+    """Nodes computed from ``head``'s output, in graph order."""
+    reach = {id(head)}
+    out = []
+    for node in head.graph.nodes:
+        if any(v is not None and v.producer is not None and id(v.producer) in reach
+               for v in node.inputs) and node is not head:
+            reach.add(id(node))
+            out.append(node)
+    return out
+
+
+def _remove_dead(graph: Graph) -> None:
+    """Erase pure nodes nothing uses (the old masks), so leftovers can be checked."""
+    outputs = {id(v) for v in graph.outputs}
+    for node in reversed(graph.nodes):
+        if is_pure(node) and not any(v.uses or id(v) in outputs for v in node.outputs):
+            graph.erase(node)
+
+
+__all__ = ["InsertKvCache", "cache_geometry", "META_INPUTS", "RULE", "ROWS_RULE"]
