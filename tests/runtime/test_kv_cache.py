@@ -374,3 +374,19 @@ def test_refuses_a_cache_that_does_not_fit_before_allocating(monkeypatch):
     huge = dict(max_seq_len=2**20, max_batch=2**10, layout="paged", block_size=2**10)
     with pytest.raises(InputError, match=r"1048576 blocks x 1024 tokens .* do not fit"):
         KVCache(64, 8, 128, **huge)  # 256 TiB: no machine here has that; nothing allocated
+
+
+def test_shape_and_bytes_without_allocating():
+    from transfuse.runtime.kv_cache import bytes_per_token, cache_shape
+
+    assert cache_shape("paged", "head-major", 2, 3, max_seq_len=30, max_batch=3,
+                       block_size=4) == (24, 2, 4, 3)  # 3 x ceil(30 / 4) blocks
+    assert cache_shape("paged", "token-major", 2, 3, max_seq_len=30, max_batch=3, block_size=4,
+                       num_blocks=5) == (5, 4, 2, 3)
+    assert cache_shape("contiguous", "head-major", 2, 3, max_seq_len=30,
+                       max_batch=3) == (3, 2, 30, 3)
+    assert bytes_per_token(30, 3, 64, "bf16") == 2 * 30 * 3 * 64 * 2
+    c = make("paged", "head-major", dtype="fp16")
+    assert c.shape == cache_shape("paged", "head-major", 2, 3, max_seq_len=32, max_batch=4,
+                                  block_size=4)
+    assert c.bytes_per_token == bytes_per_token(2, 2, 3, torch.float16)

@@ -37,10 +37,31 @@ from transfuse.runtime.block_pool import BlockPool
 from transfuse.runtime.kv_memory import check_fits, parse_device, parse_dtype
 from transfuse.runtime.step_meta import StepMeta
 
-__all__ = ["KVCache", "StepMeta", "LAYOUTS", "ORDERS"]
+__all__ = ["KVCache", "StepMeta", "LAYOUTS", "ORDERS", "bytes_per_token", "cache_shape"]
 
 LAYOUTS = ("contiguous", "paged")
 ORDERS = ("token-major", "head-major")
+
+
+def cache_shape(layout: str, order: str, kv_heads: int, head_dim: int, *, max_seq_len: int,
+                max_batch: int, block_size: int = 16,
+                num_blocks: int | None = None) -> tuple[int, int, int, int]:
+    """One layer's K (or V) cache shape for KVCache's arguments (taken as valid; the paged
+    default ``num_blocks`` is ``max_batch x ceil(max_seq_len / block_size)``)."""
+    if layout == "paged":
+        rows = num_blocks or max_batch * math.ceil(max_seq_len / block_size)
+        cols = block_size  # [NB, BS, ...]
+    else:
+        rows, cols = max_batch, max_seq_len  # [M, S, ...]
+    if order == "token-major":
+        return (rows, cols, kv_heads, head_dim)
+    return (rows, kv_heads, cols, head_dim)
+
+
+def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype | str) -> int:
+    """Bytes of one token's K and V in every layer."""
+    itemsize = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize
 
 
 def _positive(name: str, value: object) -> int:
@@ -112,21 +133,18 @@ class KVCache:
             self.num_blocks = default_blocks if num_blocks is None else _positive(
                 "num_blocks", num_blocks
             )
-            rows, cols = self.num_blocks, self.block_size  # [NB, BS, ...]
         else:
             if num_blocks is not None:
                 raise InputError("KVCache: num_blocks is for layout='paged' only")
             self.block_size = self.max_seq_len
             self.max_blocks = 1
             self.num_blocks = self.max_batch
-            rows, cols = self.max_batch, self.max_seq_len  # [M, S, ...]
-        if order == "token-major":
-            self.shape = (rows, cols, self.kv_heads, self.head_dim)
-        else:
-            self.shape = (rows, self.kv_heads, cols, self.head_dim)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        self.bytes_per_token = 2 * self.layers * self.kv_heads * self.head_dim * itemsize
-        self.nbytes = self.bytes_per_token * rows * cols
+        self.shape = cache_shape(layout, order, self.kv_heads, self.head_dim,
+                                 max_seq_len=self.max_seq_len, max_batch=self.max_batch,
+                                 block_size=self.block_size, num_blocks=self.num_blocks)
+        self.bytes_per_token = bytes_per_token(self.layers, self.kv_heads, self.head_dim,
+                                               self.dtype)
+        self.nbytes = self.bytes_per_token * self.num_blocks * self.block_size
         what = (
             f"{self.num_blocks} blocks x {self.block_size} tokens"
             if self.paged
