@@ -49,3 +49,16 @@ def test_misuse_is_refused_without_change():
         pool.ref_count(3)
     with pytest.raises(InputError, match="block id -1"):
         pool.release([-1])
+
+
+def test_plan_writes_copies_only_shared_blocks_written():
+    pool = BlockPool(8)
+    a = pool.allocate(3)  # [0, 1, 2]
+    pool.share(a[:2])  # a second table holds blocks 0 and 1
+    b = a[:2]
+    # a writes positions 5..9 (blocks 1, 2): copies 1 (shared), 2 is its own; nothing appended
+    # b writes 6..12 (blocks 1..3): 1 is then held by b alone, so no copy; 2 new blocks
+    assert pool.plan_writes([(a, 5, 5), (b, 6, 7)], 4) == [([1], 0), ([], 2)]
+    assert pool.plan_writes([(b, 8, 1)], 4) == [([], 1)]  # a full shared block is not written
+    assert pool.plan_writes([(a, 0, 1), (a, 1, 1)], 4) == [([0], 0), ([], 0)]
+    assert [pool.ref_count(x) for x in range(3)] == [2, 2, 1]  # planning changes nothing

@@ -14,7 +14,7 @@ cache would later find still-valid blocks, as vLLM's block pool does).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from transfuse.errors import InputError
 
@@ -95,6 +95,27 @@ class BlockPool:
                 self._free.append(b)
                 freed += 1
         return freed
+
+    def plan_writes(
+        self, writes: Sequence[tuple[Sequence[int], int, int]], block_size: int
+    ) -> list[tuple[list[int], int]]:
+        """What writing ``n`` tokens from position ``start`` into each block table needs, for
+        ``writes`` = [(table, start, n), ...] done in order: per write, the table indices of
+        shared blocks it writes into (to copy first) and how many blocks to append. A block
+        shared only by writers of the same batch is copied by all but the last. Changes nothing.
+        """
+        refs_left: dict[int, int] = {}  # counts after the copies planned so far
+        plan = []
+        for table, start, n in writes:
+            first, last = start // block_size, (start + n - 1) // block_size
+            copies = []
+            for j in range(first, min(last + 1, len(table))):
+                refs = refs_left.get(table[j], self._refs[table[j]])
+                if refs > 1:
+                    copies.append(j)
+                    refs_left[table[j]] = refs - 1
+            plan.append((copies, max(0, last + 1 - len(table))))
+        return plan
 
     def free_blocks(self) -> list[int]:
         """The free list, in the order blocks will be handed out."""

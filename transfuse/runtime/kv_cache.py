@@ -6,8 +6,8 @@ NB blocks, BS block_size, N tokens of a step, B sequences of a step.
 The tensors are allocated once, zero-filled, when the cache is made (after checking that they
 fit in the device's available memory), and written in place by the compiled graph's
 ``cached_attention`` ops; this object only decides *where* each token goes and hands the graph
-the metadata inputs that say so (see /tmp/team/GEN_DESIGN.md, "One step = one flattened token
-axis"). Layouts (``order="token-major"`` / ``"head-major"``):
+the metadata inputs that say so (DESIGN.md section 7: one step = one flattened token axis,
+:class:`~transfuse.runtime.step_meta.StepMeta`). Layouts (``order="token-major"`` / ``"head-major"``):
 
 - contiguous: ``k[i]``, ``v[i]`` are [M, S, Hkv, D] / [M, Hkv, S, D]; a sequence owns one slot
   (``cache_table[b]`` = its slot) and token position p lives at ``[slot, p]``.
@@ -34,34 +34,19 @@ import torch
 
 from transfuse.errors import InputError
 from transfuse.runtime.block_pool import BlockPool
-from transfuse.runtime.kv_memory import check_fits, parse_device, parse_dtype
+from transfuse.runtime.kv_memory import (
+    bytes_per_token,
+    cache_shape,
+    check_fits,
+    parse_device,
+    parse_dtype,
+)
 from transfuse.runtime.step_meta import StepMeta
 
 __all__ = ["KVCache", "StepMeta", "LAYOUTS", "ORDERS", "bytes_per_token", "cache_shape"]
 
 LAYOUTS = ("contiguous", "paged")
 ORDERS = ("token-major", "head-major")
-
-
-def cache_shape(layout: str, order: str, kv_heads: int, head_dim: int, *, max_seq_len: int,
-                max_batch: int, block_size: int = 16,
-                num_blocks: int | None = None) -> tuple[int, int, int, int]:
-    """One layer's K (or V) cache shape for KVCache's arguments (taken as valid; the paged
-    default ``num_blocks`` is ``max_batch x ceil(max_seq_len / block_size)``)."""
-    if layout == "paged":
-        rows = num_blocks or max_batch * math.ceil(max_seq_len / block_size)
-        cols = block_size  # [NB, BS, ...]
-    else:
-        rows, cols = max_batch, max_seq_len  # [M, S, ...]
-    if order == "token-major":
-        return (rows, cols, kv_heads, head_dim)
-    return (rows, kv_heads, cols, head_dim)
-
-
-def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype | str) -> int:
-    """Bytes of one token's K and V in every layer."""
-    itemsize = torch.empty((), dtype=parse_dtype(dtype)).element_size()
-    return 2 * layers * kv_heads * head_dim * itemsize
 
 
 def _positive(name: str, value: object) -> int:
@@ -407,21 +392,9 @@ class KVCache:
         """Per item: (seq_id, indices of shared blocks it will write, new blocks to append)."""
         if not self.paged:
             return []
-        bs = self.block_size
-        refs_left: dict[int, int] = {}  # shared blocks' counts after the copies planned so far
-        plan = []
-        for sid, n in items:
-            s = self._seqs[sid]
-            first, last = s.length // bs, (s.length + n - 1) // bs
-            copies = []
-            for j in range(first, min(last + 1, len(s.blocks))):
-                b = s.blocks[j]
-                refs = refs_left.get(b, self.pool.ref_count(b))
-                if refs > 1:
-                    copies.append(j)
-                    refs_left[b] = refs - 1
-            plan.append((sid, copies, max(0, last + 1 - len(s.blocks))))
-        return plan
+        writes = [(self._seqs[sid].blocks, self._seqs[sid].length, n) for sid, n in items]
+        plan = self.pool.plan_writes(writes, self.block_size)
+        return [(sid, copies, new) for (sid, _), (copies, new) in zip(items, plan)]
 
     def _reserve(self, items: Sequence[tuple[Hashable, int]], where: str) -> None:
         plan = self._plan(items)

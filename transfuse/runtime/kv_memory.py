@@ -1,4 +1,4 @@
-"""What a KV cache may be made of and where: dtype and device names, and the memory available.
+"""What a KV cache takes: dtype and device names, its shape and bytes, the memory available.
 
 :func:`available_memory` is asked *before* a cache is allocated so that one that would not fit
 is refused with the numbers instead of being half-allocated or swapping the machine:
@@ -8,6 +8,7 @@ the cgroup (container) limit leaves; CUDA: ``torch.cuda.mem_get_info``.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -111,6 +112,27 @@ def available_memory(device: torch.device) -> int | None:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     return None
+
+
+def cache_shape(layout: str, order: str, kv_heads: int, head_dim: int, *, max_seq_len: int,
+                max_batch: int, block_size: int = 16,
+                num_blocks: int | None = None) -> tuple[int, int, int, int]:
+    """One layer's K (or V) cache shape for KVCache's arguments (taken as valid; the paged
+    default ``num_blocks`` is ``max_batch x ceil(max_seq_len / block_size)``)."""
+    if layout == "paged":
+        rows = num_blocks or max_batch * math.ceil(max_seq_len / block_size)
+        cols = block_size  # [NB, BS, ...]
+    else:
+        rows, cols = max_batch, max_seq_len  # [M, S, ...]
+    if order == "token-major":
+        return (rows, cols, kv_heads, head_dim)
+    return (rows, kv_heads, cols, head_dim)
+
+
+def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype | str) -> int:
+    """Bytes of one token's K and V in every layer."""
+    itemsize = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize
 
 
 def human_bytes(nbytes: int) -> str:
