@@ -1,0 +1,275 @@
+"""``cached_attention`` on the onnxruntime target, and the program that keeps caches in place.
+
+The op writes the step's K/V into per-layer caches and attends over each sequence's
+visible cache (GEN_DESIGN.md; the oracle is ``transfuse.ir.opdefs.generation``). ONNX has
+no in-place writes and onnxruntime never writes a graph input, so the lowering makes the
+write a value and the program makes it land in the cache's own memory:
+
+- write: ``ScatterND(cache, indices, new rows)`` -> the written cache, a new graph output
+  (``present``). Contiguous token-major caches ``[slots, L, Hkv, D]`` are indexed by
+  ``(slot, position)``, head-major ``[slots, Hkv, L, D]`` by ``(slot, head, position)``.
+- in place: :class:`GenerationOrtProgram` runs the session with IO binding and binds each
+  ``present`` output to the memory of its cache input (what onnxruntime-genai does with
+  ``past_present_share_buffer``). ORT's ScatterND copies its input to its output only when
+  the two buffers differ, so a bound step writes the new rows and copies nothing (measured:
+  a 268 MB cache, 2 rows: 0.01 ms bound to itself vs 22 ms into a fresh buffer).
+- read, standard ops: the written caches are cut to the longest visible length
+  T = max(seq_lens) and gathered by ``cache_table`` into [B, T, Hkv, D]; every query token
+  scores all B*T entries and a mask keeps those of its own sequence with
+  ``max(0, p - window + 1) <= j <= p`` (softcap before the mask, ALiBi ``slope*(j - p)``);
+  GQA without repeating K/V (query heads grouped per K/V head). Exact for every mix of
+  prefill chunks and decode tokens; it computes B*T scores per token, which is what one
+  sequence needs and B times that for a batch.
+
+Why not GroupQueryAttention: its past/present buffers are indexed by batch row, so a step
+maps onto it only when the step's sequences are the cache's slots 0..B-1 in order and all
+have the same number of new tokens (decode: B = N, S = 1; one prompt: B = 1, S = N). That
+is a property of each step's metadata, not of the graph, and one graph must serve every
+step; so this lowering uses standard ops, and a GQA fast path needs per-shape dispatch.
+
+Refused, with the reason, on this target: paged caches (block tables) and a plain
+``OrtProgram`` (it would drop the writes): lower generation graphs through
+:class:`GenerationOrtProgram`.
+
+Glossary: N tokens of the step, B sequences, H query heads, Hkv K/V heads, G = H / Hkv,
+D / Dv head dims, L cache length per slot, T visible length of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from onnx import TensorProto, helper
+
+from transfuse.codegen.onnx.export import lower_graph
+from transfuse.codegen.onnx.fused import unflatten
+from transfuse.codegen.onnx.program import ort_providers, session_options
+from transfuse.codegen.onnx.registry import LOWERINGS, out_dtype
+from transfuse.codegen.onnx.tensors import numpy_view
+from transfuse.errors import ExecutionError, LoweringError
+from transfuse.ir.graph import Graph, Node, Value
+from transfuse.ir.types import DType
+
+#: graph id -> {cache input ONNX name: the ONNX name holding its latest written value};
+#: present only while GenerationOrtProgram lowers that graph
+_WRITES: dict[int, dict[str, str]] = {}
+
+
+@contextlib.contextmanager
+def recording_cache_writes(graph: Graph) -> Iterator[dict[str, str]]:
+    """While lowering ``graph``: collect every cache write (cache input -> written value)."""
+    writes: dict[str, str] = {}
+    _WRITES[id(graph)] = writes
+    try:
+        yield writes
+    finally:
+        del _WRITES[id(graph)]
+
+
+def _refuses(node: Node) -> str | None:
+    if node.attrs["paged"]:
+        return ("paged KV caches (block tables) are not lowered for onnxruntime: "
+                "use kv='contiguous' with target='onnxruntime', or target='python'")
+    return None
+
+
+def _flat(b, v: Value, layout: str) -> str:
+    """A q/k/v value ([1, H, N, D] bhsd or [1, N, H, D] bshd) as [N, H, D]."""
+    flat = (b.heads_first if layout == "bhsd" else b.split_heads).get(id(v))
+    x = flat if flat is not None else b.name(v)
+    if flat is None and layout == "bhsd":
+        x = b.add("Transpose", [x], perm=[0, 2, 1, 3])
+    return b.add("Reshape", [x, b.ints([-1, v.type.shape[1 if layout == "bhsd" else 2],
+                                        v.type.shape[3]])])
+
+
+def _write(b, node: Node, which: int, rows: str, slot: str, pos: str) -> str:
+    """ScatterND of ``rows`` ([N, Hkv, D]) into cache input ``which``; the written cache."""
+    writes = _WRITES[id(b.graph)]
+    source = b.name(node.inputs[which])
+    current = writes.get(source, source)  # a second writer of one cache reads the first
+    hkv = node.inputs[which].type.shape[1 if node.attrs["cache_order"] == "head-major" else 2]
+    if node.attrs["cache_order"] == "head-major":  # (slot, head, position) per row and head
+        shape = b.add("Concat", [b.add("Shape", [slot]), b.ints([hkv, 1])], axis=0)
+        heads = b.const(torch.arange(hkv).reshape(1, hkv, 1), DType.i64, "heads")
+        parts = [b.add("Expand", [b.unsqueeze(x, [1, 2]) if x != heads else x, shape])
+                 for x in (slot, heads, pos)]
+        index = b.add("Concat", parts, axis=2)  # [N, Hkv, 3]
+    else:  # (slot, position) per row
+        index = b.add("Concat", [b.unsqueeze(slot, [1]), b.unsqueeze(pos, [1])], axis=1)
+    written = b.add("ScatterND", [current, index, rows], hint="present")
+    writes[source] = written
+    return written
+
+
+def _visible(b, cache: str, table: str, length: str, order: str, hkv: int, d: int) -> str:
+    """The first T entries of each step sequence's slot as [Hkv, B*T, D]."""
+    axis = 2 if order == "head-major" else 1
+    cut = b.add("Slice", [cache, b.ints([0]), length, b.ints([axis])])
+    rows = b.add("Gather", [cut, table], axis=0)  # [B, T, Hkv, D] or [B, Hkv, T, D]
+    perm = [1, 0, 2, 3] if order == "head-major" else [2, 0, 1, 3]
+    return b.add("Reshape", [b.add("Transpose", [rows], perm=perm), b.ints([hkv, -1, d])])
+
+
+def _mask_and_bias(b, node: Node, sot: str, pos: str, lens: str, length: str):
+    """(keep [N, B*T] bool, alibi bias [H, N, B*T] or None) for the step's tokens."""
+    a = node.attrs
+    zero, one = b.const(0, DType.i64, "zero"), b.const(1, DType.i64, "one")
+    nseq = b.add("Shape", [lens])
+    j = b.unsqueeze(b.add("Range", [zero, b.add("Squeeze", [length]), one]), [0, 1])  # [1,1,T]
+    s = b.unsqueeze(b.add("Range", [zero, b.add("Squeeze", [nseq]), one]), [0, 2])  # [1,B,1]
+    p = b.unsqueeze(pos, [1, 2])  # [N, 1, 1]
+    keep = b.add("And", [b.add("Equal", [s, b.unsqueeze(sot, [1, 2])]),
+                         b.add("LessOrEqual", [j, p])])
+    if a["window"] is not None:
+        keep = b.add("And", [keep, b.add("Greater", [j, b.add("Sub", [
+            p, b.const(a["window"], DType.i64, "window")])])])
+    flat = b.ints([0, -1])
+    keep = b.add("Reshape", [keep, flat])
+    if a["alibi"] is None:
+        return keep, None
+    dtype = out_dtype(node)
+    full = b.add("Concat", [b.add("Shape", [pos]), nseq, length], axis=0)
+    rel = b.add("Reshape", [b.add("Expand", [b.add("Sub", [j, p]), full]), flat])  # [N, B*T]
+    slopes = b.const(torch.tensor(a["alibi"]).reshape(-1, 1, 1), dtype, "slopes")
+    return keep, b.add("Mul", [slopes, b.cast(rel, DType.i64, dtype)])
+
+
+@LOWERINGS.register("cached_attention", supports=_refuses)
+def _cached_attention(b, node):
+    if id(b.graph) not in _WRITES:
+        raise LoweringError("cached_attention writes its KV caches in place, which a plain "
+                            "OrtProgram cannot do (ORT never writes graph inputs); build "
+                            "generation graphs with transfuse.codegen.onnx.generation."
+                            "GenerationOrtProgram")
+    a, dtype = node.attrs, out_dtype(node)
+    layout, order = a["layout"], a["cache_order"]
+    q, k, v = (_flat(b, node.inputs[i], layout) for i in range(3))  # [N, H|Hkv, D]
+    pos, sot, lens, table = (b.name(node.inputs[i]) for i in range(5, 9))
+    h, d = node.inputs[0].type.shape[1 if layout == "bhsd" else 2], node.inputs[0].type.shape[3]
+    hkv = node.inputs[1].type.shape[1 if layout == "bhsd" else 2]
+    dv = node.inputs[2].type.shape[3]
+    slot = b.add("Gather", [table, sot], axis=0)  # [N]
+    k_cache = _write(b, node, 3, k, slot, pos)
+    v_cache = _write(b, node, 4, v, slot, pos)
+    length = b.reduce("ReduceMax", lens, [0], True)  # [1]: T
+    keys = _visible(b, k_cache, table, length, order, hkv, d)  # [Hkv, B*T, D]
+    vals = _visible(b, v_cache, table, length, order, hkv, dv)
+    g = h // hkv
+    qg = b.add("Reshape", [b.add("Transpose", [q], perm=[1, 0, 2]), b.ints([hkv, -1, d])])
+    scores = b.add("MatMul", [qg, b.add("Transpose", [keys], perm=[0, 2, 1])])
+    scores = b.add("Reshape", [scores, b.ints([h, -1, 0])])  # [H, N, B*T]
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
+    scores = b.add("Mul", [scores, b.const(scale, dtype, "scale")])
+    if a["softcap"] is not None:
+        cap = b.const(a["softcap"], dtype, "softcap")
+        scores = b.add("Mul", [b.add("Tanh", [b.add("Div", [scores, cap])]), cap])
+    keep, alibi = _mask_and_bias(b, node, sot, pos, lens, length)
+    if alibi is not None:
+        scores = b.add("Add", [scores, alibi])
+    scores = b.add("Where", [keep, scores, b.const(float("-inf"), dtype, "neg_inf")])
+    probs = b.add("Softmax", [scores], axis=-1)
+    if g > 1:
+        probs = b.add("Reshape", [probs, b.ints([hkv, -1, 0])])  # [Hkv, G*N, B*T]
+    out = b.add("MatMul", [probs, vals])  # [Hkv, G*N, Dv]
+    out = b.add("Reshape", [out, b.ints([h, -1, dv])])  # [H, N, Dv]
+    flat = b.add("Reshape", [b.add("Transpose", [out], perm=[1, 0, 2]), b.ints([1, -1, h * dv])])
+    (b.heads_first if layout == "bhsd" else b.split_heads)[id(node.outputs[0])] = flat
+    return unflatten(b, flat, node.outputs[0], layout)
+
+
+# -- the program --------------------------------------------------------------------------
+
+
+class GenerationOrtProgram:
+    """An ORT session for a generation graph whose caches are updated in place.
+
+    ``program(flat_inputs)`` takes the graph's inputs (torch CPU tensors; the caches
+    contiguous) and returns its outputs; each cache input is written in place: its written
+    value is an extra ONNX output bound to the cache's own memory. Attributes: ``cache_outputs``
+    (cache input name -> ONNX output name), ``model_proto``, ``input_names``,
+    ``output_names`` (the graph's own outputs), ``notes``.
+    """
+
+    def __init__(self, graph: Graph, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.graph = graph
+        self.threads = threads if threads is not None else torch.get_num_threads()
+        providers = ort_providers(torch.device("cpu"))
+        with recording_cache_writes(graph) as writes:
+            model, self._inits, builder = lower_graph(graph, external=True, providers=providers)
+        self.notes = list(builder.notes)
+        produced = {o for n in model.graph.node for o in n.output}
+        self.input_names = [i.name for i in model.graph.input]
+        self.output_names = [o.name for o in model.graph.output]
+        self.cache_outputs: dict[str, str] = {}
+        types = {i.name: i.type for i in model.graph.input}
+        for source, written in writes.items():
+            if written not in produced:
+                raise LoweringError(f"the write of cache {source!r} was pruned: a "
+                                    "cached_attention whose output nothing uses")
+            out = helper.make_value_info(f"{source}_present", types[source])
+            for n in model.graph.node:  # the writer produces the output under its own name
+                n.output[:] = [out.name if o == written else o for o in n.output]
+                n.input[:] = [out.name if o == written else o for o in n.input]
+            model.graph.output.append(out)
+            self.cache_outputs[source] = out.name
+        self.model_proto = model
+        so = session_options(self.threads)
+        names, values, self._keep = [], [], []
+        for t in model.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL:
+                array = numpy_view(self._inits[t.name].detach().contiguous())
+                self._keep.append(array)  # the session reads this memory
+                names.append(t.name)
+                values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        if names:
+            so.add_external_initializers(names, values)
+        self._keep.append(values)
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), so,
+                                                providers=providers)
+        except Exception as e:
+            raise LoweringError(f"onnxruntime rejected the generation model of graph "
+                                f"{graph.name}: {type(e).__name__}: {e}") from e
+
+    def __call__(self, flat_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(flat_inputs) != len(self.input_names):
+            raise ExecutionError(f"generation program of graph {self.graph.name!r} takes "
+                                 f"{len(self.input_names)} inputs, got {len(flat_inputs)}")
+        binding = self.session.io_binding()
+        keep, caches = [], []
+        for name, t in zip(self.input_names, flat_inputs):
+            t = t.detach()
+            if name in self.cache_outputs:
+                if t.device.type != "cpu" or not t.is_contiguous():
+                    raise ExecutionError(f"KV cache input {name!r} must be a contiguous CPU "
+                                         f"tensor (it is written in place), got {t.device} "
+                                         f"strides {t.stride()}")
+                caches.append((self.cache_outputs[name], t))
+            else:
+                t = t.contiguous()
+            keep.append(t)  # alive until the run is over
+            binding.bind_input(name, "cpu", 0, _np_dtype(t.dtype), list(t.shape), t.data_ptr())
+        for name in self.output_names:  # ORT allocates these
+            binding.bind_output(name, "cpu")
+        for name, t in caches:  # the written cache is the cache's own memory
+            binding.bind_output(name, "cpu", 0, _np_dtype(t.dtype), list(t.shape), t.data_ptr())
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:
+            raise ExecutionError(f"onnxruntime failed running generation graph "
+                                 f"{self.graph.name!r}: {type(e).__name__}: {e}") from e
+        outs = binding.get_outputs()[: len(self.output_names)]
+        return [torch.from_numpy(o.numpy()) for o in outs]
+
+
+def _np_dtype(dtype: torch.dtype):
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+__all__ = ["GenerationOrtProgram", "recording_cache_writes"]
