@@ -27,7 +27,7 @@ from transfuse.codegen.onnx.registry import LOWERINGS
 
 # every op family's lowerings (registration on import; the order does not matter)
 from transfuse.codegen.onnx import (  # noqa: F401  isort: skip
-    attention, elementwise, fused, indexing, linalg, misc, nn, reduce, shape,
+    attention, elementwise, fused, generation, indexing, linalg, misc, nn, reduce, shape,
 )
 from transfuse.codegen.onnx.builder import OnnxBuilder  # isort: skip
 from transfuse.codegen.onnx.export import (  # isort: skip
