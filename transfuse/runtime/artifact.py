@@ -4,7 +4,9 @@ Layout of an artifact directory::
 
     manifest.json        format name + version, transfuse / torch versions, backend,
                          signature, file names, sha256 + size of every file below,
-                         and a sha256 of the manifest's own content
+                         and a sha256 of the manifest's own content; a generation model
+                         (runtime/generation_model.py) adds ``generation``: its KV cache
+                         spec and generation config
     weights.safetensors  the graph's constants by value name (safetensors: no pickle)
     graph.txt            the graph in the IR text form (ir/printer.py)
     pass_log.json        the pass log (PassLog.to_json), or null
@@ -130,6 +132,9 @@ def _write(compiled: Any, root: Path) -> None:
         **FILES,
         "files": files,
     }
+    generation = getattr(compiled, "generation_manifest", None)
+    if generation is not None:  # a GenerationModel: its cache spec and generation config
+        manifest["generation"] = json.loads(json.dumps(generation))
     manifest["manifest_sha256"] = manifest_digest(manifest)
     _write_text(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
@@ -190,6 +195,8 @@ class ArtifactContents:
     pass_log: Any
     backend: str
     meta: dict
+    #: a generation artifact's ``{"cache": spec, "config": generation config}``, else None
+    generation: dict | None = None
 
 
 def read(path: str | os.PathLike, device: str | torch.device | None = None) -> ArtifactContents:
@@ -215,7 +222,7 @@ def read(path: str | os.PathLike, device: str | torch.device | None = None) -> A
     signature = Signature.from_json(manifest["signature"])
     pass_log = _read_pass_log(root / manifest["pass_log"])
     return ArtifactContents(root, graph, signature, pass_log, manifest["backend"],
-                            manifest.get("meta") or {})
+                            manifest.get("meta") or {}, manifest.get("generation"))
 
 
 def _read_manifest(root: Path) -> dict:
@@ -242,6 +249,12 @@ def _read_manifest(root: Path) -> dict:
     for key, kind in (("backend", str), ("signature", dict), ("files", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ArtifactError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    generation = manifest.get("generation")
+    if generation is not None and not (isinstance(generation, dict)
+                                       and isinstance(generation.get("cache"), dict)
+                                       and isinstance(generation.get("config", {}), dict)):
+        raise ArtifactError(f"{path}: field 'generation' must be an object with a 'cache' "
+                            f"object and a 'config' object, got {generation!r}")
     for key in FILES:
         name = manifest.get(key)
         if not isinstance(name, str) or not _plain_name(name):

@@ -181,11 +181,19 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> C
     """Read an artifact directory back into a :class:`CompiledModel` (weights on ``device``).
 
     The files are checked and parsed by :func:`transfuse.runtime.artifact.read`; the program
-    is regenerated with the artifact's backend (the saved source is never executed).
+    is regenerated with the artifact's backend (the saved source is never executed). A
+    generation artifact loads here as its step; ``transfuse.load`` makes it a GenerationModel.
     """
-    contents = artifact.read(path, device)
+    return from_contents(artifact.read(path, device))
+
+
+def from_contents(contents: artifact.ArtifactContents, build: Any = None) -> Any:
+    """Lower what :func:`artifact.read` checked; ``build(contents, program)`` makes the model
+    (default: a :class:`CompiledModel`). A failure is an :class:`ArtifactError`."""
     try:
         program = lower(contents.graph, contents.backend)
+        if build is not None:
+            return build(contents, program)
         return CompiledModel(contents.graph, contents.signature, contents.pass_log,
                              backend=contents.backend, program=program, meta=contents.meta)
     except LoweringError as e:
@@ -217,4 +225,4 @@ def _check_signature(graph: Graph, signature: Signature) -> None:
                             f"{graph.name} returns {len(graph.outputs)}")
 
 
-__all__ = ["CompiledModel", "lower", "load"]
+__all__ = ["CompiledModel", "lower", "load", "from_contents"]
