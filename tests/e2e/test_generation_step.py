@@ -83,13 +83,38 @@ def _run_and_compare(model, step, kv: str) -> None:
     torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
 
 
-FAMILIES = ["gpt2", "llama", "mistral", "qwen2"]
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt-neox",
+            "falcon", "bloom"]
+
+
+def _build(family: str):
+    """Tiny configs: 2 layers, hidden 64, vocab 128 (sdpa where transformers has it)."""
+    if family in ("gpt2", "llama", "mistral", "qwen2", "falcon", "bloom"):
+        attn = "eager" if family == "bloom" else "sdpa"  # BLOOM has no sdpa (ALiBi)
+        return tiny_hf_model(family, attn, layers=2, hidden=64, vocab=128, positions=64)
+    import transformers as tr
+
+    common = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                  intermediate_size=128, vocab_size=128, max_position_embeddings=64)
+    if family == "gemma":
+        config, cls = tr.GemmaConfig(num_key_value_heads=2, head_dim=16, **common), \
+            tr.GemmaForCausalLM
+    elif family == "gemma2":  # softcap and a sliding window; eager only in transformers
+        config, cls = tr.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                      **common), tr.Gemma2ForCausalLM
+    elif family == "phi3":
+        config, cls = tr.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common), \
+            tr.Phi3ForCausalLM
+    else:
+        config, cls = tr.GPTNeoXConfig(**common), tr.GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    attn = "eager" if family == "gemma2" else "sdpa"
+    return cls._from_config(config, attn_implementation=attn).eval()
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request):
-    return request.param, tiny_hf_model(request.param, "sdpa", layers=2, hidden=64, vocab=128,
-                                        positions=64)
+    return request.param, _build(request.param)
 
 
 @pytest.mark.parametrize("kv", ["contiguous", "paged"])
@@ -106,8 +131,15 @@ def test_step_matches_hf_full_forward(family_model, kv):
     program = step.program
     _run_and_compare(model, step, kv)
     assert step.program is program  # one compile served prefill, decode and mixed steps
+    attrs = [n.attrs for n in step.graph.find("cached_attention")]
     if family == "mistral":  # the sliding window came from the model's own mask
-        assert all(n.attrs["window"] == 8 for n in step.graph.find("cached_attention"))
+        assert [a["window"] for a in attrs] == [8, 8]
+    if family == "gemma2":  # layers alternate: sliding, then full attention
+        assert [a["window"] for a in attrs] == [8, None]
+    if family == "gemma2":
+        assert all(a["softcap"] == 50.0 for a in attrs)
+    if family == "bloom":
+        assert all(a["alibi"] is not None for a in attrs)
 
 
 def test_optimize_generation_names_what_is_missing():
