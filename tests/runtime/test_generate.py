@@ -237,7 +237,7 @@ def test_no_free_slot_is_refused_and_a_failing_step_frees_everything(model):
     ids, mask = _prompts(LENGTHS[:2])
     cache = _cache(model, max_batch=2)
     cache.add("someone else", 3)
-    with pytest.raises(InputError, match=r"needs 2 cache slots; 1 of 2 are free"):
+    with pytest.raises(InputError, match=r"needs 2 cache sequences; 1 of 2 are free"):
         generate(PrefixStep(model, cache), cache, ids, mask)
     cache.free("someone else")
 

@@ -211,30 +211,61 @@ def check_prompts(input_ids: Any, attention_mask: Any, pad_token_id: int | None,
     return Prompts(ids, lengths)
 
 
-def check_room(cache: Any, prompts: Prompts, max_new_tokens: int) -> None:
-    """The batch (free slots), each row's final length and, paged, the blocks of every row's
-    final length must fit the cache as it is now (``cache.memory_report()``)."""
-    batch, max_len = len(prompts.lengths), cache.max_seq_len
-    if batch > cache.max_batch:
+@dataclasses.dataclass(frozen=True)
+class CacheRoom:
+    """What a cache can take now: its limits and free slots or (paged) blocks."""
+
+    max_seq_len: int
+    max_batch: int
+    free_slots: int
+    block_size: int | None = None  # paged only
+    free_blocks: int | None = None
+    total_blocks: int | None = None
+
+    @classmethod
+    def of(cls, cache: Any) -> CacheRoom:
+        """The room of a :class:`KVCache` as it is now (its ``memory_report()``)."""
+        report = cache.memory_report()
+        if cache.layout == "paged":
+            return cls(cache.max_seq_len, cache.max_batch, cache.max_batch - len(cache),
+                       cache.block_size, report["blocks_free"], report["blocks_total"])
+        return cls(cache.max_seq_len, cache.max_batch, report["slots_free"])
+
+
+def check_room(room: CacheRoom, prompts: Prompts, max_new_tokens: int) -> None:
+    """The batch, each row's final length and, paged, the blocks of every row's final length
+    must fit ``room``."""
+    batch, max_len = len(prompts.lengths), room.max_seq_len
+    if batch > room.max_batch:
         raise InputError(f"a batch of {batch} prompts exceeds the cache's max_batch "
-                         f"{cache.max_batch}")
+                         f"{room.max_batch}")
     for row, n in enumerate(prompts.lengths):
         if n > max_len:
             raise InputError(f"prompt row {row} has {n} tokens, more than max_seq_len {max_len}")
         if n + max_new_tokens > max_len:
             raise InputError(f"prompt row {row}: {n} tokens + max_new_tokens {max_new_tokens} = "
                              f"{n + max_new_tokens} exceeds the cache's max_seq_len {max_len}")
-    report = cache.memory_report()
-    if cache.layout == "paged":
-        size = cache.block_size
+    if room.block_size is not None:
+        size = room.block_size
         need = sum(-(-(n + max_new_tokens) // size) for n in prompts.lengths)
-        if need > report["blocks_free"]:
+        if need > room.free_blocks:
             raise InputError(f"the batch needs {need} cache blocks of {size} tokens (prompts + "
                              f"max_new_tokens {max_new_tokens}); the paged cache has "
-                             f"{report['blocks_free']} of {report['blocks_total']} free")
-    elif batch > report["slots_free"]:
-        raise InputError(f"a batch of {batch} prompts needs {batch} cache slots; "
-                         f"{report['slots_free']} of {cache.max_batch} are free")
+                             f"{room.free_blocks} of {room.total_blocks} free")
+    if batch > room.free_slots:
+        raise InputError(f"a batch of {batch} prompts needs {batch} cache sequences; "
+                         f"{room.free_slots} of {room.max_batch} are free")
+
+
+def check_call(input_ids: Any, attention_mask: Any, kwargs: Mapping[str, Any],
+               generation_config: Any, vocab_size: int | None,
+               room: CacheRoom) -> tuple[GenerateOptions, Prompts]:
+    """Every check of a generate() call, against ``room``; nothing is allocated."""
+    opts = resolve_options(kwargs, generation_config, _width(input_ids))
+    prompts = check_prompts(input_ids, attention_mask, opts.pad_token_id, opts.eos_token_id,
+                            vocab_size)
+    check_room(room, prompts, opts.max_new_tokens)
+    return opts, prompts
 
 
 def _describe(x: Any) -> str:
@@ -255,10 +286,8 @@ def generate(step: Step, cache: Any, input_ids: torch.Tensor,
     ``kwargs``: :data:`OPTIONS`. ``generation_config`` supplies the defaults;
     ``vocab_size``, when known, bounds the prompt's ids.
     """
-    opts = resolve_options(kwargs, generation_config, _width(input_ids))
-    prompts = check_prompts(input_ids, attention_mask, opts.pad_token_id, opts.eos_token_id,
-                            vocab_size)
-    check_room(cache, prompts, opts.max_new_tokens)
+    opts, prompts = check_call(input_ids, attention_mask, kwargs, generation_config, vocab_size,
+                               CacheRoom.of(cache))
     tokens = _loop(step, cache, prompts, opts)
     if opts.stream:
         return tokens if len(prompts.lengths) > 1 else _ints(tokens)
@@ -282,7 +311,7 @@ def _loop(step: Step, cache: Any, prompts: Prompts, opts: GenerateOptions) -> It
     seq_ids = [next(_SEQUENCE_IDS) for _ in range(batch)]
     added: list[int] = []
     params = opts.sampling
-    generator = make_generator(opts.seed, ids.device)
+    generator = None  # made on the logits' device at the first draw
     penalise = params.repetition_penalty != 1.0
     # history for the repetition penalty: the prompts with padding as -1, then the new ids
     history = torch.where(_real(prompts), ids, -1) if penalise else None
@@ -297,6 +326,8 @@ def _loop(step: Step, cache: Any, prompts: Prompts, opts: GenerateOptions) -> It
         for made in range(opts.max_new_tokens):
             rows = live.nonzero().flatten()
             hist = history[rows.to(history.device)] if history is not None else None
+            if generator is None and opts.seed is not None:
+                generator = make_generator(opts.seed, logits.device)
             chosen = sample_next(logits, hist, params, generator, new_tokens=made).cpu()
             column = torch.full((batch,), -1 if opts.pad_token_id is None else opts.pad_token_id,
                                 dtype=torch.long)
@@ -348,5 +379,6 @@ def _run(step: Step, cache: Any, items: list[tuple[int, int]], tokens: torch.Ten
     return logits
 
 
-__all__ = ["generate", "resolve_options", "check_prompts", "check_room", "GenerateOptions",
+__all__ = ["generate", "resolve_options", "check_prompts", "check_room", "check_call",
+           "CacheRoom", "GenerateOptions",
            "Prompts", "OPTIONS", "HF_DEFAULTS"]
