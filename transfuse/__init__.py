@@ -4,6 +4,7 @@
     compiled(*example_inputs)          # same answers, faster
     print(compiled.pass_log)           # what every pass did
     compiled.save("out/model"); transfuse.load("out/model")
+    gen = transfuse.optimize(model, (ids,), generation=True); gen.generate(ids)
 """
 
 from transfuse.errors import (
@@ -26,8 +27,8 @@ def __getattr__(name):  # lazy: importing transfuse stays cheap
         from transfuse.api import optimize
 
         return optimize
-    if name == "load":
-        from transfuse.runtime.compiled import load
+    if name == "load":  # any artifact: a GenerationModel for a generation one
+        from transfuse.runtime.generation_model import load
 
         return load
     if name == "PassLog":
@@ -38,6 +39,10 @@ def __getattr__(name):  # lazy: importing transfuse stays cheap
         from transfuse.runtime.compiled import CompiledModel
 
         return CompiledModel
+    if name == "GenerationModel":
+        from transfuse.runtime.generation_model import GenerationModel
+
+        return GenerationModel
     raise AttributeError(f"module 'transfuse' has no attribute {name!r}")
 
 
@@ -46,6 +51,7 @@ __all__ = [
     "load",
     "PassLog",
     "CompiledModel",
+    "GenerationModel",
     "TransfuseError",
     "CaptureError",
     "UnsupportedOpError",
