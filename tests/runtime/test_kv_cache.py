@@ -27,8 +27,8 @@ def step(cache, items, gen=None):
     n = meta.num_tokens
     ks, vs = [], []
     for layer in range(cache.layers):
-        k = torch.randn(n, cache.kv_heads, cache.head_dim, generator=gen)
-        v = torch.randn(n, cache.kv_heads, cache.head_dim, generator=gen)
+        k = torch.randn(n, cache.kv_heads, cache.head_dim, generator=gen).to(cache.device)
+        v = torch.randn(n, cache.kv_heads, cache.head_dim, generator=gen).to(cache.device)
         write_step(cache, meta, layer, k, v)
         ks.append(k)
         vs.append(v)
@@ -390,3 +390,31 @@ def test_shape_and_bytes_without_allocating():
     assert c.shape == cache_shape("paged", "head-major", 2, 3, max_seq_len=32, max_batch=4,
                                   block_size=4)
     assert c.bytes_per_token == bytes_per_token(2, 2, 3, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout,order", BOTH)
+def test_cuda_cache_write_read_and_fork(layout, order):
+    c = make(layout, order, device="cuda")
+    assert all(t.is_cuda for t in c.k + c.v)
+    c.add("a", 6)
+    meta, ks, _ = step(c, [("a", 6)])
+    assert all(t.is_cuda and t.dtype == torch.int64 for t in meta.inputs().values())
+    c.fork("a", "b")
+    step(c, [("b", 3), ("a", 1)])
+    assert torch.equal(read_seq(c, "a", 1)[0][:6].cpu(), ks[1].cpu())
+    assert torch.equal(read_seq(c, "b", 1)[0][:6].cpu(), ks[1].cpu())
+    free, _ = torch.cuda.mem_get_info()
+    with pytest.raises(InputError, match="do not fit in the .* available on cuda"):
+        KVCache(1, 1, 1024, max_seq_len=free // 4096 + 1024, max_batch=1, device="cuda")
+
+
+def test_available_memory_reads_the_machine():
+    from transfuse.runtime.kv_memory import available_memory, human_bytes
+
+    avail = available_memory(torch.device("cpu"))
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert 0 < avail <= total
+    assert available_memory(torch.device("meta")) is None  # no memory to check
+    assert (human_bytes(512), human_bytes(3 * 2**29)) == ("512 B", "1.5 GiB")
