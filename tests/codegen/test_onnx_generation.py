@@ -162,3 +162,39 @@ def test_a_cache_that_cannot_be_written_in_place_is_refused():
         program([q, k, v, strided, vc, *meta])
     with pytest.raises(ExecutionError, match="takes 9 inputs"):
         program([q, k, v, kc])
+
+
+# -- a whole generation graph (generation.insert-kv-cache) on onnxruntime -----------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
+@pytest.mark.parametrize("order", ["token-major", "head-major"])
+def test_greedy_generate_on_onnxruntime_equals_hugging_face(family, order):
+    """A batch of two left-padded prompts, greedy, token-identical to HF generate()."""
+    from hf_builders import tiny_hf_model
+
+    from transfuse.api import GenerationStep, compile_generation_step
+    from transfuse.runtime.generate import generate
+    from transfuse.runtime.kv_cache import KVCache
+
+    model = tiny_hf_model(family, "sdpa", layers=2, hidden=64, vocab=128, positions=64)
+    options = {"max_seq_len": 32, "max_batch": 2, "kv": "contiguous", "cache_order": order}
+    python_step = compile_generation_step(model, torch.randint(0, 128, (1, 8)), options)
+    step = GenerationStep(python_step.graph, GenerationOrtProgram(python_step.graph, threads=1),
+                          python_step.pass_log, python_step.geometry)
+    _, shape, _ = step.cache_specs[0]
+    hkv, d = (shape[1], shape[3]) if order == "head-major" else (shape[2], shape[3])
+    cache = KVCache(len(step.cache_specs) // 2, hkv, d, max_seq_len=32, max_batch=2,
+                    order=order)
+    torch.manual_seed(3)
+    ids = torch.randint(1, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # the second prompt is 4 tokens, left-padded
+    ids[1, :3] = 0
+    got = generate(step.bind(cache), cache, ids, mask, max_new_tokens=10, min_new_tokens=10,
+                   do_sample=False, pad_token_id=0, generation_config=model.generation_config)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
+                              do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
