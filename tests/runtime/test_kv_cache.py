@@ -319,6 +319,10 @@ def test_bad_sequence_calls():
             call()
     with pytest.raises(InputError, match="sequence 's' already exists"):
         c.fork("s", "s")
+    with pytest.raises(InputError, match=r"KVCache.add: sequence id \[1\] is not hashable"):
+        c.add([1], 1)
+    with pytest.raises(InputError, match=r"KVCache.fork: sequence id \{\} is not hashable"):
+        c.fork("s", {})
     step(c, [("s", 30)])
     with pytest.raises(InputError, match=r"would hold 33 tokens \(30 \+ 3\)"):
         c.extend("s", 3)
@@ -418,3 +422,22 @@ def test_available_memory_reads_the_machine():
     assert 0 < avail <= total
     assert available_memory(torch.device("meta")) is None  # no memory to check
     assert (human_bytes(512), human_bytes(3 * 2**29)) == ("512 B", "1.5 GiB")
+
+
+def test_a_failed_allocation_is_a_typed_error(monkeypatch):
+    import transfuse.runtime.kv_cache as kv
+
+    made = []
+    real_zeros = torch.zeros
+
+    def zeros(*a, **k):
+        if len(made) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        made.append(real_zeros(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(kv.torch, "zeros", zeros)
+    with pytest.raises(InputError, match=r"allocating 768 bytes on cpu failed after the memory "
+                                         r"check passed: out of memory \(simulated\)"):
+        KVCache(2, 2, 3, max_seq_len=4, max_batch=2)
+    assert len(made) == 3  # 1.5 layers were made when the constructor gave up

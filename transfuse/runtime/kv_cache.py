@@ -247,8 +247,7 @@ class KVCache:
 
     def add(self, seq_id: Hashable, prompt_len: int) -> None:
         """Register ``seq_id`` (length 0) and reserve room for its ``prompt_len`` tokens."""
-        if seq_id in self._seqs:
-            raise InputError(f"KVCache.add: sequence {seq_id!r} already exists")
+        self._check_new(seq_id, "add")
         self._check_n(prompt_len, "add", "prompt_len", seq_id)
         if prompt_len > self.max_seq_len:
             raise InputError(
@@ -279,8 +278,7 @@ class KVCache:
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         """Make ``child_id`` a copy of ``parent_id``'s cached tokens (paged: shares its blocks)."""
         parent = self._get(parent_id, "fork")
-        if child_id in self._seqs:
-            raise InputError(f"KVCache.fork: sequence {child_id!r} already exists")
+        self._check_new(child_id, "fork")
         if parent.pending:
             raise InputError(f"KVCache.fork: sequence {parent_id!r} is in a step in flight")
         if self.paged:
@@ -358,6 +356,16 @@ class KVCache:
             raise InputError(
                 f"KVCache.{where}: unknown sequence {seq_id!r} ({len(self._seqs)} live)"
             ) from None
+
+    def _check_new(self, seq_id: object, where: str) -> None:
+        try:
+            exists = seq_id in self._seqs
+        except TypeError:
+            raise InputError(
+                f"KVCache.{where}: sequence id {seq_id!r} is not hashable (use an int or str)"
+            ) from None
+        if exists:
+            raise InputError(f"KVCache.{where}: sequence {seq_id!r} already exists")
 
     def _check_n(self, n: object, where: str, name: str, seq_id: Hashable) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
