@@ -198,3 +198,13 @@ def test_greedy_generate_on_onnxruntime_equals_hugging_face(family, order):
         want = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10,
                               do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
+
+
+def test_the_onnxruntime_target_builds_generation_graphs_with_this_program():
+    from transfuse.codegen.targets import get_target
+
+    program = get_target("onnxruntime").build(_graph({}, 2))
+    assert isinstance(program, GenerationOrtProgram) and program.device.type == "cpu"
+    assert "2 KV caches written in place" in program.lowering_notes()[0]
+    with pytest.raises(LoweringError, match="CPU only"):
+        GenerationOrtProgram(_graph({}, 2), device="meta")

@@ -191,15 +191,21 @@ class GenerationOrtProgram:
     contiguous) and returns its outputs; each cache input is written in place: its written
     value is an extra ONNX output bound to the cache's own memory. Attributes: ``cache_outputs``
     (cache input name -> ONNX output name), ``model_proto``, ``input_names``,
-    ``output_names`` (the graph's own outputs), ``notes``.
+    ``output_names`` (the graph's own outputs), ``notes``, ``device`` (always the CPU),
+    ``threads`` (intra-op threads; default torch's).
     """
 
-    def __init__(self, graph: Graph, *, threads: int | None = None):
+    def __init__(self, graph: Graph, *, device: str | torch.device | None = None,
+                 threads: int | None = None):
         import onnxruntime as ort
 
         self.graph = graph
         self.threads = threads if threads is not None else torch.get_num_threads()
-        providers = ort_providers(torch.device("cpu"))
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type != "cpu":
+            raise LoweringError(f"onnxruntime generation graphs run on the CPU only (their KV "
+                                f"caches are bound by host pointer), got device {self.device}")
+        providers = ort_providers(self.device)
         with recording_cache_writes(graph) as writes:
             model, self._inits, builder = lower_graph(graph, external=True, providers=providers)
         self.notes = list(builder.notes)
@@ -236,6 +242,11 @@ class GenerationOrtProgram:
         except Exception as e:
             raise LoweringError(f"onnxruntime rejected the generation model of graph "
                                 f"{graph.name}: {type(e).__name__}: {e}") from e
+
+    def lowering_notes(self) -> list[str]:
+        """Lines for the pass log: how the caches are kept."""
+        return [f"{len(self.cache_outputs)} KV caches written in place (ScatterND output "
+                "bound to the cache input by IO binding)"] + self.notes
 
     def __call__(self, flat_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(flat_inputs) != len(self.input_names):
