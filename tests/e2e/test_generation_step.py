@@ -18,6 +18,7 @@ from hf_builders import tiny_hf_model
 import transfuse
 from transfuse.api import compile_generation_step
 from transfuse.errors import InputError, TransfuseError
+from transfuse.runtime.kv_cache import KVCache
 
 MAX_LEN, MAX_BATCH, BLOCK = 32, 4, 4
 PROMPTS = (5, 3, 7)
@@ -54,29 +55,65 @@ class TinyCache:
                 "cache_table": table, "logit_rows": last, **self.caches}
 
 
-def _run_and_compare(model, step, kv: str) -> None:
+class RuntimeCache:
+    """The runtime's KVCache driving the step (``step.bind``); filler sequences taken between
+    the real ones, and freed, scatter the real sequences' slots and blocks."""
+
+    def __init__(self, step, kv: str):
+        name, shape, dtype = step.cache_specs[0]
+        layers = len(step.cache_specs) // 2
+        self.cache = KVCache(layers, shape[2], shape[3], dtype, max_seq_len=MAX_LEN,
+                             max_batch=MAX_BATCH, layout=kv, block_size=BLOCK)
+        self.run_step = step.bind(self.cache)
+        self.known: set[int] = set()
+
+    def run(self, ids, seqs: list[int], starts: list[int], counts: list[int]):
+        for s, n in zip(seqs, counts):
+            if s not in self.known:  # a filler before each sequence, freed after it
+                self.cache.add(("filler", s), 1)
+                self.cache.add(s, n)
+                self.cache.free(("filler", s))
+                self.known.add(s)
+        meta = self.cache.prepare_step(list(zip(seqs, counts)))
+        assert meta.position_ids[0].tolist() == [a + i for a, c in zip(starts, counts)
+                                                 for i in range(c)]
+        logits = self.run_step(ids, meta)
+        self.cache.commit_step()
+        return logits
+
+
+class ShuffledCache(TinyCache):
+    """Caches allocated here with shuffled block tables / slots (``TinyCache``)."""
+
+    def __init__(self, step, kv: str):
+        super().__init__(step, kv)
+        self.step = step
+
+    def run(self, ids, seqs, starts, counts):
+        return self.step.run(input_ids=ids, **self.inputs(seqs, starts, counts))
+
+
+def _run_and_compare(model, cache) -> None:
+    """Prefill 3 prompts in one step, 3 decode steps, one mixed step; logits vs HF."""
     torch.manual_seed(1)
     vocab = model.config.vocab_size
     seqs = [torch.randint(0, vocab, (n + DECODE_STEPS,)) for n in PROMPTS]
-    cache = TinyCache(step, kv)
     with torch.no_grad():
         full = [model(input_ids=s[None]).logits[0] for s in seqs]  # [S, V] each
-    # prefill: every prompt in one step
     ids = torch.cat([s[:n] for s, n in zip(seqs, PROMPTS)])[None]
-    logits = step.run(input_ids=ids, **cache.inputs([0, 1, 2], [0, 0, 0], list(PROMPTS)))
+    logits = cache.run(ids, [0, 1, 2], [0, 0, 0], list(PROMPTS))
     want = torch.stack([f[n - 1] for f, n in zip(full, PROMPTS)])
     torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
     for k in range(DECODE_STEPS):
         starts = [n + k for n in PROMPTS]
         ids = torch.stack([s[p] for s, p in zip(seqs, starts)])[None]
-        logits = step.run(input_ids=ids, **cache.inputs([0, 1, 2], starts, [1, 1, 1]))
+        logits = cache.run(ids, [0, 1, 2], starts, [1, 1, 1])
         want = torch.stack([f[p] for f, p in zip(full, starts)])
         torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
-    # a mixed step: sequence 1 decodes while sequence 0 continues with a 2-token chunk
+    # a mixed step: sequence 0 continues with a 2-token chunk while sequence 1 decodes
     starts = [PROMPTS[0] + DECODE_STEPS, PROMPTS[1] + DECODE_STEPS]
     extra = [torch.randint(0, vocab, (2,)), torch.randint(0, vocab, (1,))]
-    ids = torch.cat(extra)[None]
-    logits = step.run(input_ids=ids, **cache.inputs([0, 1], starts, [2, 1]))
+    logits = cache.run(torch.cat(extra)[None], [0, 1], starts, [2, 1])
     with torch.no_grad():
         want = torch.stack([model(input_ids=torch.cat([seqs[i], extra[i]])[None]).logits[0, -1]
                             for i in range(2)])
@@ -129,7 +166,7 @@ def test_step_matches_hf_full_forward(family_model, kv):
         "input_ids", "position_ids", "seq_of_token", "seq_lens", "cache_table", "logit_rows"]
     assert [v.name for v in step.graph.outputs] == ["logits"]
     program = step.program
-    _run_and_compare(model, step, kv)
+    _run_and_compare(model, RuntimeCache(step, kv))
     assert step.program is program  # one compile served prefill, decode and mixed steps
     attrs = [n.attrs for n in step.graph.find("cached_attention")]
     if family == "mistral":  # the sliding window came from the model's own mask
@@ -152,3 +189,15 @@ def test_model_without_lm_head_is_refused():
     model = tiny_hf_model("bert", "sdpa", layers=1, hidden=64, vocab=128, positions=64)
     with pytest.raises(InputError, match="no causal LM head"):
         compile_generation_step(model, torch.randint(0, 128, (1, 8)))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("kv", ["contiguous", "paged"])
+def test_step_with_shuffled_tables(family, kv):
+    """Block tables from a shuffled pool (every sequence's blocks far apart) and slots out of
+    order, allocated without the runtime."""
+    model = _build(family)
+    step = compile_generation_step(model, torch.randint(0, 128, (1, 8)),
+                                   {"max_seq_len": MAX_LEN, "max_batch": MAX_BATCH, "kv": kv,
+                                    "block_size": BLOCK})
+    _run_and_compare(model, ShuffledCache(step, kv))
