@@ -87,7 +87,10 @@ def test_metadata_mixed_prefill_and_decode_contiguous():
         "position_ids", "seq_of_token", "seq_lens", "cache_table", "logit_rows"]
     assert meta.inputs()["logit_rows"] is meta.last_rows
     assert c.length("c") == 0  # nothing grows before commit
+    with pytest.raises(InputError, match="blocks_needed: a step is in flight"):
+        c.blocks_needed([("a", 1)])
     c.commit_step()
+    assert c.blocks_needed([["a", 1]]) == 0  # contiguous; [seq_id, n] lists are items too
     assert [c.length(s) for s in "abc"] == [4, 3, 4]
 
 
@@ -212,7 +215,7 @@ def test_paged_exhaustion_leaves_state_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(data, c.k + c.v))
     with pytest.raises(InputError, match="needs 4 blocks for its 13 prompt tokens, 3 of 6"):
         c.add("z", 13)
-    with pytest.raises(InputError, match="needs 4 blocks"):
+    with pytest.raises(InputError, match=r"KVCache.extend: this needs 4 blocks \(4 new, 0 copy"):
         c.extend("b", 13)
     assert state(c) == snap and "z" not in c
     step(c, [("a2", 7)])  # 1 copy + 2 new: fits exactly
@@ -284,6 +287,8 @@ def test_step_protocol():
     ([], "non-empty list"),
     ("ab", "non-empty list"),
     ([("a",)], r"each item is \(seq_id, n_new\)"),
+    ([("a", 1, 2)], r"each item is \(seq_id, n_new\), got \('a', 1, 2\)"),
+    ([{"a": 1}], r"each item is \(seq_id, n_new\)"),
     ([("zz", 1)], "unknown sequence 'zz'"),
     ([("a", 1), ("a", 1)], "'a' appears twice"),
     ([("a", 0)], "n_new of sequence 'a' must be a positive int, got 0"),

@@ -240,6 +240,7 @@ class KVCache:
     def blocks_needed(self, items: Sequence[tuple[Hashable, int]]) -> int:
         """Free blocks ``prepare_step(items)`` would take (new and copy-on-write); 0 when
         contiguous. Validates ``items`` like prepare_step; changes nothing."""
+        self._check_idle("blocks_needed")
         self._check_items(items, "blocks_needed")
         return sum(len(c) + n for _, c, n in self._plan(items))
 
@@ -313,15 +314,12 @@ class KVCache:
     def prepare_step(self, items: Sequence[tuple[Hashable, int]]) -> StepMeta:
         """Reserve room for a step of ``items`` = [(seq_id, n_new), ...] and return its
         metadata. All checks run first; on any error nothing has changed."""
-        if self._step is not None:
-            raise InputError(
-                "KVCache.prepare_step: a step is in flight; call commit_step() or abort_step()"
-            )
+        self._check_idle("prepare_step")
         self._check_items(items, "prepare_step")
         self._reserve(items, "prepare_step")
         for sid, n in items:
             self._seqs[sid].pending = n
-        self._step = [(sid, n) for sid, n in items]
+        self._step = [(sid, n) for sid, n in items]  # a private copy: the caller's may change
         return self._meta(self._step)
 
     def commit_step(self) -> None:
@@ -357,6 +355,12 @@ class KVCache:
                 f"KVCache.{where}: unknown sequence {seq_id!r} ({len(self._seqs)} live)"
             ) from None
 
+    def _check_idle(self, where: str) -> None:
+        if self._step is not None:
+            raise InputError(
+                f"KVCache.{where}: a step is in flight; call commit_step() or abort_step()"
+            )
+
     def _check_new(self, seq_id: object, where: str) -> None:
         try:
             exists = seq_id in self._seqs
@@ -386,7 +390,7 @@ class KVCache:
             raise InputError(f"KVCache.{where}: items must be a non-empty list of (seq_id, n)")
         seen: set[Hashable] = set()
         for item in items:
-            if not isinstance(item, tuple) or len(item) != 2:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise InputError(f"KVCache.{where}: each item is (seq_id, n_new), got {item!r}")
             sid, n = item
             s = self._get(sid, where)
@@ -413,7 +417,8 @@ class KVCache:
         if need > free:
             copies = sum(len(c) for _, c, _ in plan)
             raise InputError(
-                f"KVCache.{where}: the step needs {need} blocks ({need - copies} new, {copies} "
+                f"KVCache.{where}: {'the step' if where == 'prepare_step' else 'this'} needs "
+                f"{need} blocks ({need - copies} new, {copies} "
                 f"copy-on-write) but {free} of {self.num_blocks} are free (block_size "
                 f"{self.block_size}); free or preempt sequences, or raise num_blocks"
             )
