@@ -109,27 +109,52 @@ def hf_contestant(model) -> Generate:
 
 
 def transfuse_unavailable() -> str | None:
-    import transfuse
+    import transfuse.api
 
-    if importlib.util.find_spec("transfuse.runtime.generation_model") is None:
-        return "not available: transfuse/runtime/generation_model.py does not exist yet"
-    if "generation" not in inspect.signature(transfuse.optimize).parameters:
-        return "not available: transfuse.optimize has no generation= option yet"
+    if "generation" not in inspect.signature(transfuse.api.optimize).parameters and \
+            not hasattr(transfuse.api, "compile_generation_step"):
+        return "not available: transfuse has no generation API yet"
     return None
 
 
-def transfuse_contestant(model, ids: torch.Tensor, target: str, max_seq_len: int) -> Generate:
+def transfuse_contestant(model, ids: torch.Tensor, target: str,
+                         max_seq_len: int) -> tuple[Generate, str]:
+    """(runner, how it was built). ``optimize(generation=...)`` when that works end to end;
+    else the same compiled step by hand: ``compile_generation_step`` (its pass pipeline),
+    the target's program for that graph, a KVCache and ``runtime.generate``."""
     import transfuse
+    from transfuse.errors import TransfuseError
 
-    gen = transfuse.optimize(model, (ids,), target=target,
-                             generation={"max_seq_len": max_seq_len, "max_batch": 1,
-                                         "kv": "contiguous"})
+    options = {"max_seq_len": max_seq_len, "max_batch": 1, "kv": "contiguous"}
+    try:
+        gen = transfuse.optimize(model, (ids,), target=target, generation=options)
+    except TransfuseError as exc:
+        why = f"optimize(generation=) refused ({type(exc).__name__}: {exc}); built by hand"
+    else:
+        def run(prompt: torch.Tensor, n: int) -> list[int]:
+            out = gen.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return out[0, prompt.shape[1]:].tolist()
+        return run, "optimize(generation=...)"
+    from transfuse.api import GenerationStep, compile_generation_step
+    from transfuse.codegen.targets import get_target
+    from transfuse.runtime.generate import generate
+    from transfuse.runtime.kv_cache import KVCache
 
-    def run(prompt: torch.Tensor, n: int) -> list[int]:
-        out = gen.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    step = compile_generation_step(model, ids, options)
+    if target != "python":
+        step = GenerationStep(step.graph, get_target(target).build(step.graph), step.pass_log,
+                              step.geometry)
+    _, shape, dtype = step.cache_specs[0]
+    cache = KVCache(len(step.cache_specs) // 2, shape[2], shape[3], dtype,
+                    max_seq_len=max_seq_len, max_batch=1)
+    bound = step.bind(cache)
+
+    def run_step(prompt: torch.Tensor, n: int) -> list[int]:
+        out = generate(bound, cache, prompt, max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, generation_config=model.generation_config)
         return out[0, prompt.shape[1]:].tolist()
 
-    return run
+    return run_step, why
 
 
 def llama_cpp_contestant(max_seq_len: int) -> Generate:
@@ -162,8 +187,8 @@ def build_contestants(name: str, model, prompt: torch.Tensor, max_seq_len: int,
             continue
         t0 = time.perf_counter()
         try:
-            runners[key] = transfuse_contestant(model, prompt, target, max_seq_len)
-            entries[key] = {"status": "ok", "build_s": time.perf_counter() - t0}
+            runners[key], how = transfuse_contestant(model, prompt, target, max_seq_len)
+            entries[key] = {"status": "ok", "build_s": time.perf_counter() - t0, "built": how}
         except Exception as exc:  # a failed build is a result, the run goes on
             entries[key] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}",
                             "where": traceback.format_exc(limit=-3)}
