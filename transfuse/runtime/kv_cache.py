@@ -38,6 +38,7 @@ from transfuse.runtime.kv_memory import (
     bytes_per_token,
     cache_shape,
     check_fits,
+    memory_report,
     parse_device,
     parse_dtype,
 )
@@ -157,43 +158,9 @@ class KVCache:
     # -- memory ---------------------------------------------------------------------------
 
     def memory_report(self) -> dict[str, object]:
-        """Bytes and tokens: total, per token, in use; paged: blocks used/free/shared, waste."""
-        report: dict[str, object] = {
-            "layout": self.layout,
-            "order": self.order,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "bytes": self.nbytes,
-            "bytes_per_token": self.bytes_per_token,
-            "capacity_tokens": self.num_blocks * self.block_size,
-            "sequences": len(self._seqs),
-            "tokens": sum(s.length for s in self._seqs.values()),
-        }
-        if self.paged:
-            fill: dict[int, int] = {}  # tokens stored in each used block (shared: counted once)
-            for s in self._seqs.values():
-                for j, b in enumerate(s.blocks):
-                    n = min(self.block_size, max(0, s.length - j * self.block_size))
-                    fill[b] = max(fill.get(b, 0), n)
-            used = self.pool.num_used
-            report.update(
-                block_size=self.block_size,
-                bytes_per_block=self.bytes_per_token * self.block_size,
-                blocks_total=self.num_blocks,
-                blocks_used=used,
-                blocks_free=self.pool.num_free,
-                blocks_shared=sum(1 for b in fill if self.pool.ref_count(b) > 1),
-                bytes_used=used * self.block_size * self.bytes_per_token,
-                waste_tokens=used * self.block_size - sum(fill.values()),
-            )
-        else:
-            report.update(
-                slots_total=self.max_batch,
-                slots_used=len(self._seqs),
-                slots_free=len(self._free_slots),
-                bytes_used=len(self._seqs) * self.max_seq_len * self.bytes_per_token,
-            )
-        return report
+        """Bytes and tokens: total, per token, in use; paged: blocks used/free/shared and
+        waste; contiguous: slots (see :func:`~transfuse.runtime.kv_memory.memory_report`)."""
+        return memory_report(self)
 
     # -- queries --------------------------------------------------------------------------
 

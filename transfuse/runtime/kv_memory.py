@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 
@@ -133,6 +134,46 @@ def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtyp
     """Bytes of one token's K and V in every layer."""
     itemsize = torch.empty((), dtype=parse_dtype(dtype)).element_size()
     return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def memory_report(cache: Any) -> dict[str, object]:
+    """A KVCache's memory, from its public state: bytes in all, per token and in use; the
+    sequences and their tokens; paged: blocks used/free/shared, bytes per block, and
+    ``waste_tokens`` (room in used blocks that holds no token; a shared block counts once);
+    contiguous: slots used/free."""
+    seqs = cache.seq_ids()
+    report: dict[str, object] = {
+        "layout": cache.layout,
+        "order": cache.order,
+        "dtype": str(cache.dtype).removeprefix("torch."),
+        "device": str(cache.device),
+        "bytes": cache.nbytes,
+        "bytes_per_token": cache.bytes_per_token,
+        "capacity_tokens": cache.num_blocks * cache.block_size,
+        "sequences": len(seqs),
+        "tokens": sum(cache.length(s) for s in seqs),
+    }
+    if not cache.paged:
+        used = len(seqs)
+        return report | {"slots_total": cache.max_batch, "slots_used": used,
+                         "slots_free": cache.max_batch - used,
+                         "bytes_used": used * cache.max_seq_len * cache.bytes_per_token}
+    bs, pool = cache.block_size, cache.pool
+    fill: dict[int, int] = {}  # tokens stored in each used block
+    for s in seqs:
+        length = cache.length(s)
+        for j, b in enumerate(cache.block_table(s)):
+            fill[b] = max(fill.get(b, 0), min(bs, max(0, length - j * bs)))
+    return report | {
+        "block_size": bs,
+        "bytes_per_block": cache.bytes_per_token * bs,
+        "blocks_total": pool.num_blocks,
+        "blocks_used": pool.num_used,
+        "blocks_free": pool.num_free,
+        "blocks_shared": sum(1 for b in fill if pool.ref_count(b) > 1),
+        "bytes_used": pool.num_used * bs * cache.bytes_per_token,
+        "waste_tokens": pool.num_used * bs - sum(fill.values()),
+    }
 
 
 def human_bytes(nbytes: int) -> str:
