@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from transfuse.codegen.targets import get_target, target_names
-from transfuse.errors import CaptureError, LoweringError, TransfuseError
+from transfuse.errors import CaptureError, LoweringError, PassError, TransfuseError
 
 #: targets a user can ask for: every backend of :data:`transfuse.codegen.targets.TARGET_MODULES`
 TARGETS = target_names()
@@ -69,16 +69,16 @@ def optimize(
         max_error: refuse an opt-in conversion whose max abs output error exceeds this.
         generation: compile a causal LM for generation (``True`` or ``{"max_seq_len",
             "max_batch", "kv": "contiguous" | "paged", "block_size", ...}``): the KV cache
-            goes into the graph. Not end to end yet: raises :class:`TransfuseError` naming
-            what is missing until the runtime's ``GenerationModel`` lands; the compiled step
-            itself is :func:`compile_generation_step`.
+            goes into the graph and a ``GenerationModel`` (``generate()``, ``save()``) is
+            returned; the compiled step alone is :func:`compile_generation_step`.
     """
     from transfuse.frontend.torch_export import capture
     from transfuse.passes.manager import run_pipeline
     from transfuse.runtime.compiled import CompiledModel
 
     if generation is not None and generation is not False:
-        _generation_model_missing()
+        return _optimize_generation(model, example_inputs, generation, target=target,
+                                    device=device, verify=verify, level=level, passes=passes)
     if target not in TARGETS:
         raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
     backend = get_target(target)
@@ -168,12 +168,24 @@ def _pass_options(options: Mapping[str, Any] | None, samples: Sequence[torch.Ten
 # -- generation (issue 11) -------------------------------------------------------------------
 
 
-def _generation_model_missing() -> None:
-    """``optimize(generation=...)`` needs ``runtime/generation_model.py``; say so until it lands."""
-    raise TransfuseError(
-        "optimize(generation=...) is not end to end yet: the compiled step exists "
-        "(transfuse.api.compile_generation_step) but the runtime's GenerationModel "
-        "(transfuse/runtime/generation_model.py: generate(), save/load) has not landed")
+def _optimize_generation(model: Any, example_inputs: Any, generation: Any, *, target: str,
+                         device: Any, verify: bool, level: str, passes: Any):
+    """``optimize(generation=...)``: the compiled step and the model's generation config in a
+    :class:`~transfuse.runtime.generation_model.GenerationModel`."""
+    from transfuse.errors import InputError
+    from transfuse.runtime.generation_model import GenerationModel
+
+    if level != "O2" or passes is not None:
+        raise PassError("generation compiles at O2 with generation.insert-kv-cache; "
+                        f"level={level!r} / passes={passes!r} are not supported with it")
+    if not isinstance(generation, (bool, Mapping)):
+        raise InputError(f"generation must be True or a dict of options, got {generation!r}")
+    ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs \
+        else example_inputs
+    step = compile_generation_step(model, ids, generation, target=target, device=device,
+                                   verify=verify)
+    return GenerationModel.from_step(step, getattr(model, "generation_config", None),
+                                     backend=target)
 
 
 def _is_causal_lm(model: Any) -> str | None:
@@ -232,7 +244,7 @@ def compile_generation_step(model: Any, example_ids: torch.Tensor,
                             generation: bool | Mapping[str, Any] = True, *,
                             target: str = "python", device: str | torch.device | None = None,
                             verify: bool = False) -> GenerationStep:
-    """Capture a causal LM for generation and compile its step (python target).
+    """Capture a causal LM for generation and compile its step.
 
     The model is captured with ``input_ids`` and ``position_ids`` [1, N] (N dynamic up to
     ``max_batch × max_seq_len`` tokens per step), run through O2 with
@@ -246,9 +258,8 @@ def compile_generation_step(model: Any, example_ids: torch.Tensor,
     reason = _is_causal_lm(model)
     if reason:
         raise InputError(reason)
-    if target != "python":
-        raise LoweringError(f"generation: target {target!r} has no cached_attention lowering "
-                            "yet; use target='python'")
+    if target not in TARGETS:
+        raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
     geo = cache_geometry({} if generation is True else dict(generation))
     if not isinstance(example_ids, torch.Tensor) or example_ids.dim() != 2:
         raise InputError("generation: example input_ids must be an i64 [B, S] tensor")
@@ -267,7 +278,12 @@ def compile_generation_step(model: Any, example_ids: torch.Tensor,
                             max_error=None)
     log = run_pipeline(captured.graph, "O2", verify=verify, sample_inputs=None, options=options)
     t1 = time.perf_counter()
-    program = backend.build(captured.graph, device=device)
+    try:
+        program = backend.build(captured.graph, device=device)
+    except TransfuseError:
+        raise
+    except Exception as e:  # a backend bug must not surface as a raw torch error
+        raise LoweringError(f"{target} backend failed: {type(e).__name__}: {e}") from e
     log.add_stage("capture", capture_ms)
     log.add_stage(f"lowering ({target})", (time.perf_counter() - t1) * 1e3)
     return GenerationStep(captured.graph, program, log, captured.graph.meta["generation"])

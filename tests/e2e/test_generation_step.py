@@ -17,7 +17,7 @@ from hf_builders import tiny_hf_model
 
 import transfuse
 from transfuse.api import compile_generation_step
-from transfuse.errors import InputError, TransfuseError
+from transfuse.errors import InputError
 from transfuse.runtime.kv_cache import KVCache
 
 MAX_LEN, MAX_BATCH, BLOCK = 32, 4, 4
@@ -179,10 +179,25 @@ def test_step_matches_hf_full_forward(family_model, kv):
         assert all(a["alibi"] is not None for a in attrs)
 
 
-def test_optimize_generation_names_what_is_missing():
-    model = tiny_hf_model("gpt2", "sdpa", layers=1, hidden=64, vocab=128, positions=64)
-    with pytest.raises(TransfuseError, match="GenerationModel"):
-        transfuse.optimize(model, (torch.randint(0, 128, (1, 8)),), generation=True)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("kv", ["contiguous", "paged"])
+def test_optimize_generation_greedy_equals_hf_generate(family, kv):
+    """optimize(generation=...) -> GenerationModel: a left-padded batch of 2 prompts, greedy,
+    token-identical to Hugging Face's generate()."""
+    model = _build(family)
+    gen = transfuse.optimize(model, (torch.randint(0, 128, (1, 8)),),
+                             generation={"max_seq_len": MAX_LEN, "max_batch": MAX_BATCH,
+                                         "kv": kv, "block_size": BLOCK})
+    torch.manual_seed(3)
+    ids = torch.randint(1, 128, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # the second prompt is 4 tokens, left-padded
+    ids[1, :2] = 0
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, **kw)
+    got = gen.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got, want)
 
 
 def test_model_without_lm_head_is_refused():
