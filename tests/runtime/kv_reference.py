@@ -1,4 +1,5 @@
-"""Test helpers: the cached_attention op's write/read semantics in plain torch (the oracle).
+"""Test helpers: the cached_attention op's write/read semantics in plain torch (the oracle),
+and a small cache maker, a step runner and a state snapshot for the KVCache tests.
 
 ``write_step`` stores K/V of a step's tokens through a StepMeta exactly as the contract says
 the op does; ``read_seq`` gathers one sequence's first ``length`` positions back out. They
@@ -54,3 +55,36 @@ def read_seq(cache: KVCache, seq_id, layer: int) -> tuple[torch.Tensor, torch.Te
     rows = row.expand(n, *row.shape) if cache.paged else row.expand(n)
     idx = _index(cache, *_rows_cols(cache, rows, positions))
     return cache.k[layer][idx], cache.v[layer][idx]
+
+
+BOTH = [(lay, order) for lay in ("contiguous", "paged") for order in ("token-major", "head-major")]
+
+
+def make(layout="paged", order="token-major", **kw):
+    args = dict(max_seq_len=32, max_batch=4, layout=layout, order=order)
+    if layout == "paged":
+        args["block_size"] = 4
+    args.update(kw)
+    return KVCache(2, 2, 3, **args)
+
+
+def step(cache, items, gen=None):
+    """Run one step: prepare, write random K/V in every layer, commit; returns (meta, k, v)."""
+    meta = cache.prepare_step(items)
+    n = meta.num_tokens
+    ks, vs = [], []
+    for layer in range(cache.layers):
+        k = torch.randn(n, cache.kv_heads, cache.head_dim, generator=gen).to(cache.device)
+        v = torch.randn(n, cache.kv_heads, cache.head_dim, generator=gen).to(cache.device)
+        write_step(cache, meta, layer, k, v)
+        ks.append(k)
+        vs.append(v)
+    cache.commit_step()
+    return meta, ks, vs
+
+
+def state(cache):
+    """Everything observable about the bookkeeping (for 'unchanged after an error')."""
+    seqs = {s: (cache.length(s), cache.block_table(s) if cache.paged else cache.slot(s))
+            for s in cache.seq_ids()}
+    return seqs, cache.memory_report()
