@@ -12,7 +12,9 @@ Layout of an artifact directory::
     pass_log.json        the pass log (PassLog.to_json), or null
     code.py              the generated source, for reading only: never executed on load
     model.onnx           onnxruntime backend only: the model for plain ONNX Runtime
-                         (weights in model.onnx.data above 2 GB); load rebuilds from the graph
+                         (weights in model.onnx.data above 2 GB); load rebuilds from the graph.
+                         Not for a generation model (``deploy_onnx`` False: its caches are
+                         written in place through IO binding, no plain ONNX file does that)
 
 ``save`` writes everything into a temporary directory next to the target and renames it
 into place, so a failure leaves no partial artifact. ``read`` (and
@@ -115,8 +117,8 @@ def _write(compiled: Any, root: Path) -> None:
     _write_text(root / FILES["pass_log"],
                 json.dumps(log.to_json() if log is not None else None, indent=1))
     _write_text(root / FILES["code"], compiled.source)
-    if compiled.backend == "onnxruntime":  # the deployable model (never read back by load)
-        compiled.export_onnx(str(root / DEPLOY_ONNX))
+    if compiled.backend == "onnxruntime" and getattr(compiled, "deploy_onnx", True):
+        compiled.export_onnx(str(root / DEPLOY_ONNX))  # for deployment; never read by load
     files = {}
     for p in sorted(root.iterdir()):
         files[p.name] = {"sha256": _sha256(p), "size": p.stat().st_size}
