@@ -143,3 +143,21 @@ def test_more_families_greedy_like_hf(family, attn):
     out = gen.generate(ids, mask, **kw)
     assert torch.equal(out, _hf(model, ids, mask, **kw))
     assert len(set(out[:, ids.shape[1]:].flatten().tolist())) > 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_onnxruntime_target_greedy_like_hf(tmp_path, family):
+    model, gen = _compiled(family, "contiguous")
+    ort = GenerationModel(gen.graph, None, gen.pass_log, backend="onnxruntime",
+                          generation_config=model.generation_config)
+    assert type(ort.program).__name__ == "GenerationOrtProgram"
+    ids, mask = _prompts(LENGTHS, seed=10)
+    kw = dict(max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=None)
+    out = ort.generate(ids, mask, **kw)
+    assert torch.equal(out, _hf(model, ids, mask, **kw))
+    ort.save(tmp_path / "ort")
+    assert not (tmp_path / "ort" / "model.onnx").exists()  # no plain-ONNX form of the step
+    loaded = transfuse.load(tmp_path / "ort")
+    assert loaded.backend == "onnxruntime" and torch.equal(loaded.generate(ids, mask, **kw), out)
+

@@ -193,3 +193,15 @@ def test_config_fields_keeps_what_generate_reads():
     assert config_fields(cfg) == {"eos_token_id": [2, 3], "pad_token_id": 0,
                                   "bos_token_id": 1, "top_k": 7}
     assert config_fields(None) == {}
+
+
+def test_onnxruntime_backend_and_no_plain_onnx_export(tmp_path):
+    ids, mask = _batch(PROMPTS)
+    want = GenerationModel(bigram_step()).generate(ids, mask, max_new_tokens=4)
+    ort = GenerationModel(bigram_step(), backend="onnxruntime")
+    assert torch.equal(ort.generate(ids, mask, max_new_tokens=4), want)
+    with pytest.raises(LoweringError, match="no plain ONNX export"):
+        ort.export_onnx(str(tmp_path / "m.onnx"))
+    ort.save(tmp_path / "g")
+    assert not (tmp_path / "g" / artifact.DEPLOY_ONNX).exists()
+    assert transfuse.load(tmp_path / "g").backend == "onnxruntime"

@@ -187,8 +187,14 @@ class GenerationModel:
         """Write an artifact directory (runtime/artifact.py) with the generation fields."""
         artifact.save(self, path)
 
+    #: artifact.save writes no model.onnx for the onnxruntime backend (see export_onnx)
+    deploy_onnx = False
+
     def export_onnx(self, path: str, **kwargs: Any) -> str:
-        return self._compiled.export_onnx(path, **kwargs)
+        """Refused: the step writes its caches in place (ORT runs it with IO binding in
+        ``GenerationOrtProgram``); a plain ONNX file cannot say that."""
+        raise LoweringError("a generation model has no plain ONNX export: its cached_attention "
+                            "writes the KV caches in place; save() the artifact instead")
 
     @classmethod
     def from_artifact(cls, contents: artifact.ArtifactContents, program: Any) -> GenerationModel:
