@@ -158,3 +158,23 @@ def test_verify_reasons(attrs, text, reason):
         return
     with pytest.raises(IRVerifyError, match=re.escape(reason)):
         verify(parse_graph(src))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("table", [[1], [0, 1, 2]], ids=["one-fresh-sequence", "slots-in-order"])
+def test_kernel_fast_paths_equal_reference(window, table):
+    """One fresh sequence (causal kernel over the step's K/V) and contiguous slots in order
+    (cache read as a view) give the reference's outputs and cache contents."""
+    gen = torch.Generator().manual_seed(4)
+    counts = [6] if len(table) == 1 else [3, 1, 2]
+    starts = [0] if len(table) == 1 else [0, 0, 0]
+    rc, kc = _caches(False, "token-major"), _caches(False, "token-major")
+    for _ in range(2):
+        q, k, v, pos, sot, lens = _step(starts, counts, gen)
+        ins = [q, k, v, pos, sot, lens, torch.tensor(table)]
+        want = cached_attention([*ins[:3], *rc, *ins[3:]], _attrs(window=window), {})
+        got = cached_attention_step(*ins[:3], *kc, *ins[3:], None, window, None, None, "bhsd",
+                                    None, "token-major")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        starts, counts = [a + c for a, c in zip(starts, counts)], [1] * len(table)
+    torch.testing.assert_close(kc[0], rc[0])

@@ -2,11 +2,14 @@
 
 The generated code calls :func:`cached_attention_step` (helper ``_cached_attention``):
 
+0. one fresh sequence (B = 1, positions 0..N-1, no ALiBi or softcap): causal attention over
+   the step's own K/V (``cpu_attention.causal_attention``: the native kernel), after the write;
 1. write: one ``index_put_`` per cache puts the step's N new K/V rows at their slots
    (contiguous: ``cache[table[s], p]``; paged: ``cache[table[s, p // K], p % K]``);
 2. read: the step's tokens are laid out on a [B, S] grid (S: the most new tokens of one
    sequence; a decode-only step has S = 1), each sequence's visible cache prefix is
-   gathered once ([B, T, Hkv, D], T the longest sequence after the step) and one batched
+   gathered once ([B, T, Hkv, D], T the longest sequence after the step; a view when the
+   contiguous slots are in order) and one batched
    ``F.scaled_dot_product_attention`` runs with a position mask (j <= p, window) and
    ``enable_gqa`` (no materialised K/V repeats). ALiBi adds ``slope·(j - p)`` to the mask;
    softcap (no SDPA hook) takes the explicit matmul-softmax path, grouped for GQA.
@@ -22,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from transfuse.codegen.python.cpu_attention import causal_attention
 from transfuse.codegen.python.registry import LOWERINGS
 from transfuse.ir.opdefs.generation import token_major, write_cache
 
@@ -30,8 +34,9 @@ def _gather_visible(cache: torch.Tensor, table: torch.Tensor, length: int,
                     block_size: int | None) -> torch.Tensor:
     """[B, T, Hkv, D]: the first ``length`` entries of each sequence's token-major cache."""
     if block_size is None:
-        if table.numel() == 1:  # one sequence: a view, no copy
-            return cache[int(table[0])][:length].unsqueeze(0)
+        first = int(table[0])
+        if bool((table == torch.arange(first, first + table.numel())).all()):
+            return cache[first:first + table.numel(), :length]  # slots in order: a view
         return cache[table, :length]
     nblocks = -(-length // block_size)
     blocks = table[:, :nblocks].clamp_min(0)  # -1 padding: masked by position below
@@ -55,6 +60,10 @@ def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token,
     h, n, d = q.shape[1], q.shape[2], q.shape[3]
     b = seq_lens.shape[0]
     t = int(seq_lens.max())
+    if b == 1 and t == n and alibi is None and softcap is None:
+        # one fresh sequence (positions 0..N-1): causal attention over the step's own K/V
+        out = causal_attention(q, k, v, scale, enable_gqa=k.shape[1] != h, window=window)
+        return out.transpose(1, 2) if layout == "bshd" else out
     keys = _gather_visible(kc, cache_table, t, block_size).transpose(1, 2)  # [B, Hkv, T, D]
     vals = _gather_visible(vc, cache_table, t, block_size).transpose(1, 2)
     qt = q[0].transpose(0, 1)  # [N, H, D]
