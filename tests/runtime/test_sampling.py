@@ -25,6 +25,7 @@ from transfuse.runtime.sampling import (
     make_generator,
     process_logits,
     sample_next,
+    seen_tokens,
     suppress_tokens,
 )
 
@@ -57,6 +58,18 @@ def test_repetition_penalty_equals_hf(penalty):
     ours = apply_repetition_penalty(scores, _padded(ids, pads), penalty)
     assert torch.equal(ours, hf)
     assert not torch.equal(ours, scores)  # it did something
+
+
+def test_repetition_penalty_takes_the_seen_mask_too():
+    scores = _logits()
+    ids, pads = _history()
+    seen = seen_tokens(_padded(ids, pads), V)
+    assert seen.dtype == torch.bool and seen.shape == (R, V)
+    assert seen.sum(1).tolist() == [len(set(ids[r, int(pads[r]):].tolist())) for r in range(R)]
+    assert torch.equal(apply_repetition_penalty(scores, seen, 1.4),
+                       apply_repetition_penalty(scores, _padded(ids, pads), 1.4))
+    with pytest.raises(InputError, match=r"bool history must be \[R, V\]"):
+        apply_repetition_penalty(scores, seen[:, :-1], 1.4)
 
 
 def test_repetition_penalty_ignores_ids_outside_the_head():
@@ -122,6 +135,8 @@ def test_greedy_is_argmax_and_ignores_the_sampling_filters():
     scores = _logits(6)
     params = SamplingParams(temperature=0.3, top_k=2, top_p=0.1)  # do_sample False
     assert torch.equal(sample_next(scores, None, params), scores.argmax(-1))
+    scores[:, 10] = scores[:, 40] = scores.max() + 1  # ties: the first, as argmax
+    assert sample_next(scores, None, params).tolist() == [10] * R == scores.argmax(-1).tolist()
     assert torch.equal(process_logits(scores, None, params, 0), scores)
 
 

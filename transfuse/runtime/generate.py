@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from transfuse.errors import ExecutionError, InputError
-from transfuse.runtime.sampling import SamplingParams, make_generator, sample_next
+from transfuse.runtime.sampling import SamplingParams, make_generator, sample_next, seen_tokens
 
 #: the keyword arguments generate() understands (HF's names)
 OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pad_token_id",
@@ -313,8 +313,9 @@ def _loop(step: Step, cache: Any, prompts: Prompts, opts: GenerateOptions) -> It
     params = opts.sampling
     generator = None  # made on the logits' device at the first draw
     penalise = params.repetition_penalty != 1.0
-    # history for the repetition penalty: the prompts with padding as -1, then the new ids
-    history = torch.where(_real(prompts), ids, -1) if penalise else None
+    # for the repetition penalty: which ids each row has seen (its real prompt, then the new
+    # ids), bool [B, V], made at the first logits and kept up to date
+    seen = None
     live = torch.ones(batch, dtype=torch.bool)
     eos = torch.tensor(opts.eos_token_id, dtype=torch.long)
     try:
@@ -325,15 +326,18 @@ def _loop(step: Step, cache: Any, prompts: Prompts, opts: GenerateOptions) -> It
                       torch.cat([prompts.tokens(r) for r in range(batch)]))
         for made in range(opts.max_new_tokens):
             rows = live.nonzero().flatten()
-            hist = history[rows.to(history.device)] if history is not None else None
+            if penalise and seen is None:
+                history = torch.where(_real(prompts), ids, -1).to(logits.device)
+                seen = seen_tokens(history, logits.shape[-1])
+            hist = seen[rows.to(seen.device)] if seen is not None else None
             if generator is None and opts.seed is not None:
                 generator = make_generator(opts.seed, logits.device)
             chosen = sample_next(logits, hist, params, generator, new_tokens=made).cpu()
             column = torch.full((batch,), -1 if opts.pad_token_id is None else opts.pad_token_id,
                                 dtype=torch.long)
             column[rows] = chosen
-            if history is not None:
-                history = torch.cat([history, column.to(history.device)[:, None]], dim=1)
+            if seen is not None:  # chosen ids are < V: they index the logits
+                seen[rows.to(seen.device), chosen.to(seen.device)] = True
             if len(eos):
                 live[rows] = ~torch.isin(chosen, eos)
             yield column
