@@ -26,7 +26,9 @@ from transfuse.runtime.generation_model import GenerationModel, config_fields
 VOCAB, MAX_LEN, MAX_BATCH, BLOCK = 16, 12, 3, 4
 
 
-def bigram_step(layout: str = "contiguous", cache_shape: list[int] | None = None) -> Graph:
+def bigram_step(layout: str = "contiguous", cache_shape: list[int] | None = None, *,
+                max_len: int = MAX_LEN, max_batch: int = MAX_BATCH) -> Graph:
+    """The bigram step; its position table has MAX_LEN rows whatever ``max_len`` says."""
     g = Graph("bigram_step")
     i64, f32 = DType.i64, DType.f32
     n, seqs, rows = sym("seq"), sym("seqs"), sym("rows")
@@ -38,8 +40,8 @@ def bigram_step(layout: str = "contiguous", cache_shape: list[int] | None = None
     table = [seqs, sym("table_blocks")] if paged else [seqs]
     g.add_input("cache_table", TensorType(i64, table), exact=True)
     rows_in = g.add_input("logit_rows", TensorType(i64, [rows]), exact=True)
-    blocks = MAX_BATCH * -(-MAX_LEN // BLOCK)
-    shape = cache_shape or ([blocks, BLOCK, 1, 2] if paged else [MAX_BATCH, MAX_LEN, 1, 2])
+    blocks = max_batch * -(-max_len // BLOCK)
+    shape = cache_shape or ([blocks, BLOCK, 1, 2] if paged else [max_batch, max_len, 1, 2])
     for kv in ("k", "v"):
         g.add_input(f"{kv}_cache_0", TensorType(f32, shape), exact=True)
     gen = torch.Generator().manual_seed(0)
@@ -50,7 +52,7 @@ def bigram_step(layout: str = "contiguous", cache_shape: list[int] | None = None
     logits = g.op("add", g.op("index", tok_table, last_tok, axes=[0]),
                   g.op("index", pos_table, last_pos, axes=[0]))
     g.set_outputs([logits])
-    g.meta["generation"] = {"kv": layout, "max_seq_len": MAX_LEN, "max_batch": MAX_BATCH,
+    g.meta["generation"] = {"kv": layout, "max_seq_len": max_len, "max_batch": max_batch,
                             "block_size": BLOCK, "num_blocks": blocks,
                             "cache_order": "token-major", "layers": 1}
     return g
@@ -131,6 +133,14 @@ def test_the_cache_is_allocated_on_first_use_and_reported():
     assert after["bytes_per_token"] == before["bytes_per_token"]
     assert after["blocks_free"] == after["blocks_total"] == 9
     assert "not allocated" not in repr(gen) and "GenerationModel(" in repr(gen)
+
+
+def test_a_cache_that_does_not_fit_is_refused_before_allocating():
+    gen = GenerationModel(bigram_step(max_len=2**20, max_batch=2**20))
+    assert gen.cache_report()["bytes"] == 2**40 * 16  # 16 TiB
+    with pytest.raises(InputError, match=r"KVCache: \d+ bytes .* do not fit"):
+        gen.generate(torch.tensor([[1, 2]]), max_new_tokens=2)
+    assert not gen.cache_report()["allocated"]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
