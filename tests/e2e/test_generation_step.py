@@ -59,11 +59,12 @@ class RuntimeCache:
     """The runtime's KVCache driving the step (``step.bind``); filler sequences taken between
     the real ones, and freed, scatter the real sequences' slots and blocks."""
 
-    def __init__(self, step, kv: str):
-        name, shape, dtype = step.cache_specs[0]
-        layers = len(step.cache_specs) // 2
-        self.cache = KVCache(layers, shape[2], shape[3], dtype, max_seq_len=MAX_LEN,
-                             max_batch=MAX_BATCH, layout=kv, block_size=BLOCK)
+    def __init__(self, step, kv: str, order: str = "token-major"):
+        _, shape, dtype = step.cache_specs[0]
+        hkv, head_dim = (shape[2], shape[3]) if order == "token-major" else (shape[1], shape[3])
+        self.cache = KVCache(len(step.cache_specs) // 2, hkv, head_dim, dtype,
+                             max_seq_len=MAX_LEN, max_batch=MAX_BATCH, layout=kv,
+                             block_size=BLOCK, order=order)
         self.run_step = step.bind(self.cache)
         self.known: set[int] = set()
 
@@ -216,3 +217,17 @@ def test_step_with_shuffled_tables(family, kv):
                                    {"max_seq_len": MAX_LEN, "max_batch": MAX_BATCH, "kv": kv,
                                     "block_size": BLOCK})
     _run_and_compare(model, ShuffledCache(step, kv))
+
+
+@pytest.mark.parametrize("target,order,kv", [("python", "head-major", "contiguous"),
+                                             ("python", "head-major", "paged"),
+                                             ("onnxruntime", "token-major", "contiguous"),
+                                             ("onnxruntime", "head-major", "paged")])
+def test_step_on_each_target_and_cache_order(target, order, kv):
+    """Llama (GQA) caches in either order and layout, python and onnxruntime steps."""
+    model = _build("llama")
+    step = compile_generation_step(model, torch.randint(0, 128, (1, 8)),
+                                   {"max_seq_len": MAX_LEN, "max_batch": MAX_BATCH, "kv": kv,
+                                    "block_size": BLOCK, "cache_order": order}, target=target)
+    _run_and_compare(model, RuntimeCache(step, kv, order))
+
