@@ -146,9 +146,10 @@ def test_more_families_greedy_like_hf(family, attn):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kv", ["contiguous", "paged"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_onnxruntime_target_greedy_like_hf(tmp_path, family):
-    model, gen = _compiled(family, "contiguous")
+def test_onnxruntime_target_greedy_like_hf(tmp_path, family, kv):
+    model, gen = _compiled(family, kv)
     ort = GenerationModel(gen.graph, None, gen.pass_log, backend="onnxruntime",
                           generation_config=model.generation_config)
     assert type(ort.program).__name__ == "GenerationOrtProgram"
