@@ -17,6 +17,7 @@ from hf_builders import tiny_hf_model
 
 import transfuse
 from transfuse.api import compile_generation_step
+from transfuse.models.real import load_smollm2, smollm2_unavailable
 from transfuse.runtime.generation_model import GenerationModel
 
 VOCAB, PAD = 96, 95
@@ -162,3 +163,21 @@ def test_onnxruntime_target_greedy_like_hf(tmp_path, family, kv):
     loaded = transfuse.load(tmp_path / "ort")
     assert loaded.backend == "onnxruntime" and torch.equal(loaded.generate(ids, mask, **kw), out)
 
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_unavailable() is not None, reason=str(smollm2_unavailable()))
+def test_real_smollm2_greedy_like_hf():
+    model, tok = load_smollm2()
+    step = compile_generation_step(model, torch.randint(0, 1000, (1, 8)),
+                                   {"max_seq_len": 64, "max_batch": 2, "kv": "paged"})
+    gen = GenerationModel.from_step(step, model.generation_config)
+    tok.padding_side = "left"
+    enc = tok(["The capital of France is", "Once upon a time, in a small village,"],
+              return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert not bool(mask.all())  # really a padded batch
+    kw = dict(max_new_tokens=16, pad_token_id=tok.pad_token_id)
+    out = gen.generate(ids, mask, **kw)
+    assert torch.equal(out, _hf(model, ids, mask, **kw))
+    assert "Paris" in tok.decode(out[0])
