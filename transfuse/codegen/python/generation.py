@@ -30,13 +30,27 @@ from transfuse.codegen.python.registry import LOWERINGS
 from transfuse.ir.opdefs.generation import token_major, write_cache
 
 
-def _gather_visible(cache: torch.Tensor, table: torch.Tensor, length: int,
-                    block_size: int | None) -> torch.Tensor:
-    """[B, T, Hkv, D]: the first ``length`` entries of each sequence's token-major cache."""
+def _write(cache: torch.Tensor, new: torch.Tensor, position_ids, seq_of_token, cache_table,
+           block_size: int | None) -> None:
+    """``write_cache``; one token (decode of one sequence) is a plain copy into its row."""
+    if new.shape[0] == 1:
+        p = int(position_ids[0])
+        if block_size is None:
+            cache[int(cache_table[0]), p].copy_(new[0])
+        else:
+            cache[int(cache_table[0, p // block_size]), p % block_size].copy_(new[0])
+        return
+    write_cache(cache, new, position_ids, seq_of_token, cache_table, block_size)
+
+
+def _gather_visible(cache: torch.Tensor, table: torch.Tensor, slots: list[int] | None,
+                    length: int, block_size: int | None) -> torch.Tensor:
+    """[B, T, Hkv, D]: the first ``length`` entries of each sequence's token-major cache
+    (``slots``: the contiguous table as a list)."""
     if block_size is None:
-        first = int(table[0])
-        if bool((table == torch.arange(first, first + table.numel())).all()):
-            return cache[first:first + table.numel(), :length]  # slots in order: a view
+        first = slots[0]
+        if slots == list(range(first, first + len(slots))):
+            return cache[first:first + len(slots), :length]  # slots in order: a view
         return cache[table, :length]
     nblocks = -(-length // block_size)
     blocks = table[:, :nblocks].clamp_min(0)  # -1 padding: masked by position below
@@ -55,17 +69,18 @@ def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token,
     if layout == "bshd":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     kc, vc = token_major(k_cache, cache_order), token_major(v_cache, cache_order)
-    write_cache(kc, k[0].transpose(0, 1), position_ids, seq_of_token, cache_table, block_size)
-    write_cache(vc, v[0].transpose(0, 1), position_ids, seq_of_token, cache_table, block_size)
+    _write(kc, k[0].transpose(0, 1), position_ids, seq_of_token, cache_table, block_size)
+    _write(vc, v[0].transpose(0, 1), position_ids, seq_of_token, cache_table, block_size)
     h, n, d = q.shape[1], q.shape[2], q.shape[3]
-    b = seq_lens.shape[0]
-    t = int(seq_lens.max())
+    lens = seq_lens.tolist()
+    b, t = len(lens), max(lens)
     if b == 1 and t == n and alibi is None and softcap is None:
         # one fresh sequence (positions 0..N-1): causal attention over the step's own K/V
         out = causal_attention(q, k, v, scale, enable_gqa=k.shape[1] != h, window=window)
         return out.transpose(1, 2) if layout == "bshd" else out
-    keys = _gather_visible(kc, cache_table, t, block_size).transpose(1, 2)  # [B, Hkv, T, D]
-    vals = _gather_visible(vc, cache_table, t, block_size).transpose(1, 2)
+    slots = cache_table.tolist() if block_size is None else None
+    keys = _gather_visible(kc, cache_table, slots, t, block_size).transpose(1, 2)  # [B,Hkv,T,D]
+    vals = _gather_visible(vc, cache_table, slots, t, block_size).transpose(1, 2)
     qt = q[0].transpose(0, 1)  # [N, H, D]
     if b == n:  # decode-only: every token is its own sequence, in order
         rows = None
@@ -80,16 +95,22 @@ def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token,
         grid_q[seq_of_token, rows] = qt
         grid_pos = position_ids.new_zeros(b, s)  # padding rows sit at 0 and see key 0
         grid_pos[seq_of_token, rows] = position_ids
-    j = torch.arange(t, device=q.device)
-    rel = j[None, None, :] - grid_pos[:, :, None]  # [B, S, T]: j - p
-    keep = rel <= 0
-    if window is not None:
-        keep &= rel > -window
-    mask = keep[:, None]  # [B, 1, S, T]
-    if alibi is not None:
-        slopes = torch.tensor(alibi, dtype=q.dtype, device=q.device)
-        bias = slopes[None, :, None, None] * rel[:, None].to(q.dtype)  # [B, H, S, T]
-        mask = bias.masked_fill(~mask, float("-inf"))
+    mask = None
+    # a decode step whose sequences all end at T sees every key (no window cut): no mask
+    every_key = (rows is None and all(x == t for x in lens) and alibi is None
+                 and (window is None or t <= window)
+                 and position_ids.tolist() == [t - 1] * b)
+    if not every_key:
+        j = torch.arange(t, device=q.device)
+        rel = j[None, None, :] - grid_pos[:, :, None]  # [B, S, T]: j - p
+        keep = rel <= 0
+        if window is not None:
+            keep &= rel > -window
+        mask = keep[:, None]  # [B, 1, S, T]
+        if alibi is not None:
+            slopes = torch.tensor(alibi, dtype=q.dtype, device=q.device)
+            bias = slopes[None, :, None, None] * rel[:, None].to(q.dtype)  # [B, H, S, T]
+            mask = bias.masked_fill(~mask, float("-inf"))
     gq = grid_q.transpose(1, 2)  # [B, H, S, D]
     if softcap is None:
         out = F.scaled_dot_product_attention(gq, keys, vals, attn_mask=mask, scale=scale,
@@ -110,7 +131,9 @@ def _softcap_attention(q, k, v, mask, scale, softcap):
     qg = q.reshape(b, hkv, h // hkv, s, d)  # [B, Hkv, G, S, D]
     scores = torch.matmul(qg, k[:, :, None].transpose(-2, -1)) * scale  # [B, Hkv, G, S, T]
     scores = softcap * torch.tanh(scores / softcap)
-    if mask.dtype == torch.bool:
+    if mask is None:
+        pass
+    elif mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask.reshape(b, 1, 1, s, t), float("-inf"))
     else:
         scores = scores + mask.reshape(b, hkv, h // hkv, s, t)
