@@ -149,3 +149,26 @@ def test_refuses_positions_from_the_token_index():
         "  %ar: i64[seq] = arange() {end=seq}\n"
         "  %ar2: i64[1, seq] = reshape(%ar) {shape=[1, seq]}"))
     _refused(graph, "arange over the token axis")
+
+
+def test_refuses_a_mask_it_cannot_observe_over_every_position():
+    _refused(lm(), "over 8192", {**GEO, "max_seq_len": 10000})
+
+
+def test_one_mask_shared_by_two_layers_is_checked_once(monkeypatch):
+    from transfuse.passes.generation import insert_kv_cache
+
+    calls = []
+    real = insert_kv_cache.band_of
+    monkeypatch.setattr(insert_kv_cache, "band_of",
+                        lambda *a: calls.append(a) or real(*a))
+    graph = lm(attention="attention(%q, %q, %q, %bias) {scale=0.5}")
+    text = str(graph).replace(
+        "%o: f32[1, seq, 2, 4] = permute(%a)",
+        "%a2: f32[1, 2, seq, 4] = attention(%a, %q, %q, %bias) {scale=0.5}\n"
+        "  %o: f32[1, seq, 2, 4] = permute(%a2)")
+    graph = parse_graph(text)
+    run(graph)
+    assert len(graph.find("cached_attention")) == 2 and len(calls) == 1
+    assert [v.name for v in graph.inputs][6:] == ["k_cache_0", "v_cache_0", "k_cache_1",
+                                                  "v_cache_1"]

@@ -51,6 +51,8 @@ ROWS_RULE = "generation/logit-rows"
 META_INPUTS = ("position_ids", "seq_of_token", "seq_lens", "cache_table", "logit_rows")
 #: symbols of the new inputs' dims
 SEQS, ROWS, TABLE = "seqs", "rows", "table_blocks"
+#: a position mask is evaluated as an [n, n] tensor for n = max_seq_len, at most this
+MAX_CHECKED_POSITIONS = 8192
 
 
 def cache_geometry(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,6 +143,7 @@ class InsertKvCache(Pass):
         if not attns:
             self._refuse(ctx, None, "no attention op: nothing to cache")
         out = []
+        bands: dict[int, tuple[int | None, str | None]] = {}
         symbol = n.name if hasattr(n, "name") else None
         for a in attns:
             bias = a.inputs[3] if len(a.inputs) > 3 else None
@@ -151,9 +154,9 @@ class InsertKvCache(Pass):
                 if not a.attrs["causal"]:
                     self._refuse(ctx, a, f"attention at {a.source or '?'} is not causal")
             else:
-                reason = position_only_reason(bias, pos)
-                if reason is None:
-                    band, reason = band_of(bias, pos, symbol, geo["max_seq_len"])
+                if id(bias) not in bands:  # one mask usually serves every layer
+                    bands[id(bias)] = self._band(bias, pos, symbol, geo["max_seq_len"])
+                band, reason = bands[id(bias)]
                 if reason:
                     self._refuse(ctx, a, f"attention at {a.source or '?'}: {reason}")
                 if band is not None:
@@ -165,6 +168,18 @@ class InsertKvCache(Pass):
                                          f"run over the step's tokens (batch 1, N)")
             out.append((a, window))
         return out
+
+    @staticmethod
+    def _band(bias: Value, pos: Value, symbol: str | None,
+              max_len: int) -> tuple[int | None, str | None]:
+        """(window, reason) of a position mask, observed over every position the cache holds."""
+        reason = position_only_reason(bias, pos)
+        if reason:
+            return None, reason
+        if max_len > MAX_CHECKED_POSITIONS:
+            return None, (f"the mask is checked by evaluating it over max_seq_len positions; "
+                          f"{max_len} is over {MAX_CHECKED_POSITIONS}")
+        return band_of(bias, pos, symbol, max_len)
 
     def _find_head(self, graph: Graph, ctx: PassContext, n) -> Node:
         if len(graph.outputs) != 1:
