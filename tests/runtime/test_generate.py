@@ -192,6 +192,9 @@ def test_defaults_follow_hf():
     assert opts.eos_token_id == () and opts.pad_token_id is None and opts.max_new_tokens == 4
     opts = resolve_options({}, {"do_sample": True, "temperature": 0.7, "top_p": 0.9}, 5)
     assert opts.sampling.do_sample and opts.sampling.temperature == 0.7
+    # given as None: off, as in HF (its processor list then has no top-k / temperature)
+    opts = resolve_options({"top_k": None, "temperature": None}, {"temperature": 0.5}, 5)
+    assert opts.sampling.top_k == 0 and opts.sampling.temperature == 1.0
 
 
 def test_zero_new_tokens_returns_the_prompt(model):

@@ -47,6 +47,9 @@ OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "eos_token_id", "pa
 #: HF's defaults where neither the call nor the model's generation config sets an option
 HF_DEFAULTS = {"max_length": 20, "min_new_tokens": 0, "do_sample": False, "temperature": 1.0,
                "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+#: what an option given as None means (HF: the processor is not used)
+OFF = {"min_new_tokens": 0, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+       "repetition_penalty": 1.0}
 
 Step = Callable[[torch.Tensor, Any], torch.Tensor]
 _SEQUENCE_IDS = itertools.count()  # seq ids of the cache, unique within the process
@@ -69,8 +72,9 @@ def resolve_options(kwargs: Mapping[str, Any], config: Any, prompt_width: int) -
 
     ``config`` is a ``GenerationConfig``, a mapping of its fields, or None.
     ``max_new_tokens`` wins over ``max_length`` (prompt width S included, as in HF); with
-    neither, the config's own, else 20 new tokens. An explicit ``eos_token_id=None`` turns
-    stopping off; ``pad_token_id`` defaults to the first EOS id, as HF's does.
+    neither, the config's own, else 20 new tokens. An option given as None turns its
+    processor off (:data:`OFF`; ``eos_token_id=None``: no stopping), as in HF; one the config
+    leaves None takes HF's default. ``pad_token_id`` defaults to the first EOS id, as HF's.
     """
     unknown = sorted(set(kwargs) - set(OPTIONS))
     if unknown:
@@ -79,8 +83,8 @@ def resolve_options(kwargs: Mapping[str, Any], config: Any, prompt_width: int) -
     cfg = _config_dict(config)
 
     def pick(name: str) -> Any:
-        if name in kwargs:
-            return kwargs[name]
+        if name in kwargs:  # given as None: that processor is off, as in HF
+            return OFF.get(name) if kwargs[name] is None else kwargs[name]
         value = cfg.get(name)
         return HF_DEFAULTS.get(name) if value is None else value
 
