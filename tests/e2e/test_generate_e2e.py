@@ -1,5 +1,6 @@
-"""Generation end to end (issue 11): the compiled step with its KV cache inside the graph,
-driven by GenerationModel.generate(), against Hugging Face ``model.generate()``.
+"""Generation end to end (issue 11): ``transfuse.optimize(model, (ids,), generation=...)``, the
+compiled step with its KV cache inside the graph driven by GenerationModel.generate(), against
+Hugging Face ``model.generate()``, on the python and onnxruntime targets.
 
 One compile per model and cache layout (prefill and every decode step run the same program);
 greedy output must be token-identical to HF's for single prompts and for a left-padded batch
@@ -16,7 +17,6 @@ import torch
 from hf_builders import tiny_hf_model
 
 import transfuse
-from transfuse.api import compile_generation_step
 from transfuse.models.real import load_smollm2, smollm2_unavailable
 from transfuse.runtime.generation_model import GenerationModel
 
@@ -49,13 +49,14 @@ def _model(family: str, attn: str = "sdpa"):
 _COMPILED: dict = {}
 
 
-def _compiled(family: str, kv: str, attn: str = "sdpa"):
-    key = (family, kv, attn)
+def _compiled(family: str, kv: str, attn: str = "sdpa", target: str = "python"):
+    key = (family, kv, attn, target)
     if key not in _COMPILED:
         model = _model(family, attn)
-        step = compile_generation_step(model, torch.randint(0, VOCAB, (1, 8)),
-                                       {**OPTIONS, "kv": kv})
-        _COMPILED[key] = model, GenerationModel.from_step(step, model.generation_config)
+        gen = transfuse.optimize(model, (torch.randint(0, VOCAB, (1, 8)),),
+                                 generation={**OPTIONS, "kv": kv}, target=target)
+        assert isinstance(gen, GenerationModel) and gen.backend == target
+        _COMPILED[key] = model, gen
     return _COMPILED[key]
 
 
@@ -150,9 +151,7 @@ def test_more_families_greedy_like_hf(family, attn):
 @pytest.mark.parametrize("kv", ["contiguous", "paged"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_onnxruntime_target_greedy_like_hf(tmp_path, family, kv):
-    model, gen = _compiled(family, kv)
-    ort = GenerationModel(gen.graph, None, gen.pass_log, backend="onnxruntime",
-                          generation_config=model.generation_config)
+    model, ort = _compiled(family, kv, target="onnxruntime")
     assert type(ort.program).__name__ == "GenerationOrtProgram"
     ids, mask = _prompts(LENGTHS, seed=10)
     kw = dict(max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=None)
@@ -169,9 +168,8 @@ def test_onnxruntime_target_greedy_like_hf(tmp_path, family, kv):
 @pytest.mark.skipif(smollm2_unavailable() is not None, reason=str(smollm2_unavailable()))
 def test_real_smollm2_greedy_like_hf():
     model, tok = load_smollm2()
-    step = compile_generation_step(model, torch.randint(0, 1000, (1, 8)),
-                                   {"max_seq_len": 64, "max_batch": 2, "kv": "paged"})
-    gen = GenerationModel.from_step(step, model.generation_config)
+    gen = transfuse.optimize(model, (torch.randint(0, 1000, (1, 8)),),
+                             generation={"max_seq_len": 64, "max_batch": 2, "kv": "paged"})
     tok.padding_side = "left"
     enc = tok(["The capital of France is", "Once upon a time, in a small village,"],
               return_tensors="pt", padding=True)
