@@ -126,8 +126,8 @@ def test_refuses_non_causal_attention():
 
 def test_refuses_leftover_softmax():
     graph = parse_graph(BASE.replace("POSITIONS", "%position_ids").replace("KEEP", "le(%pk, %pq)")
-                        .replace("ATTENTION", "softmax(%q) {axis=-1}"))
-    _refused(graph, "softmax left")
+                        .replace("ATTENTION", "softmax(%q) {axis=2}"))  # over the tokens
+    _refused(graph, "softmax over the tokens left")
 
 
 def test_refuses_bias_that_is_not_a_causal_band():

@@ -22,11 +22,12 @@ Graph inputs afterwards, in this order (GEN_DESIGN.md): ``input_ids`` [1, N],
 (contiguous) or [B, W] (paged), ``logit_rows`` [R], then ``k_cache_i``, ``v_cache_i`` per
 layer. ``graph.meta["generation"]`` records the cache geometry for the runtime.
 
-Refuses (near miss with the reason, then ``PassError``): a softmax left (attention that
-did not fuse), an attention with a key-padding mask, one that is neither causal nor
-masked by a proven causal band, a bias that is not position-only, no LM head, or
-positions computed from the token index (an ``arange`` over N still reaching the
-output) instead of ``position_ids``.
+Refuses (near miss with the reason, then ``PassError``): a softmax over the token axis
+left (attention that did not fuse; a MoE router's softmax over experts is fine), an
+attention with a key-padding mask, one that is neither causal nor masked by a proven
+causal band, a bias that is not position-only, no LM head, or positions computed from
+the token index (an ``arange`` over N still reaching the output) instead of
+``position_ids``.
 
 Glossary: N step tokens, B step sequences, R logit rows, V vocabulary, E hidden size,
 H heads, Hkv kv heads, D head dim, W block-table width.
@@ -135,16 +136,22 @@ class InsertKvCache(Pass):
         return ids, pos
 
     def _check_attentions(self, graph, ctx, pos, geo, n) -> list[tuple[Node, int | None]]:
+        symbol = n.name if hasattr(n, "name") else None
         for node in graph.nodes:
             if node.op in ("softmax", "log_softmax"):
-                self._refuse(ctx, node, f"{node.op} left at {node.source or '?'}: attention "
-                                        "did not fuse (see attention.fuse-sdpa's near misses)")
+                x = node.inputs[0].type
+                size = x.shape[node.attrs["axis"] % max(x.rank, 1)] if x.rank else 1
+                if not isinstance(size, int) and symbol in {s.name for s in size.free_symbols}:
+                    # over the token axis: attention that did not fuse (a router's softmax
+                    # over experts is not)
+                    self._refuse(ctx, node, f"{node.op} over the tokens left at "
+                                            f"{node.source or '?'}: attention did not fuse "
+                                            "(see attention.fuse-sdpa's near misses)")
         attns = graph.find("attention")
         if not attns:
             self._refuse(ctx, None, "no attention op: nothing to cache")
         out = []
         bands: dict[int, tuple[int | None, str | None]] = {}
-        symbol = n.name if hasattr(n, "name") else None
         for a in attns:
             bias = a.inputs[3] if len(a.inputs) > 3 else None
             if len(a.inputs) > 4 and a.inputs[4] is not None:
