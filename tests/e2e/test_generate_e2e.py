@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_builders import tiny_hf_model
+from prompt_batches import random_left_padded
 
 import transfuse
 from transfuse.models.real import load_smollm2, smollm2_unavailable
@@ -61,14 +62,7 @@ def _compiled(family: str, kv: str, attn: str = "sdpa", target: str = "python"):
 
 
 def _prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(1, PAD, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
+    return random_left_padded(lengths, high=PAD, pad=PAD, seed=seed)
 
 
 def _hf(model, ids, mask, **kw):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_builders import tiny_hf_model
+from prompt_batches import random_left_padded
 
 from transfuse.errors import ExecutionError, InputError
 from transfuse.runtime.generate import generate, resolve_options
@@ -64,14 +65,7 @@ def _cache(model, layout="contiguous", max_batch=4, max_seq_len=32, **kw) -> KVC
 
 
 def _prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(1, VOCAB - 1, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
+    return random_left_padded(lengths, high=VOCAB - 1, pad=PAD, seed=seed)
 
 
 def _ours(model, ids, mask, layout="contiguous", **kw):

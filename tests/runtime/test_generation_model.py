@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from prompt_batches import left_padded
 from transformers import GenerationConfig
 
 import transfuse
@@ -70,14 +71,8 @@ def reference(graph: Graph, prompt: list[int], new: int, eos: int | None = None)
     return seq[len(prompt):]
 
 
-def _batch(prompts: list[list[int]], pad: int = 0):
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad)
-    mask = torch.zeros_like(ids)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    return ids, mask
+def _batch(prompts: list[list[int]]):
+    return left_padded(prompts, pad=0)
 
 
 PROMPTS = [[3, 5, 7], [9], [1, 2, 4, 8, 15]]
