@@ -128,6 +128,12 @@ def test_the_cache_is_allocated_on_first_use_and_reported():
     assert after["bytes_per_token"] == before["bytes_per_token"]
     assert after["blocks_free"] == after["blocks_total"] == 9
     assert "not allocated" not in repr(gen) and "GenerationModel(" in repr(gen)
+    stream = gen.generate(ids, mask, max_new_tokens=2, stream=True)
+    next(stream)
+    with pytest.raises(InputError, match="3 sequences are in its KV cache"):
+        gen.to("cpu")
+    stream.close()
+    assert gen.to("cpu") is gen and not gen.cache_report()["allocated"]  # made again on use
 
 
 def test_a_cache_that_does_not_fit_is_refused_before_allocating():

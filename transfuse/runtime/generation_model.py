@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from transfuse.errors import ArtifactError, LoweringError
+from transfuse.errors import ArtifactError, InputError, LoweringError
 from transfuse.ir.graph import Graph
 from transfuse.ir.signature import InputSpec, Signature
 from transfuse.runtime import artifact
@@ -180,6 +180,16 @@ class GenerationModel:
     def generation_manifest(self) -> dict[str, Any]:
         """The artifact manifest's ``generation`` field."""
         return {"cache": dict(self._cache_spec), "config": dict(self._config)}
+
+    def to(self, device: str | torch.device) -> GenerationModel:
+        """Move the weights to ``device`` (in place; returns self); the KV cache is dropped and
+        allocated there at the next generate()."""
+        if self._cache is not None and len(self._cache):
+            raise InputError(f"cannot move the model while {len(self._cache)} sequences are in "
+                             "its KV cache (a stream is still open); finish or close it first")
+        self._compiled.to(device)
+        self._cache = None
+        return self
 
     # -- saving -----------------------------------------------------------------------------
 
