@@ -247,3 +247,15 @@ def test_no_free_slot_is_refused_and_a_failing_step_frees_everything(model):
     with pytest.raises(ExecutionError, match=r"expected logits \[2, vocab\]"):
         generate(lambda i, m: torch.zeros(3, VOCAB), cache, ids, mask, max_new_tokens=3)
     assert len(cache) == 0
+
+
+def test_seeded_sampling_of_one_prompt_draws_what_hf_draws(model):
+    """HF samples with torch's global generator; ours seeded alike makes the same draws."""
+    ids, mask = _prompts([6], seed=9)
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=30, top_p=0.97,
+              repetition_penalty=1.1, eos_token_id=None)
+    ours, _ = _ours(model, ids, mask, seed=21, **kw)
+    torch.manual_seed(21)
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(ours, hf)
