@@ -173,3 +173,15 @@ def test_real_smollm2_greedy_like_hf():
     out = gen.generate(ids, mask, **kw)
     assert torch.equal(out, _hf(model, ids, mask, **kw))
     assert "Paris" in tok.decode(out[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["contiguous", "paged"])
+def test_eight_prompts_of_eight_lengths_like_hf(kv):
+    model = _model("llama")
+    gen = transfuse.optimize(model, (torch.randint(0, VOCAB, (1, 8)),),
+                             generation={"max_seq_len": 24, "max_batch": 8, "kv": kv,
+                                         "block_size": 4})
+    ids, mask = _prompts([3, 8, 1, 6, 2, 7, 4, 5], seed=12)
+    kw = dict(max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=None)
+    assert torch.equal(gen.generate(ids, mask, **kw), _hf(model, ids, mask, **kw))
