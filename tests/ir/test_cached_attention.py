@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from transfuse.codegen.python.generation import cached_attention_step
+from transfuse.codegen.python.generation import cached_attention_step, plan_for
 from transfuse.errors import IRVerifyError
 from transfuse.ir.opdefs.generation import cached_attention
 from transfuse.ir.opdefs.nn import attention
@@ -178,3 +178,30 @@ def test_kernel_fast_paths_equal_reference(window, table):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         starts, counts = [a + c for a, c in zip(starts, counts)], [1] * len(table)
     torch.testing.assert_close(kc[0], rc[0])
+
+
+def test_step_plan_is_shared_by_layers_and_redone_after_an_in_place_change():
+    """Two layers with the same metadata tensors share one plan; metadata rewritten in place
+    (a runtime reusing its buffers) gets a new plan, and every output equals the reference."""
+    gen = torch.Generator().manual_seed(5)
+    table = _table(True, [0, 1, 2])
+    attrs = _attrs(paged=True, block_size=BS, window=4)
+    caches = {name: (_caches(True, "token-major"), _caches(True, "token-major"))
+              for name in ("layer0", "layer1")}
+    pos, sot, lens = None, None, None
+    for starts, counts in (([0, 0, 0], [5, 2, 7]), ([5, 2, 7], [2, 1, 3])):
+        q, k, v, p, s, ln = _step(starts, counts, gen)
+        if pos is None:
+            pos, sot, lens = p, s, ln
+        else:  # same tensors, new contents
+            pos.resize_(p.shape).copy_(p)
+            sot.resize_(s.shape).copy_(s)
+            lens.copy_(ln)
+        plans = []
+        for ref, ker in caches.values():
+            want = cached_attention([q, k, v, *ref, pos, sot, lens, table], attrs, {})
+            got = cached_attention_step(q, k, v, *ker, pos, sot, lens, table, None, 4, None,
+                                        None, "bhsd", BS, "token-major")
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            plans.append(plan_for(pos, sot, lens, table, BS, BS))
+        assert plans[0] is plans[1]

@@ -4,8 +4,9 @@ The generated code calls :func:`cached_attention_step` (helper ``_cached_attenti
 
 0. one fresh sequence (B = 1, positions 0..N-1, no ALiBi or softcap): causal attention over
    the step's own K/V (``cpu_attention.causal_attention``: the native kernel), after the write;
-1. write: one ``index_put_`` per cache puts the step's N new K/V rows at their slots
-   (contiguous: ``cache[table[s], p]``; paged: ``cache[table[s, p // K], p % K]``);
+1. write: one ``index_copy_`` per cache puts the step's N new K/V rows at their rows
+   (contiguous: ``cache[table[s], p]``; paged: ``cache[table[s, p // K], p % K]``), rows
+   computed once per step for every layer (:class:`StepPlan`);
 2. read: the step's tokens are laid out on a [B, S] grid (S: the most new tokens of one
    sequence; a decode-only step has S = 1), each sequence's visible cache prefix is
    gathered once ([B, T, Hkv, D], T the longest sequence after the step; a view when the
@@ -30,32 +31,126 @@ from transfuse.codegen.python.registry import LOWERINGS
 from transfuse.ir.opdefs.generation import token_major, write_cache
 
 
-def _write(cache: torch.Tensor, new: torch.Tensor, position_ids, seq_of_token, cache_table,
-           block_size: int | None) -> None:
-    """``write_cache``; one token (decode of one sequence) is a plain copy into its row."""
-    if new.shape[0] == 1:
-        p = int(position_ids[0])
+class StepPlan:
+    """What every layer of one step shares, computed once: lengths, where each token's row
+    is written, which cache rows each sequence reads, the [B, S] grid and the masks.
+
+    Rows are indices into a cache viewed as [rows · L, Hkv, D] (token-major and contiguous
+    in memory; other caches take the two-index path). :func:`plan_for` keeps the last plan
+    and reuses it while the same metadata tensors come back unmodified (identity and
+    version counter), i.e. for every layer of a step.
+    """
+
+    def __init__(self, position_ids, seq_of_token, seq_lens, cache_table,
+                 block_size: int | None, length: int):
+        self.tensors = (position_ids, seq_of_token, seq_lens, cache_table)
+        self.lens = seq_lens.tolist()
+        self.b, self.t, self.n = len(self.lens), max(self.lens), position_ids.shape[0]
+        self.block_size = block_size
+        dev = position_ids.device
+        j = torch.arange(self.t, device=dev)
         if block_size is None:
-            cache[int(cache_table[0]), p].copy_(new[0])
+            self.slots = cache_table.tolist()
+            first = self.slots[0]
+            self.in_order = self.slots == list(range(first, first + self.b))
+            self.write_rows = cache_table[seq_of_token] * length + position_ids
+            self.read_rows = cache_table[:, None] * length + j[None, :]
         else:
-            cache[int(cache_table[0, p // block_size]), p % block_size].copy_(new[0])
-        return
-    write_cache(cache, new, position_ids, seq_of_token, cache_table, block_size)
+            self.slots, self.in_order = None, False
+            blocks = cache_table[seq_of_token, position_ids // block_size]
+            self.write_rows = blocks * block_size + position_ids % block_size
+            nblocks = -(-self.t // block_size)
+            table = cache_table[:, :nblocks].clamp_min(0)  # -1 padding: masked by position
+            self.read_rows = (table[:, j // block_size] * block_size + j % block_size)
+        self.decode = self.b == self.n  # every token its own sequence, in order
+        if self.decode:
+            self.rows = None
+            self.grid_pos = position_ids.unsqueeze(1)  # [B, 1]
+            self.every_key = (all(x == self.t for x in self.lens)
+                              and position_ids.tolist() == [self.t - 1] * self.b)
+        else:
+            counts = torch.bincount(seq_of_token, minlength=self.b)
+            starts = torch.cumsum(counts, 0) - counts
+            self.rows = torch.arange(self.n, device=dev) - starts[seq_of_token]
+            self.s = int(counts.max())
+            self.grid_pos = position_ids.new_zeros(self.b, self.s)  # padding rows see key 0
+            self.grid_pos[seq_of_token, self.rows] = position_ids
+            self.every_key = False
+        self.masks: dict = {}
+
+    def matches(self, tensors, block_size, length) -> bool:
+        return (self.versions is not None and block_size == self.block_size
+                and length == self.length and all(a is b for a, b in zip(tensors, self.tensors))
+                and self.versions == versions(tensors))
+
+    def mask(self, window, alibi, dtype):
+        """None (every key visible), bool [B, 1, S, T], or ALiBi float [B, H, S, T]."""
+        if self.every_key and alibi is None and (window is None or self.t <= window):
+            return None
+        key = (window, alibi, dtype)
+        if key not in self.masks:
+            j = torch.arange(self.t, device=self.grid_pos.device)
+            rel = j[None, None, :] - self.grid_pos[:, :, None]  # [B, S, T]: j - p
+            keep = rel <= 0
+            if window is not None:
+                keep &= rel > -window
+            mask = keep[:, None]
+            if alibi is not None:
+                slopes = torch.tensor(alibi, dtype=dtype, device=rel.device)
+                bias = slopes[None, :, None, None] * rel[:, None].to(dtype)  # [B, H, S, T]
+                mask = bias.masked_fill(~mask, float("-inf"))
+            self.masks[key] = mask
+        return self.masks[key]
 
 
-def _gather_visible(cache: torch.Tensor, table: torch.Tensor, slots: list[int] | None,
-                    length: int, block_size: int | None) -> torch.Tensor:
-    """[B, T, Hkv, D]: the first ``length`` entries of each sequence's token-major cache
-    (``slots``: the contiguous table as a list)."""
-    if block_size is None:
-        first = slots[0]
-        if slots == list(range(first, first + len(slots))):
-            return cache[first:first + len(slots), :length]  # slots in order: a view
-        return cache[table, :length]
-    nblocks = -(-length // block_size)
-    blocks = table[:, :nblocks].clamp_min(0)  # -1 padding: masked by position below
-    rows = cache[blocks]  # [B, W', K, Hkv, D]
-    return rows.reshape(rows.shape[0], -1, *cache.shape[2:])[:, :length]
+_LAST_PLAN: list[StepPlan] = []
+
+
+def versions(tensors) -> tuple[int, ...] | None:
+    """The tensors' version counters (bumped by every in-place write); None for inference
+    tensors, which have none (such metadata is never reused)."""
+    try:
+        return tuple(x._version for x in tensors)
+    except RuntimeError:
+        return None
+
+
+def plan_for(position_ids, seq_of_token, seq_lens, cache_table, block_size,
+             length) -> StepPlan:
+    """The step's :class:`StepPlan`: the last one while its metadata tensors come back."""
+    tensors = (position_ids, seq_of_token, seq_lens, cache_table)
+    if _LAST_PLAN and _LAST_PLAN[0].matches(tensors, block_size, length):
+        return _LAST_PLAN[0]
+    plan = StepPlan(*tensors, block_size, length)
+    plan.length = length
+    plan.versions = versions(tensors)
+    _LAST_PLAN[:] = [plan]
+    return plan
+
+
+def _write(cache, new, plan: StepPlan, meta) -> None:
+    """The step's rows into ``cache`` (token-major view), in place."""
+    if cache.is_contiguous():
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, plan.write_rows, new)
+    else:  # a head-major cache seen token-major: index both dims
+        position_ids, seq_of_token, cache_table = meta
+        write_cache(cache, new, position_ids, seq_of_token, cache_table, plan.block_size)
+
+
+def _read(cache, plan: StepPlan) -> torch.Tensor:
+    """[B, T, Hkv, D]: the first T entries of each sequence's cache (a view when the
+    contiguous slots are in order)."""
+    if plan.in_order:
+        first = plan.slots[0]
+        return cache[first:first + plan.b, :plan.t]
+    if cache.is_contiguous():
+        return cache.view(-1, *cache.shape[2:])[plan.read_rows]
+    _, _, seq_lens, cache_table = plan.tensors  # a head-major cache seen token-major
+    if plan.block_size is None:
+        return cache[cache_table, :plan.t]
+    nblocks = -(-plan.t // plan.block_size)
+    rows = cache[cache_table[:, :nblocks].clamp_min(0)]  # [B, W', K, Hkv, D]
+    return rows.reshape(plan.b, -1, *cache.shape[2:])[:, :plan.t]
 
 
 def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token, seq_lens,
@@ -69,48 +164,24 @@ def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token,
     if layout == "bshd":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     kc, vc = token_major(k_cache, cache_order), token_major(v_cache, cache_order)
-    _write(kc, k[0].transpose(0, 1), position_ids, seq_of_token, cache_table, block_size)
-    _write(vc, v[0].transpose(0, 1), position_ids, seq_of_token, cache_table, block_size)
+    plan = plan_for(position_ids, seq_of_token, seq_lens, cache_table, block_size, kc.shape[1])
+    meta = (position_ids, seq_of_token, cache_table)
+    _write(kc, k[0].transpose(0, 1), plan, meta)
+    _write(vc, v[0].transpose(0, 1), plan, meta)
     h, n, d = q.shape[1], q.shape[2], q.shape[3]
-    lens = seq_lens.tolist()
-    b, t = len(lens), max(lens)
-    if b == 1 and t == n and alibi is None and softcap is None:
+    if plan.b == 1 and plan.t == n and alibi is None and softcap is None:
         # one fresh sequence (positions 0..N-1): causal attention over the step's own K/V
         out = causal_attention(q, k, v, scale, enable_gqa=k.shape[1] != h, window=window)
         return out.transpose(1, 2) if layout == "bshd" else out
-    slots = cache_table.tolist() if block_size is None else None
-    keys = _gather_visible(kc, cache_table, slots, t, block_size).transpose(1, 2)  # [B,Hkv,T,D]
-    vals = _gather_visible(vc, cache_table, slots, t, block_size).transpose(1, 2)
+    keys = _read(kc, plan).transpose(1, 2)  # [B, Hkv, T, D]
+    vals = _read(vc, plan).transpose(1, 2)
     qt = q[0].transpose(0, 1)  # [N, H, D]
-    if b == n:  # decode-only: every token is its own sequence, in order
-        rows = None
+    if plan.decode:
         grid_q = qt.unsqueeze(1)  # [B, 1, H, D]
-        grid_pos = position_ids.unsqueeze(1)  # [B, 1]
     else:
-        counts = torch.bincount(seq_of_token, minlength=b)
-        starts = torch.cumsum(counts, 0) - counts
-        rows = torch.arange(n, device=q.device) - starts[seq_of_token]
-        s = int(counts.max())
-        grid_q = q.new_zeros(b, s, h, d)
-        grid_q[seq_of_token, rows] = qt
-        grid_pos = position_ids.new_zeros(b, s)  # padding rows sit at 0 and see key 0
-        grid_pos[seq_of_token, rows] = position_ids
-    mask = None
-    # a decode step whose sequences all end at T sees every key (no window cut): no mask
-    every_key = (rows is None and all(x == t for x in lens) and alibi is None
-                 and (window is None or t <= window)
-                 and position_ids.tolist() == [t - 1] * b)
-    if not every_key:
-        j = torch.arange(t, device=q.device)
-        rel = j[None, None, :] - grid_pos[:, :, None]  # [B, S, T]: j - p
-        keep = rel <= 0
-        if window is not None:
-            keep &= rel > -window
-        mask = keep[:, None]  # [B, 1, S, T]
-        if alibi is not None:
-            slopes = torch.tensor(alibi, dtype=q.dtype, device=q.device)
-            bias = slopes[None, :, None, None] * rel[:, None].to(q.dtype)  # [B, H, S, T]
-            mask = bias.masked_fill(~mask, float("-inf"))
+        grid_q = q.new_zeros(plan.b, plan.s, h, d)
+        grid_q[seq_of_token, plan.rows] = qt
+    mask = plan.mask(window, alibi, q.dtype)
     gq = grid_q.transpose(1, 2)  # [B, H, S, D]
     if softcap is None:
         out = F.scaled_dot_product_attention(gq, keys, vals, attn_mask=mask, scale=scale,
@@ -118,7 +189,7 @@ def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token,
     else:
         out = _softcap_attention(gq, keys, vals, mask, scale, softcap)
     out = out.transpose(1, 2)  # [B, S, H, Dv]
-    flat = out[:, 0] if rows is None else out[seq_of_token, rows]  # [N, H, Dv]
+    flat = out[:, 0] if plan.rows is None else out[seq_of_token, plan.rows]  # [N, H, Dv]
     flat = flat.transpose(0, 1).unsqueeze(0)  # [1, H, N, Dv]
     return flat.transpose(1, 2) if layout == "bshd" else flat
 
