@@ -37,13 +37,14 @@ class StepPlan:
 
     Rows are indices into a cache viewed as [rows · L, Hkv, D] (token-major and contiguous
     in memory; other caches take the two-index path). :func:`plan_for` keeps the last plan
-    and reuses it while the same metadata tensors come back unmodified (identity and
-    version counter), i.e. for every layer of a step.
+    and reuses it while the metadata that comes back is the same (its
+    contents are equal), i.e. for every layer of a step.
     """
 
     def __init__(self, position_ids, seq_of_token, seq_lens, cache_table,
                  block_size: int | None, length: int):
-        self.tensors = (position_ids, seq_of_token, seq_lens, cache_table)
+        self.tensors = (position_ids, seq_of_token, seq_lens, cache_table)  # own copies
+        self.length = length
         self.lens = seq_lens.tolist()
         self.b, self.t, self.n = len(self.lens), max(self.lens), position_ids.shape[0]
         self.block_size = block_size
@@ -79,9 +80,11 @@ class StepPlan:
         self.masks: dict = {}
 
     def matches(self, tensors, block_size, length) -> bool:
-        return (self.versions is not None and block_size == self.block_size
-                and length == self.length and all(a is b for a, b in zip(tensors, self.tensors))
-                and self.versions == versions(tensors))
+        """Whether this plan serves metadata ``tensors`` (equal contents: exact, whoever
+        made them and whatever was written into them since)."""
+        return (block_size == self.block_size and length == self.length
+                and all(a.shape == b.shape and torch.equal(a, b)
+                        for a, b in zip(tensors, self.tensors)))
 
     def mask(self, window, alibi, dtype):
         """None (every key visible), bool [B, 1, S, T], or ALiBi float [B, H, S, T]."""
@@ -106,24 +109,13 @@ class StepPlan:
 _LAST_PLAN: list[StepPlan] = []
 
 
-def versions(tensors) -> tuple[int, ...] | None:
-    """The tensors' version counters (bumped by every in-place write); None for inference
-    tensors, which have none (such metadata is never reused)."""
-    try:
-        return tuple(x._version for x in tensors)
-    except RuntimeError:
-        return None
-
-
 def plan_for(position_ids, seq_of_token, seq_lens, cache_table, block_size,
              length) -> StepPlan:
-    """The step's :class:`StepPlan`: the last one while its metadata tensors come back."""
+    """The step's :class:`StepPlan`: the last one while the same metadata comes back."""
     tensors = (position_ids, seq_of_token, seq_lens, cache_table)
     if _LAST_PLAN and _LAST_PLAN[0].matches(tensors, block_size, length):
         return _LAST_PLAN[0]
-    plan = StepPlan(*tensors, block_size, length)
-    plan.length = length
-    plan.versions = versions(tensors)
+    plan = StepPlan(*(x.clone() for x in tensors), block_size, length)
     _LAST_PLAN[:] = [plan]
     return plan
 
