@@ -23,9 +23,9 @@ import math
 
 import torch
 
-from transfuse.errors import IRVerifyError
 from transfuse.ir.opdef import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import in_type
+from transfuse.ir.opdefs.nn import attention_attrs_reason, attention_output_types
 from transfuse.ir.types import DType, TensorType, dim_str, dims_equal
 
 INPUTS = ("q", "k", "v", "k_cache", "v_cache", "position_ids", "seq_of_token", "seq_lens",
@@ -68,8 +68,6 @@ def _verify(node) -> str | None:
         return f"cached_attention: q/k/v token counts or head dims differ: {q}, {k}, {v}"
     if not (isinstance(h, int) and isinstance(hk, int)) or h % hk or not dims_equal(hk, hv):
         return f"cached_attention: heads {dim_str(h)} not a multiple of kv heads {dim_str(hk)}"
-    if a["kv_heads"] is not None and a["kv_heads"] != hk:
-        return f"cached_attention: kv_heads={a['kv_heads']} but k has {hk} heads"
     order = a["cache_order"]
     ks, kl, kh, kd = cache_dims(kc, order)
     vs, vl, vh, vd = cache_dims(vc, order)
@@ -93,22 +91,7 @@ def _verify(node) -> str | None:
     if a["paged"] and (a["block_size"] is None or not dims_equal(kl, a["block_size"])):
         return (f"cached_attention: paged caches {kc} have blocks of {dim_str(kl)} tokens, "
                 f"block_size={a['block_size']}")
-    if a["window"] is not None and a["window"] < 1:
-        return f"cached_attention: window must be >= 1, got {a['window']}"
-    if a["alibi"] is not None and len(a["alibi"]) != h:
-        return f"cached_attention: {len(a['alibi'])} alibi slopes for {h} heads"
-    if a["softcap"] is not None and a["softcap"] <= 0:
-        return f"cached_attention: softcap must be > 0, got {a['softcap']}"
-    return None
-
-
-def _infer(node):
-    q, v = in_type(node, 0), in_type(node, 2)
-    if q.rank != 4 or v.rank != 4:
-        raise IRVerifyError(f"cached_attention: q and v must be 4-D, got {q}, {v}")
-    shape = list(q.shape)
-    shape[3] = v.shape[3]
-    return [q.with_shape(shape)]
+    return attention_attrs_reason(node, hk, h)
 
 
 def _cost(node):
@@ -158,7 +141,7 @@ def _visible(cache: torch.Tensor, table_row: torch.Tensor, length: int,
            "softcap": Attr("float?", None), "layout": Attr("str", "bhsd"),
            "paged": Attr("bool", False), "block_size": Attr("int?", None),
            "cache_order": Attr("str", "token-major")},
-          infer=_infer, verify=_verify, cost=_cost, mutates=MUTATED)
+          infer=attention_output_types, verify=_verify, cost=_cost, mutates=MUTATED)
 def cached_attention(xs, attrs, env):
     """Write the step's K/V into the caches in place, then attend over each sequence's cache.
 

@@ -101,21 +101,29 @@ def _verify_attention(node):
         return f"attention: q/k head dims or k/v lengths differ: {q}, {k}, {v}"
     if not (isinstance(hk, int) and isinstance(h, int)) or h % hk or not dims_equal(hk, hv):
         return f"attention: heads {dim_str(h)} not a multiple of kv heads {dim_str(hk)}"
-    if a["kv_heads"] is not None and a["kv_heads"] != hk:
-        return f"attention: kv_heads={a['kv_heads']} but k has {hk} heads"
+    return attention_attrs_reason(node, hk, h)
+
+
+def attention_attrs_reason(node, kv_heads, heads) -> str | None:
+    """Why ``node``'s kv_heads / window / alibi / softcap attrs are invalid for an attention
+    with ``heads`` query and ``kv_heads`` key/value heads (also ``cached_attention``'s)."""
+    a, op = node.attrs, node.op
+    if a["kv_heads"] is not None and a["kv_heads"] != kv_heads:
+        return f"{op}: kv_heads={a['kv_heads']} but k has {kv_heads} heads"
     if a["window"] is not None and a["window"] < 1:
-        return f"attention: window must be >= 1, got {a['window']}"
-    if a["alibi"] is not None and len(a["alibi"]) != h:
-        return f"attention: {len(a['alibi'])} alibi slopes for {h} heads"
+        return f"{op}: window must be >= 1, got {a['window']}"
+    if a["alibi"] is not None and len(a["alibi"]) != heads:
+        return f"{op}: {len(a['alibi'])} alibi slopes for {heads} heads"
     if a["softcap"] is not None and a["softcap"] <= 0:
-        return f"attention: softcap must be > 0, got {a['softcap']}"
+        return f"{op}: softcap must be > 0, got {a['softcap']}"
     return None
 
 
-def _infer_attention(node):
+def attention_output_types(node):
+    """q's type with v's head dim (``attention`` and ``cached_attention``)."""
     q, v = in_type(node, 0), in_type(node, 2)
     if q.rank != 4 or v.rank != 4:
-        raise IRVerifyError(f"attention: q and v must be 4-D, got {q}, {v}")
+        raise IRVerifyError(f"{node.op}: q and v must be 4-D, got {q}, {v}")
     shape = list(q.shape)
     shape[3] = v.shape[3]
     return [q.with_shape(shape)]
@@ -159,7 +167,7 @@ def alibi_bias(slopes, s: int, t: int, dtype, device=None) -> torch.Tensor:
            "window": Attr("int?", None), "kv_heads": Attr("int?", None),
            "alibi": Attr("floats?", None), "softcap": Attr("float?", None),
            "layout": Attr("str", "bhsd")},
-          infer=_infer_attention, verify=_verify_attention, cost=_cost_attention)
+          infer=attention_output_types, verify=_verify_attention, cost=_cost_attention)
 def attention(xs, attrs, env):
     """softmax(scale·Q·Kᵀ [softcap] + alibi + bias, masked) · V.
 
