@@ -148,24 +148,15 @@ class ComputeLastLogits(Pass):
     # -- the rewrite ---------------------------------------------------------
 
     def _slice_before(self, graph: Graph, ctx: PassContext, head: Node) -> None:
-        dependent = _seq_dependent_fn(head.output.type)
-        entries, region = backward_region(
-            head.inputs[0], head, lambda n: per_position_reason(n, dependent) is None, dependent)
-        users = [*region, head]
-        made = []
-        for h in entries:
-            first = next(n for n in users if any(v is h for v in n.inputs))
+        def last_position(h: Value, first: Node) -> Node:
             s = h.type.shape[1]
             source = first.source or head.source
-            sl = graph.create("slice", [h], {"axis": 1, "start": normalize_dim(s - 1), "end": s},
-                              before=first, name="last_position",
-                              meta={"source": source} if source else None)
-            for n in users:
-                for i, v in enumerate(n.inputs):
-                    if v is h:
-                        graph.set_input(n, i, sl.output)
-            made.append(sl)
-        retype([*region, head, *_descendants(head)])
+            return graph.create("slice", [h], {"axis": 1, "start": normalize_dim(s - 1),
+                                               "end": s}, before=first, name="last_position",
+                                meta={"source": source} if source else None)
+
+        entries, region, made = cut_before_head(
+            head, _seq_dependent_fn(head.output.type), last_position)
         ctx.rewrite(RULE, [head], made)
         where = ", ".join(f"%{h.name}" for h in entries)
         ctx.note(f"logits=last: sliced {where} to the last position; {len(region)} per-position "
@@ -173,6 +164,34 @@ class ComputeLastLogits(Pass):
 
 
 # -- regions ---------------------------------------------------------------------
+
+
+def cut_before_head(head: Node, dependent: Callable[[Value], bool],
+                    make: Callable[[Value, Node], Node]) -> tuple[list[Value], list[Node],
+                                                                  list[Node]]:
+    """Cut the positions the LM head ``head`` computes as early as possible.
+
+    Walks back from the head's input through per-position nodes (:func:`backward_region`),
+    puts ``make(entry, first_user)`` (a node selecting positions of ``entry``, inserted
+    before its first user in the region) on every entry value, rewires the region and the
+    head to it, and re-infers the types of the region, the head and what follows it.
+    Returns (entries, region, made nodes).
+    """
+    graph = head.graph
+    entries, region = backward_region(
+        head.inputs[0], head, lambda n: per_position_reason(n, dependent) is None, dependent)
+    users = [*region, head]
+    made = []
+    for h in entries:
+        first = next(n for n in users if any(v is h for v in n.inputs))
+        node = make(h, first)
+        for n in users:
+            for i, v in enumerate(n.inputs):
+                if v is h:
+                    graph.set_input(n, i, node.output)
+        made.append(node)
+    retype([*region, head, *_descendants(head)])
+    return entries, region, made
 
 
 def backward_region(end: Value, sink: Node, allowed: Callable[[Node], bool],
@@ -364,5 +383,5 @@ def _seq_dim(graph: Graph) -> Dim | None:
     return None
 
 
-__all__ = ["ComputeLastLogits", "backward_region", "per_position_reason",
+__all__ = ["ComputeLastLogits", "backward_region", "cut_before_head", "per_position_reason",
            "independence_reason", "retype"]

@@ -43,7 +43,7 @@ from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.opdefs.generation import heads_tokens
 from transfuse.ir.types import DType, TensorType, dims_equal, sym
 from transfuse.passes.base import Pass, PassContext, is_pure
-from transfuse.passes.fusion.logits_last import backward_region, per_position_reason, retype
+from transfuse.passes.fusion.logits_last import cut_before_head
 from transfuse.passes.generation.position_mask import band_of, position_only_reason
 
 RULE = "generation/cached-attention"
@@ -248,22 +248,12 @@ class InsertKvCache(Pass):
         def dependent(v: Value) -> bool:
             return not v.is_const and v.type.rank == 3 and dims_equal(v.type.shape[1], n)
 
-        entries, region = backward_region(
-            head.inputs[0], head, lambda x: per_position_reason(x, dependent) is None, dependent)
-        users = [*region, head]
-        made = []
-        for h in entries:
-            first = next(x for x in users if any(v is h for v in x.inputs))
-            g = graph.create("index", [h, logit_rows], {"axes": [1]}, before=first,
-                             name="logit_rows_of",
-                             meta={"source": first.source} if first.source else None)
-            for x in users:
-                for j, v in enumerate(x.inputs):
-                    if v is h:
-                        graph.set_input(x, j, g.output)
-            made.append(g)
-        after = _downstream(head)
-        retype([*region, head, *after])
+        def gather(h: Value, first: Node) -> Node:
+            return graph.create("index", [h, logit_rows], {"axes": [1]}, before=first,
+                                name="logit_rows_of",
+                                meta={"source": first.source} if first.source else None)
+
+        _, _, made = cut_before_head(head, dependent, gather)
         out = graph.outputs[0]
         rows, vocab = logit_rows.type.shape[0], out.type.shape[2]
         flat = graph.create("reshape", [out], {"shape": [rows, vocab]}, name="logits")
@@ -275,18 +265,6 @@ class InsertKvCache(Pass):
                          if f"logits_all_{i}" not in names)
             graph.rename_values([*taken, flat.output], [spare] * len(taken) + ["logits"])
         ctx.rewrite(ROWS_RULE, [head], [*made, flat])
-
-
-def _downstream(head: Node) -> list[Node]:
-    """Nodes computed from ``head``'s output, in graph order."""
-    reach = {id(head)}
-    out = []
-    for node in head.graph.nodes:
-        if any(v is not None and v.producer is not None and id(v.producer) in reach
-               for v in node.inputs) and node is not head:
-            reach.add(id(node))
-            out.append(node)
-    return out
 
 
 def _remove_dead(graph: Graph) -> None:
