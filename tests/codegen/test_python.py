@@ -162,6 +162,12 @@ CASES = [
           {"kind": "rms", "eps": 1e-6, "upcast": True}),
     _case("add_norm-rms-broadcast", "add_norm", ["f32[seq, 8]", SEQ],
           {"kind": "rms", "eps": 1e-6}),
+    # one token at position 0 of a sequence in a random slot, seq_lens >= 1 (later keys
+    # masked); the kernel's steps are tested in tests/ir/test_cached_attention.py
+    _case("cached_attention", "cached_attention",
+          ["f32[1, 4, 1, 8]", "f32[1, 2, 1, 8]", "f32[1, 2, 1, 8]", "f32[3, 6, 2, 8]",
+           "f32[3, 6, 2, 8]", "i64[1]|int:1", "i64[1]|int:1", "i64[1]|pos", "i64[1]|int:3"],
+          {"kv_heads": 2}),
 ]
 
 #: cases whose emitter refuses on purpose (they run the reference implementation)
