@@ -125,7 +125,10 @@ def transfuse_contestant(model, ids: torch.Tensor, target: str,
     import transfuse
     from transfuse.errors import TransfuseError
 
-    options = {"max_seq_len": max_seq_len, "max_batch": 1, "kv": "contiguous"}
+    # onnxruntime: one head-major slot is GroupQueryAttention's own cache buffer
+    order = "head-major" if target == "onnxruntime" else "token-major"
+    options = {"max_seq_len": max_seq_len, "max_batch": 1, "kv": "contiguous",
+               "cache_order": order}
     try:
         gen = transfuse.optimize(model, (ids,), target=target, generation=options)
     except TransfuseError as exc:
@@ -134,7 +137,7 @@ def transfuse_contestant(model, ids: torch.Tensor, target: str,
         def run(prompt: torch.Tensor, n: int) -> list[int]:
             out = gen.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
             return out[0, prompt.shape[1]:].tolist()
-        return run, "optimize(generation=...)"
+        return run, f"optimize(generation=...), {order} cache"
     from transfuse.api import GenerationStep, compile_generation_step
     from transfuse.codegen.targets import get_target
     from transfuse.runtime.generate import generate
@@ -145,8 +148,9 @@ def transfuse_contestant(model, ids: torch.Tensor, target: str,
         step = GenerationStep(step.graph, get_target(target).build(step.graph), step.pass_log,
                               step.geometry)
     _, shape, dtype = step.cache_specs[0]
-    cache = KVCache(len(step.cache_specs) // 2, shape[2], shape[3], dtype,
-                    max_seq_len=max_seq_len, max_batch=1)
+    hkv = shape[1] if order == "head-major" else shape[2]
+    cache = KVCache(len(step.cache_specs) // 2, hkv, shape[3], dtype,
+                    max_seq_len=max_seq_len, max_batch=1, order=order)
     bound = step.bind(cache)
 
     def run_step(prompt: torch.Tensor, n: int) -> list[int]:
@@ -154,7 +158,7 @@ def transfuse_contestant(model, ids: torch.Tensor, target: str,
                        do_sample=False, generation_config=model.generation_config)
         return out[0, prompt.shape[1]:].tolist()
 
-    return run_step, why
+    return run_step, f"{why}, {order} cache"
 
 
 def llama_cpp_contestant(max_seq_len: int) -> Generate:
