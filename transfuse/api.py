@@ -77,6 +77,15 @@ def optimize(
     from transfuse.runtime.compiled import CompiledModel
 
     if generation is not None and generation is not False:
+        ignored = {"example_kwargs": example_kwargs, "dynamic": dynamic, "options": options,
+                   "sample_inputs": sample_inputs, "convert_gqa": convert_gqa,
+                   "sparse_attention": sparse_attention, "max_error": max_error,
+                   "logits": None if logits == "all" else logits}
+        given = sorted(k for k, v in ignored.items() if v is not None)
+        if given:
+            raise PassError(f"optimize(generation=...) captures input_ids/position_ids itself "
+                            f"and computes logits at the rows each step asks for; it does not "
+                            f"take {', '.join(given)}")
         return _optimize_generation(model, example_inputs, generation, target=target,
                                     device=device, verify=verify, level=level, passes=passes)
     if target not in TARGETS:

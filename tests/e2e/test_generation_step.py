@@ -17,7 +17,7 @@ from hf_builders import tiny_hf_model
 
 import transfuse
 from transfuse.api import compile_generation_step
-from transfuse.errors import InputError
+from transfuse.errors import InputError, PassError
 from transfuse.runtime.kv_cache import KVCache
 
 MAX_LEN, MAX_BATCH, BLOCK = 32, 4, 4
@@ -260,3 +260,9 @@ def test_real_smollm2_batched_greedy_equals_hf(kv):
     with torch.no_grad():
         want = model.generate(ids, attention_mask=mask, **kw)
     assert torch.equal(gen.generate(ids, attention_mask=mask, **kw), want)
+
+
+def test_optimize_generation_refuses_options_it_does_not_take():
+    with pytest.raises(PassError, match="logits"):
+        transfuse.optimize(_build("gpt2"), (torch.randint(0, 128, (1, 8)),), generation=True,
+                           logits="last")
