@@ -12,7 +12,8 @@ The generated code calls :func:`cached_attention_step` (helper ``_cached_attenti
    gathered once ([B, T, Hkv, D], T the longest sequence after the step; a view when the
    contiguous slots are in order) and one batched
    ``F.scaled_dot_product_attention`` runs with a position mask (j <= p, window) and
-   ``enable_gqa`` (no materialised K/V repeats). ALiBi adds ``slope·(j - p)`` to the mask;
+   ``enable_gqa`` (no materialised K/V repeats); with a window, keys no query of the step
+   can see (before the lowest position - window + 1) are not read. ALiBi adds ``slope·(j - p)`` to the mask;
    softcap (no SDPA hook) takes the explicit matmul-softmax path, grouped for GQA.
 
 Glossary: N step tokens, B step sequences, S new tokens per sequence (grid rows), T
@@ -46,6 +47,7 @@ class StepPlan:
         self.tensors = (position_ids, seq_of_token, seq_lens, cache_table)  # own copies
         self.length = length
         self.lens = seq_lens.tolist()
+        self.min_position = int(position_ids.min())
         self.b, self.t, self.n = len(self.lens), max(self.lens), position_ids.shape[0]
         self.block_size = block_size
         dev = position_ids.device
@@ -129,20 +131,20 @@ def _write(cache, new, plan: StepPlan, meta) -> None:
         write_cache(cache, new, position_ids, seq_of_token, cache_table, plan.block_size)
 
 
-def _read(cache, plan: StepPlan) -> torch.Tensor:
-    """[B, T, Hkv, D]: the first T entries of each sequence's cache (a view when the
+def _read(cache, plan: StepPlan, lo: int) -> torch.Tensor:
+    """[B, T - lo, Hkv, D]: entries lo..T-1 of each sequence's cache (a view when the
     contiguous slots are in order)."""
     if plan.in_order:
         first = plan.slots[0]
-        return cache[first:first + plan.b, :plan.t]
+        return cache[first:first + plan.b, lo:plan.t]
     if cache.is_contiguous():
-        return cache.view(-1, *cache.shape[2:])[plan.read_rows]
+        return cache.view(-1, *cache.shape[2:])[plan.read_rows[:, lo:]]
     _, _, seq_lens, cache_table = plan.tensors  # a head-major cache seen token-major
     if plan.block_size is None:
-        return cache[cache_table, :plan.t]
+        return cache[cache_table, lo:plan.t]
     nblocks = -(-plan.t // plan.block_size)
     rows = cache[cache_table[:, :nblocks].clamp_min(0)]  # [B, W', K, Hkv, D]
-    return rows.reshape(plan.b, -1, *cache.shape[2:])[:, :plan.t]
+    return rows.reshape(plan.b, -1, *cache.shape[2:])[:, lo:plan.t]
 
 
 def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token, seq_lens,
@@ -165,8 +167,10 @@ def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token,
         # one fresh sequence (positions 0..N-1): causal attention over the step's own K/V
         out = causal_attention(q, k, v, scale, enable_gqa=k.shape[1] != h, window=window)
         return out.transpose(1, 2) if layout == "bshd" else out
-    keys = _read(kc, plan).transpose(1, 2)  # [B, Hkv, T, D]
-    vals = _read(vc, plan).transpose(1, 2)
+    # with a window, no query of the step sees a key before lo: those are not read
+    lo = 0 if window is None else max(0, plan.min_position - window + 1)
+    keys = _read(kc, plan, lo).transpose(1, 2)  # [B, Hkv, T - lo, D]
+    vals = _read(vc, plan, lo).transpose(1, 2)
     qt = q[0].transpose(0, 1)  # [N, H, D]
     if plan.decode:
         grid_q = qt.unsqueeze(1)  # [B, 1, H, D]
@@ -174,6 +178,8 @@ def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token,
         grid_q = q.new_zeros(plan.b, plan.s, h, d)
         grid_q[seq_of_token, plan.rows] = qt
     mask = plan.mask(window, alibi, q.dtype)
+    if mask is not None and lo:
+        mask = mask[..., lo:]  # padding rows of the grid may see no key: they are dropped
     gq = grid_q.transpose(1, 2)  # [B, H, S, D]
     if softcap is None:
         out = F.scaled_dot_product_attention(gq, keys, vals, attn_mask=mask, scale=scale,
