@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_steps import step_inputs
 
 import transfuse
 from transfuse.codegen.onnx import OrtProgram
@@ -75,14 +76,8 @@ def _caches(hkv: int, order: str, layers: int = 1, paged: bool = False):
 
 
 def _step(starts, counts, gen, hkv, layout, paged=False):
-    n = sum(counts)
-    pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)])
-    sot = torch.cat([torch.full((c,), s) for s, c in enumerate(counts)])
-    lens = torch.tensor([a + c for a, c in zip(starts, counts)])
-    q = torch.randn(1, H, n, D, generator=gen)
-    k, v = (torch.randn(1, hkv, n, D, generator=gen) for _ in range(2))
-    if layout == "bshd":
-        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    q, k, v, pos, sot, lens = step_inputs(starts, counts, gen, heads=H, kv_heads=hkv,
+                                          head_dim=D, layout=layout)
     if paged:  # -1 past the blocks in use (every position of STEPS stays < 12)
         table = BLOCKS_OF[: len(counts)].clone()
         table[:, -1] = -1

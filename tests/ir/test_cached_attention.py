@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from attention_steps import step_inputs
 
 from transfuse.codegen.python.generation import cached_attention_step, plan_for
 from transfuse.errors import IRVerifyError
@@ -51,13 +52,7 @@ def _table(paged: bool, seqs: list[int]) -> torch.Tensor:
 
 
 def _step(starts, counts, gen, hkv=HKV):
-    n = sum(counts)
-    pos = torch.cat([torch.arange(a, a + c) for a, c in zip(starts, counts)])
-    sot = torch.cat([torch.full((c,), b) for b, c in enumerate(counts)])
-    lens = torch.tensor([a + c for a, c in zip(starts, counts)])
-    q = torch.randn(1, H, n, D, generator=gen)
-    k, v = (torch.randn(1, hkv, n, D, generator=gen) for _ in range(2))
-    return q, k, v, pos, sot, lens
+    return step_inputs(starts, counts, gen, heads=H, kv_heads=hkv, head_dim=D)
 
 
 def test_reference_equals_attention_on_one_sequence():
