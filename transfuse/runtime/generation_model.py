@@ -120,8 +120,8 @@ class GenerationModel:
         spec = self._cache_spec
         per_token = bytes_per_token(spec["layers"], spec["kv_heads"], spec["head_dim"],
                                     spec["dtype"])
-        rows, cols = spec_cache_shape(spec)[:2] if spec["order"] == "token-major" \
-            else spec_cache_shape(spec)[::2]
+        shape = spec_cache_shape(spec)  # rows x positions per row, whatever the order
+        rows, cols = shape[:2] if spec["order"] == "token-major" else shape[::2]
         return {"allocated": False, "layout": spec["layout"], "bytes": per_token * rows * cols,
                 "bytes_per_token": per_token}
 

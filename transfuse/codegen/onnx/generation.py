@@ -50,14 +50,13 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 
 from transfuse.codegen.onnx.contrib_limits import GQA_HEAD_SIZE
 from transfuse.codegen.onnx.export import lower_graph
 from transfuse.codegen.onnx.fused import unflatten
-from transfuse.codegen.onnx.program import ort_providers, session_options
+from transfuse.codegen.onnx.program import open_session, ort_providers
 from transfuse.codegen.onnx.registry import LOWERINGS, fusable, out_dtype
-from transfuse.codegen.onnx.tensors import numpy_view
 from transfuse.errors import ExecutionError, LoweringError
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.types import DType
@@ -278,7 +277,6 @@ class GenerationOrtProgram:
 
     def __init__(self, graph: Graph, *, device: str | torch.device | None = None,
                  threads: int | None = None):
-        import onnxruntime as ort
 
         self.graph = graph
         self.threads = threads if threads is not None else torch.get_num_threads()
@@ -306,23 +304,9 @@ class GenerationOrtProgram:
             model.graph.output.append(out)
             self.cache_outputs[source] = out.name
         self.model_proto = model
-        so = session_options(self.threads)
-        names, values, self._keep = [], [], []
-        for t in model.graph.initializer:
-            if t.data_location == TensorProto.EXTERNAL:
-                array = numpy_view(self._inits[t.name].detach().contiguous())
-                self._keep.append(array)  # the session reads this memory
-                names.append(t.name)
-                values.append(ort.OrtValue.ortvalue_from_numpy(array))
-        if names:
-            so.add_external_initializers(names, values)
-        self._keep.append(values)
-        try:
-            self.session = ort.InferenceSession(model.SerializeToString(), so,
-                                                providers=providers)
-        except Exception as e:
-            raise LoweringError(f"onnxruntime rejected the generation model of graph "
-                                f"{graph.name}: {type(e).__name__}: {e}") from e
+        self.session, self._keep = open_session(
+            model, self._inits, threads=self.threads, providers=providers,
+            what=f"the generation model of graph {graph.name}")
 
     def lowering_notes(self) -> list[str]:
         """Lines for the pass log: how the caches are kept."""

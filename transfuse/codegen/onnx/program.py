@@ -74,6 +74,37 @@ def session_options(threads: int | None = None):
     return so
 
 
+def open_session(model: onnx.ModelProto, inits: dict, *, threads: int | None, providers: list,
+                 disabled_optimizers: Sequence[str] = (), what: str):
+    """An ``InferenceSession`` of ``model`` whose external initializers are ``inits`` (graph
+    constant name -> tensor), handed over as ``OrtValue`` views (no copy); returns (session,
+    keep): ``keep`` holds the memory the session reads and must live as long as it.
+    ORT's own refusal (unsupported type, bad model) is a :class:`LoweringError` about ``what``."""
+    import onnxruntime as ort
+
+    so = session_options(threads)
+    names, values, keep = [], [], []
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        tensor = inits[t.name].detach()
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            tensor = tensor.cpu().contiguous()
+        array = numpy_view(tensor)
+        keep.append((tensor, array))  # the session reads this memory
+        names.append(t.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+    if names:
+        so.add_external_initializers(names, values)
+    keep.append(values)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=providers,
+                                       disabled_optimizers=list(disabled_optimizers))
+    except Exception as e:  # ORT's own errors: unsupported type, bad model
+        raise LoweringError(f"onnxruntime rejected {what}: {type(e).__name__}: {e}") from e
+    return session, keep
+
+
 class OrtProgram:
     """An ONNX Runtime session for one graph: ``program(flat_inputs) -> list`` of outputs.
 
@@ -114,30 +145,11 @@ class OrtProgram:
         self.session = None
         if not self.output_names:  # nothing to compute (a graph of checks only)
             return
-        so = session_options(self.threads)
-        names, values, self._keep = [], [], []
-        for t in self._model.graph.initializer:
-            if t.data_location != TensorProto.EXTERNAL:
-                continue
-            tensor = self._inits[t.name].detach()
-            if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                tensor = tensor.cpu().contiguous()
-            array = numpy_view(tensor)
-            self._keep.append((tensor, array))  # the session reads this memory
-            names.append(t.name)
-            values.append(ort.OrtValue.ortvalue_from_numpy(array))
-        if names:
-            so.add_external_initializers(names, values)
-        self._keep.append(values)
         # ORT would re-fuse an Add + LayerNormalization we chose over its slower CPU kernel
         disabled = [] if self._skip_layer_norm else ["SkipLayerNormFusion"]
-        try:
-            self.session = ort.InferenceSession(self._model.SerializeToString(), so,
-                                                providers=self.providers,
-                                                disabled_optimizers=disabled)
-        except Exception as e:  # ORT's own errors: unsupported type, bad model
-            raise LoweringError(f"onnxruntime rejected the model of graph {self.graph.name}: "
-                                f"{type(e).__name__}: {e}") from e
+        self.session, self._keep = open_session(
+            self._model, self._inits, threads=self.threads, providers=self.providers,
+            disabled_optimizers=disabled, what=f"the model of graph {self.graph.name}")
         self._sess = self.session._sess
         self._ort = ort
 
@@ -310,4 +322,5 @@ def generate_onnxruntime(graph: Graph, device: str | torch.device | None = None,
     return program
 
 
-__all__ = ["OrtProgram", "generate_onnxruntime", "session_options", "ort_providers"]
+__all__ = ["OrtProgram", "generate_onnxruntime", "session_options", "ort_providers",
+           "open_session"]
