@@ -20,7 +20,8 @@ A sequence's ``length`` counts the tokens whose K/V are in the cache. A step goe
 blocks the step writes into; all or nothing) → run the graph → ``commit_step()`` (lengths grow)
 or ``abort_step()`` (nothing grows; blocks reserved beyond the lengths are returned).
 ``add(seq_id, prompt_len)`` registers a sequence of length 0 and reserves room for its prompt;
-``extend(seq_id, n)`` reserves room for n more tokens ahead of time. Every refusal is an
+``extend(seq_id, n)`` reserves room for n more tokens ahead of time; ``truncate(seq_id, length)``
+forgets the tokens past ``length`` (rolled-back speculation). Every refusal is an
 :class:`~transfuse.errors.InputError` raised before any state changed.
 """
 
@@ -275,6 +276,26 @@ class KVCache:
             self.pool.release(s.blocks)
         else:
             heapq.heappush(self._free_slots, s.slot)
+
+    def truncate(self, seq_id: Hashable, length: int) -> None:
+        """Keep the first ``length`` cached tokens of ``seq_id`` (0 <= length <= its length):
+        the rest are forgotten (e.g. rejected speculative tokens); paged: every block past
+        ``ceil(length / block_size)`` is released, room reserved ahead included."""
+        s = self._get(seq_id, "truncate")
+        if s.pending:
+            raise InputError(f"KVCache.truncate: sequence {seq_id!r} is in a step in flight")
+        if isinstance(length, bool) or not isinstance(length, int) or not (
+            0 <= length <= s.length
+        ):
+            raise InputError(
+                f"KVCache.truncate: length of sequence {seq_id!r} must be an int in "
+                f"0..{s.length} (its cached tokens), got {length!r}"
+            )
+        s.length = length
+        if self.paged:
+            keep = math.ceil(length / self.block_size)
+            self.pool.release(s.blocks[keep:])
+            del s.blocks[keep:]
 
     # -- steps ----------------------------------------------------------------------------
 
