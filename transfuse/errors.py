@@ -39,6 +39,15 @@ class InputError(TransfuseError):
     """A compiled model was called with inputs that do not match its signature."""
 
 
+class QueueFullError(InputError):
+    """A serving engine cannot take the request now: its waiting queue is full (back-pressure;
+    an HTTP server answers 429). Retry later."""
+
+
+class EngineClosedError(QueueFullError):
+    """The serving engine was shut down and takes no new requests (an HTTP server answers 503)."""
+
+
 class ExecutionError(TransfuseError):
     """A compiled model's backend failed while running a call (e.g. an ONNX Runtime kernel
     rejected its inputs); the message names the backend, the graph and the failing node."""
@@ -57,6 +66,8 @@ __all__ = [
     "PassError",
     "LoweringError",
     "InputError",
+    "QueueFullError",
+    "EngineClosedError",
     "ExecutionError",
     "ArtifactError",
 ]
