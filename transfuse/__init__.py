@@ -10,11 +10,13 @@
 from transfuse.errors import (
     ArtifactError,
     CaptureError,
+    EngineClosedError,
     ExecutionError,
     InputError,
     IRVerifyError,
     LoweringError,
     PassError,
+    QueueFullError,
     TransfuseError,
     UnsupportedOpError,
 )
@@ -43,6 +45,10 @@ def __getattr__(name):  # lazy: importing transfuse stays cheap
         from transfuse.runtime.generation_model import GenerationModel
 
         return GenerationModel
+    if name == "Engine":  # serving: continuous batching over a GenerationModel
+        from transfuse.serving.engine import Engine
+
+        return Engine
     raise AttributeError(f"module 'transfuse' has no attribute {name!r}")
 
 
@@ -52,6 +58,7 @@ __all__ = [
     "PassLog",
     "CompiledModel",
     "GenerationModel",
+    "Engine",
     "TransfuseError",
     "CaptureError",
     "UnsupportedOpError",
@@ -59,6 +66,8 @@ __all__ = [
     "PassError",
     "LoweringError",
     "InputError",
+    "QueueFullError",
+    "EngineClosedError",
     "ExecutionError",
     "ArtifactError",
     "__version__",

@@ -1,0 +1,433 @@
+"""``Engine``: continuous batching of many generation requests over one compiled step.
+
+    engine = transfuse.Engine(gen, max_batch=16, max_tokens_per_step=512)
+    h = engine.submit(prompt_ids, max_new_tokens=128, temperature=0.0, stop=[[13, 13]])
+    for tok in h.stream(): ...            # or h.result(); h.cancel()
+    engine.shutdown()                     # or `with Engine(gen) as engine:`
+
+Glossary: B requests in a step, N tokens of a step, R rows whose logits are computed, V vocab.
+
+One engine thread runs the loop; ``submit`` and ``cancel`` may be called from any thread (they
+only touch an inbox under a lock). Each iteration:
+
+1. take new requests and cancellations from the inbox (a cancelled request is finished at
+   once and its blocks go back to the pool);
+2. :class:`~transfuse.serving.scheduler.Scheduler` picks the step's items: every running decode
+   its next token, prompt chunks within ``max_tokens_per_step``, admissions, preemptions;
+3. one forward of the compiled step (``gen.program``) over all items' tokens flattened into
+   one axis, with logits only at the rows that sample (a decode; a prompt's last token);
+   ``KVCache.prepare_step`` / ``commit_step`` around it (``abort_step`` if it fails: the
+   step's requests end with ``finish_reason="error"``, the engine goes on);
+4. per sampling row, the next token: the plain greedy rows in one ``max`` over their logits,
+   the others with their own :class:`SamplingParams` and seeded generator
+   (:func:`~transfuse.runtime.sampling.sample_next`, the same code as ``gen.generate``, so a
+   request's tokens do not depend on what else runs); then the stop rules (EOS ids, stop
+   token sequences, stop strings through :class:`~transfuse.serving.text.TextStream`,
+   ``max_new_tokens``); a finished request frees its blocks at once.
+
+The engine owns its own :class:`KVCache` made from the gen's cache spec (``num_blocks`` may
+shrink a paged pool; ``gen.generate`` keeps using ``gen.cache``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from transfuse.errors import EngineClosedError, ExecutionError, InputError, QueueFullError
+from transfuse.runtime.kv_cache import KVCache
+from transfuse.runtime.sampling import make_generator, sample_next, seen_tokens
+from transfuse.serving.options import Limits, check_options
+from transfuse.serving.request import Output, Request, RequestHandle
+from transfuse.serving.scheduler import Scheduled, Scheduler
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT = object()  # eos_token_id not given: the model's generation config decides
+
+
+class Engine:
+    """Continuous batching over a compiled generation model (module docstring).
+
+    ``gen``: a :class:`~transfuse.runtime.generation_model.GenerationModel`. ``max_batch``:
+    running requests at most (None: the gen's compiled ``max_batch``; a contiguous cache has no
+    more slots). ``max_tokens_per_step``: tokens per forward (>= max_batch). ``max_queue``:
+    waiting requests before ``submit`` raises :class:`QueueFullError`. ``prefix_caching``:
+    share cached prompt blocks (None: on for a paged cache). ``num_blocks``: a smaller paged
+    pool than the spec's. ``tokenizer``: for text outputs and stop strings.
+    """
+
+    def __init__(self, gen: Any, max_batch: int | None = None, max_tokens_per_step: int = 512,
+                 max_queue: int = 256, prefix_caching: bool | None = None,
+                 speculative: Any = None, spec_tokens: int = 4, tokenizer: Any = None, *,
+                 num_blocks: int | None = None):
+        spec = gen.cache_spec
+        paged = spec["layout"] == "paged"
+        if max_batch is None:
+            max_batch = spec["max_batch"]
+        for name, value in (("max_batch", max_batch), ("max_tokens_per_step",
+                            max_tokens_per_step), ("max_queue", max_queue),
+                            ("spec_tokens", spec_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"Engine: {name} must be a positive int, got {value!r}")
+        if not paged and max_batch > spec["max_batch"]:
+            raise InputError(f"Engine: max_batch {max_batch} exceeds the contiguous cache's "
+                             f"{spec['max_batch']} slots (compile with a larger max_batch or "
+                             "kv='paged')")
+        # TODO(S1, issue 12): drop this check once KVCache takes prefix_caching= (checked once
+        # per engine, never per call)
+        supported = hasattr(KVCache, "prefix_stats")
+        if prefix_caching is None:
+            prefix_caching = paged and supported
+        if prefix_caching and not paged:
+            raise InputError("Engine: prefix_caching needs a paged KV cache (compile with "
+                             "generation={'kv': 'paged'})")
+        if prefix_caching and not supported:
+            raise InputError("Engine: this build's KVCache has no prefix caching; pass "
+                             "prefix_caching=False")
+        if num_blocks is not None and not paged:
+            raise InputError("Engine: num_blocks is for a paged KV cache only")
+        if speculative is not None:
+            raise InputError("Engine: speculative decoding is not available yet in this build")
+        self.gen = gen
+        self.max_batch = max_batch
+        self.max_tokens_per_step = max_tokens_per_step
+        self.max_queue = max_queue
+        self.tokenizer = tokenizer
+        self.prefix_caching = bool(prefix_caching)
+        self.cache = _make_cache(spec, gen.device, num_blocks, self.prefix_caching)
+        self.device = gen.device
+        self._program = gen.program
+        self._cache_tensors = list(self.cache.cache_inputs().values())
+        self._vocab = gen.vocab_size
+        self._limits = Limits(self._vocab, self.cache.max_seq_len,
+                              self.cache.block_size if paged else None,
+                              self.cache.num_blocks if paged else None)
+        self._default_eos = gen.generation_config.get("eos_token_id")
+        self._scheduler = Scheduler(self.cache, max_batch=max_batch,
+                                    max_tokens_per_step=max_tokens_per_step,
+                                    prefix_tokens=self.prefix_caching)
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._inbox: list[Request] = []  # submitted, not yet seen by the engine thread
+        self._cancels: set[int] = set()
+        self._live: dict[int, Request] = {}  # engine thread only: queued or running
+        self._closed = False
+        self._cancel_all = False
+        self._failure: BaseException | None = None
+        self._counts = dict.fromkeys(("submitted", "finished", "cancelled", "errors", "steps",
+                                      "tokens_generated", "tokens_computed"), 0)
+        self._times = dict.fromkeys(("schedule_s", "forward_s", "sample_s"), 0.0)
+        self._thread = threading.Thread(target=self._loop, name="transfuse-engine", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Any, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop: Any = None, eos_token_id: Any = _DEFAULT,
+               min_new_tokens: int = 0) -> RequestHandle:
+        """Queue a request; returns its :class:`RequestHandle` at once. ``temperature`` 0 is
+        greedy; ``seed`` makes sampling reproducible whatever else runs; ``stop``: token-id
+        sequences (a list of ints or a list of lists) or, with a tokenizer, strings;
+        ``eos_token_id`` (default: the model's; None: never stop at EOS). Raises
+        :class:`InputError` for a bad argument, :class:`QueueFullError` when ``max_queue``
+        requests wait, :class:`EngineClosedError` after shutdown."""
+        opts = check_options(
+            prompt_ids, limits=self._limits, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+            eos_token_id=self._default_eos if eos_token_id is _DEFAULT else eos_token_id,
+            min_new_tokens=min_new_tokens, has_tokenizer=self.tokenizer is not None)
+        text = None
+        if self.tokenizer is not None:
+            from transfuse.serving.text import TextStream
+
+            text = TextStream(self.tokenizer, opts.stop_strings)
+        generator = make_generator(opts.seed, self.device) if opts.seed is not None \
+            else _unseeded(self.device)
+        with self._lock:
+            if self._closed or self._failure is not None:
+                raise EngineClosedError("the engine is shut down and takes no new requests"
+                                        if self._failure is None else
+                                        f"the engine stopped after an internal error: "
+                                        f"{self._failure!r}")
+            queued = len(self._inbox) + len(self._scheduler.waiting)
+            if queued >= self.max_queue:
+                raise QueueFullError(f"the engine's queue is full: {queued} requests wait "
+                                     f"(max_queue {self.max_queue}); retry later")
+            rid = next(self._ids)
+            handle = RequestHandle(rid, len(opts.prompt), self.cancel)
+            req = Request(rid, handle, opts.prompt, max_new_tokens=opts.max_new_tokens,
+                          params=opts.params, generator=generator, stop_ids=opts.stop_ids,
+                          text_stream=text)
+            self._counts["submitted"] += 1
+            if opts.max_new_tokens == 0:  # nothing to generate: done now
+                self._counts["finished"] += 1
+                handle.deliver(Output(rid, [], "", True, "length"), req.metrics())
+                return handle
+            self._inbox.append(req)
+            self._lock.notify()
+        return handle
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request (any thread); its blocks go back to the pool at the next iteration
+        and its handle gets a final output with ``finish_reason="cancelled"``."""
+        with self._lock:
+            self._cancels.add(request_id)
+            self._lock.notify()
+
+    def shutdown(self, cancel: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking requests; cancel the in-flight ones (``cancel=False``: let them finish,
+        cancelling what is left after ``timeout`` s); join the engine thread. Afterwards every
+        request has its final output and every cache block is back in the pool."""
+        with self._lock:
+            self._closed = True
+            self._cancel_all = self._cancel_all or cancel
+            self._lock.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                self._cancel_all = True
+                self._lock.notify()
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise ExecutionError(f"the engine thread did not stop within {2 * timeout} s "
+                                 "(a step is stuck in the model)")
+
+    @property
+    def closed(self) -> bool:
+        """True once shutdown began (or the engine thread died): submit refuses."""
+        return self._closed or self._failure is not None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and timings: requests (submitted, finished, cancelled, errors, waiting,
+        running), steps, tokens generated / computed, preemptions, the pool's blocks, mean
+        per-step seconds (schedule + metadata, forward, sampling + stop rules) and, with prefix
+        caching, the cache's prefix statistics."""
+        with self._lock:
+            out: dict[str, Any] = dict(self._counts)
+            steps = max(out["steps"], 1)
+            out.update({k.replace("_s", "_s_per_step"): v / steps for k, v in self._times.items()})
+        out["waiting"] = len(self._scheduler.waiting) + len(self._inbox)
+        out["running"] = len(self._scheduler.running)
+        out["preemptions"] = self._scheduler.num_preemptions
+        if self.cache.paged:
+            out["blocks_total"] = self.cache.num_blocks
+            out["blocks_free"] = self.cache.pool.num_free
+        if self.prefix_caching:
+            out["prefix"] = self.cache.prefix_stats()
+        return out
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(cancel=True)
+
+    def __repr__(self) -> str:
+        return (f"Engine(max_batch={self.max_batch}, max_tokens_per_step="
+                f"{self.max_tokens_per_step}, {self._scheduler}, {self.cache!r})")
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._inbox or self._cancels or self._cancel_all
+                               or self._scheduler.has_work() or self._closed):
+                        self._lock.wait()
+                    inbox, self._inbox = self._inbox, []
+                    cancels, self._cancels = self._cancels, set()
+                    cancel_all, closed = self._cancel_all, self._closed
+                for req in inbox:
+                    self._live[req.id] = req
+                    self._scheduler.add(req)
+                for rid in (list(self._live) if cancel_all else cancels):
+                    if rid in self._live:
+                        self._finish(self._live[rid], "cancelled")
+                if self._scheduler.has_work():
+                    self._step()
+                elif closed:
+                    return
+        except BaseException as exc:  # a bug: fail everything rather than hang the callers
+            logger.exception("transfuse engine thread failed")
+            with self._lock:
+                self._failure = exc
+                inbox, self._inbox = self._inbox, []
+            for req in inbox:
+                self._live[req.id] = req
+            for req in list(self._live.values()):
+                try:
+                    self._finish(req, "error", f"engine failure: {exc!r}")
+                except BaseException:
+                    req.handle.deliver(Output(req.id, [], "", True, "error", repr(exc)))
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        items = self._scheduler.schedule()
+        if not items:
+            self._unschedulable()
+            return
+        ids: list[int] = []
+        rows: list[int] = []
+        cache_items = []
+        for it in items:
+            req = it.req
+            start = req.num_computed
+            ids.extend(req.tokens[start:start + it.num_tokens])
+            cache_items.append((req.seq_id, it.num_tokens))
+            if it.samples:
+                rows.append(len(ids) - 1)
+        if self.prefix_caching:
+            meta = self.cache.prepare_step(cache_items, tokens=[
+                it.req.tokens[it.req.num_computed:it.req.num_computed + it.num_tokens]
+                for it in items])
+        else:
+            meta = self.cache.prepare_step(cache_items)
+        feeds = [torch.tensor([ids], dtype=torch.int64, device=self.device), meta.position_ids,
+                 meta.seq_of_token, meta.seq_lens, meta.cache_table,
+                 torch.tensor(rows, dtype=torch.int64, device=self.device)]
+        t1 = time.perf_counter()
+        try:
+            logits = self._program(feeds + self._cache_tensors)[0]
+            if logits.shape[0] != len(rows):
+                raise ExecutionError(f"the step returned logits {list(logits.shape)}, expected "
+                                     f"[{len(rows)}, vocab]")
+        except Exception as exc:
+            self.cache.abort_step()
+            logger.exception("engine step of %d requests failed", len(items))
+            for it in items:
+                self._finish(it.req, "error", f"the model step failed: {exc!r}")
+            return
+        self.cache.commit_step()
+        t2 = time.perf_counter()
+        for it in items:
+            it.req.num_computed += it.num_tokens
+        self._sample([it for it in items if it.samples], logits, t2)
+        t3 = time.perf_counter()
+        with self._lock:
+            self._counts["steps"] += 1
+            self._counts["tokens_computed"] += len(ids)
+            self._times["schedule_s"] += t1 - t0
+            self._times["forward_s"] += t2 - t1
+            self._times["sample_s"] += t3 - t2
+
+    def _sample(self, items: list[Scheduled], logits: torch.Tensor, now: float) -> None:
+        """Choose each sampling item's next token (row i of ``logits`` is items[i]'s)."""
+        chosen: list[int | None] = [None] * len(items)
+        plain = [i for i, it in enumerate(items) if _plain(it.req)]
+        if plain:  # greedy without processors: one max over those rows, as sample_next does
+            rows = logits if len(plain) == len(items) else logits[plain]
+            for i, tok in zip(plain, rows.float().max(dim=-1).indices.tolist()):
+                chosen[i] = tok
+        for i, it in enumerate(items):
+            if chosen[i] is None:
+                req = it.req
+                history = None
+                if req.params.repetition_penalty != 1.0:
+                    if req.seen is None:
+                        req.seen = seen_tokens(torch.tensor([req.tokens], device=logits.device),
+                                               self._vocab)
+                    history = req.seen
+                chosen[i] = int(sample_next(logits[i:i + 1], history, req.params, req.generator,
+                                            new_tokens=req.num_generated)[0])
+        for it, tok in zip(items, chosen):
+            self._accept(it.req, [tok], now)
+
+    def _accept(self, req: Request, new: list[int], now: float) -> None:
+        """Append ``new`` tokens to ``req`` up to the first that ends it; emit the output."""
+        kept: list[int] = []
+        reason = None
+        text = ""
+        for tok in new:
+            req.tokens.append(tok)
+            kept.append(tok)
+            if req.seen is not None:
+                req.seen[0, tok] = True
+            if req.text_stream is not None:
+                delta, stopped = req.text_stream.push(tok)
+                text += delta
+                if stopped:
+                    reason = "stop"
+            if reason is None:
+                reason = self._stop_reason(req, tok)
+            if reason is not None:
+                break
+        req.mark_output(now)
+        with self._lock:
+            self._counts["tokens_generated"] += len(kept)
+        if reason is None:
+            req.handle.deliver(Output(req.id, kept, text))
+        else:
+            self._finish(req, reason, tokens=kept, text=text)
+
+    @staticmethod
+    def _stop_reason(req: Request, tok: int) -> str | None:
+        if tok in req.eos:
+            return "stop"
+        if req.stop_ids:
+            gen = req.tokens
+            n = req.num_generated
+            for s in req.stop_ids:
+                if len(s) <= n and tuple(gen[-len(s):]) == s:
+                    return "stop"
+        if req.num_generated >= req.max_new_tokens:
+            return "length"
+        return None
+
+    def _finish(self, req: Request, reason: str, error: str | None = None, *,
+                tokens: list[int] | None = None, text: str = "") -> None:
+        """End ``req``: free its blocks, flush its text, deliver the final output."""
+        self._live.pop(req.id, None)
+        self._scheduler.finish(req)
+        if req.text_stream is not None and reason in ("stop", "length"):
+            text += req.text_stream.flush()
+        key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
+        with self._lock:
+            self._counts[key] += 1
+        req.handle.deliver(Output(req.id, tokens or [], text, True, reason, error),
+                           req.metrics())
+
+    def _unschedulable(self) -> None:
+        """Work exists but no item fits: with nothing running, the head of the queue can never
+        be admitted (e.g. blocks held elsewhere); fail it rather than spin."""
+        sched = self._scheduler
+        if not sched.running and sched.waiting:
+            req = sched.waiting[0]
+            self._finish(req, "error", f"request {req.id} ({len(req.tokens)} tokens) cannot be "
+                         f"admitted into the KV cache ({self.cache!r})")
+
+
+def _plain(req: Request) -> bool:
+    """Greedy with no processor that changes the scores at this step."""
+    p = req.params
+    return not p.do_sample and p.repetition_penalty == 1.0 and (
+        not p.eos_token_id or req.num_generated >= p.min_new_tokens)
+
+
+def _unseeded(device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.seed()
+    return g
+
+
+def _make_cache(spec: dict, device: torch.device, num_blocks: int | None,
+                prefix_caching: bool) -> KVCache:
+    kw: dict[str, Any] = {}
+    if spec["layout"] == "paged":
+        kw = {"block_size": spec["block_size"], "num_blocks": num_blocks or spec["num_blocks"]}
+        if prefix_caching:
+            kw["prefix_caching"] = True
+    return KVCache(spec["layers"], spec["kv_heads"], spec["head_dim"], spec["dtype"],
+                   max_seq_len=spec["max_seq_len"], max_batch=spec["max_batch"],
+                   layout=spec["layout"], order=spec["order"], device=device, **kw)
+
+
+__all__ = ["Engine"]
