@@ -62,3 +62,22 @@ def test_plan_writes_copies_only_shared_blocks_written():
     assert pool.plan_writes([(b, 8, 1)], 4) == [([], 1)]  # a full shared block is not written
     assert pool.plan_writes([(a, 0, 1), (a, 1, 1)], 4) == [([0], 0), ([], 0)]
     assert [pool.ref_count(x) for x in range(3)] == [2, 2, 1]  # planning changes nothing
+
+
+def test_take_a_specific_free_block_and_move_free_blocks_to_the_front():
+    pool = BlockPool(5)
+    pool.allocate(3)  # 0, 1, 2
+    pool.release([2, 0])
+    assert pool.free_blocks() == [3, 4, 2, 0]
+    pool.take(2)  # a prefix-cache hit on a freed block
+    assert pool.ref_count(2) == 1 and pool.free_blocks() == [3, 4, 0] and pool.num_free == 3
+    pool.to_front([0, 4])
+    assert pool.free_blocks() == [0, 4, 3]
+    assert pool.allocate(2) == [0, 4]
+    with pytest.raises(InputError, match="take: block 1 is in use"):
+        pool.take(1)
+    with pytest.raises(InputError, match="to_front: block 2 is in use"):
+        pool.to_front([3, 2])
+    with pytest.raises(InputError, match="block id 9"):
+        pool.take(9)
+    assert pool.free_blocks() == [3] and pool.ref_count(1) == 1

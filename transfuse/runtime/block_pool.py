@@ -7,13 +7,16 @@ once; a block with a count > 1 is shared by sequences forked from one another an
 copied before any of them writes into it (copy-on-write, done by :class:`KVCache`).
 
 Freed blocks go to the back of the free list and allocation takes from the front, so a block
-that was just freed is the last to be handed out again (the free list is also where a prefix
-cache would later find still-valid blocks, as vLLM's block pool does).
+that was just freed is the last to be handed out again. The free list is also where a prefix
+cache (:mod:`~transfuse.runtime.prefix_cache`) finds blocks that are free but still hold valid
+keys and values: :meth:`BlockPool.take` takes one specific free block back and
+:meth:`BlockPool.to_front` makes free blocks the next handed out, both O(1) per block (the free
+list is an insertion-ordered dict).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from transfuse.errors import InputError
@@ -28,7 +31,7 @@ class BlockPool:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise InputError(f"BlockPool: num_blocks must be a positive int, got {num_blocks!r}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refs: list[int] = [0] * num_blocks
 
     @property
@@ -58,7 +61,7 @@ class BlockPool:
             raise InputError(
                 f"KV cache out of blocks: {n} needed, {len(self._free)} free of {self.num_blocks}"
             )
-        blocks = [self._free.popleft() for _ in range(n)]
+        blocks = [self._free.popitem(last=False)[0] for _ in range(n)]
         for b in blocks:
             self._refs[b] = 1
         return blocks
@@ -92,9 +95,30 @@ class BlockPool:
         for b in blocks:
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
                 freed += 1
         return freed
+
+    def take(self, block: int) -> None:
+        """Take the free ``block`` itself off the free list, with reference count 1 (a prefix
+        cache hit on a block no sequence holds any more)."""
+        self._check_id(block)
+        if self._refs[block] != 0:
+            raise InputError(
+                f"BlockPool.take: block {block} is in use ({self._refs[block]} holders), "
+                "only a free block can be taken"
+            )
+        del self._free[block]
+        self._refs[block] = 1
+
+    def to_front(self, blocks: Sequence[int]) -> None:
+        """Make the free ``blocks`` the next ones handed out, in the order given."""
+        for b in blocks:
+            self._check_id(b)
+            if self._refs[b] != 0:
+                raise InputError(f"BlockPool.to_front: block {b} is in use, not free")
+        for b in reversed(blocks):
+            self._free.move_to_end(b, last=False)
 
     def plan_writes(
         self, writes: Sequence[tuple[Sequence[int], int, int]], block_size: int

@@ -35,6 +35,7 @@ import torch
 
 from transfuse.errors import InputError
 from transfuse.runtime.block_pool import BlockPool
+from transfuse.runtime.kv_checks import SeqChecks, SeqRecord, positive_int
 from transfuse.runtime.kv_memory import (
     bytes_per_token,
     cache_shape,
@@ -43,6 +44,7 @@ from transfuse.runtime.kv_memory import (
     parse_device,
     parse_dtype,
 )
+from transfuse.runtime.prefix_cache import PrefixCache, check_tokens
 from transfuse.runtime.step_meta import StepMeta
 
 __all__ = ["KVCache", "StepMeta", "LAYOUTS", "ORDERS", "bytes_per_token", "cache_shape"]
@@ -51,25 +53,7 @@ LAYOUTS = ("contiguous", "paged")
 ORDERS = ("token-major", "head-major")
 
 
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"KVCache: {name} must be a positive int, got {value!r}")
-    return value
-
-
-class _Seq:
-    """One sequence's place in the cache (private: KVCache's bookkeeping)."""
-
-    __slots__ = ("length", "slot", "blocks", "pending")
-
-    def __init__(self, slot: int = -1, blocks: list[int] | None = None) -> None:
-        self.length = 0  # tokens whose K/V are in the cache
-        self.slot = slot  # contiguous: the slot it owns
-        self.blocks = blocks if blocks is not None else []  # paged: block ids in order
-        self.pending = 0  # tokens of the step in flight (0 outside a step)
-
-
-class KVCache:
+class KVCache(SeqChecks):
     """Contiguous or paged per-layer K/V caches with sequence bookkeeping (module docstring).
 
     Public attributes (read-only by convention): ``k``, ``v`` (lists of L tensors of
@@ -82,6 +66,11 @@ class KVCache:
     Paged: ``num_blocks`` defaults to enough for ``max_batch`` sequences of ``max_seq_len``;
     the number of live sequences is limited by blocks only (``max_batch`` only sizes that
     default). Contiguous: at most ``max_batch`` live sequences, one slot each.
+
+    ``prefix_caching=True`` (paged only; :mod:`~transfuse.runtime.prefix_cache`): blocks are
+    keyed by the tokens they hold and their prefix and found again by ``add(..., tokens=)``,
+    after their sequences are freed too; ``prepare_step`` then needs ``tokens``.
+    ``prefix_stats()`` reports hits.
     """
 
     def __init__(
@@ -98,12 +87,13 @@ class KVCache:
         num_blocks: int | None = None,
         device: str | torch.device = "cpu",
         order: str = "token-major",
+        prefix_caching: bool = False,
     ) -> None:
-        self.layers = _positive("layers", layers)
-        self.kv_heads = _positive("kv_heads", kv_heads)
-        self.head_dim = _positive("head_dim", head_dim)
-        self.max_seq_len = _positive("max_seq_len", max_seq_len)
-        self.max_batch = _positive("max_batch", max_batch)
+        self.layers = positive_int("layers", layers)
+        self.kv_heads = positive_int("kv_heads", kv_heads)
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.max_seq_len = positive_int("max_seq_len", max_seq_len)
+        self.max_batch = positive_int("max_batch", max_batch)
         if layout not in LAYOUTS:
             raise InputError(f"KVCache: layout must be one of {LAYOUTS}, got {layout!r}")
         if order not in ORDERS:
@@ -114,10 +104,10 @@ class KVCache:
         self.device = parse_device(device)
         self.paged = layout == "paged"
         if self.paged:
-            self.block_size = _positive("block_size", block_size)
+            self.block_size = positive_int("block_size", block_size)
             self.max_blocks = math.ceil(self.max_seq_len / self.block_size)
             default_blocks = self.max_batch * self.max_blocks
-            self.num_blocks = default_blocks if num_blocks is None else _positive(
+            self.num_blocks = default_blocks if num_blocks is None else positive_int(
                 "num_blocks", num_blocks
             )
         else:
@@ -151,8 +141,14 @@ class KVCache:
                 f"KVCache: allocating {self.nbytes} bytes on {self.device} failed after the "
                 f"memory check passed: {exc}"
             ) from None
-        self._seqs: dict[Hashable, _Seq] = {}
+        self._seqs: dict[Hashable, SeqRecord] = {}
         self.pool = BlockPool(self.num_blocks) if self.paged else None
+        if not isinstance(prefix_caching, bool) or (prefix_caching and not self.paged):
+            raise InputError(f"KVCache: prefix_caching={prefix_caching!r}: it is a bool, and "
+                             "True needs layout='paged' (blocks are what is shared)")
+        self.prefix_caching = prefix_caching
+        self._prefix = PrefixCache(self.pool, self.block_size) if prefix_caching else None
+        self._step_tokens: list[list[int]] | None = None
         self._free_slots = list(range(self.max_batch))  # a heap: lowest slot first
         self._step: list[tuple[Hashable, int]] | None = None
 
@@ -214,8 +210,10 @@ class KVCache:
 
     # -- sequences ------------------------------------------------------------------------
 
-    def add(self, seq_id: Hashable, prompt_len: int) -> None:
-        """Register ``seq_id`` (length 0) and reserve room for its ``prompt_len`` tokens."""
+    def add(self, seq_id: Hashable, prompt_len: int, tokens: Sequence[int] | None = None) -> int:
+        """Register ``seq_id`` and reserve room for its ``prompt_len`` tokens; returns its
+        starting length ``c``: 0, or with prefix caching and the prompt's ``tokens``, how many
+        of them cached blocks already hold (at most ``prompt_len - 1``: compute ``tokens[c:]``)."""
         self._check_new(seq_id, "add")
         self._check_n(prompt_len, "add", "prompt_len", seq_id)
         if prompt_len > self.max_seq_len:
@@ -223,6 +221,13 @@ class KVCache:
                 f"KVCache.add: prompt of sequence {seq_id!r} has {prompt_len} tokens, longer "
                 f"than max_seq_len {self.max_seq_len}"
             )
+        if tokens is not None:
+            tokens = check_tokens(tokens, prompt_len, "add", seq_id)
+        if self._prefix is not None:
+            blocks, c = self._prefix.admit(seq_id, prompt_len, tokens, "add", self.num_blocks)
+            self._seqs[seq_id] = s = SeqRecord(blocks=blocks)
+            s.length = c
+            return c
         if self.paged:
             need = math.ceil(prompt_len / self.block_size)
             free = self.pool.num_free
@@ -231,9 +236,10 @@ class KVCache:
                     f"KVCache.add: sequence {seq_id!r} needs {need} blocks for its "
                     f"{prompt_len} prompt tokens, {free} of {self.num_blocks} are free"
                 )
-            self._seqs[seq_id] = _Seq(blocks=self.pool.allocate(need))
+            self._seqs[seq_id] = SeqRecord(blocks=self.pool.allocate(need))
         else:
-            self._seqs[seq_id] = _Seq(slot=self._take_slot("add", seq_id))
+            self._seqs[seq_id] = SeqRecord(slot=self._take_slot("add", seq_id))
+        return 0
 
     def extend(self, seq_id: Hashable, n: int) -> None:
         """Reserve room for ``n`` more tokens of ``seq_id`` (its length does not change)."""
@@ -253,9 +259,11 @@ class KVCache:
         if self.paged:
             shared = parent.blocks[: math.ceil(parent.length / self.block_size)]
             self.pool.share(shared)
-            child = _Seq(blocks=list(shared))
+            child = SeqRecord(blocks=list(shared))
+            if self._prefix is not None:
+                self._prefix.fork(parent_id, child_id)
         else:
-            child = _Seq(slot=self._take_slot("fork", child_id))
+            child = SeqRecord(slot=self._take_slot("fork", child_id))
             n = parent.length
             for t in self.k + self.v:
                 src, dst = t[parent.slot], t[child.slot]
@@ -272,7 +280,9 @@ class KVCache:
         if s.pending:
             raise InputError(f"KVCache.free: sequence {seq_id!r} is in a step in flight")
         del self._seqs[seq_id]
-        if self.paged:
+        if self._prefix is not None:
+            self._prefix.free(seq_id, s.blocks)
+        elif self.paged:
             self.pool.release(s.blocks)
         else:
             heapq.heappush(self._free_slots, s.slot)
@@ -292,19 +302,29 @@ class KVCache:
                 f"0..{s.length} (its cached tokens), got {length!r}"
             )
         s.length = length
+        if self._prefix is not None:
+            self._prefix.truncate(seq_id, length)
         if self.paged:
-            keep = math.ceil(length / self.block_size)
-            self.pool.release(s.blocks[keep:])
-            del s.blocks[keep:]
+            self._release_past(s)
 
     # -- steps ----------------------------------------------------------------------------
 
-    def prepare_step(self, items: Sequence[tuple[Hashable, int]]) -> StepMeta:
+    def prepare_step(
+        self, items: Sequence[tuple[Hashable, int]], tokens: Sequence[Sequence[int]] | None = None
+    ) -> StepMeta:
         """Reserve room for a step of ``items`` = [(seq_id, n_new), ...] and return its
-        metadata. All checks run first; on any error nothing has changed."""
+        metadata. ``tokens``: per item its n_new token ids (needed with prefix caching, to key
+        the blocks the step fills). All checks run first; on any error nothing has changed."""
         self._check_idle("prepare_step")
         self._check_items(items, "prepare_step")
+        if self._prefix is not None:
+            step_tokens = self._check_step_tokens(items, tokens)
         self._reserve(items, "prepare_step")
+        if self._prefix is not None:
+            self._step_tokens = step_tokens
+            for sid, n in items:
+                s = self._seqs[sid]
+                self._prefix.written(s.blocks, s.length, n)
         for sid, n in items:
             self._seqs[sid].pending = n
         self._step = [(sid, n) for sid, n in items]  # a private copy: the caller's may change
@@ -314,11 +334,13 @@ class KVCache:
         """The step ran: each of its sequences now holds its new tokens."""
         if self._step is None:
             raise InputError("KVCache.commit_step: no step in flight (call prepare_step first)")
-        for sid, n in self._step:
+        for i, (sid, n) in enumerate(self._step):
             s = self._seqs[sid]
+            if self._prefix is not None:
+                self._prefix.commit(sid, s.blocks, self._step_tokens[i])
             s.length += n
             s.pending = 0
-        self._step = None
+        self._step = self._step_tokens = None
 
     def abort_step(self) -> None:
         """The step did not run: lengths stay, blocks reserved beyond them are returned."""
@@ -328,65 +350,20 @@ class KVCache:
             s = self._seqs[sid]
             s.pending = 0
             if self.paged:
-                keep = math.ceil(s.length / self.block_size)
-                self.pool.release(s.blocks[keep:])
-                del s.blocks[keep:]
-        self._step = None
+                self._release_past(s)
+        self._step = self._step_tokens = None
+
+    def prefix_stats(self) -> dict[str, object]:
+        """Prefix caching's counters (:meth:`PrefixCache.stats
+        <transfuse.runtime.prefix_cache.PrefixCache.stats>`: queries, hits, hit_rate,
+        tokens_saved, cached_blocks, evictions, ...) and ``enabled``; all 0 when it is off."""
+        if self._prefix is None:
+            return {"enabled": False, "queries": 0, "hits": 0, "partial_hits": 0,
+                    "hit_rate": 0.0, "tokens_saved": 0, "cached_blocks": 0,
+                    "cached_free_blocks": 0, "evictions": 0}
+        return {"enabled": True, **self._prefix.stats()}
 
     # -- internals ------------------------------------------------------------------------
-
-    def _get(self, seq_id: Hashable, where: str) -> _Seq:
-        try:
-            return self._seqs[seq_id]
-        except (KeyError, TypeError):
-            raise InputError(
-                f"KVCache.{where}: unknown sequence {seq_id!r} ({len(self._seqs)} live)"
-            ) from None
-
-    def _check_idle(self, where: str) -> None:
-        if self._step is not None:
-            raise InputError(
-                f"KVCache.{where}: a step is in flight; call commit_step() or abort_step()"
-            )
-
-    def _check_new(self, seq_id: object, where: str) -> None:
-        try:
-            exists = seq_id in self._seqs
-        except TypeError:
-            raise InputError(
-                f"KVCache.{where}: sequence id {seq_id!r} is not hashable (use an int or str)"
-            ) from None
-        if exists:
-            raise InputError(f"KVCache.{where}: sequence {seq_id!r} already exists")
-
-    def _check_n(self, n: object, where: str, name: str, seq_id: Hashable) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InputError(
-                f"KVCache.{where}: {name} of sequence {seq_id!r} must be a positive int, "
-                f"got {n!r}"
-            )
-
-    def _check_room(self, seq_id: Hashable, s: _Seq, n: int, where: str) -> None:
-        if s.length + n > self.max_seq_len:
-            raise InputError(
-                f"KVCache.{where}: sequence {seq_id!r} would hold {s.length + n} tokens "
-                f"({s.length} + {n}), more than max_seq_len {self.max_seq_len}"
-            )
-
-    def _check_items(self, items: Sequence[tuple[Hashable, int]], where: str) -> None:
-        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or not items:
-            raise InputError(f"KVCache.{where}: items must be a non-empty list of (seq_id, n)")
-        seen: set[Hashable] = set()
-        for item in items:
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise InputError(f"KVCache.{where}: each item is (seq_id, n_new), got {item!r}")
-            sid, n = item
-            s = self._get(sid, where)
-            if sid in seen:
-                raise InputError(f"KVCache.{where}: sequence {sid!r} appears twice in one step")
-            seen.add(sid)
-            self._check_n(n, where, "n_new", sid)
-            self._check_room(sid, s, n, where)
 
     def _plan(self, items: Sequence[tuple[Hashable, int]]) -> list[tuple[Hashable, list, int]]:
         """Per item: (seq_id, indices of shared blocks it will write, new blocks to append)."""
@@ -410,7 +387,7 @@ class KVCache:
                 f"copy-on-write) but {free} of {self.num_blocks} are free (block_size "
                 f"{self.block_size}); free or preempt sequences, or raise num_blocks"
             )
-        fresh = iter(self.pool.allocate(need))
+        fresh = iter(self._prefix.allocate(need) if self._prefix else self.pool.allocate(need))
         for sid, copies, n_new in plan:
             s = self._seqs[sid]
             for j in copies:
@@ -420,6 +397,15 @@ class KVCache:
                 s.blocks[j] = new
                 self.pool.release([old])
             s.blocks.extend(next(fresh) for _ in range(n_new))
+
+    def _release_past(self, s: SeqRecord) -> None:
+        """Paged: give back the blocks past ``s.length``'s last one."""
+        keep = math.ceil(s.length / self.block_size)
+        if self._prefix is not None:
+            self._prefix.release(s.blocks[keep:])
+        else:
+            self.pool.release(s.blocks[keep:])
+        del s.blocks[keep:]
 
     def _take_slot(self, where: str, seq_id: Hashable) -> int:
         if not self._free_slots:
