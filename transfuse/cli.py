@@ -4,6 +4,7 @@
     transfuse bench --model gpt2-small --seq 16,128 --batch 1 [--threads 1] [--out DIR]
     transfuse log DIR          # print a saved pass log
     transfuse inspect DIR      # print a saved artifact's manifest and graph
+    transfuse serve MODEL --port 8000   # OpenAI-compatible HTTP server (transfuse.serving)
 """
 
 from __future__ import annotations
@@ -112,6 +113,50 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from transfuse.serving import Engine
+    from transfuse.serving.loading import load_served
+    from transfuse.serving.server import create_app, run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    served = load_served(args.model, target=args.target, max_seq_len=args.max_seq_len,
+                         max_batch=args.max_batch)
+    speculative = _speculative(args.speculative, served, args)
+    engine = Engine(served.gen, max_batch=served.max_batch, max_queue=args.max_queue,
+                    speculative=speculative, tokenizer=served.tokenizer)
+    app = create_app(engine, served.tokenizer, served.name, max_seq_len=served.max_seq_len)
+    logging.getLogger("transfuse.serve").info(
+        "serving %s (%s, %s target, max_seq_len %d, max_batch %d) on http://%s:%d/v1",
+        served.name, served.kind, served.gen.backend, served.max_seq_len, served.max_batch,
+        args.host, args.port)
+    run_server(app, engine, host=args.host, port=args.port)
+    return 0
+
+
+def _speculative(option: str | None, served, args: argparse.Namespace):
+    """``--speculative``: None, "prompt-lookup", or a DraftModel over ``draft:MODEL2``."""
+    if option is None or option == "prompt-lookup":
+        return option
+    if not option.startswith("draft:") or not option[len("draft:"):]:
+        raise ValueError(f"--speculative {option!r}: expected prompt-lookup or draft:MODEL")
+    from transfuse.serving.draft import DraftModel
+    from transfuse.serving.loading import load_served
+
+    draft = load_served(option[len("draft:"):], target=args.target,
+                        max_seq_len=served.max_seq_len, max_batch=served.max_batch)
+    if len(draft.tokenizer) != len(served.tokenizer) or \
+            draft.gen.vocab_size != served.gen.vocab_size:
+        raise ValueError(f"--speculative {option}: the draft's tokenizer ({len(draft.tokenizer)} "
+                         f"tokens, vocab {draft.gen.vocab_size}) is not {served.name}'s "
+                         f"({len(served.tokenizer)} tokens, vocab {served.gen.vocab_size})")
+    return DraftModel(draft.gen, max_batch=served.max_batch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transfuse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print a saved artifact's summary and graph")
     ins.add_argument("path")
     ins.set_defaults(fn=_cmd_inspect)
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                        description="Compile MODEL for generation and serve /v1/completions, "
+                        "/v1/chat/completions, /v1/models and /health (transfuse.serving). "
+                        "SIGTERM or Ctrl-C shuts down cleanly.")
+    sv.add_argument("model", help="a Hugging Face model directory, a .gguf file, a saved "
+                    "transfuse generation artifact, or a preset (tiny-llama, tiny-gpt2)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--target", choices=["python", "onnxruntime"],
+                    help="backend (default: python, or the artifact's)")
+    sv.add_argument("--max-batch", dest="max_batch", type=int,
+                    help="requests running at once (default 16, or the artifact's)")
+    sv.add_argument("--max-seq-len", dest="max_seq_len", type=int,
+                    help="prompt + completion tokens per request (default: the model's "
+                    "position limit, at most 2048)")
+    sv.add_argument("--max-queue", dest="max_queue", type=int, default=256,
+                    help="waiting requests before new ones get 429")
+    sv.add_argument("--speculative", help="prompt-lookup, or draft:MODEL2 (a smaller model "
+                    "with the same tokenizer)")
+    sv.add_argument("--threads", type=int, default=1, help="torch threads")
+    sv.set_defaults(fn=_cmd_serve)
     return p
 
 

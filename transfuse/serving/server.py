@@ -1,0 +1,421 @@
+"""The OpenAI-compatible HTTP server of ``transfuse serve``: FastAPI over an :class:`Engine`.
+
+    app = create_app(engine, tokenizer, "my-model", max_seq_len=2048)
+    run_server(app, engine, host="127.0.0.1", port=8000)      # blocks until SIGTERM/SIGINT
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events
+with ``"stream": true``), ``GET /v1/models``, ``GET /health`` (503 while shutting down) and
+``GET /stats`` (the engine's counters). Requests are parsed and checked here
+(serving/protocol.py) before anything is submitted; the engine only sees valid work.
+
+Errors are OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
+request (malformed JSON, a body that is not UTF-8, a bad or unsupported field, a prompt over
+the context length: code ``context_length_exceeded``), 404 for an unknown model or route,
+429 when the engine's queue is full (:class:`QueueFullError`), 503 while shutting down
+(:class:`EngineClosedError`), 500 when the model step failed.
+
+The engine runs in its own thread; a request's outputs reach the event loop through
+``handle.on_output`` + ``loop.call_soon_threadsafe`` into an ``asyncio.Queue``
+(:class:`OutputQueue`). A client that disconnects cancels its requests (``handle.cancel()``):
+a streaming response is cancelled by Starlette when the client goes, a plain one watches for
+the disconnect while it waits.
+
+Shutdown (:func:`run_server`): on SIGTERM/SIGINT the server stops taking requests (503), the
+engine cancels what is in flight (open streams end with ``finish_reason: "cancelled"``),
+uvicorn finishes its graceful shutdown, and the engine thread is joined. The process then
+returns normally (exit code 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from transfuse.errors import EngineClosedError, InputError, QueueFullError
+from transfuse.serving.protocol import (
+    DEFAULT_COMPLETION_TOKENS,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chat_prompt,
+    parse_request,
+)
+
+logger = logging.getLogger(__name__)
+
+#: request bodies above this are refused (413)
+MAX_BODY_BYTES = 16 * 2**20
+#: seconds uvicorn waits for open connections at shutdown before cancelling them
+GRACEFUL_SHUTDOWN_S = 30
+
+
+class ServerState:
+    """What the routes share: the engine, the tokenizer, the served name and limits."""
+
+    def __init__(self, engine: Any, tokenizer: Any, model_name: str, max_seq_len: int):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.model_name, self.max_seq_len = model_name, max_seq_len
+        self.created = int(time.time())
+        self.closing = False  # set at the shutdown signal: new requests get 503
+
+    def check_open(self) -> None:
+        if self.closing or getattr(self.engine, "closed", False):
+            raise ApiError(503, "the server is shutting down and takes no new requests",
+                           type="service_unavailable", code="shutting_down")
+
+
+def create_app(engine: Any, tokenizer: Any, model_name: str, *, max_seq_len: int) -> FastAPI:
+    """The FastAPI app serving ``engine`` (module docstring) as the model ``model_name``."""
+    app = FastAPI(title="transfuse serve", docs_url=None, redoc_url=None)
+    state = ServerState(engine, tokenizer, model_name, max_seq_len)
+    app.state.serving = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = ApiError(exc.status_code, str(exc.detail), code=None)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client left (nginx's code)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        state.check_open()
+        return {"status": "ok"}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        return state.engine.stats()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": state.model_name, "object": "model", "created": state.created,
+             "owned_by": "transfuse", "max_model_len": state.max_seq_len}]}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> JSONResponse | StreamingResponse:
+        req = parse_request(CompletionRequest, await json_body(request))
+        _check_model(state, req.model)
+        state.check_open()
+        prompts = [p if isinstance(p, list) else await asyncio.to_thread(_encode, tokenizer, p)
+                   for p in req.prompts()]
+        max_tokens = req.max_tokens or DEFAULT_COMPLETION_TOKENS
+        for p in prompts:
+            _check_context(state, len(p), max_tokens, "prompt")
+        handles = _submit(state, prompts, req, max_tokens)
+        call = Call("cmpl", "text_completion", state.model_name, handles, req)
+        if req.stream:
+            return _sse(call.stream_completion())
+        return JSONResponse(await call.complete(request, chat=False))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+        req = parse_request(ChatRequest, await json_body(request))
+        req.check_supported()
+        _check_model(state, req.model)
+        state.check_open()
+        text, templated = chat_prompt(tokenizer, req.messages)
+        ids = await asyncio.to_thread(_encode, tokenizer, text, not templated)
+        limit = req.token_limit()
+        max_tokens = limit if limit is not None else max(state.max_seq_len - len(ids), 0)
+        _check_context(state, len(ids), max_tokens, "messages")
+        handles = _submit(state, [ids], req, max_tokens)
+        call = Call("chatcmpl", "chat.completion", state.model_name, handles, req)
+        if req.stream:
+            return _sse(call.stream_chat())
+        return JSONResponse(await call.complete(request, chat=True))
+
+    return app
+
+
+# -- request checks ------------------------------------------------------------------------------
+
+
+async def json_body(request: Request) -> Any:
+    """The request body as JSON: 413 if too large, 400 if not UTF-8 or not JSON."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body has {len(raw)} bytes; the limit is "
+                       f"{MAX_BODY_BYTES}")
+    if not raw:
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}: "
+                       f"{e.reason}); send JSON encoded as UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} "
+                       f"column {e.colno}") from None
+
+
+def _check_model(state: ServerState, model: str) -> None:
+    if model != state.model_name:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves "
+                       f"'{state.model_name}'", param="model", code="model_not_found")
+
+
+def _check_context(state: ServerState, prompt_len: int, max_tokens: int, param: str) -> None:
+    if prompt_len + max_tokens > state.max_seq_len or max_tokens < 1:
+        raise ApiError(400, f"This model's maximum context length is {state.max_seq_len} "
+                       f"tokens. However, you requested {prompt_len + max_tokens} tokens "
+                       f"({prompt_len} in the prompt, {max_tokens} for the completion). "
+                       "Please reduce the prompt or the completion length.",
+                       param=param, code="context_length_exceeded")
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _submit(state: ServerState, prompts: list[list[int]], req: Any, max_tokens: int) -> list:
+    """Submit one engine request per prompt; all or none (the others are cancelled)."""
+    temperature = 1.0 if req.temperature is None else req.temperature
+    handles = []
+    try:
+        for ids in prompts:
+            handles.append(state.engine.submit(
+                ids, max_new_tokens=max_tokens, temperature=temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
+                stop=req.stop_strings() or None, min_new_tokens=req.min_tokens))
+    except BaseException as e:
+        for h in handles:
+            h.cancel()
+        if isinstance(e, EngineClosedError):
+            raise ApiError(503, str(e), type="service_unavailable", code="shutting_down") \
+                from None
+        if isinstance(e, QueueFullError):
+            raise ApiError(429, str(e), type="rate_limit_error", code="queue_full") from None
+        if isinstance(e, InputError):
+            raise ApiError(400, str(e)) from None
+        raise
+    return handles
+
+
+# -- outputs into the event loop -----------------------------------------------------------------
+
+
+class ClientGone(Exception):
+    """The client disconnected while its requests ran."""
+
+
+class OutputQueue:
+    """The outputs of some request handles, moved from the engine thread into this event loop:
+    ``await next()`` gives ``(choice index, Output)`` in order per handle."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = handles
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.open = len(handles)  # handles not finished yet
+        for i, h in enumerate(handles):
+            h.on_output(functools.partial(self._push, i))
+
+    def _push(self, index: int, out: Any) -> None:  # engine thread (or replay in this one)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, out))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    async def next(self, watch: asyncio.Future | None = None) -> tuple[int, Any]:
+        """The next output; with ``watch`` (a disconnect watcher), ClientGone if it fires
+        first."""
+        if watch is None:
+            index, out = await self._queue.get()
+        else:
+            get = asyncio.ensure_future(self._queue.get())
+            done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                raise ClientGone()
+            index, out = get.result()
+        if out.finished:
+            self.open -= 1
+        return index, out
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Call:
+    """One API call's requests and the OpenAI responses made from their outputs."""
+
+    def __init__(self, prefix: str, kind: str, model: str, handles: list[Any], req: Any):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.kind, self.model, self.created = kind, model, int(time.time())
+        self.handles, self.req = handles, req
+        self.outputs = OutputQueue(handles)
+        self.usage_wanted = bool(req.stream_options and req.stream_options.include_usage)
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        prompt = sum(h.prompt_len for h in self.handles)
+        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+                "total_tokens": prompt + completion_tokens}
+
+    async def complete(self, request: Request, *, chat: bool) -> dict[str, Any]:
+        """Wait for every output (cancelling on disconnect); the whole response body."""
+        texts = [[] for _ in self.handles]
+        reasons: list[str | None] = [None] * len(self.handles)
+        tokens = 0
+        watch = asyncio.ensure_future(_disconnected(request))
+        try:
+            while self.outputs.open:
+                i, out = await self.outputs.next(watch)
+                texts[i].append(out.text)
+                tokens += len(out.token_ids)
+                if out.finished:
+                    reasons[i] = out.finish_reason
+                    _raise_for(out)
+        except ClientGone:
+            logger.info("%s: client disconnected, cancelling", self.id)
+            raise
+        finally:
+            watch.cancel()
+            self.outputs.cancel()  # no-op for finished handles
+        choices = []
+        for i, (parts, reason) in enumerate(zip(texts, reasons)):
+            text = "".join(parts)
+            choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": reason}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat
+                          else {"text": text})
+            choices.append(choice)
+        return {"id": self.id, "object": self.kind, "created": self.created,
+                "model": self.model, "choices": choices, "usage": self.usage(tokens)}
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> str:
+        body = {"id": self.id, "object": self.kind + ("" if self.kind == "text_completion"
+                                                      else ".chunk"),
+                "created": self.created, "model": self.model, "choices": choices}
+        if self.usage_wanted:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def _events(self, first: Any, piece: Any) -> AsyncIterator[str]:
+        """SSE events: ``first(i)`` per choice, ``piece(i, text, reason)`` per output."""
+        tokens = 0
+        try:
+            for i in range(len(self.handles)):
+                if first is not None:
+                    yield self._chunk([first(i)])
+            while self.outputs.open:
+                i, out = await self.outputs.next()
+                tokens += len(out.token_ids)
+                if out.finish_reason == "error":
+                    yield f"data: {json.dumps(_server_error(out).body())}\n\n"
+                    continue
+                if out.text or out.finished:
+                    yield self._chunk([piece(i, out.text, out.finish_reason)])
+            if self.usage_wanted:
+                yield self._chunk([], self.usage(tokens))
+            yield "data: [DONE]\n\n"
+        finally:  # also when Starlette cancels the stream because the client left
+            self.outputs.cancel()
+
+    def stream_completion(self) -> AsyncIterator[str]:
+        return self._events(None, lambda i, text, reason: {
+            "index": i, "text": text, "logprobs": None, "finish_reason": reason})
+
+    def stream_chat(self) -> AsyncIterator[str]:
+        def piece(i: int, text: str, reason: str | None) -> dict[str, Any]:
+            delta = {"content": text} if text else {}
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+        return self._events(lambda i: {"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}, piece)
+
+
+def _server_error(out: Any) -> ApiError:
+    return ApiError(500, f"generation failed: {out.error}", type="server_error",
+                    code="generation_failed")
+
+
+def _raise_for(out: Any) -> None:
+    if out.finish_reason == "error":
+        raise _server_error(out)
+    if out.finish_reason == "cancelled":
+        raise ApiError(503, "the request was cancelled: the server is shutting down",
+                       type="service_unavailable", code="shutting_down")
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def run_server(app: FastAPI, engine: Any, *, host: str = "127.0.0.1", port: int = 8000,
+               log_level: str = "info") -> None:
+    """Serve ``app`` with uvicorn until SIGTERM/SIGINT, then shut down cleanly (module
+    docstring); returns normally afterwards."""
+    import uvicorn
+
+    state: ServerState = app.state.serving
+    stopper = threading.Thread(target=engine.shutdown, kwargs={"cancel": True},
+                               name="transfuse-shutdown")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not state.closing:  # first signal: refuse new work, end what runs
+                logger.info("signal %s: shutting down (in-flight requests are cancelled)",
+                            signal.Signals(sig).name)
+                state.closing = True
+                stopper.start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    # uvicorn re-raises the signal it caught once it has stopped, with the handler that was
+    # there before it: make that a no-op so a SIGTERM'd server exits with status 0
+    previous = {s: signal.signal(s, _ignore_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        Server(config).run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        state.closing = True
+        if stopper.is_alive():
+            stopper.join()
+        engine.shutdown(cancel=True)
+    stats = engine.stats()
+    if stats.get("blocks_free") != stats.get("blocks_total"):
+        logger.warning("after shutdown %s of %s cache blocks are free", stats.get("blocks_free"),
+                       stats.get("blocks_total"))
+    logger.info("stopped: %s requests finished, %s cancelled, %s failed",
+                stats.get("finished"), stats.get("cancelled"), stats.get("errors"))
+
+
+def _ignore_signal(sig: int, frame: Any) -> None:
+    pass
+
+
+__all__ = ["Call", "OutputQueue", "ServerState", "create_app", "json_body", "run_server"]
