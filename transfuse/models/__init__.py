@@ -8,6 +8,11 @@ with explicit attention math, so the compiler's passes have something real to
 recognise. The same seed gives bit-identical weights whatever the global RNG
 state, and building a model leaves the global RNG untouched.
 
+GPT-2 and Llama are causal LMs that generation can compile
+(``transfuse.optimize(model, (ids,), generation=...)``): they expose their LM head
+(``get_output_embeddings()``), take ``position_ids`` / ``attention_mask`` / ``use_cache``
+like Hugging Face's, and carry ``generation_config`` (GenerationDefaults: no EOS token).
+
 The factory functions gpt2/llama/bert share their names with the submodules, so
 `transfuse.models.gpt2` is the function; reach a file's contents with
 `from transfuse.models.gpt2 import GPT2Config` (or the re-exports below).
@@ -18,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transfuse.models._common import build, config_from_preset
+from transfuse.models._common import GenerationDefaults, build, config_from_preset
 from transfuse.models.bert import PRESETS as BERT_PRESETS
 from transfuse.models.bert import Bert, BertConfig
 from transfuse.models.gpt2 import GPT2, GPT2Config
@@ -95,6 +100,7 @@ __all__ = [
     "BertConfig",
     "GPT2",
     "GPT2Config",
+    "GenerationDefaults",
     "Llama",
     "LlamaConfig",
     "bert",

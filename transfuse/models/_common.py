@@ -1,12 +1,14 @@
-"""What the reference models share: presets, seeded weight init, head splitting.
+"""What the reference models share: presets, seeded weight init, head splitting, and what
+the causal models need to be generation-capable (default generation settings, the
+key-padding mask).
 
-Glossary: B batch, S sequence length, H heads, D head dim, E embed dim (H * D).
+Glossary: B batch, S sequence length, T key length, H heads, D head dim, E embed dim (H * D).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -70,3 +72,33 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, S, D) -> (B, S, H * D)."""
     B, H, S, D = x.shape
     return x.transpose(1, 2).reshape(B, S, H * D)
+
+
+@dataclasses.dataclass
+class GenerationDefaults:
+    """A causal reference model's generation defaults (its ``generation_config``).
+
+    The built-in models have no tokenizer, so there is no end-of-sequence token: ``eos``
+    None means generation stops only at ``max_new_tokens``. Set fields on the model's
+    ``generation_config`` to change its defaults; ``to_dict()`` is what ``generate()`` reads
+    (the fields of Hugging Face's GenerationConfig it knows, without needing transformers).
+    """
+
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    max_new_tokens: int | None = None
+    do_sample: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1 = real token, 0 = padding -> (B, 1, 1, T) bool, True where a key is padding.
+
+    Scores of padding keys are filled with finfo.min, not -inf: a (left-)padding query sees
+    only padding keys, and a finite fill keeps its row (unused) free of NaN, which would
+    otherwise reach the real rows through the values in the next layer.
+    """
+    return (attention_mask == 0)[:, None, None, :]

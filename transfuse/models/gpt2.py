@@ -9,6 +9,13 @@ The mask is built in forward from S rather than sliced from a (P, P) buffer as
 nanoGPT does: a slice [:S, :S] of a buffer is contiguous only when S == P, and
 torch.export guards on that, which breaks a dynamic seq dim reaching P.
 
+Generation (``transfuse.optimize(model, (ids,), generation=...)``) captures the model
+with ``position_ids`` (B, S), which index the learned position table in place of
+0..S-1, and ``use_cache`` (accepted and ignored: the compiler puts the KV cache in the
+graph). An optional ``attention_mask`` (B, T) hides padding keys. Without them the
+computation is exactly the plain one. ``get_output_embeddings()`` is the LM head and
+``generation_config`` the defaults of ``generate()`` (no EOS token).
+
 Glossary: B batch, S query length, T key length (T == S here), H heads, D head
 dim, E embed dim (H * D), V vocab size, P max positions.
 """
@@ -22,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfuse.models._common import merge_heads, split_heads
+from transfuse.models._common import GenerationDefaults, merge_heads, padding_mask, split_heads
 
 
 @dataclass(frozen=True)
@@ -58,12 +65,16 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, future: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = split_heads(self.q_proj(x), self.n_head)  # (B, H, S, D)
         k = split_heads(self.k_proj(x), self.n_head)  # (B, H, T, D)
         v = split_heads(self.v_proj(x), self.n_head)  # (B, H, T, D)
         scores = torch.matmul(q, k.transpose(-2, -1))  # (B, H, S, T)
         scores = scores * (1.0 / math.sqrt(q.shape[-1]))
+        if padding is not None:  # (B, 1, 1, T): padding keys
+            scores = scores.masked_fill(padding, torch.finfo(scores.dtype).min)
         scores = scores.masked_fill(future, float("-inf"))
         probs = self.attn_dropout(F.softmax(scores, dim=-1))  # (B, H, S, T)
         out = merge_heads(torch.matmul(probs, v))  # (B, S, E)
@@ -90,13 +101,22 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), future)
+    def forward(
+        self, x: torch.Tensor, future: torch.Tensor, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.ln_1(x)
+        # attention's two-argument form stays the plain one (tests patch it in)
+        x = x + (self.attn(h, future) if padding is None else self.attn(h, future, padding))
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT2(nn.Module):
-    """forward(input_ids (B, S) int64) -> logits (B, S, V)."""
+    """forward(input_ids (B, S) int64, position_ids=None, attention_mask=None, use_cache=None)
+    -> logits (B, S, V).
+
+    position_ids (B, S): each token's position (default 0..S-1); attention_mask (B, T): 1 for
+    real tokens, 0 for padding keys (default: none); use_cache: ignored.
+    """
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -108,13 +128,28 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one (V, E) tensor
+        self.generation_config = GenerationDefaults()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head (what a causal LM exposes to generation)."""
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> torch.Tensor:
         S = input_ids.shape[1]
-        positions = torch.arange(S, device=input_ids.device)  # (S,)
+        if position_ids is None:
+            positions = torch.arange(S, device=input_ids.device)  # (S,)
+        else:
+            positions = position_ids  # (B, S)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, S, E)
         # (S, T): True where the key lies in the future of the query and is hidden.
         future = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).triu(1)
+        padding = None if attention_mask is None else padding_mask(attention_mask)
         for block in self.h:
-            x = block(x, future)
+            x = block(x, future, padding)
         return self.lm_head(self.ln_f(x))  # (B, S, V)

@@ -7,6 +7,13 @@ reshape, as Hugging Face writes it). The causal mask is built in forward as an
 additive (S, T) tensor of 0 and finfo.min. The layout follows gpt-fast and
 Hugging Face's modeling_llama.
 
+Generation (``transfuse.optimize(model, (ids,), generation=...)``) captures the model
+with ``position_ids`` (B, S), whose rows of the RoPE tables replace rows 0..S-1, and
+``use_cache`` (accepted and ignored: the compiler puts the KV cache in the graph). An
+optional ``attention_mask`` (B, T) hides padding keys. Without them the computation is
+exactly the plain one. ``get_output_embeddings()`` is the LM head and
+``generation_config`` the defaults of ``generate()`` (no EOS token).
+
 Glossary: B batch, S query length, T key length (T == S here), H heads, Hkv kv
 heads, D head dim, E embed dim (H * D), F MLP hidden dim, V vocab size, P max
 positions.
@@ -21,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfuse.models._common import merge_heads, split_heads
+from transfuse.models._common import GenerationDefaults, merge_heads, padding_mask, split_heads
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, S, D) rotated by cos/sin (S, D)."""
+    """x (B, H, S, D) rotated by cos/sin (S, D) or (B, 1, S, D)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -143,7 +150,12 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """forward(input_ids (B, S) int64) -> logits (B, S, V)."""
+    """forward(input_ids (B, S) int64, position_ids=None, attention_mask=None, use_cache=None)
+    -> logits (B, S, V).
+
+    position_ids (B, S): each token's position (default 0..S-1); attention_mask (B, T): 1 for
+    real tokens, 0 for padding keys (default: none); use_cache: ignored.
+    """
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -155,13 +167,30 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config.dim // config.n_head, config.max_positions, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (P, D)
         self.register_buffer("rope_sin", sin, persistent=False)  # (P, D)
+        self.generation_config = GenerationDefaults()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head (what a causal LM exposes to generation)."""
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> torch.Tensor:
         S = input_ids.shape[1]
         x = self.embed(input_ids)  # (B, S, E)
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]  # (S, D)
+        if position_ids is None:
+            cos, sin = self.rope_cos[:S], self.rope_sin[:S]  # (S, D)
+        else:  # each row's own positions
+            cos = self.rope_cos[position_ids].unsqueeze(1)  # (B, 1, S, D)
+            sin = self.rope_sin[position_ids].unsqueeze(1)  # (B, 1, S, D)
         mask = torch.full((S, S), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device)
         mask = mask.triu(1)  # (S, T): 0 on and below the diagonal, finfo.min above
+        if attention_mask is not None:  # (B, 1, S, T): padding keys hidden too
+            mask = mask.masked_fill(padding_mask(attention_mask), torch.finfo(x.dtype).min)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return self.lm_head(self.norm(x))  # (B, S, V)
