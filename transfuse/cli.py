@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "/v1/chat/completions, /v1/models and /health (transfuse.serving). "
                         "SIGTERM or Ctrl-C shuts down cleanly.")
     sv.add_argument("model", help="a Hugging Face model directory, a .gguf file, a saved "
-                    "transfuse generation artifact, or a preset (tiny-llama, tiny-gpt2)")
+                    "transfuse generation artifact, or a preset (llama-tiny, gpt2-tiny, llama-small, gpt2-small)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--target", choices=["python", "onnxruntime"],

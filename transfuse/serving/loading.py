@@ -16,9 +16,10 @@
   ``transfuse.optimize(..., generation=...)`` for the target.
 - **a GGUF file** (``*.gguf``): transformers reads the weights (de-quantized to fp32) and the
   tokenizer from the file (``gguf_file=``; needs the ``gguf`` package), then compiled.
-- **a built-in preset** (:data:`PRESETS`): a tiny random-weight Hugging Face model built from
-  a config (seeded: the same weights every time), with :class:`ByteTokenizer` (UTF-8 bytes,
-  vocab 258, EOS ``<|endoftext|>``). For tests and demos: its text is noise.
+- **a built-in preset** (:func:`preset_names`: ``llama-tiny``, ``gpt2-tiny``, ``llama-small``,
+  ``gpt2-small``): a reference model of :mod:`transfuse.models` with seeded random weights
+  (the same every time) and :class:`ByteTokenizer` (UTF-8 bytes; the model's vocabulary is
+  made 258 to match, EOS ``<|endoftext|>``). For tests and demos: its text is noise.
 
 Compiled models use a paged KV cache (block size 16, one full-length row of blocks per
 batch slot) of ``max_seq_len`` tokens (default: the model's position limit, at most
@@ -30,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,40 +81,32 @@ class ServedModel:
 
 # -- presets ----------------------------------------------------------------------------------
 
-
-def _tiny_llama(positions: int, vocab: int, eos: int, pad: int):
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=positions,
-        bos_token_id=None, eos_token_id=eos, pad_token_id=pad)
-    return transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+#: the causal families of transfuse.models whose presets serve as ``FAMILY-PRESET``
+PRESET_FAMILIES = ("llama", "gpt2")
 
 
-def _tiny_gpt2(positions: int, vocab: int, eos: int, pad: int):
-    import transformers
+def preset_names() -> list[str]:
+    """``llama-tiny``, ``llama-small``, ``gpt2-tiny``, ``gpt2-small``, ... (transfuse.models)."""
+    from transfuse import models
 
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=vocab,
-                                     n_positions=positions, bos_token_id=eos, eos_token_id=eos,
-                                     pad_token_id=pad)
-    return transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
-
-
-#: preset name -> builder(max_positions, vocab, eos id, pad id) of a random HF causal LM
-PRESETS: dict[str, Callable[..., Any]] = {"tiny-llama": _tiny_llama, "tiny-gpt2": _tiny_gpt2}
-#: the position limit of a preset model when no max_seq_len is asked for
-PRESET_MAX_SEQ_LEN = 512
+    return [f"{family}-{preset}" for family in PRESET_FAMILIES
+            for preset in getattr(models, f"{family.upper()}_PRESETS")]
 
 
 def _build_preset(name: str, max_seq_len: int | None, seed: int = 0):
+    """A reference model (transfuse.models) with seeded random weights, its vocabulary the
+    ByteTokenizer's and its position limit ``max_seq_len`` (default: the preset's)."""
+    from transfuse import models
+
+    family, _, preset = name.rpartition("-")
     tokenizer = ByteTokenizer()
-    positions = max_seq_len or PRESET_MAX_SEQ_LEN
-    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
-        torch.manual_seed(seed)
-        model = PRESETS[name](positions, tokenizer.vocab_size, tokenizer.eos_token_id,
-                              tokenizer.pad_token_id)
-    return model.eval(), tokenizer
+    overrides: dict[str, Any] = {"vocab_size": tokenizer.vocab_size}
+    if max_seq_len is not None:
+        overrides["max_positions"] = max_seq_len
+    model = getattr(models, family)(preset, seed=seed, **overrides).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -141,7 +133,7 @@ def load_served(model: str | os.PathLike, *, target: str | None = None,
         hf, tokenizer = _load_gguf(path)
         return _compile(hf, tokenizer, path.stem, "gguf", spec, target, max_seq_len, max_batch,
                         device)
-    if spec in PRESETS:
+    if spec in preset_names():
         hf, tokenizer = _build_preset(spec, max_seq_len)
         return _compile(hf, tokenizer, spec, "preset", spec, target, max_seq_len, max_batch,
                         device)
@@ -149,7 +141,7 @@ def load_served(model: str | os.PathLike, *, target: str | None = None,
         raise InputError(f"model {spec!r}: not a transfuse artifact (no manifest.json), a "
                          "Hugging Face model directory (no config.json) or a .gguf file")
     raise InputError(f"model {spec!r}: no such file or directory, and not a built-in preset "
-                     f"(presets: {', '.join(PRESETS)})")
+                     f"(presets: {', '.join(preset_names())})")
 
 
 def _load_hf_dir(path: Path):
@@ -194,7 +186,7 @@ def _compile(hf: Any, tokenizer: Any, name: str, kind: str, source: str, target:
 
 def _position_limit(hf: Any) -> int | None:
     config = hf.config
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+    for key in ("max_position_embeddings", "n_positions", "max_positions"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
@@ -273,5 +265,5 @@ def load_tokenizer(directory: str | os.PathLike):
         raise ArtifactError(f"{directory}: cannot read the tokenizer ({e})") from None
 
 
-__all__ = ["BLOCK_SIZE", "DEFAULT_MAX_SEQ_LEN", "PRESETS", "ServedModel", "TOKENIZER_DIR",
-           "load_served", "load_tokenizer", "save_served", "save_tokenizer"]
+__all__ = ["BLOCK_SIZE", "DEFAULT_MAX_SEQ_LEN", "ServedModel", "TOKENIZER_DIR", "load_served",
+           "load_tokenizer", "preset_names", "save_served", "save_tokenizer"]
