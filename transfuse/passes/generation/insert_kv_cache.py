@@ -26,8 +26,8 @@ Refuses (near miss with the reason, then ``PassError``): a softmax over the toke
 left (attention that did not fuse; a MoE router's softmax over experts is fine), an
 attention with a key-padding mask, one that is neither causal nor masked by a proven
 causal band, a bias that is not position-only, no LM head, or positions computed from
-the token index (an ``arange`` over N still reaching the output) instead of
-``position_ids``.
+the token index (an ``arange`` over N, or a constant table sliced to its first N rows,
+still reaching the output) instead of ``position_ids``.
 
 Glossary: N step tokens, B step sequences, R logit rows, V vocabulary, E hidden size,
 H heads, Hkv kv heads, D head dim, W block-table width.
@@ -41,10 +41,10 @@ from typing import Any
 from transfuse.errors import PassError
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.opdefs.generation import heads_tokens
-from transfuse.ir.types import DType, TensorType, dims_equal, sym
+from transfuse.ir.types import DType, TensorType, dims_equal, free_symbols, sym
 from transfuse.passes.base import Pass, PassContext, is_pure
 from transfuse.passes.fusion.logits_last import cut_before_head
-from transfuse.passes.generation.position_mask import band_of, position_only_reason
+from transfuse.passes.generation.position_mask import ancestors, band_of, position_only_reason
 
 RULE = "generation/cached-attention"
 ROWS_RULE = "generation/logit-rows"
@@ -208,12 +208,22 @@ class InsertKvCache(Pass):
         return head
 
     def _check_positions(self, graph: Graph, ctx: PassContext, n) -> None:
-        """No arange over the token axis may remain: positions come from position_ids."""
+        """No position may come from the token index: no arange over the token axis, and no
+        table cut to its first N rows (a RoPE or position table sliced by the token count);
+        positions come from position_ids."""
+        tokens = free_symbols([n])
         for node in graph.nodes:
             if node.op == "arange" and any(dims_equal(d, n) for d in node.output.type.shape):
                 self._refuse(ctx, node, f"arange over the token axis at {node.source or '?'} "
                                         "still feeds the output: positions must come from "
                                         "position_ids")
+            if (node.op == "slice" and tokens & free_symbols([node.attrs["start"],
+                                                              node.attrs["end"]])
+                    and not _reads_inputs(node.inputs[0])):
+                self._refuse(ctx, node, f"%{node.inputs[0].name} cut by the token count at "
+                                        f"{node.source or '?'} (rows 0..N-1 of a position "
+                                        "table) still feeds the output: positions must come "
+                                        "from position_ids")
 
     # -- rewrites ----------------------------------------------------------------
 
@@ -265,6 +275,12 @@ class InsertKvCache(Pass):
                          if f"logits_all_{i}" not in names)
             graph.rename_values([*taken, flat.output], [spare] * len(taken) + ["logits"])
         ctx.rewrite(ROWS_RULE, [head], [*made, flat])
+
+
+def _reads_inputs(v: Value) -> bool:
+    """Whether ``v`` is computed from a graph input (not from weights and shapes alone)."""
+    return v.is_input or any(i is not None and i.is_input
+                             for node in ancestors(v) for i in node.inputs)
 
 
 def _remove_dead(graph: Graph) -> None:
