@@ -93,6 +93,10 @@ class Seqs:
         prefix = cache._prefix
         assert all(prefix._table[key] == b for b, keys in prefix._keys.items() for key in keys)
         assert len(prefix._table) == sum(len(k) for k in prefix._keys.values())
+        known = {b: max((k[1] for k in keys), key=len) for b, keys in prefix._keys.items()}
+        assert {b: t for ch in prefix._children.values() for b, t in ch.items()} == known
+        assert all(prefix._table[(p, t)] == b for p, ch in prefix._children.items()
+                   for b, t in ch.items())
         keyed_free = [b for b in free if b in prefix._keys]  # keyed blocks trail the free list
         assert free[len(free) - len(keyed_free):] == keyed_free
 
@@ -135,10 +139,10 @@ def test_chain_keys_the_whole_prefix_not_just_the_block():
     s = Seqs(c)
     s.prefill("a", [1, 2, 3, 4, 5, 6, 7, 8, 0])
     assert s.add("b", [9, 9, 9, 9, 5, 6, 7, 8, 0]) == 0  # block 1 equal, its prefix not
-    assert s.add("c", [1, 2, 3, 4, 5, 6, 7, 0, 0]) == 4  # one full block, block 1 differs
-    assert s.add("d", [1, 2, 3, 5]) == 0  # a partial of block 0 that was never keyed
-    s.step([("b", [9, 9, 9, 9, 5, 6, 7, 8, 0]), ("c", [5, 6, 7, 0, 0]),
-            ("d", [1, 2, 3, 5])])
+    assert s.add("c", [1, 2, 3, 4, 5, 6, 7, 0, 0]) == 7  # block 0, 3 tokens of block 1
+    assert s.add("d", [1, 2, 3, 5]) == 3  # the start of a full block
+    assert c.block_table("d")[0] == c.block_table("a")[0]
+    s.step([("b", [9, 9, 9, 9, 5, 6, 7, 8, 0]), ("c", [0, 0]), ("d", [5])])
     s.check()
 
 
@@ -154,6 +158,25 @@ def test_live_sequences_share_and_copy_on_write():
     s.check()
 
 
+def test_same_system_prompt_other_question_shares_the_block_where_it_ends():
+    c = make()
+    s = Seqs(c)
+    system = [7, 7, 1, 2, 3, 4, 8, 9, 5, 5]  # 2 full blocks + 2 tokens
+    s.prefill("q1", system + [1, 1, 1, 1, 1])  # block 2 = [5, 5, 1, 1], full, keyed
+    assert s.add("q2", system + [2, 2]) == 10
+    shared = c.block_table("q1")[2]
+    assert c.block_table("q2")[2] == shared
+    s.step([("q2", [2, 2])])  # copies the block first: q1's stays and keeps its key
+    assert c.block_table("q2")[2] != shared and c._prefix.keys_of(shared)
+    s.free("q1")
+    assert s.add("q3", system + [3]) == 10  # now from the free block, overwritten in place
+    s.step([("q3", [3])])
+    assert c.block_table("q3")[2] == shared  # q1's full key is gone, q3's prompt tail keyed
+    assert [k[1] for k in c._prefix.keys_of(shared)] == [(5, 5, 3)]
+    s.check()
+    assert c.prefix_stats()["partial_hits"] == 2
+
+
 def test_overwritten_keys_are_dropped_and_registered_again():
     c = make()
     s = Seqs(c)
@@ -167,9 +190,11 @@ def test_overwritten_keys_are_dropped_and_registered_again():
     assert c.block_table("a")[1] == b1
     s.check()
     s.free("a")
-    assert s.add("x", [1, 2, 3, 4, 5, 6, 7, 8, 3]) == 4  # the old block 1 is not found
-    assert s.add("y", [1, 2, 3, 4, 5, 6, 0, 0, 3]) == 8  # the new content is
-    s.step([("x", [5, 6, 7, 8, 3]), ("y", [3])])
+    assert s.add("x", [1, 2, 3, 4, 5, 6, 7, 8, 3]) == 6  # only the old block 1's start
+    assert s.add("y", [1, 2, 3, 4, 5, 6, 0, 0, 3]) == 8  # its new content
+    assert c.block_table("x")[1] == c.block_table("y")[1] == b1
+    s.step([("x", [7, 8, 3]), ("y", [3])])  # x copies b1 before writing position 6
+    assert c.block_table("x")[1] != b1 and len(c._prefix.keys_of(b1)) == 1
     s.check()
 
 

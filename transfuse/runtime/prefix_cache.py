@@ -22,9 +22,12 @@ the tokens are compared exactly.
   are freed last block first, so a prefix's tail is evicted before its head); handing out a
   keyed block drops its keys (an eviction).
 
-``match`` walks the chain over the prompt's full blocks, then looks for the longest cached
-partial block after them. Every key maps to one block; a block may carry a full key and
-partial keys of the same position. Statistics: :meth:`PrefixCache.stats`.
+``match`` walks the chain over the prompt's full blocks (exact key lookups), then, among the
+cached blocks that follow the matched prefix (full or partial), takes the one whose known tokens
+share the longest start with the prompt's next tokens: a request with the same system prompt
+but its own question shares the block where the system prompt ends and copies it on its first
+write. Every key maps to one block; a block may carry a full key and partial keys of the same
+position. Statistics: :meth:`PrefixCache.stats`.
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ class PrefixCache:
         self.block_size = block_size
         self._table: dict[Key, int] = {}  # key -> the block holding it
         self._keys: dict[int, list[Key]] = {}  # block -> its keys (only blocks with any)
+        # prefix digest -> {block after that prefix: its longest keyed tokens}
+        self._children: dict[bytes, dict[int, tuple[int, ...]]] = {}
         self._chains: dict[Hashable, _Chain] = {}
         self._queries = self._hits = self._partial_hits = self._saved = self._evictions = 0
 
@@ -125,12 +130,21 @@ class PrefixCache:
             parent = chain_digest(parent, part)
             digests.append(parent)
         done = len(blocks) * bs
-        for m in range(min(n - done, bs - 1), 0, -1):  # the longest cached partial block
-            b = self._table.get((parent, tuple(tokens[done:done + m])))
-            if b is not None:
-                blocks.append(b)
-                return blocks, done + m, digests
-        return blocks, done, digests
+        rest = tokens[done:done + bs]
+        best, best_m = -1, 0
+        for b, known in self._children.get(parent, {}).items():  # a block sharing a start
+            m = 0
+            for x, y in zip(known, rest):
+                if x != y:
+                    break
+                m += 1
+            if m > best_m:
+                best, best_m = b, m
+                if m == len(rest):
+                    break
+        if best_m:
+            blocks.append(best)
+        return blocks, done + best_m, digests
 
     def admit(self, seq_id: Hashable, prompt_len: int, tokens: list[int] | None,
               where: str, num_blocks: int) -> tuple[list[int], int]:
@@ -174,10 +188,8 @@ class PrefixCache:
         """``n`` blocks from the pool; keyed ones among them are evicted."""
         blocks = self.pool.allocate(n)
         for b in blocks:
-            keys = self._keys.pop(b, None)
-            if keys:
-                for key in keys:
-                    del self._table[key]
+            if b in self._keys:
+                self._drop(b, 0)
                 self._evictions += 1
         return blocks
 
@@ -187,18 +199,8 @@ class PrefixCache:
         bs = self.block_size
         first = start // bs
         for j in range(first, (start + n - 1) // bs + 1):
-            b = blocks[j]
-            keys = self._keys.get(b)
-            if keys:
-                offset = start - j * bs if j == first else 0
-                keep = [k for k in keys if len(k[1]) <= offset]
-                for key in keys:
-                    if len(key[1]) > offset:
-                        del self._table[key]
-                if keep:
-                    self._keys[b] = keep
-                else:
-                    del self._keys[b]
+            if blocks[j] in self._keys:
+                self._drop(blocks[j], start - j * bs if j == first else 0)
 
     def commit(self, seq_id: Hashable, blocks: Sequence[int], new: Sequence[int]) -> None:
         """``new`` tokens of ``seq_id`` were written: key the blocks they filled, and the
@@ -253,6 +255,26 @@ class PrefixCache:
             return
         self._table[key] = block
         self._keys.setdefault(block, []).append(key)
+        known = self._children.setdefault(key[0], {})
+        if len(key[1]) > len(known.get(block, ())):
+            known[block] = key[1]
+
+    def _drop(self, block: int, offset: int) -> None:
+        """Forget the keys of ``block`` covering position ``offset`` (0: all of them)."""
+        keys = self._keys.pop(block)
+        keep = [k for k in keys if len(k[1]) <= offset]
+        for key in keys:
+            if len(key[1]) > offset:
+                del self._table[key]
+        parent = keys[0][0]  # all keys of a block follow the same prefix
+        if keep:
+            self._keys[block] = keep
+            self._children[parent][block] = max((k[1] for k in keep), key=len)
+        else:
+            known = self._children[parent]
+            del known[block]
+            if not known:
+                del self._children[parent]
 
     def keys_of(self, block: int) -> list[Key]:
         """The keys ``block`` holds now (for tests and debugging)."""
