@@ -45,6 +45,7 @@ from transfuse.runtime.sampling import make_generator, sample_next, seen_tokens
 from transfuse.serving.options import Limits, check_options
 from transfuse.serving.request import Output, Request, RequestHandle
 from transfuse.serving.scheduler import Scheduled, Scheduler
+from transfuse.serving.spec_step import SpecDecoding
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,7 @@ class Engine:
                              "prefix_caching=False")
         if num_blocks is not None and not paged:
             raise InputError("Engine: num_blocks is for a paged KV cache only")
-        if speculative is not None:
-            raise InputError("Engine: speculative decoding is not available yet in this build")
+        self._spec = SpecDecoding(speculative, spec_tokens) if speculative is not None else None
         self.gen = gen
         self.max_batch = max_batch
         self.max_tokens_per_step = max_tokens_per_step
@@ -122,7 +122,7 @@ class Engine:
         self._failure: BaseException | None = None
         self._counts = dict.fromkeys(("submitted", "finished", "cancelled", "errors", "steps",
                                       "tokens_generated", "tokens_computed"), 0)
-        self._times = dict.fromkeys(("schedule_s", "forward_s", "sample_s"), 0.0)
+        self._times = dict.fromkeys(("schedule_s", "propose_s", "forward_s", "sample_s"), 0.0)
         self._thread = threading.Thread(target=self._loop, name="transfuse-engine", daemon=True)
         self._thread.start()
 
@@ -222,6 +222,8 @@ class Engine:
             out["blocks_free"] = self.cache.pool.num_free
         if self.prefix_caching:
             out["prefix"] = self.cache.prefix_stats()
+        if self._spec is not None:
+            out["spec"] = self._spec.stats()
         return out
 
     def __enter__(self) -> Engine:
@@ -271,24 +273,29 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        items = self._scheduler.schedule()
+        spec = self._spec
+        items = self._scheduler.schedule(spec.reserve if spec is not None else None)
         if not items:
             self._unschedulable()
             return
+        propose_s = spec.propose(items) if spec is not None else 0.0
         ids: list[int] = []
         rows: list[int] = []
+        first_row: list[int] = []  # per sampling item: its first row in the logits
         cache_items = []
+        new_tokens = []
         for it in items:
             req = it.req
             start = req.num_computed
-            ids.extend(req.tokens[start:start + it.num_tokens])
-            cache_items.append((req.seq_id, it.num_tokens))
+            toks = req.tokens[start:start + it.num_tokens - len(it.draft)] + it.draft
+            ids.extend(toks)
+            new_tokens.append(toks)
+            cache_items.append((req.seq_id, len(toks)))
             if it.samples:
-                rows.append(len(ids) - 1)
+                first_row.append(len(rows))
+                rows.extend(range(len(ids) - 1 - len(it.draft), len(ids)))
         if self.prefix_caching:
-            meta = self.cache.prepare_step(cache_items, tokens=[
-                it.req.tokens[it.req.num_computed:it.req.num_computed + it.num_tokens]
-                for it in items])
+            meta = self.cache.prepare_step(cache_items, tokens=new_tokens)
         else:
             meta = self.cache.prepare_step(cache_items)
         feeds = [torch.tensor([ids], dtype=torch.int64, device=self.device), meta.position_ids,
@@ -308,38 +315,57 @@ class Engine:
             return
         self.cache.commit_step()
         t2 = time.perf_counter()
-        for it in items:
-            it.req.num_computed += it.num_tokens
-        self._sample([it for it in items if it.samples], logits, t2)
+        for it, toks in zip(items, new_tokens):
+            it.req.num_computed += len(toks)
+        sampling = [it for it in items if it.samples]
+        if spec is not None:
+            drafts = sum(len(it.draft) for it in sampling)
+            spec.times.add(len(ids), t2 - t1)
+            plain_s = spec.times.predict(len(ids) - drafts) if drafts else None
+            self._sample(sampling, first_row, logits, t2,
+                         step_s=propose_s + (t2 - t1), plain_s=plain_s)
+        else:
+            self._sample(sampling, first_row, logits, t2)
         t3 = time.perf_counter()
         with self._lock:
             self._counts["steps"] += 1
             self._counts["tokens_computed"] += len(ids)
-            self._times["schedule_s"] += t1 - t0
+            self._times["schedule_s"] += t1 - t0 - propose_s
+            self._times["propose_s"] += propose_s
             self._times["forward_s"] += t2 - t1
             self._times["sample_s"] += t3 - t2
 
-    def _sample(self, items: list[Scheduled], logits: torch.Tensor, now: float) -> None:
-        """Choose each sampling item's next token (row i of ``logits`` is items[i]'s)."""
-        chosen: list[int | None] = [None] * len(items)
-        plain = [i for i, it in enumerate(items) if _plain(it.req)]
+    def _sample(self, items: list[Scheduled], first_row: list[int], logits: torch.Tensor,
+                now: float, step_s: float = 0.0, plain_s: float | None = None) -> None:
+        """Choose each sampling item's next token(s): items[i]'s rows of ``logits`` start at
+        ``first_row[i]`` (1 row, or 1 + len(draft) with a draft: verified by speculation)."""
+        chosen: list[list[int] | None] = [None] * len(items)
+        plain = [i for i, it in enumerate(items) if not it.draft and _plain(it.req)]
         if plain:  # greedy without processors: one max over those rows, as sample_next does
-            rows = logits if len(plain) == len(items) else logits[plain]
+            at = [first_row[i] for i in plain]
+            rows = logits if len(at) == logits.shape[0] else logits[at]
             for i, tok in zip(plain, rows.float().max(dim=-1).indices.tolist()):
-                chosen[i] = tok
+                chosen[i] = [tok]
         for i, it in enumerate(items):
-            if chosen[i] is None:
-                req = it.req
-                history = None
-                if req.params.repetition_penalty != 1.0:
-                    if req.seen is None:
-                        req.seen = seen_tokens(torch.tensor([req.tokens], device=logits.device),
-                                               self._vocab)
-                    history = req.seen
-                chosen[i] = int(sample_next(logits[i:i + 1], history, req.params, req.generator,
-                                            new_tokens=req.num_generated)[0])
-        for it, tok in zip(items, chosen):
-            self._accept(it.req, [tok], now)
+            if chosen[i] is not None:
+                continue
+            req, r = it.req, first_row[i]
+            if it.draft:
+                new = self._spec.verify(it, logits[r:r + 1 + len(it.draft)])
+                verify_s = time.perf_counter() - now
+                self._spec.settle(it, new, self.cache, step_s + verify_s, plain_s)
+                chosen[i] = new
+                continue
+            history = None
+            if req.params.repetition_penalty != 1.0:
+                if req.seen is None:
+                    req.seen = seen_tokens(torch.tensor([req.tokens], device=logits.device),
+                                           self._vocab)
+                history = req.seen
+            chosen[i] = [int(sample_next(logits[r:r + 1], history, req.params, req.generator,
+                                         new_tokens=req.num_generated)[0])]
+        for it, new in zip(items, chosen):
+            self._accept(it.req, new, now)
 
     def _accept(self, req: Request, new: list[int], now: float) -> None:
         """Append ``new`` tokens to ``req`` up to the first that ends it; emit the output."""
@@ -387,6 +413,8 @@ class Engine:
         """End ``req``: free its blocks, flush its text, deliver the final output."""
         self._live.pop(req.id, None)
         self._scheduler.finish(req)
+        if self._spec is not None:
+            self._spec.release(req)
         if req.text_stream is not None and reason in ("stop", "length"):
             text += req.text_stream.flush()
         key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")

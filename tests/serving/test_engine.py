@@ -1,0 +1,189 @@
+"""serving/engine.py: many concurrent requests give, each, what it gives alone.
+
+The oracle is ``gen.generate`` on one prompt (engine_models.alone). The engine runs mixed
+prompt lengths (some sharing a prefix, some longer than a step's token budget: chunked
+prefill), with a block pool small enough to force preemption, cancellations midway, seeded
+sampling next to other traffic, stop rules, text with stop strings, and speculative decoding
+(prompt lookup; a draft model that is the target itself, so every draft is accepted).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from engine_models import EOS, VOCAB, alone, compiled, finish_reason, random_prompts
+
+import transfuse
+from transfuse.serving import Engine
+from transfuse.serving.speculative import DraftModel
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return compiled("paged")
+
+
+def _check_all_free(engine: Engine) -> None:
+    assert len(engine.cache) == 0
+    if engine.cache.paged:
+        assert engine.cache.pool.num_free == engine.cache.num_blocks
+
+
+@pytest.mark.parametrize("prefix_caching", [False])
+def test_concurrent_greedy_requests_equal_each_alone(gen, prefix_caching):
+    shared = random_prompts([40], seed=11)[0]
+    prompts = (random_prompts([3, 25, 6], seed=12, prefix=shared)
+               + random_prompts([1, 17, 70, 9, 33, 5, 90, 12, 48, 2], seed=13))
+    new = [30, 12, 40, 25, 8, 35, 20, 16, 40, 22, 6, 30, 18]
+    expected = [alone(gen, p, n) for p, n in zip(prompts, new)]
+    cancel_after = {4: 3, 9: 5}  # request index -> cancel once it has this many tokens
+    # 14 blocks of 16 = 224 cache tokens for ~850 tokens of traffic: preemption must happen
+    with Engine(gen, max_batch=6, max_tokens_per_step=48, num_blocks=14,
+                prefix_caching=prefix_caching) as engine:
+        handles = []
+        for i, (p, n) in enumerate(zip(prompts, new)):
+            h = engine.submit(p, max_new_tokens=n)
+            if i in cancel_after:
+                def cancel_midway(out, h=h, k=cancel_after[i], got=[0]):  # noqa: B006
+                    got[0] += len(out.token_ids)
+                    if got[0] >= k:
+                        h.cancel()
+                h.on_output(cancel_midway)
+            handles.append(h)
+        waiting = engine.submit(prompts[0], max_new_tokens=5)
+        waiting.cancel()  # most likely still queued: cancelled before it runs
+        results = [h.result(timeout=120) for h in handles]
+        assert waiting.result(timeout=60).finish_reason in ("cancelled", "stop", "length")
+        stats = engine.stats()
+        _check_all_free(engine)
+    assert stats["preemptions"] > 0, stats
+    assert stats["cancelled"] >= 2
+    for i, (r, want) in enumerate(zip(results, expected)):
+        if i in cancel_after and r.finish_reason == "cancelled":
+            assert r.token_ids == want[:len(r.token_ids)], i
+            assert len(r.token_ids) >= cancel_after[i]
+        else:
+            assert r.token_ids == want, f"request {i}"
+            assert r.finish_reason == finish_reason(want, new[i]), i
+        assert r.metrics["prompt_tokens"] == len(prompts[i])
+    assert any(r.metrics["preemptions"] for r in results)
+
+
+def test_seeded_sampling_is_reproducible_whatever_else_runs(gen):
+    prompt = random_prompts([12], seed=21)[0]
+    kw = dict(temperature=0.8, top_k=20, top_p=0.9, seed=7)
+    want = alone(gen, prompt, 25, do_sample=True, **kw)
+    penalised = random_prompts([9], seed=22)[0]
+    want_pen = alone(gen, penalised, 20, repetition_penalty=1.5, min_new_tokens=20)
+    with Engine(gen, max_batch=8, max_tokens_per_step=32) as engine:
+        solo = engine.submit(prompt, max_new_tokens=25, **kw).result(timeout=60)
+        others = [engine.submit(p, max_new_tokens=20, temperature=1.0, seed=s)
+                  for s, p in enumerate(random_prompts([30, 4, 50, 7], seed=23))]
+        busy = engine.submit(prompt, max_new_tokens=25, **kw)
+        pen = engine.submit(penalised, max_new_tokens=20, repetition_penalty=1.5,
+                            min_new_tokens=20)
+        greedy = engine.submit(prompt, max_new_tokens=10)
+        assert busy.result(timeout=60).token_ids == want
+        assert pen.result(timeout=60).token_ids == want_pen
+        assert greedy.result(timeout=60).token_ids == alone(gen, prompt, 10)
+        for h in others:
+            h.result(timeout=60)
+    assert solo.token_ids == want
+    assert want != alone(gen, prompt, 25)  # sampling really sampled
+
+
+def test_stop_rules(gen):
+    prompt = random_prompts([10], seed=31)[0]
+    free = alone(gen, prompt, 40, eos_token_id=None)
+    stop = free[6:8]
+    cut = next(i for i in range(len(free) - 1) if free[i:i + 2] == stop) + 2
+    with Engine(gen, max_batch=4) as engine:
+        r = engine.submit(prompt, max_new_tokens=40, eos_token_id=None,
+                          stop=[[VOCAB - 1, VOCAB - 1], stop]).result(timeout=60)
+        assert (r.token_ids, r.finish_reason) == (free[:cut], "stop")
+        r = engine.submit(prompt, max_new_tokens=40, eos_token_id=None).result(timeout=60)
+        assert (r.token_ids, r.finish_reason) == (free, "length")
+        eos = free[3]  # a token it makes as the 4th: an EOS id stops it there
+        r = engine.submit(prompt, max_new_tokens=40, eos_token_id=[eos]).result(timeout=60)
+        assert r.token_ids == alone(gen, prompt, 40, eos_token_id=eos) == free[:4]
+        assert r.finish_reason == "stop"
+        r = engine.submit(prompt, max_new_tokens=0).result(timeout=60)
+        assert (r.token_ids, r.finish_reason) == ([], "length")
+        _check_all_free(engine)
+
+
+class LetterTokenizer:
+    """A toy tokenizer: id i decodes to a letter (ids >= 52 to a space)."""
+
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.letters[i] if i < 52 else " " for i in ids)
+
+
+def test_text_outputs_and_stop_strings(gen):
+    tok = LetterTokenizer()
+    prompt = random_prompts([8], seed=41)[0]
+    free = alone(gen, prompt, 30, eos_token_id=None)
+    text = tok.decode(free)
+    stop = text[10:13]
+    with Engine(gen, max_batch=2, tokenizer=tok) as engine:
+        r = engine.submit(prompt, max_new_tokens=30, eos_token_id=None).result(timeout=60)
+        assert r.text == text and r.token_ids == free
+        h = engine.submit(prompt, max_new_tokens=30, eos_token_id=None, stop=[stop])
+        r = h.result(timeout=60)
+    assert r.finish_reason == "stop"
+    assert r.text == text[:text.index(stop)]  # the stop string itself is not shown
+    assert tok.decode(r.token_ids).endswith(stop) or stop in tok.decode(r.token_ids)
+
+
+def test_stream_and_on_output_replay(gen):
+    prompt = random_prompts([5], seed=51)[0]
+    want = alone(gen, prompt, 15, eos_token_id=None)
+    seen, done = [], threading.Event()
+    with Engine(gen) as engine:
+        h = engine.submit(prompt, max_new_tokens=15, eos_token_id=None)
+        assert list(h.stream(timeout=60)) == want
+        h.on_output(lambda out: (seen.append(out), out.finished and done.set()))  # replayed
+        assert done.wait(5)
+    assert [t for o in seen for t in o.token_ids] == want
+    assert seen[-1].finished and seen[-1].finish_reason == "length"
+    assert not any(o.finished for o in seen[:-1])
+    assert h.result().metrics["ttft_s"] > 0 and len(h.result().metrics["itl_s"]) == 14
+
+
+def test_prompt_lookup_speculation_keeps_greedy_tokens(gen):
+    # prompts that repeat themselves, so n-gram lookup finds drafts
+    base = random_prompts([6, 9, 4], seed=61)
+    prompts = [b * 5 for b in base] + random_prompts([20], seed=62)
+    want = [alone(gen, p, 30) for p in prompts]
+    with Engine(gen, max_batch=4, speculative="prompt-lookup", spec_tokens=4) as engine:
+        got = [h.result(timeout=60).token_ids
+               for h in [engine.submit(p, max_new_tokens=30) for p in prompts]]
+        stats = engine.stats()["spec"]
+        _check_all_free(engine)
+    assert got == want
+    assert stats["proposed"] > 0 and stats["spec_steps"] > 0
+
+
+def test_draft_model_speculation_accepts_a_perfect_draft(gen):
+    prompts = random_prompts([7, 30, 3], seed=71)
+    want = [alone(gen, p, 25, eos_token_id=None) for p in prompts]
+    draft = DraftModel(gen, max_batch=4)  # the target drafting for itself: all accepted
+    with Engine(gen, max_batch=4, speculative=draft, spec_tokens=3) as engine:
+        handles = [engine.submit(p, max_new_tokens=25, eos_token_id=None) for p in prompts]
+        got = [h.result(timeout=60) for h in handles]
+        stats = engine.stats()["spec"]
+        _check_all_free(engine)
+    assert [r.token_ids for r in got] == want
+    assert stats["proposed"] > 0 and stats["accepted"] == stats["proposed"]
+    assert all(r.metrics["spec_accepted"] == r.metrics["spec_proposed"] > 0 for r in got)
+    assert len(draft.cache) == 0  # released with their requests
+
+
+def test_engine_is_exported_lazily():
+    assert transfuse.Engine is Engine
+    assert "Engine" in transfuse.__all__
+    assert torch.tensor([EOS]).item() == 2
