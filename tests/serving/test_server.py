@@ -1,0 +1,269 @@
+"""``transfuse serve`` as a subprocess: the ``openai`` client, raw HTTP errors, disconnects, SIGTERM.
+
+The served model is the ``llama-tiny`` preset (random weights, byte tokenizer); its answers are
+checked against the same preset compiled in this process (greedy tokens, decoded).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from server_process import ServerProcess
+
+from transfuse.serving.loading import load_served
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow  # a server start compiles the model (~10 s)
+
+MODEL = "llama-tiny"
+MAX_SEQ_LEN = 512
+ARGS = ("--max-seq-len", str(MAX_SEQ_LEN), "--max-batch", "4")
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc = ServerProcess(MODEL, *ARGS)
+    yield proc
+    code = proc.terminate()
+    log = proc.log()
+    proc.close()
+    assert code == 0, log
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The same preset compiled here: the oracle for greedy answers."""
+    return load_served(MODEL, max_seq_len=MAX_SEQ_LEN, max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+def expected(local, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], str]:
+    """Greedy ids (up to and including EOS) and their text, computed in this process."""
+    out = local.gen.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens)
+    ids = out[0, len(prompt_ids):].tolist()
+    eos = local.eos_token_ids()
+    for i, tok in enumerate(ids):
+        if tok in eos:
+            ids = ids[:i + 1]
+            break
+    return ids, local.tokenizer.decode(ids)
+
+
+# -- the openai client --------------------------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_is_the_greedy_answer_streamed_or_not(client, local):
+    prompt = "The quick brown fox"
+    ids, text = expected(local, local.tokenizer.encode(prompt), 24)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert r.choices[0].text == text
+    assert r.choices[0].finish_reason == ("stop" if len(ids) < 24 else "length")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), len(ids))
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_completion_of_token_ids_and_several_prompts(client, local):
+    prompts = [local.tokenizer.encode("abc"), local.tokenizer.encode("hello there")]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    for choice, ids in zip(r.choices, prompts):
+        assert choice.text == expected(local, ids, 6)[1]
+
+
+def test_chat_uses_the_plain_fallback_template(client, local):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = local.tokenizer.encode("system: Be brief.\nuser: Hi\nassistant:")
+    _, text = expected(local, prompt, 16)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                       temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text
+    assert r.usage.prompt_tokens == len(prompt)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(prompt)
+
+
+def test_seeded_sampling_is_reproducible_and_top_p_is_taken(client):
+    kw = dict(model=MODEL, prompt="Once upon", max_tokens=16, temperature=1.0, top_p=0.9)
+    a = client.completions.create(seed=1234, **kw).choices[0].text
+    assert client.completions.create(seed=1234, **kw).choices[0].text == a
+
+
+def test_stop_string_ends_the_text_before_it(client, local):
+    prompt = "The quick brown fox"
+    _, text = expected(local, local.tokenizer.encode(prompt), 24)
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 1)
+                if "\ufffd" not in text[i:i + 2])
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                  stop=[stop])
+    assert r.choices[0].text == text[:text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_get_what_they_get_alone(client, local):
+    prompts = [f"request number {i} " * (1 + i % 3) for i in range(8)]
+    answers: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        answers[i] = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12,
+                                               temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, prompt in enumerate(prompts):
+        assert answers[i] == expected(local, local.tokenizer.encode(prompt), 12)[1], i
+
+
+# -- bad requests: OpenAI error bodies, and the server keeps serving ----------------------------
+
+GOOD = {"model": MODEL, "prompt": "ok", "max_tokens": 2}
+BAD = [  # (name, path, body bytes, status, param or None, code or None)
+    ("malformed JSON", "/v1/completions", b'{"model": "llama-tiny", "prompt": ', 400, None,
+     None),
+    ("invalid UTF-8", "/v1/completions", b'{"model": "llama-tiny", "prompt": "\xff\xfe"}', 400,
+     None, None),
+    ("unknown model", "/v1/completions", json.dumps({**GOOD, "model": "gpt-4"}).encode(), 404,
+     "model", "model_not_found"),
+    ("negative max_tokens", "/v1/completions", json.dumps({**GOOD, "max_tokens": -5}).encode(),
+     400, "max_tokens", None),
+    ("prompt over the context", "/v1/completions",
+     json.dumps({**GOOD, "prompt": "x" * (MAX_SEQ_LEN + 10)}).encode(), 400, "prompt",
+     "context_length_exceeded"),
+    ("completion over the context", "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+         "max_tokens": MAX_SEQ_LEN}).encode(), 400, "messages", "context_length_exceeded"),
+    ("unknown field", "/v1/completions", json.dumps({**GOOD, "frobnicate": 1}).encode(), 400,
+     "frobnicate", None),
+    ("unsupported n", "/v1/completions", json.dumps({**GOOD, "n": 3}).encode(), 400, "n", None),
+    ("bad role", "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400,
+     "messages.0.role", None),
+    ("not an object", "/v1/completions", b"[1, 2]", 400, None, None),
+    ("empty body", "/v1/completions", b"", 400, None, None),
+    ("no such route", "/v1/embeddings", b"{}", 404, None, None),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,param,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_is_a_4xx_openai_error_and_the_server_keeps_serving(
+        server, name, path, body, status, param, code):
+    r = httpx.post(server.url + path, content=body,
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"] == "invalid_request_error"
+    assert (err["param"], err["code"]) == (param, code)
+    ok = httpx.post(server.url + "/v1/completions", json=GOOD, timeout=30)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_openai_client_raises_its_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="y" * MAX_SEQ_LEN, max_tokens=1)
+    assert info.value.code == "context_length_exceeded"
+
+
+# -- disconnects --------------------------------------------------------------------------------
+
+
+def _stats(server) -> dict:
+    return httpx.get(server.url + "/stats", timeout=10).json()
+
+
+def _wait_idle(server, cancelled: int) -> dict:
+    deadline = time.monotonic() + 30
+    while True:
+        s = _stats(server)
+        if s["cancelled"] >= cancelled and s["running"] == 0 and s["waiting"] == 0:
+            return s
+        assert time.monotonic() < deadline, s
+        time.sleep(0.1)
+
+
+def test_client_disconnect_cancels_a_streaming_request(server):
+    before = _stats(server)["cancelled"]
+    body = {"model": MODEL, "prompt": "go", "max_tokens": MAX_SEQ_LEN - 8, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the stream runs; then the client goes away
+    s = _wait_idle(server, before + 1)
+    assert s["blocks_free"] == s["blocks_total"]
+
+
+def test_client_disconnect_cancels_a_plain_request(server):
+    before = _stats(server)["cancelled"]
+    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": MAX_SEQ_LEN - 8,
+                       "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while _stats(server)["running"] == 0:  # wait until it runs, then hang up
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    s = _wait_idle(server, before + 1)
+    assert s["blocks_free"] == s["blocks_total"]
+
+
+# -- shutdown -----------------------------------------------------------------------------------
+
+
+def test_sigterm_during_a_stream_ends_it_and_exits_cleanly():
+    proc = ServerProcess(MODEL, *ARGS)
+    try:
+        body = {"model": MODEL, "prompt": "go", "max_tokens": MAX_SEQ_LEN - 8, "temperature": 0,
+                "stream": True}
+        events = []
+        with httpx.stream("POST", proc.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    break
+            proc.proc.send_signal(15)
+            events += [json.loads(line[6:]) if line != "data: [DONE]" else "DONE"
+                       for line in lines if line.startswith("data: ")]
+        assert events[-1] == "DONE"
+        assert events[-2]["choices"][0]["finish_reason"] == "cancelled"
+        assert proc.terminate(timeout=60) == 0
+        log = proc.log()
+        assert "Traceback" not in log and "0 requests finished, 1 cancelled, 0 failed" in log, log
+        with pytest.raises(httpx.TransportError):
+            httpx.get(proc.url + "/health", timeout=2)
+    finally:
+        proc.close()
