@@ -31,7 +31,7 @@ def _check_all_free(engine: Engine) -> None:
         assert engine.cache.pool.num_free == engine.cache.num_blocks
 
 
-@pytest.mark.parametrize("prefix_caching", [False])
+@pytest.mark.parametrize("prefix_caching", [False, True])
 def test_concurrent_greedy_requests_equal_each_alone(gen, prefix_caching):
     shared = random_prompts([40], seed=11)[0]
     prompts = (random_prompts([3, 25, 6], seed=12, prefix=shared)
@@ -69,6 +69,24 @@ def test_concurrent_greedy_requests_equal_each_alone(gen, prefix_caching):
             assert r.finish_reason == finish_reason(want, new[i]), i
         assert r.metrics["prompt_tokens"] == len(prompts[i])
     assert any(r.metrics["preemptions"] for r in results)
+
+
+def test_prefix_cache_hits_give_the_same_tokens(gen):
+    system = random_prompts([50], seed=15)[0]  # 3 full blocks of 16 + 2 tokens
+    prompts = random_prompts([7, 20, 1], seed=16, prefix=system)
+    want = [alone(gen, p, 12) for p in prompts]
+    with Engine(gen, max_batch=4, prefix_caching=True) as engine:
+        first = engine.submit(prompts[0], max_new_tokens=12).result(timeout=60)
+        later = [engine.submit(p, max_new_tokens=12) for p in prompts[1:]]
+        results = [first] + [h.result(timeout=60) for h in later]
+        again = engine.submit(prompts[0], max_new_tokens=12).result(timeout=60)
+        prefix = engine.stats()["prefix"]
+        _check_all_free(engine)
+    assert [r.token_ids for r in results] == want and again.token_ids == want[0]
+    assert first.metrics["cached_tokens"] == 0
+    assert all(r.metrics["cached_tokens"] >= 48 for r in results[1:])
+    assert again.metrics["cached_tokens"] >= 48
+    assert prefix["hits"] > 0 and prefix["tokens_saved"] >= 3 * 48
 
 
 def test_seeded_sampling_is_reproducible_whatever_else_runs(gen):

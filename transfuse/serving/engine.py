@@ -41,7 +41,8 @@ import torch
 
 from transfuse.errors import EngineClosedError, ExecutionError, InputError, QueueFullError
 from transfuse.runtime.kv_cache import KVCache
-from transfuse.runtime.sampling import make_generator, sample_next, seen_tokens
+from transfuse.runtime.sampling import make_generator
+from transfuse.serving.choose import append_tokens, choose_tokens
 from transfuse.serving.options import Limits, check_options
 from transfuse.serving.request import Output, Request, RequestHandle
 from transfuse.serving.scheduler import Scheduled, Scheduler
@@ -337,76 +338,28 @@ class Engine:
 
     def _sample(self, items: list[Scheduled], first_row: list[int], logits: torch.Tensor,
                 now: float, step_s: float = 0.0, plain_s: float | None = None) -> None:
-        """Choose each sampling item's next token(s): items[i]'s rows of ``logits`` start at
-        ``first_row[i]`` (1 row, or 1 + len(draft) with a draft: verified by speculation)."""
-        chosen: list[list[int] | None] = [None] * len(items)
-        plain = [i for i, it in enumerate(items) if not it.draft and _plain(it.req)]
-        if plain:  # greedy without processors: one max over those rows, as sample_next does
-            at = [first_row[i] for i in plain]
-            rows = logits if len(at) == logits.shape[0] else logits[at]
-            for i, tok in zip(plain, rows.float().max(dim=-1).indices.tolist()):
-                chosen[i] = [tok]
-        for i, it in enumerate(items):
-            if chosen[i] is not None:
-                continue
-            req, r = it.req, first_row[i]
-            if it.draft:
-                new = self._spec.verify(it, logits[r:r + 1 + len(it.draft)])
-                verify_s = time.perf_counter() - now
-                self._spec.settle(it, new, self.cache, step_s + verify_s, plain_s)
-                chosen[i] = new
-                continue
-            history = None
-            if req.params.repetition_penalty != 1.0:
-                if req.seen is None:
-                    req.seen = seen_tokens(torch.tensor([req.tokens], device=logits.device),
-                                           self._vocab)
-                history = req.seen
-            chosen[i] = [int(sample_next(logits[r:r + 1], history, req.params, req.generator,
-                                         new_tokens=req.num_generated)[0])]
+        """Choose, append and emit each sampling item's next token(s) (choose.py)."""
+        verify = None
+        if self._spec is not None:
+            def verify(it: Scheduled, rows: torch.Tensor) -> list[int]:
+                new = self._spec.verify(it, rows)
+                self._spec.settle(it, new, self.cache, step_s + time.perf_counter() - now,
+                                  plain_s)
+                return new
+
+        chosen = choose_tokens(items, first_row, logits, self._vocab, verify)
+        generated = 0
         for it, new in zip(items, chosen):
-            self._accept(it.req, new, now)
-
-    def _accept(self, req: Request, new: list[int], now: float) -> None:
-        """Append ``new`` tokens to ``req`` up to the first that ends it; emit the output."""
-        kept: list[int] = []
-        reason = None
-        text = ""
-        for tok in new:
-            req.tokens.append(tok)
-            kept.append(tok)
-            if req.seen is not None:
-                req.seen[0, tok] = True
-            if req.text_stream is not None:
-                delta, stopped = req.text_stream.push(tok)
-                text += delta
-                if stopped:
-                    reason = "stop"
+            req = it.req
+            kept, text, reason = append_tokens(req, new)
+            generated += len(kept)
+            req.mark_output(now)
             if reason is None:
-                reason = self._stop_reason(req, tok)
-            if reason is not None:
-                break
-        req.mark_output(now)
+                req.handle.deliver(Output(req.id, kept, text))
+            else:
+                self._finish(req, reason, tokens=kept, text=text)
         with self._lock:
-            self._counts["tokens_generated"] += len(kept)
-        if reason is None:
-            req.handle.deliver(Output(req.id, kept, text))
-        else:
-            self._finish(req, reason, tokens=kept, text=text)
-
-    @staticmethod
-    def _stop_reason(req: Request, tok: int) -> str | None:
-        if tok in req.eos:
-            return "stop"
-        if req.stop_ids:
-            gen = req.tokens
-            n = req.num_generated
-            for s in req.stop_ids:
-                if len(s) <= n and tuple(gen[-len(s):]) == s:
-                    return "stop"
-        if req.num_generated >= req.max_new_tokens:
-            return "length"
-        return None
+            self._counts["tokens_generated"] += generated
 
     def _finish(self, req: Request, reason: str, error: str | None = None, *,
                 tokens: list[int] | None = None, text: str = "") -> None:
@@ -431,13 +384,6 @@ class Engine:
             req = sched.waiting[0]
             self._finish(req, "error", f"request {req.id} ({len(req.tokens)} tokens) cannot be "
                          f"admitted into the KV cache ({self.cache!r})")
-
-
-def _plain(req: Request) -> bool:
-    """Greedy with no processor that changes the scores at this step."""
-    p = req.params
-    return not p.do_sample and p.repetition_penalty == 1.0 and (
-        not p.eos_token_id or req.num_generated >= p.min_new_tokens)
 
 
 def _unseeded(device: torch.device) -> torch.Generator:
