@@ -132,7 +132,7 @@ class PrefixCache:
         done = len(blocks) * bs
         rest = tokens[done:done + bs]
         best, best_m = -1, 0
-        for b, known in self._children.get(parent, {}).items():  # a block sharing a start
+        for b, known in self._children.get(parent, {}).items() if rest else ():  # shared start
             m = 0
             for x, y in zip(known, rest):
                 if x != y:
