@@ -267,3 +267,71 @@ def test_sigterm_during_a_stream_ends_it_and_exits_cleanly():
             httpx.get(proc.url + "/health", timeout=2)
     finally:
         proc.close()
+
+
+# -- a real tokenizer: SmolLM2's (chat template, byte-level BPE) over a tiny random Llama ---------
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory):
+    from transfuse.models.real import smollm2_gguf_path, smollm2_unavailable
+
+    if (why := smollm2_unavailable()) is not None:
+        pytest.skip(why)
+    transformers = pytest.importorskip("transformers")
+    path = smollm2_gguf_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                           local_files_only=True)
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=MAX_SEQ_LEN,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False)  # tied, a random tiny model repeats its last token
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    out = tmp_path_factory.mktemp("smol") / "smol-tiny"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, model, tokenizer
+
+
+def _hf_greedy(model, tokenizer, ids: list[int], n: int) -> str:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_hf_directory_with_smollm2_tokenizer_chat_template_and_detokenization(smol_dir):
+    path, model, tokenizer = smol_dir
+    proc = ServerProcess(str(path), *ARGS)
+    try:
+        client = openai.OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["smol-tiny"]
+        messages = [{"role": "user", "content": "Résumé in two words? 🙂"}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+        assert text.startswith("<|im_start|>system")  # the template adds SmolLM2's system turn
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        want = _hf_greedy(model, tokenizer, ids, 40)
+        r = client.chat.completions.create(model="smol-tiny", messages=messages, max_tokens=40,
+                                           temperature=0)
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].message.content == want
+        chunks = list(client.chat.completions.create(model="smol-tiny", messages=messages,
+                                                     max_tokens=40, temperature=0,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+        # completions: real byte-level BPE pieces streamed one token at a time
+        prompt = "Naïve café, 日本語 and emoji 🎉:"
+        ids = tokenizer.encode(prompt)
+        want = _hf_greedy(model, tokenizer, ids, 40)
+        chunks = list(client.completions.create(model="smol-tiny", prompt=prompt, max_tokens=40,
+                                                temperature=0, stream=True))
+        got = [c.choices[0].text for c in chunks]
+        assert "".join(got) == want
+        assert not any("\ufffd" in g for g in got) or "\ufffd" in want
+    finally:
+        code = proc.terminate()
+        log = proc.log()
+        proc.close()
+    assert code == 0 and "Traceback" not in log, log
