@@ -76,6 +76,7 @@ class RequestHandle:
         self._callbacks: list[Callable[[Output], None]] = []
         self._metrics: dict[str, Any] = {}
         self._final: Output | None = None
+        self._stream_waiters = 0  # threads waiting in outputs(): woken by every output
 
     # -- the caller's side --------------------------------------------------------------
 
@@ -94,7 +95,12 @@ class RequestHandle:
         i = 0
         while True:
             with self._cond:
-                if not self._cond.wait_for(lambda i=i: len(self._outputs) > i, timeout):
+                self._stream_waiters += 1
+                try:
+                    ok = self._cond.wait_for(lambda i=i: len(self._outputs) > i, timeout)
+                finally:
+                    self._stream_waiters -= 1
+                if not ok:
                     raise TimeoutError(f"request {self.id}: no output within {timeout} s")
                 out = self._outputs[i]
             i += 1
@@ -154,7 +160,8 @@ class RequestHandle:
             if out.finished:
                 self._final = out
                 self._metrics = dict(metrics or {})
-            self._cond.notify_all()
+            if out.finished or self._stream_waiters:  # result() waits for the final one only
+                self._cond.notify_all()
             for fn in self._callbacks:
                 try:
                     fn(out)
