@@ -178,6 +178,37 @@ def test_speculative_reservation_within_budget_and_blocks():
     c.commit_step()
 
 
+def test_drafts_never_take_a_decode_token():
+    c = cache(num_blocks=32)
+    sched = Scheduler(c, max_batch=4, max_tokens_per_step=4)
+    reqs = [request(i, 1) for i in range(4)]
+    for r in reqs:
+        sched.add(r)
+    run(sched)
+    items = sched.schedule(lambda req: 4)  # a budget of 4 for 4 decodes: no room for drafts
+    assert [(it.req.id, it.num_tokens) for it in items] == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    c.prepare_step([(it.req.seq_id, 1) for it in items])
+    c.commit_step()
+    for it in items:
+        it.req.num_computed += 1
+        it.req.tokens.append(5)
+    sched.max_tokens_per_step = 6  # 2 spare tokens: the oldest decodes get them
+    items = sched.schedule(lambda req: 4)
+    assert [it.num_tokens for it in items] == [3, 1, 1, 1]
+
+
+def test_unstick_preempts_the_newest_running_request():
+    c = cache(num_blocks=8)
+    sched = Scheduler(c, max_batch=4, max_tokens_per_step=16)
+    a, b = request(0, 10), request(1, 3)
+    sched.add(a)
+    sched.add(b)
+    assert len(sched.schedule()) == 2  # admits both (nothing runs: a plan only)
+    assert sched.unstick() is b and b.seq_id is None and list(sched.waiting) == [b]
+    assert sched.unstick() is a and sched.unstick() is None
+    assert c.pool.num_free == 8
+
+
 def test_speculative_draft_is_dropped_before_preempting():
     c = cache(num_blocks=2)
     sched = Scheduler(c, max_batch=4, max_tokens_per_step=16)

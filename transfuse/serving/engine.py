@@ -377,10 +377,10 @@ class Engine:
                            req.metrics())
 
     def _unschedulable(self) -> None:
-        """Work exists but no item fits: with nothing running, the head of the queue can never
-        be admitted (e.g. blocks held elsewhere); fail it rather than spin."""
+        """Work exists but no item fits: preempt the newest running request to free blocks;
+        with nothing running the head of the queue can never be admitted: fail it, never spin."""
         sched = self._scheduler
-        if not sched.running and sched.waiting:
+        if sched.unstick() is None and sched.waiting:
             req = sched.waiting[0]
             self._finish(req, "error", f"request {req.id} ({len(req.tokens)} tokens) cannot be "
                          f"admitted into the KV cache ({self.cache!r})")

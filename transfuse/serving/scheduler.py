@@ -102,6 +102,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def unstick(self) -> Request | None:
+        """When :meth:`schedule` found nothing to run: preempt the newest running request (a
+        prompt chunk waiting for a copy-on-write block nobody frees) and return it; None when
+        nothing runs."""
+        if not self.running:
+            return None
+        victim = self.running[-1]
+        self.preempt(victim)
+        return victim
+
     # -- one step ---------------------------------------------------------------------------
 
     def schedule(self, spec_k: Callable[[Request], int] | None = None) -> list[Scheduled]:
@@ -111,14 +121,17 @@ class Scheduler:
         items: list[Scheduled] = []
         planned = 0  # blocks the items will take from the pool
         preempted = False
-        # 1. decodes, oldest first; the newest running requests make room when blocks run out
+        # 1. decodes, oldest first; the newest running requests make room when blocks run out.
+        # Drafts only come out of the budget left after one token per decode.
+        spare = budget - sum(1 for r in self.running if r.owed == 1)
         i = 0
         while i < len(self.running):
             req = self.running[i]
             if req.owed != 1:
                 i += 1
                 continue
-            n = 1 + (min(spec_k(req), budget - 1) if spec_k is not None else 0)
+            k = min(spec_k(req), spare) if spec_k is not None and spare > 0 else 0
+            n = 1 + k
             need = self._blocks(req, n)
             if n > 1 and need > self._free() - planned:
                 n, need = 1, self._blocks(req, 1)  # drop the draft before preempting anyone
@@ -133,6 +146,7 @@ class Scheduler:
             items.append(Scheduled(req, n, True, decode=True))
             planned += need
             budget -= n
+            spare -= n - 1
             i += 1
         # 2. prompt chunks of running requests in prefill
         for req in self.running:
