@@ -89,6 +89,37 @@ def test_prefix_cache_hits_give_the_same_tokens(gen):
     assert prefix["hits"] > 0 and prefix["tokens_saved"] >= 3 * 48
 
 
+class RecordingGen:
+    """The tiny gen whose program records each step's (tokens N, sequences B, logit rows R)."""
+
+    def __init__(self, gen):
+        self._gen, self.steps = gen, []
+        self.cache_spec, self.device = gen.cache_spec, gen.device
+        self.vocab_size, self.generation_config = gen.vocab_size, gen.generation_config
+
+    def program(self, inputs):
+        ids, seq_lens, rows = inputs[0], inputs[3], inputs[5]
+        self.steps.append((ids.shape[1], seq_lens.shape[0], rows.shape[0]))
+        return self._gen.program(inputs)
+
+
+def test_one_forward_mixes_prompt_chunks_and_decodes(gen):
+    rec = RecordingGen(gen)
+    short, long = random_prompts([4, 100], seed=17)
+    with Engine(rec, max_batch=4, max_tokens_per_step=32) as engine:
+        h = engine.submit(short, max_new_tokens=60, eos_token_id=None)
+        next(h.stream(timeout=30))  # decoding
+        h2 = engine.submit(long, max_new_tokens=3, eos_token_id=None)
+        assert h.result(timeout=60).token_ids == alone(gen, short, 60, eos_token_id=None)
+        assert h2.result(timeout=60).token_ids == alone(gen, long, 3, eos_token_id=None)
+    assert all(n <= 32 for n, _, _ in rec.steps)
+    # the long prompt's chunks ran beside the decode: 2 sequences, only the decode's logits
+    mixed = [(n, b, r) for n, b, r in rec.steps if b == 2 and n > 2]
+    assert (32, 2, 1) in mixed  # a 31-token chunk + 1 decode token: one logit row
+    assert (100 - 3 * 31 + 1, 2, 2) in mixed  # the last chunk samples too: 2 rows
+    assert len(mixed) == 4  # ceil(100 / 31) chunks, each beside the running decode
+
+
 def test_seeded_sampling_is_reproducible_whatever_else_runs(gen):
     prompt = random_prompts([12], seed=21)[0]
     kw = dict(temperature=0.8, top_k=20, top_p=0.9, seed=7)

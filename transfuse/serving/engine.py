@@ -380,6 +380,8 @@ class Engine:
         """Work exists but no item fits: preempt the newest running request to free blocks;
         with nothing running the head of the queue can never be admitted: fail it, never spin."""
         sched = self._scheduler
+        if sched.preempted_last_step:
+            return  # it made room: the next step admits again
         if sched.unstick() is None and sched.waiting:
             req = sched.waiting[0]
             self._finish(req, "error", f"request {req.id} ({len(req.tokens)} tokens) cannot be "

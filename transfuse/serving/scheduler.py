@@ -69,6 +69,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last is the newest
         self.num_preemptions = 0
+        self.preempted_last_step = False  # schedule() preempted: it admitted nobody then
 
     # -- queue ------------------------------------------------------------------------------
 
@@ -160,6 +161,7 @@ class Scheduler:
             items.append(Scheduled(req, n, n == owed))
             planned += need
             budget -= n
+        self.preempted_last_step = preempted
         # 3. admission, first come first served
         while self.waiting and budget > 0 and not preempted \
                 and len(self.running) < self.max_batch:
