@@ -27,7 +27,8 @@ left (attention that did not fuse; a MoE router's softmax over experts is fine),
 attention with a key-padding mask, one that is neither causal nor masked by a proven
 causal band, a bias that is not position-only, no LM head, or positions computed from
 the token index (an ``arange`` over N, or a constant table sliced to its first N rows,
-still reaching the output) instead of ``position_ids``.
+still reaching the output) instead of ``position_ids``, or a table looked up by position
+(learned position embedding, RoPE cos/sin) with fewer rows than ``max_seq_len``.
 
 Glossary: N step tokens, B step sequences, R logit rows, V vocabulary, E hidden size,
 H heads, Hkv kv heads, D head dim, W block-table width.
@@ -38,13 +39,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from transfuse.errors import PassError
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.opdefs.generation import heads_tokens
 from transfuse.ir.types import DType, TensorType, dims_equal, free_symbols, sym
 from transfuse.passes.base import Pass, PassContext, is_pure
 from transfuse.passes.fusion.logits_last import cut_before_head
-from transfuse.passes.generation.position_mask import ancestors, band_of, position_only_reason
+from transfuse.passes.generation.position_mask import (
+    ancestors,
+    band_of,
+    evaluate,
+    position_only_reason,
+)
 
 RULE = "generation/cached-attention"
 ROWS_RULE = "generation/logit-rows"
@@ -110,6 +118,7 @@ class InsertKvCache(Pass):
                                                                            "v_cache_"))]]
         _remove_dead(graph)
         self._check_positions(graph, ctx, n)
+        self._check_tables(graph, ctx, pos, n, geo["max_seq_len"])
         graph.meta["generation"] = {**geo, "layers": len(attns)}
         ctx.note(f"generation: {len(attns)} attention ops read/write {geo['kv']} KV caches "
                  f"({geo['cache_order']}); logits for logit_rows only")
@@ -225,6 +234,29 @@ class InsertKvCache(Pass):
                                         "table) still feeds the output: positions must come "
                                         "from position_ids")
 
+    def _check_tables(self, graph: Graph, ctx: PassContext, pos: Value, n, max_len: int) -> None:
+        """Every position the cache holds has a row in each table looked up by position (a
+        learned position embedding, RoPE cos/sin tables), else the step would index past it."""
+        symbol = n.name if hasattr(n, "name") else None
+        for node in graph.nodes:
+            lookup = _table_lookup(node)
+            if lookup is None:
+                continue
+            table, index, axis = lookup
+            rows = table.type.shape[axis] if table.type.rank else None
+            if (not isinstance(rows, int) or _reads_inputs(table)
+                    or (index is not pos and position_only_reason(index, pos))):
+                continue  # not a table of positions
+            last = torch.arange(max_len).reshape([1] * (pos.type.rank - 1) + [max_len])
+            highest = int(evaluate(index, pos, last, {symbol: max_len} if symbol else {}).max())
+            if highest >= rows:
+                fits = rows - (highest - (max_len - 1))
+                where = f" (at {node.source})" if node.source else ""
+                self._refuse(ctx, node, f"%{table.name}{where} has {rows} rows "
+                                        f"(one per position) but max_seq_len {max_len} would "
+                                        f"read row {highest}: compile with max_seq_len <= "
+                                        f"{fits}")
+
     # -- rewrites ----------------------------------------------------------------
 
     def _replace(self, graph, ctx, i, attn: Node, window, geo, meta: list[Value]) -> None:
@@ -275,6 +307,17 @@ class InsertKvCache(Pass):
                          if f"logits_all_{i}" not in names)
             graph.rename_values([*taken, flat.output], [spare] * len(taken) + ["logits"])
         ctx.rewrite(ROWS_RULE, [head], [*made, flat])
+
+
+def _table_lookup(node: Node) -> tuple[Value, Value, int] | None:
+    """(table, index, axis) of a node that picks rows of a tensor by one index tensor."""
+    if node.op == "embedding":
+        return node.inputs[0], node.inputs[1], 0
+    if node.op == "index_select":
+        return node.inputs[0], node.inputs[1], node.attrs["axis"]
+    if node.op == "index" and len(node.attrs["axes"]) == 1 and len(node.inputs) == 2:
+        return node.inputs[0], node.inputs[1], node.attrs["axes"][0]
+    return None
 
 
 def _reads_inputs(v: Value) -> bool:
