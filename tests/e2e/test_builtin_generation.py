@@ -8,7 +8,8 @@ lengths (left-padded with an attention mask), equal to each prompt run alone, on
 targets and both cache layouts. The presets' weights (std 0.02) make a 2-layer GPT-2 repeat
 one token, which would hide position mistakes, so the models here are re-drawn with std 0.3.
 Also: the models' new forward arguments (``position_ids``, ``attention_mask``,
-``use_cache``) and the refusal of a model whose positions do not come from ``position_ids``.
+``use_cache``), the presets up to their last position, and the refusals of a model whose
+positions do not come from ``position_ids`` and of a cache longer than the position tables.
 """
 
 from __future__ import annotations
@@ -147,13 +148,18 @@ def test_compiled_step_caches_every_layer(family):
     assert gen.pass_log.rule_counts()["generation/cached-attention"] == layers
 
 
-def test_preset_weights_as_shipped():
-    """The presets as built (std 0.02), no re-drawn weights: one compile, oracle tokens."""
-    model = models.gpt2("tiny")
-    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
-    gen = transfuse.optimize(model, (prompt,), generation=True)
-    assert torch.equal(gen.generate(prompt, max_new_tokens=8),
-                       _full_forward_greedy(model, prompt, 8))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preset_as_shipped_up_to_its_last_position(family):
+    """The presets as built (std 0.02), max_seq_len = their 256 positions: the last step
+    reads the tables' last row; the tokens are the oracle's."""
+    model = getattr(models, family)("tiny")
+    limit = model.config.max_positions
+    prompt = torch.randint(0, VOCAB, (1, limit - 6), generator=torch.Generator().manual_seed(5))
+    gen = transfuse.optimize(model, (prompt,), generation={"max_seq_len": limit, "max_batch": 1})
+    assert torch.equal(gen.generate(prompt, max_new_tokens=6),
+                       _full_forward_greedy(model, prompt, 6))
+    with pytest.raises(InputError, match="max_seq_len"):
+        gen.generate(prompt, max_new_tokens=7)
 
 
 # -- refusals ------------------------------------------------------------------------------
@@ -180,6 +186,15 @@ def test_positions_from_the_token_count_are_refused(family, what):
     with pytest.raises(PassError, match=what) as err:
         transfuse.optimize(model, (torch.randint(0, VOCAB, (1, 8)),), generation=OPTIONS)
     assert "position_ids" in str(err.value)
+
+
+@pytest.mark.parametrize("family,table", [("gpt2", "wpe_weight"), ("llama", "rope_cos")])
+def test_position_table_shorter_than_the_cache_is_refused(family, table):
+    """generation=True asks for 1024 positions; the tiny presets have 256: refused at compile
+    time, naming the table and the limit, instead of indexing past it mid-generation."""
+    model = getattr(models, family)("tiny")
+    with pytest.raises(PassError, match=f"%{table}.* 256 rows .*max_seq_len <= 256"):
+        transfuse.optimize(model, (torch.randint(0, VOCAB, (1, 8)),), generation=True)
 
 
 def test_bert_has_no_lm_head():
