@@ -119,14 +119,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from transfuse.serving import Engine
-    from transfuse.serving.loading import load_served
+    from transfuse.serving.loading import load_served, load_speculative
     from transfuse.serving.server import create_app, run_server
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     served = load_served(args.model, target=args.target, max_seq_len=args.max_seq_len,
                          max_batch=args.max_batch)
-    speculative = _speculative(args.speculative, served, args)
+    speculative = load_speculative(args.speculative, served, target=args.target)
     engine = Engine(served.gen, max_batch=served.max_batch, max_queue=args.max_queue,
                     speculative=speculative, tokenizer=served.tokenizer)
     app = create_app(engine, served.tokenizer, served.name, max_seq_len=served.max_seq_len)
@@ -136,25 +136,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.host, args.port)
     run_server(app, engine, host=args.host, port=args.port)
     return 0
-
-
-def _speculative(option: str | None, served, args: argparse.Namespace):
-    """``--speculative``: None, "prompt-lookup", or a DraftModel over ``draft:MODEL2``."""
-    if option is None or option == "prompt-lookup":
-        return option
-    if not option.startswith("draft:") or not option[len("draft:"):]:
-        raise ValueError(f"--speculative {option!r}: expected prompt-lookup or draft:MODEL")
-    from transfuse.serving.draft import DraftModel
-    from transfuse.serving.loading import load_served
-
-    draft = load_served(option[len("draft:"):], target=args.target,
-                        max_seq_len=served.max_seq_len, max_batch=served.max_batch)
-    if len(draft.tokenizer) != len(served.tokenizer) or \
-            draft.gen.vocab_size != served.gen.vocab_size:
-        raise ValueError(f"--speculative {option}: the draft's tokenizer ({len(draft.tokenizer)} "
-                         f"tokens, vocab {draft.gen.vocab_size}) is not {served.name}'s "
-                         f"({len(served.tokenizer)} tokens, vocab {served.gen.vocab_size})")
-    return DraftModel(draft.gen, max_batch=served.max_batch)
 
 
 def build_parser() -> argparse.ArgumentParser:

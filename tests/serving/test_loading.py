@@ -13,6 +13,7 @@ from transfuse.serving.byte_tokenizer import ByteTokenizer
 from transfuse.serving.loading import (
     TOKENIZER_DIR,
     load_served,
+    load_speculative,
     load_tokenizer,
     preset_names,
     save_served,
@@ -119,6 +120,8 @@ def test_hugging_face_directory_with_its_tokenizer(tmp_path):
     assert greedy(served.gen, ids) == want
     with pytest.raises(InputError, match="max_seq_len 256 is over llm's position limit 128"):
         load_served(tmp_path / "llm", max_seq_len=256)
+    with pytest.raises(InputError, match="draft:gpt2-tiny: the draft's tokenizer .* must share"):
+        load_speculative("draft:gpt2-tiny", served)
     # a tokenizer with more tokens than the model's vocabulary does not belong to it
     big = _hf_tokenizer(300)
     big.add_tokens([f"<extra_{i}>" for i in range(100)])
@@ -136,3 +139,52 @@ def test_tokenizer_save_and_load(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(ArtifactError, match="cannot read the tokenizer"):
         load_tokenizer(tmp_path / "junk")
+
+
+def test_unreadable_gguf_and_model_directory_are_input_errors(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(InputError, match=r"GGUF file .*bad.gguf: transformers cannot load it"):
+        load_served(tmp_path / "bad.gguf")
+    d = tmp_path / "hf"
+    d.mkdir()
+    ByteTokenizer().save(d)  # no HF tokenizer files either
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(InputError, match="model directory .*hf"):
+        load_served(d)
+
+
+def test_onnxruntime_target_gives_the_python_target_s_tokens(gpt2_tiny):
+    served = load_served("gpt2-tiny", target="onnxruntime", max_seq_len=64, max_batch=2)
+    assert served.gen.backend == "onnxruntime"
+    ids = served.tokenizer.encode("hello")
+    assert greedy(served.gen, ids) == greedy(gpt2_tiny.gen, ids)
+
+
+def test_real_smollm2_gguf_file_answers():
+    """The GGUF route end to end on real weights (~1 min: de-quantizing + compiling 30 layers)."""
+    from transfuse.models.real import smollm2_gguf_path, smollm2_unavailable
+
+    if (why := smollm2_unavailable()) is not None:
+        pytest.skip(why)
+    served = load_served(smollm2_gguf_path(), max_seq_len=64, max_batch=1)
+    assert (served.kind, served.name) == ("gguf", "SmolLM2-135M-Instruct.Q4_1")
+    assert served.eos_token_ids() == [served.tokenizer.eos_token_id]
+    text = served.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+        add_generation_prompt=True)
+    ids = served.tokenizer.encode(text, add_special_tokens=False)
+    out = served.gen.generate(torch.tensor([ids]), max_new_tokens=10)
+    assert "Paris" in served.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_speculative_option(gpt2_tiny):
+    from transfuse.serving.draft import DraftModel
+
+    assert load_speculative(None, gpt2_tiny) is None
+    assert load_speculative("prompt-lookup", gpt2_tiny) == "prompt-lookup"
+    for bad in ("bogus", "draft:"):
+        with pytest.raises(InputError, match="expected 'prompt-lookup' or 'draft:MODEL'"):
+            load_speculative(bad, gpt2_tiny)
+    draft = load_speculative("draft:llama-tiny", gpt2_tiny)
+    assert isinstance(draft, DraftModel) and draft.max_batch == gpt2_tiny.max_batch
+    assert draft.gen.cache_spec["max_seq_len"] == gpt2_tiny.max_seq_len

@@ -269,6 +269,27 @@ def test_sigterm_during_a_stream_ends_it_and_exits_cleanly():
         proc.close()
 
 
+# -- speculative decoding from the command line -------------------------------------------------
+
+
+def test_speculative_draft_model_keeps_the_greedy_answers(local):
+    proc = ServerProcess(MODEL, *ARGS, "--speculative", "draft:gpt2-tiny")
+    try:
+        client = openai.OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0)
+        for prompt in ("The quick brown fox", "abcabcabcabc"):
+            _, text = expected(local, local.tokenizer.encode(prompt), 24)
+            r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                          temperature=0)
+            assert r.choices[0].text == text
+        spec = httpx.get(proc.url + "/stats").json()["spec"]
+        assert spec["proposed"] > 0, spec
+    finally:
+        code = proc.terminate()
+        log = proc.log()
+        proc.close()
+    assert code == 0 and "Traceback" not in log, log
+
+
 # -- a real tokenizer: SmolLM2's (chat template, byte-level BPE) over a tiny random Llama ---------
 
 

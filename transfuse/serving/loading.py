@@ -151,7 +151,12 @@ def _load_hf_dir(path: Path):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise InputError(f"model directory {path}: no usable tokenizer there ({e})") from None
-    hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                  dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"model directory {path}: transformers cannot load a causal LM from "
+                         f"it ({type(e).__name__}: {e})") from None
     return hf.eval(), tokenizer
 
 
@@ -159,8 +164,13 @@ def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"gguf_file": path.name, "local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    except (OSError, ValueError, KeyError) as e:  # transformers' ways of saying "cannot read"
+        raise InputError(f"GGUF file {path}: transformers cannot load it "
+                         f"({type(e).__name__}: {e}); it needs the gguf package and a model "
+                         "architecture transformers reads from GGUF") from None
     return hf.eval(), tokenizer
 
 
@@ -221,6 +231,34 @@ def _load_artifact(path: Path, target: str | None, max_seq_len: int | None,
     return ServedModel(gen, tokenizer, path.name, "artifact", str(path))
 
 
+def load_speculative(option: str | None, served: ServedModel, *, target: str | None = None):
+    """What ``--speculative`` gives the Engine: None, ``"prompt-lookup"``, or for
+    ``draft:MODEL2`` a :class:`~transfuse.serving.draft.DraftModel` over MODEL2 loaded like
+    MODEL (same max_seq_len and max_batch) — its tokenizer must be ``served``'s."""
+    if option is None or option == "prompt-lookup":
+        return option
+    if not option.startswith("draft:") or not option[len("draft:"):]:
+        raise InputError(f"speculative {option!r}: expected 'prompt-lookup' or 'draft:MODEL'")
+    from transfuse.serving.draft import DraftModel
+
+    draft = load_served(option[len("draft:"):], target=target, max_seq_len=served.max_seq_len,
+                        max_batch=served.max_batch)
+    mine, theirs = _tokenizer_identity(served.tokenizer), _tokenizer_identity(draft.tokenizer)
+    if mine != theirs or draft.gen.vocab_size != served.gen.vocab_size:
+        raise InputError(f"speculative {option}: the draft's tokenizer and vocabulary "
+                         f"({theirs}, vocab {draft.gen.vocab_size}) are not {served.name}'s "
+                         f"({mine}, vocab {served.gen.vocab_size}); a draft model must share "
+                         "the tokenizer")
+    return DraftModel(draft.gen, max_batch=served.max_batch)
+
+
+def _tokenizer_identity(tokenizer: Any) -> tuple:
+    """What two tokenizers must share to be the same: their class, size and vocabulary."""
+    vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else None
+    return type(tokenizer).__name__, len(tokenizer), hash(frozenset(vocab.items())) if vocab \
+        else None
+
+
 # -- tokenizers beside an artifact ------------------------------------------------------------
 
 
@@ -266,4 +304,4 @@ def load_tokenizer(directory: str | os.PathLike):
 
 
 __all__ = ["BLOCK_SIZE", "DEFAULT_MAX_SEQ_LEN", "ServedModel", "TOKENIZER_DIR", "load_served",
-           "load_tokenizer", "preset_names", "save_served", "save_tokenizer"]
+           "load_speculative", "load_tokenizer", "preset_names", "save_served", "save_tokenizer"]
