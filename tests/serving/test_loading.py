@@ -160,21 +160,21 @@ def test_onnxruntime_target_gives_the_python_target_s_tokens(gpt2_tiny):
     assert greedy(served.gen, ids) == greedy(gpt2_tiny.gen, ids)
 
 
-def test_real_smollm2_gguf_file_answers():
-    """The GGUF route end to end on real weights (~1 min: de-quantizing + compiling 30 layers)."""
-    from transfuse.models.real import smollm2_gguf_path, smollm2_unavailable
+def test_gguf_file_with_its_tokenizer(tmp_path):
+    from tiny_gguf import write_tiny_gguf
 
-    if (why := smollm2_unavailable()) is not None:
-        pytest.skip(why)
-    served = load_served(smollm2_gguf_path(), max_seq_len=64, max_batch=1)
-    assert (served.kind, served.name) == ("gguf", "SmolLM2-135M-Instruct.Q4_1")
-    assert served.eos_token_ids() == [served.tokenizer.eos_token_id]
-    text = served.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
-        add_generation_prompt=True)
-    ids = served.tokenizer.encode(text, add_special_tokens=False)
-    out = served.gen.generate(torch.tensor([ids]), max_new_tokens=10)
-    assert "Paris" in served.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    transformers = pytest.importorskip("transformers")
+    path = write_tiny_gguf(tmp_path / "tiny-llm.gguf")
+    served = load_served(path, max_batch=2)
+    assert (served.kind, served.name, served.max_seq_len) == ("gguf", "tiny-llm", 128)
+    tokenizer = served.tokenizer
+    assert served.eos_token_ids() == [tokenizer.eos_token_id]
+    ids = tokenizer.encode("hello world")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, local_files_only=True, dtype=torch.float32).eval()
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                       eos_token_id=None)[0, len(ids):].tolist()
+    assert greedy(served.gen, ids) == want
 
 
 def test_speculative_option(gpt2_tiny):
