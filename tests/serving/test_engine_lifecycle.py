@@ -51,6 +51,34 @@ def test_cancel_running_and_waiting_frees_blocks(gen):
     assert engine.stats()["cancelled"] == 2
 
 
+def test_callbacks_may_cancel_and_stats_is_safe_while_running(gen):
+    engine = Engine(gen, max_batch=4, prefix_caching=True)
+    stop, errors = threading.Event(), []
+
+    def hammer():  # stats() from another thread while the engine changes the cache
+        while not stop.is_set():
+            try:
+                engine.stats()
+            except Exception as exc:  # noqa: BLE001 - any failure fails the test
+                errors.append(exc)
+
+    poller = threading.Thread(target=hammer)
+    poller.start()
+    handles = [engine.submit(p, max_new_tokens=150, eos_token_id=None)
+               for p in random_prompts([20, 5, 40, 9], seed=7)]
+    for h in handles:
+        next(h.stream(timeout=30))
+        # replayed under the handle's lock while the engine thread delivers: cancel from there
+        h.on_output(lambda out, h=h: h.cancel())
+    results = [h.result(timeout=30) for h in handles]
+    stop.set()
+    poller.join()
+    engine.shutdown()
+    assert not errors
+    assert all(r.finish_reason == "cancelled" and len(r.token_ids) < 150 for r in results)
+    _assert_clean(engine)
+
+
 def test_full_queue_raises_queue_full_and_engine_keeps_serving(gen):
     prompt = random_prompts([4], seed=2)[0]
     with Engine(gen, max_batch=1, max_queue=2) as engine:

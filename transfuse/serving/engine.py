@@ -39,11 +39,10 @@ from typing import Any
 
 import torch
 
-from transfuse.errors import EngineClosedError, ExecutionError, InputError, QueueFullError
-from transfuse.runtime.kv_cache import KVCache
+from transfuse.errors import EngineClosedError, ExecutionError, QueueFullError
 from transfuse.runtime.sampling import make_generator
 from transfuse.serving.choose import append_tokens, choose_tokens
-from transfuse.serving.options import Limits, check_options
+from transfuse.serving.options import Limits, check_engine_options, check_options, engine_cache
 from transfuse.serving.request import Output, Request, RequestHandle
 from transfuse.serving.scheduler import Scheduled, Scheduler
 from transfuse.serving.spec_step import SpecDecoding
@@ -70,38 +69,18 @@ class Engine:
                  num_blocks: int | None = None):
         spec = gen.cache_spec
         paged = spec["layout"] == "paged"
-        if max_batch is None:
-            max_batch = spec["max_batch"]
-        for name, value in (("max_batch", max_batch), ("max_tokens_per_step",
-                            max_tokens_per_step), ("max_queue", max_queue),
-                            ("spec_tokens", spec_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"Engine: {name} must be a positive int, got {value!r}")
-        if not paged and max_batch > spec["max_batch"]:
-            raise InputError(f"Engine: max_batch {max_batch} exceeds the contiguous cache's "
-                             f"{spec['max_batch']} slots (compile with a larger max_batch or "
-                             "kv='paged')")
-        # TODO(S1, issue 12): drop this check once KVCache takes prefix_caching= (checked once
-        # per engine, never per call)
-        supported = hasattr(KVCache, "prefix_stats")
-        if prefix_caching is None:
-            prefix_caching = paged and supported
-        if prefix_caching and not paged:
-            raise InputError("Engine: prefix_caching needs a paged KV cache (compile with "
-                             "generation={'kv': 'paged'})")
-        if prefix_caching and not supported:
-            raise InputError("Engine: this build's KVCache has no prefix caching; pass "
-                             "prefix_caching=False")
-        if num_blocks is not None and not paged:
-            raise InputError("Engine: num_blocks is for a paged KV cache only")
+        max_batch, prefix_caching = check_engine_options(
+            spec, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
+            max_queue=max_queue, spec_tokens=spec_tokens, prefix_caching=prefix_caching,
+            num_blocks=num_blocks)
         self._spec = SpecDecoding(speculative, spec_tokens) if speculative is not None else None
         self.gen = gen
         self.max_batch = max_batch
         self.max_tokens_per_step = max_tokens_per_step
         self.max_queue = max_queue
         self.tokenizer = tokenizer
-        self.prefix_caching = bool(prefix_caching)
-        self.cache = _make_cache(spec, gen.device, num_blocks, self.prefix_caching)
+        self.prefix_caching = prefix_caching
+        self.cache = engine_cache(spec, gen.device, num_blocks, prefix_caching)
         self.device = gen.device
         self._program = gen.program
         self._cache_tensors = list(self.cache.cache_inputs().values())
@@ -114,14 +93,22 @@ class Engine:
                                     max_tokens_per_step=max_tokens_per_step,
                                     prefix_tokens=self.prefix_caching)
         self._ids = itertools.count()
-        self._lock = threading.Condition()
+        # two locks, never one inside the other from a caller: `_wake` guards the inbox, the
+        # cancellations and the flags (submit/cancel/shutdown take only it, so a callback that
+        # cancels while a handle's lock is held cannot deadlock with the engine thread);
+        # `_state` guards the scheduler, the cache and the counters (the engine thread holds
+        # it except during the forward and the proposer's drafting)
+        self._wake = threading.Condition()
+        self._state = threading.RLock()
+        self._submitted = 0
+        self._finished_at_submit = 0  # max_new_tokens=0: finished without the engine thread
         self._inbox: list[Request] = []  # submitted, not yet seen by the engine thread
         self._cancels: set[int] = set()
         self._live: dict[int, Request] = {}  # engine thread only: queued or running
         self._closed = False
         self._cancel_all = False
         self._failure: BaseException | None = None
-        self._counts = dict.fromkeys(("submitted", "finished", "cancelled", "errors", "steps",
+        self._counts = dict.fromkeys(("finished", "cancelled", "errors", "steps",
                                       "tokens_generated", "tokens_computed"), 0)
         self._times = dict.fromkeys(("schedule_s", "propose_s", "forward_s", "sample_s"), 0.0)
         self._thread = threading.Thread(target=self._loop, name="transfuse-engine", daemon=True)
@@ -152,7 +139,7 @@ class Engine:
             text = TextStream(self.tokenizer, opts.stop_strings)
         generator = make_generator(opts.seed, self.device) if opts.seed is not None \
             else _unseeded(self.device)
-        with self._lock:
+        with self._wake:
             if self._closed or self._failure is not None:
                 raise EngineClosedError("the engine is shut down and takes no new requests"
                                         if self._failure is None else
@@ -167,35 +154,36 @@ class Engine:
             req = Request(rid, handle, opts.prompt, max_new_tokens=opts.max_new_tokens,
                           params=opts.params, generator=generator, stop_ids=opts.stop_ids,
                           text_stream=text)
-            self._counts["submitted"] += 1
+            self._submitted += 1
             if opts.max_new_tokens == 0:  # nothing to generate: done now
-                self._counts["finished"] += 1
-                handle.deliver(Output(rid, [], "", True, "length"), req.metrics())
-                return handle
-            self._inbox.append(req)
-            self._lock.notify()
+                self._finished_at_submit += 1
+            else:
+                self._inbox.append(req)
+                self._wake.notify()
+        if opts.max_new_tokens == 0:
+            handle.deliver(Output(rid, [], "", True, "length"), req.metrics())
         return handle
 
     def cancel(self, request_id: int) -> None:
         """Stop a request (any thread); its blocks go back to the pool at the next iteration
         and its handle gets a final output with ``finish_reason="cancelled"``."""
-        with self._lock:
+        with self._wake:
             self._cancels.add(request_id)
-            self._lock.notify()
+            self._wake.notify()
 
     def shutdown(self, cancel: bool = True, timeout: float = 30.0) -> None:
         """Stop taking requests; cancel the in-flight ones (``cancel=False``: let them finish,
         cancelling what is left after ``timeout`` s); join the engine thread. Afterwards every
         request has its final output and every cache block is back in the pool."""
-        with self._lock:
+        with self._wake:
             self._closed = True
             self._cancel_all = self._cancel_all or cancel
-            self._lock.notify()
+            self._wake.notify()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            with self._lock:
+            with self._wake:
                 self._cancel_all = True
-                self._lock.notify()
+                self._wake.notify()
             self._thread.join(timeout)
         if self._thread.is_alive():
             raise ExecutionError(f"the engine thread did not stop within {2 * timeout} s "
@@ -209,22 +197,25 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counters and timings: requests (submitted, finished, cancelled, errors, waiting,
         running), steps, tokens generated / computed, preemptions, the pool's blocks, mean
-        per-step seconds (schedule + metadata, forward, sampling + stop rules) and, with prefix
-        caching, the cache's prefix statistics."""
-        with self._lock:
-            out: dict[str, Any] = dict(self._counts)
+        per-step seconds (schedule + metadata, proposing, forward, sampling + stop rules) and,
+        with prefix caching, the cache's prefix statistics; with speculation, its counters."""
+        with self._wake:
+            submitted, early, inbox = self._submitted, self._finished_at_submit, len(self._inbox)
+        with self._state:  # the engine thread changes the scheduler and cache under it
+            out: dict[str, Any] = {"submitted": submitted, **self._counts}
+            out["finished"] += early
             steps = max(out["steps"], 1)
             out.update({k.replace("_s", "_s_per_step"): v / steps for k, v in self._times.items()})
-        out["waiting"] = len(self._scheduler.waiting) + len(self._inbox)
-        out["running"] = len(self._scheduler.running)
-        out["preemptions"] = self._scheduler.num_preemptions
-        if self.cache.paged:
-            out["blocks_total"] = self.cache.num_blocks
-            out["blocks_free"] = self.cache.pool.num_free
-        if self.prefix_caching:
-            out["prefix"] = self.cache.prefix_stats()
-        if self._spec is not None:
-            out["spec"] = self._spec.stats()
+            out["waiting"] = len(self._scheduler.waiting) + inbox
+            out["running"] = len(self._scheduler.running)
+            out["preemptions"] = self._scheduler.num_preemptions
+            if self.cache.paged:
+                out["blocks_total"] = self.cache.num_blocks
+                out["blocks_free"] = self.cache.pool.num_free
+            if self.prefix_caching:
+                out["prefix"] = self.cache.prefix_stats()
+            if self._spec is not None:
+                out["spec"] = self._spec.stats()
         return out
 
     def __enter__(self) -> Engine:
@@ -242,43 +233,50 @@ class Engine:
     def _loop(self) -> None:
         try:
             while True:
-                with self._lock:
+                with self._wake:
                     while not (self._inbox or self._cancels or self._cancel_all
                                or self._scheduler.has_work() or self._closed):
-                        self._lock.wait()
+                        self._wake.wait()
                     inbox, self._inbox = self._inbox, []
                     cancels, self._cancels = self._cancels, set()
                     cancel_all, closed = self._cancel_all, self._closed
-                for req in inbox:
-                    self._live[req.id] = req
-                    self._scheduler.add(req)
-                for rid in (list(self._live) if cancel_all else cancels):
-                    if rid in self._live:
-                        self._finish(self._live[rid], "cancelled")
-                if self._scheduler.has_work():
-                    self._step()
-                elif closed:
-                    return
+                with self._state:
+                    for req in inbox:
+                        self._live[req.id] = req
+                        self._scheduler.add(req)
+                    for rid in (list(self._live) if cancel_all else cancels):
+                        if rid in self._live:
+                            self._finish(self._live[rid], "cancelled")
+                    if not self._scheduler.has_work():
+                        if closed:
+                            return
+                        continue
+                self._step()
         except BaseException as exc:  # a bug: fail everything rather than hang the callers
             logger.exception("transfuse engine thread failed")
-            with self._lock:
+            with self._wake:
                 self._failure = exc
                 inbox, self._inbox = self._inbox, []
-            for req in inbox:
-                self._live[req.id] = req
-            for req in list(self._live.values()):
-                try:
-                    self._finish(req, "error", f"engine failure: {exc!r}")
-                except BaseException:
-                    req.handle.deliver(Output(req.id, [], "", True, "error", repr(exc)))
+            with self._state:
+                for req in inbox:
+                    self._live[req.id] = req
+                for req in list(self._live.values()):
+                    try:
+                        self._finish(req, "error", f"engine failure: {exc!r}")
+                    except BaseException:
+                        req.handle.deliver(Output(req.id, [], "", True, "error", repr(exc)))
 
     def _step(self) -> None:
+        """One iteration: schedule, propose, one forward, sample. The engine lock is held
+        while the scheduler and the cache change (so stats() reads them whole), not during
+        the forward or the proposer's drafting."""
         t0 = time.perf_counter()
         spec = self._spec
-        items = self._scheduler.schedule(spec.reserve if spec is not None else None)
-        if not items:
-            self._unschedulable()
-            return
+        with self._state:
+            items = self._scheduler.schedule(spec.reserve if spec is not None else None)
+            if not items:
+                self._unschedulable()
+                return
         propose_s = spec.propose(items) if spec is not None else 0.0
         ids: list[int] = []
         rows: list[int] = []
@@ -295,10 +293,11 @@ class Engine:
             if it.samples:
                 first_row.append(len(rows))
                 rows.extend(range(len(ids) - 1 - len(it.draft), len(ids)))
-        if self.prefix_caching:
-            meta = self.cache.prepare_step(cache_items, tokens=new_tokens)
-        else:
-            meta = self.cache.prepare_step(cache_items)
+        with self._state:
+            if self.prefix_caching:
+                meta = self.cache.prepare_step(cache_items, tokens=new_tokens)
+            else:
+                meta = self.cache.prepare_step(cache_items)
         feeds = [torch.tensor([ids], dtype=torch.int64, device=self.device), meta.position_ids,
                  meta.seq_of_token, meta.seq_lens, meta.cache_table,
                  torch.tensor(rows, dtype=torch.int64, device=self.device)]
@@ -309,26 +308,27 @@ class Engine:
                 raise ExecutionError(f"the step returned logits {list(logits.shape)}, expected "
                                      f"[{len(rows)}, vocab]")
         except Exception as exc:
-            self.cache.abort_step()
-            logger.exception("engine step of %d requests failed", len(items))
-            for it in items:
-                self._finish(it.req, "error", f"the model step failed: {exc!r}")
+            with self._state:
+                self.cache.abort_step()
+                logger.exception("engine step of %d requests failed", len(items))
+                for it in items:
+                    self._finish(it.req, "error", f"the model step failed: {exc!r}")
             return
-        self.cache.commit_step()
         t2 = time.perf_counter()
-        for it, toks in zip(items, new_tokens):
-            it.req.num_computed += len(toks)
-        sampling = [it for it in items if it.samples]
-        if spec is not None:
-            drafts = sum(len(it.draft) for it in sampling)
-            spec.times.add(len(ids), t2 - t1)
-            plain_s = spec.times.predict(len(ids) - drafts) if drafts else None
-            self._sample(sampling, first_row, logits, t2,
-                         step_s=propose_s + (t2 - t1), plain_s=plain_s)
-        else:
-            self._sample(sampling, first_row, logits, t2)
-        t3 = time.perf_counter()
-        with self._lock:
+        with self._state:
+            self.cache.commit_step()
+            for it, toks in zip(items, new_tokens):
+                it.req.num_computed += len(toks)
+            sampling = [it for it in items if it.samples]
+            if spec is not None:
+                drafts = sum(len(it.draft) for it in sampling)
+                spec.times.add(len(ids), t2 - t1)
+                plain_s = spec.times.predict(len(ids) - drafts) if drafts else None
+                self._sample(sampling, first_row, logits, t2,
+                             step_s=propose_s + (t2 - t1), plain_s=plain_s)
+            else:
+                self._sample(sampling, first_row, logits, t2)
+            t3 = time.perf_counter()
             self._counts["steps"] += 1
             self._counts["tokens_computed"] += len(ids)
             self._times["schedule_s"] += t1 - t0 - propose_s
@@ -358,12 +358,12 @@ class Engine:
                 req.handle.deliver(Output(req.id, kept, text))
             else:
                 self._finish(req, reason, tokens=kept, text=text)
-        with self._lock:
-            self._counts["tokens_generated"] += generated
+        self._counts["tokens_generated"] += generated
 
     def _finish(self, req: Request, reason: str, error: str | None = None, *,
                 tokens: list[int] | None = None, text: str = "") -> None:
-        """End ``req``: free its blocks, flush its text, deliver the final output."""
+        """End ``req`` (engine thread, under ``_state``): free its blocks, flush its text,
+        deliver the final output."""
         self._live.pop(req.id, None)
         self._scheduler.finish(req)
         if self._spec is not None:
@@ -371,8 +371,7 @@ class Engine:
         if req.text_stream is not None and reason in ("stop", "length"):
             text += req.text_stream.flush()
         key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
-        with self._lock:
-            self._counts[key] += 1
+        self._counts[key] += 1
         req.handle.deliver(Output(req.id, tokens or [], text, True, reason, error),
                            req.metrics())
 
@@ -392,18 +391,6 @@ def _unseeded(device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.seed()
     return g
-
-
-def _make_cache(spec: dict, device: torch.device, num_blocks: int | None,
-                prefix_caching: bool) -> KVCache:
-    kw: dict[str, Any] = {}
-    if spec["layout"] == "paged":
-        kw = {"block_size": spec["block_size"], "num_blocks": num_blocks or spec["num_blocks"]}
-        if prefix_caching:
-            kw["prefix_caching"] = True
-    return KVCache(spec["layers"], spec["kv_heads"], spec["head_dim"], spec["dtype"],
-                   max_seq_len=spec["max_seq_len"], max_batch=spec["max_batch"],
-                   layout=spec["layout"], order=spec["order"], device=device, **kw)
 
 
 __all__ = ["Engine"]

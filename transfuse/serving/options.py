@@ -1,4 +1,4 @@
-"""Checking the arguments of ``Engine.submit`` once, before a request is queued.
+"""Checking the arguments of ``Engine(...)`` and ``Engine.submit`` once, up front.
 
 Every refusal is an :class:`~transfuse.errors.InputError` naming the argument, the value and
 the limit, raised in the caller's thread; the engine thread only ever sees valid requests.
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from transfuse.errors import InputError
+from transfuse.runtime.kv_cache import KVCache
 from transfuse.runtime.sampling import SamplingParams
 
 
@@ -143,4 +144,48 @@ def _stops(stop: Any, vocab: int, has_tokenizer: bool) -> tuple[tuple, tuple]:
     return tuple(ids), tuple(strings)
 
 
-__all__ = ["RequestOptions", "Limits", "check_options"]
+def check_engine_options(spec: dict, *, max_batch: Any, max_tokens_per_step: Any,
+                         max_queue: Any, spec_tokens: Any, prefix_caching: Any,
+                         num_blocks: Any) -> tuple[int, bool]:
+    """The engine's ``max_batch`` (None: the compiled one) and ``prefix_caching`` (None: on for
+    a paged cache) for a gen's cache ``spec``; InputError naming the option otherwise."""
+    paged = spec["layout"] == "paged"
+    if max_batch is None:
+        max_batch = spec["max_batch"]
+    for name, value in (("max_batch", max_batch), ("max_tokens_per_step", max_tokens_per_step),
+                        ("max_queue", max_queue), ("spec_tokens", spec_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"Engine: {name} must be a positive int, got {value!r}")
+    if not paged and max_batch > spec["max_batch"]:
+        raise InputError(f"Engine: max_batch {max_batch} exceeds the contiguous cache's "
+                         f"{spec['max_batch']} slots (compile with a larger max_batch or "
+                         "kv='paged')")
+    if prefix_caching is None:
+        prefix_caching = paged
+    if not isinstance(prefix_caching, bool):
+        raise InputError(f"Engine: prefix_caching must be True, False or None, got "
+                         f"{prefix_caching!r}")
+    if prefix_caching and not paged:
+        raise InputError("Engine: prefix_caching needs a paged KV cache (compile with "
+                         "generation={'kv': 'paged'})")
+    if num_blocks is not None:
+        if not paged:
+            raise InputError("Engine: num_blocks is for a paged KV cache only")
+        _int("num_blocks", num_blocks, 1)
+    return max_batch, prefix_caching
+
+
+def engine_cache(spec: dict, device: Any, num_blocks: int | None,
+                 prefix_caching: bool) -> KVCache:
+    """The engine's own KVCache from the gen's cache spec (``num_blocks`` overrides a paged
+    pool's size)."""
+    kw: dict[str, Any] = {}
+    if spec["layout"] == "paged":
+        kw = {"block_size": spec["block_size"], "num_blocks": num_blocks or spec["num_blocks"],
+              "prefix_caching": prefix_caching}
+    return KVCache(spec["layers"], spec["kv_heads"], spec["head_dim"], spec["dtype"],
+                   max_seq_len=spec["max_seq_len"], max_batch=spec["max_batch"],
+                   layout=spec["layout"], order=spec["order"], device=device, **kw)
+
+
+__all__ = ["RequestOptions", "Limits", "check_options", "check_engine_options", "engine_cache"]
