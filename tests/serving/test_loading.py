@@ -96,8 +96,8 @@ def _hf_tokenizer(vocab: int):
     bpe.train_from_iterator(["hello world, the quick brown fox"] * 10, vocab_size=vocab,
                             min_frequency=1, special_tokens=["<|endoftext|>"],
                             show_progress=False)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer,
-                                                eos_token="<|endoftext|>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer.from_str(bpe.to_str()), eos_token="<|endoftext|>")
 
 
 def test_hugging_face_directory_with_its_tokenizer(tmp_path):

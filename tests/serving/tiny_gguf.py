@@ -22,7 +22,7 @@ def write_tiny_gguf(path: Path, context: int = 128, seed: int = 0) -> Path:
     bpe = tokenizers.ByteLevelBPETokenizer()
     bpe.train_from_iterator(["hello world, the quick brown fox jumps"] * 10, vocab_size=300,
                             min_frequency=1, special_tokens=[EOS], show_progress=False)
-    model = json.loads(bpe._tokenizer.to_str())["model"]
+    model = json.loads(bpe.to_str())["model"]
     tokens = sorted(model["vocab"], key=model["vocab"].get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     V, D = len(tokens), E // H
