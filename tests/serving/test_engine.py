@@ -17,6 +17,7 @@ from engine_models import EOS, VOCAB, alone, compiled, finish_reason, random_pro
 
 import transfuse
 from transfuse.serving import Engine
+from transfuse.serving.proposal import Proposal
 from transfuse.serving.speculative import DraftModel
 
 
@@ -230,6 +231,41 @@ def test_draft_model_speculation_accepts_a_perfect_draft(gen):
     assert stats["proposed"] > 0 and stats["accepted"] == stats["proposed"]
     assert all(r.metrics["spec_accepted"] == r.metrics["spec_proposed"] > 0 for r in got)
     assert len(draft.cache) == 0  # released with their requests
+
+
+class NoisyProposer:
+    """Random drafts (mostly rejected) and a failure at its second call."""
+
+    def __init__(self):
+        self.calls, self.released = 0, set()
+        self.g = torch.Generator().manual_seed(0)
+
+    def propose_batch(self, reqs, k):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("proposer broke")
+        return [Proposal(torch.randint(0, VOCAB, (r.want(k),), generator=self.g).tolist())
+                for r in reqs]
+
+    def rollback(self, request_id, keep_len):
+        pass
+
+    def release(self, request_id):
+        self.released.add(request_id)
+
+
+def test_wrong_drafts_and_a_failing_proposer_change_no_token(gen):
+    prompts = random_prompts([5, 22, 9], seed=81)
+    want = [alone(gen, p, 20, eos_token_id=None) for p in prompts]
+    noisy = NoisyProposer()
+    with Engine(gen, max_batch=4, speculative=noisy, spec_tokens=3) as engine:
+        handles = [engine.submit(p, max_new_tokens=20, eos_token_id=None) for p in prompts]
+        got = [h.result(timeout=60).token_ids for h in handles]
+        stats = engine.stats()["spec"]
+        _check_all_free(engine)
+    assert got == want
+    assert stats["propose_errors"] == 1 and stats["proposed"] > stats["accepted"]
+    assert noisy.released == {h.id for h in handles}
 
 
 def test_engine_is_exported_lazily():

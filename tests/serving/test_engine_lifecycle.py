@@ -26,7 +26,7 @@ def _engine_threads() -> list[threading.Thread]:
 
 
 def _assert_clean(engine: Engine) -> None:
-    assert not engine._thread.is_alive()
+    assert not engine.alive
     assert len(engine.cache) == 0
     if engine.cache.paged:
         assert engine.cache.pool.num_free == engine.cache.num_blocks

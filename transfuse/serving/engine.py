@@ -190,6 +190,11 @@ class Engine:
                                  "(a step is stuck in the model)")
 
     @property
+    def alive(self) -> bool:
+        """True while the engine thread runs (False after shutdown or a fatal error)."""
+        return self._thread.is_alive()
+
+    @property
     def closed(self) -> bool:
         """True once shutdown began (or the engine thread died): submit refuses."""
         return self._closed or self._failure is not None

@@ -24,6 +24,7 @@ minus the step's drafts; speculative = the measured step plus proposing and veri
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Hashable
 from typing import Any
@@ -34,6 +35,8 @@ from transfuse.errors import InputError
 from transfuse.serving.proposal import DraftRequest, Proposal
 from transfuse.serving.request import Request
 from transfuse.serving.scheduler import Scheduled
+
+logger = logging.getLogger(__name__)
 
 
 class StepTimeModel:
@@ -81,7 +84,8 @@ class SpecDecoding:
         self.proposer = proposer
         self.policy = SpeculationPolicy(k=spec_tokens)
         self.times = StepTimeModel()
-        self.counts = {"spec_steps": 0, "proposed": 0, "accepted": 0, "propose_s": 0.0}
+        self.counts = {"spec_steps": 0, "proposed": 0, "accepted": 0, "propose_s": 0.0,
+                       "propose_errors": 0}
         self._proposals: dict[Hashable, Proposal] = {}
 
     def reserve(self, req: Request) -> int:
@@ -99,7 +103,13 @@ class SpecDecoding:
         t0 = time.perf_counter()
         reqs = [DraftRequest(it.req.id, list(it.req.tokens), it.req.params, it.req.generator,
                              it.req.num_generated, it.num_tokens - 1) for it in spec]
-        proposals = self.proposer.propose_batch(reqs, max(r.k for r in reqs))
+        try:
+            proposals = self.proposer.propose_batch(reqs, max(r.k for r in reqs))
+        except Exception:  # a broken proposer costs speed, never a request: decode plainly
+            logger.exception("speculative proposer %r failed; decoding plainly this step",
+                             self.proposer)
+            self.counts["propose_errors"] += 1
+            proposals = [Proposal() for _ in spec]
         for it, prop in zip(spec, proposals):
             k = it.num_tokens - 1
             if len(prop.tokens) > k:  # a proposer giving more than asked: keep what was asked
