@@ -119,8 +119,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from transfuse.serving import Engine
+    from transfuse.serving.launch import run_server
     from transfuse.serving.loading import load_served, load_speculative
-    from transfuse.serving.server import create_app, run_server
+    from transfuse.serving.server import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

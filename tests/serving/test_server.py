@@ -1,4 +1,5 @@
-"""``transfuse serve`` as a subprocess: the ``openai`` client, raw HTTP errors, disconnects, SIGTERM.
+"""``transfuse serve`` as a subprocess: the ``openai`` client, raw HTTP errors, disconnects,
+SIGTERM.
 
 The served model is the ``llama-tiny`` preset (random weights, byte tokenizer); its answers are
 checked against the same preset compiled in this process (greedy tokens, decoded).

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server of ``transfuse serve``: FastAPI over an :class:`Engine`.
 
     app = create_app(engine, tokenizer, "my-model", max_seq_len=2048)
-    run_server(app, engine, host="127.0.0.1", port=8000)      # blocks until SIGTERM/SIGINT
+    run_server(app, engine, port=8000)        # serving/launch.py: until SIGTERM/SIGINT
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events
 with ``"stream": true``), ``GET /v1/models``, ``GET /health`` (503 while shutting down) and
@@ -20,10 +20,8 @@ The engine runs in its own thread; a request's outputs reach the event loop thro
 a streaming response is cancelled by Starlette when the client goes, a plain one watches for
 the disconnect while it waits.
 
-Shutdown (:func:`run_server`): on SIGTERM/SIGINT the server stops taking requests (503), the
-engine cancels what is in flight (open streams end with ``finish_reason: "cancelled"``),
-uvicorn finishes its graceful shutdown, and the engine thread is joined. The process then
-returns normally (exit code 0).
+Shutdown is serving/launch.py's (``run_server``): ``ServerState.closing`` makes new requests
+503 while the engine cancels what is in flight.
 """
 
 from __future__ import annotations
@@ -32,8 +30,6 @@ import asyncio
 import functools
 import json
 import logging
-import signal
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -57,8 +53,6 @@ logger = logging.getLogger(__name__)
 
 #: request bodies above this are refused (413)
 MAX_BODY_BYTES = 16 * 2**20
-#: seconds uvicorn waits for open connections at shutdown before cancelling them
-GRACEFUL_SHUTDOWN_S = 30
 
 
 class ServerState:
@@ -370,52 +364,4 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-# -- running ------------------------------------------------------------------------------------
-
-
-def run_server(app: FastAPI, engine: Any, *, host: str = "127.0.0.1", port: int = 8000,
-               log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn until SIGTERM/SIGINT, then shut down cleanly (module
-    docstring); returns normally afterwards."""
-    import uvicorn
-
-    state: ServerState = app.state.serving
-    stopper = threading.Thread(target=engine.shutdown, kwargs={"cancel": True},
-                               name="transfuse-shutdown")
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if not state.closing:  # first signal: refuse new work, end what runs
-                logger.info("signal %s: shutting down (in-flight requests are cancelled)",
-                            signal.Signals(sig).name)
-                state.closing = True
-                stopper.start()
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    # uvicorn re-raises the signal it caught once it has stopped, with the handler that was
-    # there before it: make that a no-op so a SIGTERM'd server exits with status 0
-    previous = {s: signal.signal(s, _ignore_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        Server(config).run()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        state.closing = True
-        if stopper.is_alive():
-            stopper.join()
-        engine.shutdown(cancel=True)
-    stats = engine.stats()
-    if stats.get("blocks_free") != stats.get("blocks_total"):
-        logger.warning("after shutdown %s of %s cache blocks are free", stats.get("blocks_free"),
-                       stats.get("blocks_total"))
-    logger.info("stopped: %s requests finished, %s cancelled, %s failed",
-                stats.get("finished"), stats.get("cancelled"), stats.get("errors"))
-
-
-def _ignore_signal(sig: int, frame: Any) -> None:
-    pass
-
-
-__all__ = ["Call", "OutputQueue", "ServerState", "create_app", "json_body", "run_server"]
+__all__ = ["Call", "OutputQueue", "ServerState", "create_app", "json_body"]
