@@ -233,6 +233,20 @@ def test_draft_model_speculation_accepts_a_perfect_draft(gen):
     assert len(draft.cache) == 0  # released with their requests
 
 
+def test_sampled_requests_with_a_perfect_draft(gen):
+    prompts = random_prompts([6, 15], seed=75)
+    with Engine(gen, max_batch=2, speculative=DraftModel(gen, max_batch=2),
+                spec_tokens=3) as engine:
+        got = [h.result(timeout=60) for h in [
+            engine.submit(p, max_new_tokens=20, eos_token_id=None, temperature=0.9, seed=i)
+            for i, p in enumerate(prompts)]]
+        stats = engine.stats()["spec"]
+        _check_all_free(engine)
+    assert all(len(r.token_ids) == 20 and r.finish_reason == "length" for r in got)
+    # q = p up to rounding: min(1, p/q) accepts (almost) every draft
+    assert stats["proposed"] > 0 and stats["accepted"] >= 0.95 * stats["proposed"]
+
+
 class NoisyProposer:
     """Random drafts (mostly rejected) and a failure at its second call."""
 
