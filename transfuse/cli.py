@@ -120,13 +120,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from transfuse.serving import Engine
     from transfuse.serving.launch import run_server
-    from transfuse.serving.loading import load_served, load_speculative
+    from transfuse.serving.loading import load_served, load_speculative, save_served
     from transfuse.serving.server import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     served = load_served(args.model, target=args.target, max_seq_len=args.max_seq_len,
                          max_batch=args.max_batch)
+    if args.save:
+        save_served(served, args.save)
+        logging.getLogger("transfuse.serve").info("saved %s with its tokenizer to %s",
+                                                  served.name, args.save)
     speculative = load_speculative(args.speculative, served, target=args.target)
     engine = Engine(served.gen, max_batch=served.max_batch, max_queue=args.max_queue,
                     speculative=speculative, tokenizer=served.tokenizer)
@@ -211,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--speculative", help="prompt-lookup, or draft:MODEL2 (a smaller model "
                     "with the same tokenizer)")
     sv.add_argument("--threads", type=int, default=1, help="torch threads")
+    sv.add_argument("--save", help="also save the compiled model and its tokenizer to this "
+                    "directory (serve it later without compiling: transfuse serve DIR)")
     sv.set_defaults(fn=_cmd_serve)
     return p
 

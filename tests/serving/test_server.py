@@ -244,8 +244,8 @@ def test_client_disconnect_cancels_a_plain_request(server):
 # -- shutdown -----------------------------------------------------------------------------------
 
 
-def test_sigterm_during_a_stream_ends_it_and_exits_cleanly():
-    proc = ServerProcess(MODEL, *ARGS)
+def test_sigterm_during_a_stream_ends_it_and_exits_cleanly(tmp_path, local):
+    proc = ServerProcess(MODEL, *ARGS, "--save", str(tmp_path / "saved"))
     try:
         body = {"model": MODEL, "prompt": "go", "max_tokens": MAX_SEQ_LEN - 8, "temperature": 0,
                 "stream": True}
@@ -268,6 +268,12 @@ def test_sigterm_during_a_stream_ends_it_and_exits_cleanly():
             httpx.get(proc.url + "/health", timeout=2)
     finally:
         proc.close()
+    # --save wrote an artifact with its tokenizer: it serves the same answers without compiling
+    saved = load_served(tmp_path / "saved")
+    assert (saved.kind, saved.max_seq_len, saved.max_batch) == ("artifact", MAX_SEQ_LEN, 4)
+    ids = saved.tokenizer.encode("abc")
+    assert saved.gen.generate(torch.tensor([ids]), max_new_tokens=8).tolist() == \
+        local.gen.generate(torch.tensor([ids]), max_new_tokens=8).tolist()
 
 
 # -- speculative decoding from the command line -------------------------------------------------
