@@ -45,6 +45,10 @@ def __getattr__(name):  # lazy: importing transfuse stays cheap
         from transfuse.runtime.generation_model import GenerationModel
 
         return GenerationModel
+    if name == "models":  # the built-in reference models (transfuse.models.llama("tiny"))
+        import importlib
+
+        return importlib.import_module("transfuse.models")
     if name == "Engine":  # serving: continuous batching over a GenerationModel
         from transfuse.serving.engine import Engine
 

@@ -197,6 +197,17 @@ def _optimize_generation(model: Any, example_inputs: Any, generation: Any, *, ta
                                      backend=target)
 
 
+def _max_positions(model: Any) -> int | None:
+    """The positions the model's config says it has (HF ``max_position_embeddings`` /
+    ``n_positions``, the reference models' ``max_positions``), or None when it says nothing."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _is_causal_lm(model: Any) -> str | None:
     """Why ``model`` is not a Hugging Face causal LM with an LM head (None when it is)."""
     if not isinstance(model, torch.nn.Module):
@@ -269,7 +280,10 @@ def compile_generation_step(model: Any, example_ids: torch.Tensor,
         raise InputError(reason)
     if target not in TARGETS:
         raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
-    geo = cache_geometry({} if generation is True else dict(generation))
+    options = {} if generation is True else dict(generation)
+    if "max_seq_len" not in options:  # default: 1024, or fewer when the model has fewer positions
+        options["max_seq_len"] = min(1024, _max_positions(model) or 1024)
+    geo = cache_geometry(options)
     if not isinstance(example_ids, torch.Tensor) or example_ids.dim() != 2:
         raise InputError("generation: example input_ids must be an i64 [B, S] tensor")
     ids = example_ids[:1, :8].to(torch.long)
