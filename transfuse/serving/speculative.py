@@ -2,8 +2,9 @@
 
 Glossary: V vocabulary, k proposed (draft) tokens d_1..d_k of one request in one step, rows
 0..k of the target's logits for that request: row i is computed after the request's last
-token followed by d_1..d_i, so row i-1 predicts d_i and row k is the *bonus* row after d_k;
-p_i the target's processed distribution of row i, q_i the draft's for d_{i+1}.
+token followed by d_1..d_i, so row i-1 predicts the step's i-th token and row k the *bonus*
+token after d_k; p_i the target's processed distribution of the i-th token (row i-1), q_i the
+draft's distribution d_i was drawn from.
 
 One speculative step of a request (the engine's loop):
 
@@ -21,17 +22,18 @@ One speculative step of a request (the engine's loop):
 
 Why it is exact (Leviathan et al. 2023, Chen et al. 2023): with ``do_sample``, d_i is
 accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection the token is
-drawn from norm(max(0, p_i - q_i)); when all k are accepted the bonus is drawn from p_k. Each
-emitted token is then distributed exactly as p given the tokens before it, as in plain
+drawn from norm(max(0, p_i - q_i)); when all k are accepted the bonus is drawn from p_{k+1}.
+Each emitted token is then distributed exactly as p given the tokens before it, as in plain
 sampling. A deterministic proposal is a q that is one-hot at d_i (accept with probability
-p_i(d_i), else draw from p_i without d_i). Greedy: accept while argmax p_i == d_i, then emit the
-argmax: exactly plain greedy decoding.
+p_i(d_i), else draw from p_i without d_i). Greedy: accept while argmax p_i == d_i, then emit
+the argmax: exactly plain greedy decoding.
 
 Each row is processed as plain decoding would process it (``process_logits`` with the
 request's history followed by the drafts before that row, and ``new_tokens + i`` generated
 tokens), so repetition penalty and ``min_new_tokens`` see what they would without
-speculation. Because a row is only used when every draft before it was accepted, all rows
-can be processed at once before any decision.
+speculation. Greedy: all rows at once (row i is only used when d_1..d_i were accepted, so its
+history is known in advance). Sampled: row by row up to the first rejection, so each emitted
+token costs the processing of one row (top-p sorts V scores), as in plain decoding.
 """
 
 from __future__ import annotations
@@ -72,33 +74,47 @@ def verify(target_logits: torch.Tensor, proposal: Proposal, params: SamplingPara
         raise InputError(f"verify: proposed tokens {drafts} hold an id outside the target's "
                          f"vocabulary [0, {vocab})")
     _check_int("new_tokens", new_tokens)
-    scores = process_rows(target_logits, drafts, params, history, new_tokens)
     if not params.do_sample:  # argmax as sample_next takes it (first of equal maxima)
+        scores = process_rows(target_logits, drafts, params, history, new_tokens)
         best = scores.max(dim=-1).indices.tolist()
         n = 0
         while n < k and best[n] == drafts[n]:
             n += 1
         return drafts[:n] + [best[n]]
-    p = scores.softmax(dim=-1)  # [k+1, V]
-    device = generator.device if generator is not None else p.device
-    n, q = k, None
-    if k:
-        q = draft_probs(proposal, vocab, p.device, p.dtype)  # [k, V]
-        d = torch.tensor(drafts, device=p.device)[:, None]
-        p_d, q_d = p[:k].gather(1, d)[:, 0], q.gather(1, d)[:, 0]
-        u = torch.rand(k, generator=generator, device=device).to(p.device)
-        # accept d_i iff u_i < p_i(d_i) / q_i(d_i), written without dividing (q_i(d_i) may be 0)
-        rejected = (u * q_d >= p_d).nonzero()
-        if len(rejected):
-            n = int(rejected[0, 0])
-    if n == k:
-        dist = p[k]
-    else:
-        dist = (p[n] - q[n]).clamp_min(0)
-        if not bool(dist.sum() > 0):  # p_n <= q_n everywhere: p_n == q_n up to rounding
-            dist = p[n]
+    # sampled: row by row, so only the rows up to the first rejection are processed (top-p's
+    # sort of V scores costs as much per row as in plain decoding, never more per token)
+    device = generator.device if generator is not None else target_logits.device
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = history_mask(history, vocab, target_logits.device)
+    q = draft_probs(proposal, vocab, target_logits.device, torch.float32) if k else None
+    u = torch.rand(k, generator=generator, device=device).tolist() if k else []
+    for n in range(k + 1):
+        p = process_logits(target_logits[n:n + 1], seen, params, new_tokens + n)
+        p = p.softmax(dim=-1)[0]
+        if n == k:
+            dist = p  # every draft accepted: the bonus token
+            break
+        d = drafts[n]
+        # accept d iff u < p(d) / q(d), written without dividing (q(d) may be 0)
+        if u[n] * float(q[n, d]) < float(p[d]):
+            if seen is not None:
+                seen[0, d] = True
+            continue
+        dist = (p - q[n]).clamp_min(0)
+        if not bool(dist.sum() > 0):  # p <= q everywhere: p == q up to rounding
+            dist = p
+        break
     token = torch.multinomial(dist.to(device), 1, generator=generator)
     return drafts[:n] + [int(token)]
+
+
+def history_mask(history: Sequence[int] | torch.Tensor, vocab: int,
+                 device: torch.device) -> torch.Tensor:
+    """bool [1, V]: the token ids that occur in ``history`` (what the repetition penalty
+    reads)."""
+    ids = torch.as_tensor(history, dtype=torch.int64).flatten().to(device)
+    return seen_tokens(ids[None], vocab)
 
 
 def process_rows(logits: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
@@ -108,12 +124,9 @@ def process_rows(logits: torch.Tensor, drafts: Sequence[int], params: SamplingPa
     rows, vocab = logits.shape
     seen = None
     if params.repetition_penalty != 1.0:
-        ids = torch.as_tensor(history, dtype=torch.int64).flatten().to(logits.device)
-        seen = seen_tokens(ids[None], vocab).expand(rows, vocab).clone()
-        if drafts:  # row i also saw d_1..d_i
-            onehot = torch.zeros((len(drafts), vocab), dtype=torch.int32, device=logits.device)
-            onehot[torch.arange(len(drafts)), torch.tensor(drafts)] = 1
-            seen[1:] |= onehot.cumsum(dim=0) > 0
+        seen = history_mask(history, vocab, logits.device).expand(rows, vocab).clone()
+        for i, d in enumerate(drafts):  # rows i+1.. also saw d_{i+1}
+            seen[i + 1:, d] = True
     # rows before min_new_tokens is reached get the EOS ids suppressed; the others do not
     cut = min(rows, max(0, params.min_new_tokens - new_tokens)) if params.eos_token_id else 0
     parts = []
@@ -132,7 +145,7 @@ def draft_probs(proposal: Proposal, vocab: int, device: torch.device,
     k = len(proposal.tokens)
     if proposal.probs is None:
         q = torch.zeros((k, vocab), dtype=dtype, device=device)
-        q[torch.arange(k), torch.tensor(proposal.tokens)] = 1.0
+        q[torch.arange(k, device=device), torch.tensor(proposal.tokens, device=device)] = 1.0
         return q
     q = proposal.probs.to(device=device, dtype=dtype)
     if q.shape[1] < vocab:
@@ -145,5 +158,5 @@ def _check_int(name: str, value: object) -> None:
         raise InputError(f"verify: {name} must be an int >= 0, got {value!r}")
 
 
-__all__ = ["verify", "process_rows", "draft_probs", "Proposal", "DraftRequest", "Proposer",
+__all__ = ["verify", "process_rows", "history_mask", "draft_probs", "Proposal", "DraftRequest", "Proposer",
            "PromptLookup", "DraftModel", "SpeculationPolicy"]
