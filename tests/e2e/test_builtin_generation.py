@@ -201,3 +201,14 @@ def test_bert_has_no_lm_head():
     with pytest.raises(InputError, match="no causal LM head"):
         transfuse.optimize(models.bert("tiny"), (torch.randint(0, VOCAB, (1, 8)),),
                            generation=OPTIONS)
+
+
+def test_generation_true_takes_the_models_own_position_limit():
+    """generation=True: max_seq_len defaults to min(1024, the config's positions), 256 here."""
+    model = models.llama("tiny")
+    gen = transfuse.optimize(model, (torch.ones(1, 8, dtype=torch.long),), generation=True)
+    assert gen.cache_report()["bytes"] == 256 * 8 * gen.cache_report()["bytes_per_token"]
+    ids = torch.ones(1, 250, dtype=torch.long)
+    assert gen.generate(ids, max_new_tokens=6, eos_token_id=None).shape == (1, 256)
+    with pytest.raises(InputError, match="max_seq_len"):
+        gen.generate(ids, max_new_tokens=7, eos_token_id=None)
