@@ -124,31 +124,37 @@ class Scheduler:
         preempted = False
         # 1. decodes, oldest first; the newest running requests make room when blocks run out.
         # Drafts only come out of the budget left after one token per decode.
-        spare = budget - sum(1 for r in self.running if r.owed == 1)
-        i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            if req.owed != 1:
-                i += 1
-                continue
+        decodes = [r for r in self.running if r.owed == 1]
+        spare = budget - len(decodes)
+        want = []
+        for req in decodes:
             k = min(spec_k(req), spare) if spec_k is not None and spare > 0 else 0
-            n = 1 + k
-            need = self._blocks(req, n)
-            if n > 1 and need > self._free() - planned:
-                n, need = 1, self._blocks(req, 1)  # drop the draft before preempting anyone
-            while need > self._free() - planned:
-                victim = self.running[-1]
-                self.preempt(victim)
-                preempted = True
-                if victim is req:
+            spare -= k
+            want.append(1 + k)
+        together = self._blocks_of(decodes, want) if decodes else 0
+        if together <= self._free():
+            # the common case: they all fit, one look at the pool for the lot
+            planned = together
+            items = [Scheduled(r, n, True, decode=True) for r, n in zip(decodes, want)]
+            budget -= sum(want)
+        else:
+            for req, n in zip(decodes, want):
+                if req.seq_id is None:
+                    continue  # preempted to make room for an older decode
+                need = self._blocks(req, n)
+                if n > 1 and need > self._free() - planned:
+                    n, need = 1, self._blocks(req, 1)  # drop the draft before preempting
+                while need > self._free() - planned:
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        break
+                if req.seq_id is None:  # it was the newest and preempted itself
                     break
-            if req.seq_id is None:  # it was the newest and preempted itself
-                break
-            items.append(Scheduled(req, n, True, decode=True))
-            planned += need
-            budget -= n
-            spare -= n - 1
-            i += 1
+                items.append(Scheduled(req, n, True, decode=True))
+                planned += need
+                budget -= n
         # 2. prompt chunks of running requests in prefill
         for req in self.running:
             owed = req.owed
@@ -201,6 +207,12 @@ class Scheduler:
         if not self.cache.paged:
             return 0
         return self.cache.blocks_needed([(req.seq_id, n)])
+
+    def _blocks_of(self, reqs: list[Request], sizes: list[int]) -> int:
+        """Blocks one step of ``sizes[i]`` tokens of each of ``reqs`` takes together."""
+        if not self.cache.paged:
+            return 0
+        return self.cache.blocks_needed([(r.seq_id, n) for r, n in zip(reqs, sizes)])
 
     def _room_for(self, total: int, planned: int) -> bool:
         """Can ``KVCache.add`` reserve a prompt of ``total`` tokens besides the planned blocks?"""
