@@ -5,6 +5,7 @@
     print(compiled.pass_log)           # what every pass did
     compiled.save("out/model"); transfuse.load("out/model")
     gen = transfuse.optimize(model, (ids,), generation=True); gen.generate(ids)
+    engine = transfuse.Engine(gen); engine.submit(prompt_ids).result()   # many requests at once
 """
 
 from transfuse.errors import (
