@@ -128,6 +128,27 @@ def test_draft_model_proposes_its_own_greedy_continuation(draft):
     assert dm.cache.memory_report()["blocks_free"] == dm.cache.num_blocks
 
 
+def test_draft_model_mixed_batch(draft):
+    """Greedy, greedy with a repetition penalty and sampled requests in one call: each
+    greedy proposal is the draft's own decoding with those options; the sampled one returns
+    its q rows and its drafts are ids with q > 0."""
+    dm = DraftModel(draft)
+    g = torch.Generator().manual_seed(0)
+    sampled = SamplingParams(do_sample=True, top_k=5)
+    looping = PROMPTS[0] + plain_greedy(draft, PROMPTS[0], 12)  # its likely tokens are seen
+    reqs = [DraftRequest("plain", PROMPTS[0]),
+            DraftRequest("pen", looping, SamplingParams(repetition_penalty=3.0)),
+            DraftRequest("s", PROMPTS[1], sampled, g)]
+    plain, pen, samp = dm.propose_batch(reqs, 4)
+    assert plain.tokens == plain_greedy(draft, PROMPTS[0], 4)
+    assert pen.tokens == plain_greedy(draft, looping, 4, repetition_penalty=3.0)
+    assert pen.tokens != plain_greedy(draft, looping, 4)  # the penalty mattered
+    assert samp.probs.shape == (4, VOCAB)
+    assert all(int((row > 0).sum()) == 5 for row in samp.probs)  # top-k 5 applied
+    assert all(float(samp.probs[i, t]) > 0 for i, t in enumerate(samp.tokens))
+    dm.close()
+
+
 def test_draft_model_refuses_what_does_not_fit(draft):
     dm = DraftModel(draft, max_batch=1)
     props = dm.propose_batch([DraftRequest("a", [1, 2, 3]), DraftRequest("b", [4, 5])], 2)

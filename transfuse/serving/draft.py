@@ -191,7 +191,15 @@ class DraftModel:
 
     def _choose(self, work: list[_Drafting], logits: torch.Tensor) -> None:
         """Append each request's next draft (and, sampled, its q) from its logits row."""
+        plain = [row for row, w in enumerate(work) if _plain_greedy(w)]
+        if plain:  # no processor changes the argmax: one batched argmax for those rows
+            best = logits[plain].max(dim=-1).indices.tolist()
+            for row, token in zip(plain, best):
+                work[row].drafts.append(token)
+        done = set(plain)
         for row, w in enumerate(work):
+            if row in done:
+                continue
             params, vocab = w.req.params, logits.shape[-1]
             if params.repetition_penalty != 1.0 and w.seen is None:
                 ids = torch.tensor(w.req.context, dtype=torch.int64, device=logits.device)
@@ -209,6 +217,13 @@ class DraftModel:
             w.drafts.append(token)
             if w.seen is not None and token < vocab:
                 w.seen[0, token] = True
+
+
+def _plain_greedy(w: _Drafting) -> bool:
+    """Greedy with no processor in effect at this draft (argmax of the raw logits)."""
+    p = w.req.params
+    return not p.do_sample and p.repetition_penalty == 1.0 and (
+        not p.eos_token_id or w.req.new_tokens + len(w.drafts) >= p.min_new_tokens)
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
