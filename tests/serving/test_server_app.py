@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -103,3 +104,47 @@ def test_failing_model_step_is_a_500_and_an_error_event_in_a_stream(served):
         assert events[-1] == "[DONE]"
         assert "kernel exploded" in json.loads(events[-2])["error"]["message"]
         assert engine.stats()["errors"] == 2
+
+
+def test_stream_is_cancelled_on_disconnect_even_where_starlette_does_not_watch(served):
+    """ASGI spec 2.4 servers: Starlette no longer listens for the disconnect of a stream; the
+    app's own watcher must cancel the request (raw ASGI calls, the client leaves after the
+    first event)."""
+    body = json.dumps({"model": MODEL, "prompt": "go", "max_tokens": 100, "temperature": 0,
+                       "stream": True}).encode()
+
+    async def go(app):
+        first_event = asyncio.Event()
+        sent: list[dict] = []
+        calls = 0
+
+        async def receive():
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return {"type": "http.request", "body": body, "more_body": False}
+            await first_event.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and message.get("body"):
+                first_event.set()
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+                 "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await asyncio.wait_for(app(scope, receive, send), 60)
+        return sent
+
+    with Engine(served.gen, tokenizer=served.tokenizer) as engine:
+        sent = asyncio.run(go(_app(served, engine)))
+        assert sent[0]["status"] == 200
+        deadline = time.monotonic() + 30
+        while engine.stats()["cancelled"] < 1:
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.05)
+        stats = engine.stats()
+        assert stats["finished"] == 0 and stats["tokens_generated"] < 100

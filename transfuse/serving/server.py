@@ -117,7 +117,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, *, max_seq_len: int
         handles = _submit(state, prompts, req, max_tokens)
         call = Call("cmpl", "text_completion", state.model_name, handles, req)
         if req.stream:
-            return _sse(call.stream_completion())
+            return _sse(call.stream_completion(request))
         return JSONResponse(await call.complete(request, chat=False))
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -134,7 +134,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, *, max_seq_len: int
         handles = _submit(state, [ids], req, max_tokens)
         call = Call("chatcmpl", "chat.completion", state.model_name, handles, req)
         if req.stream:
-            return _sse(call.stream_chat())
+            return _sse(call.stream_chat(request))
         return JSONResponse(await call.complete(request, chat=True))
 
     return app
@@ -312,15 +312,22 @@ class Call:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    async def _events(self, first: Any, piece: Any) -> AsyncIterator[str]:
-        """SSE events: ``first(i)`` per choice, ``piece(i, text, reason)`` per output."""
+    async def _events(self, request: Request, first: Any, piece: Any) -> AsyncIterator[str]:
+        """SSE events: ``first(i)`` per choice, ``piece(i, text, reason)`` per output. Ends
+        (cancelling) when the client leaves: Starlette cancels a stream then (ASGI spec < 2.4)
+        and the watcher here covers servers that do not."""
         tokens = 0
+        watch = asyncio.ensure_future(_disconnected(request))
         try:
             for i in range(len(self.handles)):
                 if first is not None:
                     yield self._chunk([first(i)])
             while self.outputs.open:
-                i, out = await self.outputs.next()
+                try:
+                    i, out = await self.outputs.next(watch)
+                except ClientGone:
+                    logger.info("%s: client disconnected, cancelling", self.id)
+                    return
                 tokens += len(out.token_ids)
                 if out.finish_reason == "error":
                     yield f"data: {json.dumps(_server_error(out).body())}\n\n"
@@ -331,19 +338,23 @@ class Call:
                 yield self._chunk([], self.usage(tokens))
             yield "data: [DONE]\n\n"
         finally:  # also when Starlette cancels the stream because the client left
+            watch.cancel()
             self.outputs.cancel()
 
-    def stream_completion(self) -> AsyncIterator[str]:
-        return self._events(None, lambda i, text, reason: {
+    def stream_completion(self, request: Request) -> AsyncIterator[str]:
+        return self._events(request, None, lambda i, text, reason: {
             "index": i, "text": text, "logprobs": None, "finish_reason": reason})
 
-    def stream_chat(self) -> AsyncIterator[str]:
+    def stream_chat(self, request: Request) -> AsyncIterator[str]:
         def piece(i: int, text: str, reason: str | None) -> dict[str, Any]:
             delta = {"content": text} if text else {}
             return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
 
-        return self._events(lambda i: {"index": i, "delta": {"role": "assistant", "content": ""},
-                                       "logprobs": None, "finish_reason": None}, piece)
+        def first(i: int) -> dict[str, Any]:
+            return {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+
+        return self._events(request, first, piece)
 
 
 def _server_error(out: Any) -> ApiError:
