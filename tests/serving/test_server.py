@@ -164,6 +164,8 @@ BAD = [  # (name, path, body bytes, status, param or None, code or None)
          "max_tokens": MAX_SEQ_LEN}).encode(), 400, "messages", "context_length_exceeded"),
     ("unknown field", "/v1/completions", json.dumps({**GOOD, "frobnicate": 1}).encode(), 400,
      "frobnicate", None),
+    ("negative seed", "/v1/completions", json.dumps({**GOOD, "seed": -1}).encode(), 400,
+     "seed", None),
     ("unsupported n", "/v1/completions", json.dumps({**GOOD, "n": 3}).encode(), 400, "n", None),
     ("bad role", "/v1/chat/completions", json.dumps(
         {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400,

@@ -70,7 +70,7 @@ class _Sampling(BaseModel):
     top_p: Unit | None = None
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]],
                           Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] | None = None
