@@ -125,18 +125,20 @@ def test_shutdown_without_cancel_finishes_every_request(gen):
 
 
 class FailingGen:
-    """The tiny gen whose program raises while ``fail`` is set (a backend failure)."""
+    """The tiny gen whose program raises while ``fail`` is set (a backend failure) and returns
+    NaN logits while ``nan`` is set."""
 
     def __init__(self, gen):
         self._gen = gen
-        self.fail = threading.Event()
+        self.fail, self.nan = threading.Event(), threading.Event()
         self.cache_spec, self.device = gen.cache_spec, gen.device
         self.vocab_size, self.generation_config = gen.vocab_size, gen.generation_config
 
     def program(self, inputs):
         if self.fail.is_set():
             raise RuntimeError("injected backend failure")
-        return self._gen.program(inputs)
+        out = self._gen.program(inputs)
+        return [out[0] * float("nan")] if self.nan.is_set() else out
 
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(gen):
@@ -155,6 +157,38 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(gen):
         assert r.token_ids == alone(gen, prompt, 10)
         assert engine.stats()["errors"] == 1
     _assert_clean(engine)
+
+
+def test_a_failing_sample_fails_its_requests_and_the_engine_goes_on(gen):
+    bad = FailingGen(gen)
+    prompt = random_prompts([6], seed=8)[0]
+    with Engine(bad, max_batch=4) as engine:
+        bad.nan.set()  # multinomial refuses NaN probabilities
+        h = engine.submit(prompt, max_new_tokens=10, temperature=1.0, seed=0)
+        with pytest.raises(ExecutionError, match="choosing its next token failed"):
+            h.result(timeout=30)
+        bad.nan.clear()
+        r = engine.submit(prompt, max_new_tokens=10).result(timeout=30)
+        assert r.token_ids == alone(gen, prompt, 10)
+    _assert_clean(engine)
+
+
+def test_an_engine_bug_fails_every_request_and_closes_the_engine(gen, monkeypatch):
+    from transfuse.serving.scheduler import Scheduler
+
+    def broken(self, spec_k=None):
+        raise RuntimeError("scheduler bug")
+
+    engine = Engine(gen, max_batch=2)
+    monkeypatch.setattr(Scheduler, "schedule", broken)
+    h = engine.submit([1, 2, 3], max_new_tokens=5)
+    with pytest.raises(ExecutionError, match="engine failure: RuntimeError\\('scheduler bug'"):
+        h.result(timeout=30)
+    engine.shutdown()
+    assert engine.closed and not engine.alive
+    with pytest.raises(EngineClosedError, match="stopped after an internal error"):
+        engine.submit([1, 2, 3])
+    assert len(engine.cache) == 0
 
 
 @pytest.mark.parametrize("kwargs, match", [

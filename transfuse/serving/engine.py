@@ -39,10 +39,15 @@ from typing import Any
 
 import torch
 
-from transfuse.errors import EngineClosedError, ExecutionError, QueueFullError
-from transfuse.runtime.sampling import make_generator
+from transfuse.errors import EngineClosedError, ExecutionError, InputError, QueueFullError
 from transfuse.serving.choose import append_tokens, choose_tokens
-from transfuse.serving.options import Limits, check_engine_options, check_options, engine_cache
+from transfuse.serving.options import (
+    Limits,
+    check_engine_options,
+    check_options,
+    engine_cache,
+    request_generator,
+)
 from transfuse.serving.request import Output, Request, RequestHandle
 from transfuse.serving.scheduler import Scheduled, Scheduler
 from transfuse.serving.spec_step import SpecDecoding
@@ -137,8 +142,7 @@ class Engine:
             from transfuse.serving.text import TextStream
 
             text = TextStream(self.tokenizer, opts.stop_strings)
-        generator = make_generator(opts.seed, self.device) if opts.seed is not None \
-            else _unseeded(self.device)
+        generator = request_generator(opts.seed, self.device)
         with self._wake:
             if self._closed or self._failure is not None:
                 raise EngineClosedError("the engine is shut down and takes no new requests"
@@ -263,6 +267,10 @@ class Engine:
                 self._failure = exc
                 inbox, self._inbox = self._inbox, []
             with self._state:
+                try:
+                    self.cache.abort_step()  # a step left in flight holds its blocks
+                except InputError:
+                    pass  # none was
                 for req in inbox:
                     self._live[req.id] = req
                 for req in list(self._live.values()):
@@ -325,14 +333,20 @@ class Engine:
             for it, toks in zip(items, new_tokens):
                 it.req.num_computed += len(toks)
             sampling = [it for it in items if it.samples]
-            if spec is not None:
-                drafts = sum(len(it.draft) for it in sampling)
-                spec.times.add(len(ids), t2 - t1)
-                plain_s = spec.times.predict(len(ids) - drafts) if drafts else None
-                self._sample(sampling, first_row, logits, t2,
-                             step_s=propose_s + (t2 - t1), plain_s=plain_s)
-            else:
-                self._sample(sampling, first_row, logits, t2)
+            try:
+                if spec is not None:
+                    drafts = sum(len(it.draft) for it in sampling)
+                    spec.times.add(len(ids), t2 - t1)
+                    plain_s = spec.times.predict(len(ids) - drafts) if drafts else None
+                    self._sample(sampling, first_row, logits, t2,
+                                 step_s=propose_s + (t2 - t1), plain_s=plain_s)
+                else:
+                    self._sample(sampling, first_row, logits, t2)
+            except Exception as exc:  # e.g. NaN logits under sampling, a tokenizer that raises
+                logger.exception("choosing the next tokens of %d requests failed", len(sampling))
+                for it in sampling:
+                    if it.req.id in self._live:
+                        self._finish(it.req, "error", f"choosing its next token failed: {exc!r}")
             t3 = time.perf_counter()
             self._counts["steps"] += 1
             self._counts["tokens_computed"] += len(ids)
@@ -390,12 +404,6 @@ class Engine:
             req = sched.waiting[0]
             self._finish(req, "error", f"request {req.id} ({len(req.tokens)} tokens) cannot be "
                          f"admitted into the KV cache ({self.cache!r})")
-
-
-def _unseeded(device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.seed()
-    return g
 
 
 __all__ = ["Engine"]

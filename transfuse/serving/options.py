@@ -18,7 +18,7 @@ import torch
 
 from transfuse.errors import InputError
 from transfuse.runtime.kv_cache import KVCache
-from transfuse.runtime.sampling import SamplingParams
+from transfuse.runtime.sampling import SamplingParams, make_generator
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,16 @@ def _stops(stop: Any, vocab: int, has_tokenizer: bool) -> tuple[tuple, tuple]:
     return tuple(ids), tuple(strings)
 
 
+def request_generator(seed: int | None, device: Any) -> torch.Generator:
+    """A request's own generator: seeded (reproducible whatever else runs) or, without a seed,
+    seeded from fresh entropy (never torch's global generator, which other threads share)."""
+    if seed is not None:
+        return make_generator(seed, device)
+    g = torch.Generator(device=device)
+    g.seed()
+    return g
+
+
 def check_engine_options(spec: dict, *, max_batch: Any, max_tokens_per_step: Any,
                          max_queue: Any, spec_tokens: Any, prefix_caching: Any,
                          num_blocks: Any) -> tuple[int, bool]:
@@ -188,4 +198,5 @@ def engine_cache(spec: dict, device: Any, num_blocks: int | None,
                    layout=spec["layout"], order=spec["order"], device=device, **kw)
 
 
-__all__ = ["RequestOptions", "Limits", "check_options", "check_engine_options", "engine_cache"]
+__all__ = ["RequestOptions", "Limits", "check_options", "check_engine_options", "engine_cache",
+           "request_generator"]
