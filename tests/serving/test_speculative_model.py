@@ -156,6 +156,13 @@ def test_draft_model_refuses_what_does_not_fit(draft):
     assert len(dm.propose_batch([DraftRequest("c", list(range(256)))], 3)[0]) == 0
     assert len(dm.propose_batch([DraftRequest("a", [1, 2, 3] + [1] * 252)], 3)[0]) == 2
     dm.close()
+    # a target with a smaller vocabulary: drafts and q over its 10 ids only
+    narrow = DraftModel(draft, vocab_size=10)
+    sampled = SamplingParams(do_sample=True, top_k=0)
+    greedy, samp = narrow.propose_batch([DraftRequest("g", [1, 2, 3]), DraftRequest(
+        "s", [4, 5], sampled, torch.Generator().manual_seed(0))], 6)
+    assert max(greedy.tokens + samp.tokens) < 10 and samp.probs.shape == (6, 10)
+    narrow.close()
     with pytest.raises(transfuse.errors.InputError, match="appears twice"):
         dm.propose_batch([DraftRequest("a", [1]), DraftRequest("a", [1])], 2)
 

@@ -57,8 +57,16 @@ class DraftModel:
     """Proposals from a draft GenerationModel with its own KV cache (module docstring)."""
 
     def __init__(self, draft_gen: Any, *, max_batch: int | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None,
+                 vocab_size: int | None = None) -> None:
+        """``max_batch``: requests drafted for at once (default: the draft's compiled
+        max_batch); ``vocab_size``: the target's vocabulary when the draft's head is wider
+        (padded): drafts and q are then over the target's ids only, so the target can run
+        every draft and q stays the distribution the drafts were drawn from."""
         spec = draft_gen.cache_spec
+        if vocab_size is not None and (isinstance(vocab_size, bool)
+                                       or not isinstance(vocab_size, int) or vocab_size < 1):
+            raise InputError(f"DraftModel: vocab_size must be an int >= 1, got {vocab_size!r}")
         if max_batch is None:
             max_batch = spec["max_batch"]
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -69,7 +77,8 @@ class DraftModel:
         self.gen = draft_gen
         self.max_batch = max_batch
         self.cache = make_cache(spec, draft_gen.device if device is None else device)
-        self.vocab_size = draft_gen.vocab_size
+        self.vocab_size = draft_gen.vocab_size if vocab_size is None \
+            else min(vocab_size, draft_gen.vocab_size)
         self._step = draft_gen.step_for(self.cache)
         self._tokens: dict[Hashable, list[int]] = {}  # what the draft cache holds per request
         self.counters = {"calls": 0, "steps": 0, "catch_up_tokens": 0, "proposed": 0,
@@ -187,7 +196,7 @@ class DraftModel:
             raise
         self.cache.commit_step()
         self.counters["steps"] += 1
-        return logits
+        return logits[:, :self.vocab_size]
 
     def _choose(self, work: list[_Drafting], logits: torch.Tensor) -> None:
         """Append each request's next draft (and, sampled, its q) from its logits row."""
