@@ -144,6 +144,23 @@ def exact():
     return exact_distribution(ToyLM(VOCAB, seed=1), [1, 4], STEPS, PARAMS)
 
 
+@pytest.mark.parametrize("rule", [verify, always_accept])
+def test_first_token_of_one_step_is_distributed_as_p(rule):
+    """Fixed toy p and q over 8 tokens, k = 1: the first emitted token ~ p (and ~ q with
+    always-accept, which the chi-square test rejects)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.30, 0.05, 0.20, 0.02, 0.13, 0.10, 0.15, 0.05])
+    q = torch.tensor([0.05, 0.30, 0.10, 0.20, 0.05, 0.10, 0.05, 0.15])
+    logits = p.log().expand(2, 8)
+    params = SamplingParams(do_sample=True, top_k=0)
+    counts = collections.Counter()
+    for _ in range(4000):
+        d = int(torch.multinomial(q, 1, generator=g))
+        counts[(rule(logits, Proposal([d], q[None]), params, [], 0, g)[0],)] += 1
+    p_value = chi_square(counts, {(t,): float(p[t]) for t in range(8)})[2]
+    assert p_value > 1e-3 if rule is verify else p_value < 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("deterministic", [False, True], ids=["sampled-q", "one-hot-q"])
 def test_speculative_sampling_matches_plain_sampling(exact, deterministic):
