@@ -167,6 +167,36 @@ def test_draft_model_refuses_what_does_not_fit(draft):
         dm.propose_batch([DraftRequest("a", [1]), DraftRequest("a", [1])], 2)
 
 
+class FlakyDraft:
+    """A draft GenerationModel whose step fails at its ``fail_at``-th call."""
+
+    def __init__(self, gen, fail_at: int):
+        self.gen, self.fail_at, self.calls = gen, fail_at, 0
+        self.cache_spec, self.device, self.vocab_size = gen.cache_spec, gen.device, gen.vocab_size
+
+    def step_for(self, cache):
+        step = self.gen.step_for(cache)
+
+        def flaky(ids, meta):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise RuntimeError("draft step broke")
+            return step(ids, meta)
+
+        return flaky
+
+
+def test_draft_model_forgets_requests_when_a_step_fails(draft):
+    dm = DraftModel(FlakyDraft(draft, fail_at=3))  # catch-up, decode, then the failure
+    reqs = [DraftRequest("a", PROMPTS[0]), DraftRequest("b", PROMPTS[1])]
+    with pytest.raises(RuntimeError, match="broke"):
+        dm.propose_batch(reqs, 4)
+    assert dm.cached_len("a") == dm.cached_len("b") == 0 and len(dm.cache) == 0
+    props = dm.propose_batch(reqs, 4)  # recomputed from scratch, right
+    assert [p.tokens for p in props] == [plain_greedy(draft, p, 4) for p in PROMPTS[:2]]
+    dm.close()
+
+
 def test_target_as_draft_accepts_everything_greedy(target):
     prompt = PROMPTS[1]
     out, proposed, accepted = Target(target).generate(DraftModel(target), prompt, 24,

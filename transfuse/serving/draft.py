@@ -97,7 +97,12 @@ class DraftModel:
         out = {r.request_id: Proposal() for r in reqs}
         work = [w for w in (self._admit(r, k) for r in reqs) if w is not None]
         if work:
-            self._draft(work)
+            try:
+                self._draft(work)
+            except BaseException:  # cached lengths no longer match what is recorded: forget
+                for w in work:
+                    self.release(w.req.request_id)
+                raise
             for w in work:
                 self._tokens[w.req.request_id] = w.req.context + w.drafts[:-1]
                 probs = torch.stack(w.probs) if w.req.params.do_sample else None
