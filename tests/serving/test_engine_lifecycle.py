@@ -51,6 +51,21 @@ def test_cancel_running_and_waiting_frees_blocks(gen):
     assert engine.stats()["cancelled"] == 2
 
 
+def test_a_finished_request_frees_its_blocks_at_once(gen):
+    long, short = random_prompts([10, 40], seed=9)
+    with Engine(gen, max_batch=2, prefix_caching=False) as engine:
+        h_long = engine.submit(long, max_new_tokens=200, eos_token_id=None)
+        next(h_long.stream(timeout=30))
+        r = engine.submit(short, max_new_tokens=3, eos_token_id=None).result(timeout=30)
+        # its final output is delivered after its blocks went back: only the long one holds any
+        held = engine.cache.num_blocks - engine.cache.pool.num_free
+        assert not h_long.finished and len(engine.cache) == 1
+        assert held <= -(-(10 + 200) // 16)
+        assert r.finish_reason == "length" and engine.stats()["running"] == 1
+        h_long.cancel()
+    _assert_clean(engine)
+
+
 def test_callbacks_may_cancel_and_stats_is_safe_while_running(gen):
     engine = Engine(gen, max_batch=4, prefix_caching=True)
     stop, errors = threading.Event(), []
