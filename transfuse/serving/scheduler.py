@@ -21,8 +21,9 @@ then 1 per step (the token it just sampled). Each step (vLLM v1's scheduler is t
 An item *samples* when its tokens reach the end of the request's context: its last row's
 logits choose the next token (a prompt's last chunk, a decode). The scheduler decides and
 reserves; the engine runs the step (``KVCache.prepare_step`` of the items, the forward,
-``commit_step``). Block counts are conservative (each item's copy-on-write counted alone), so
-``prepare_step`` never runs out of blocks. Only the engine thread calls this.
+``commit_step``). Block counts are conservative (the decodes' together, every other item's
+alone: a block shared by two writers is counted twice, never too few), so ``prepare_step``
+never runs out of blocks. Only the engine thread calls this.
 """
 
 from __future__ import annotations
