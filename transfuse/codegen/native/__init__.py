@@ -54,6 +54,9 @@ import torch
 from transfuse.codegen.machine_cache import cache_root, cpuinfo
 
 SOURCE = Path(__file__).with_name("kernels.c")
+#: every C file compiled into the one library (kernels.c first); a new kernel family gets its
+#: own file here and its signatures in :data:`_SIGNATURES`
+SOURCES = (SOURCE,)
 #: must equal tf_abi_version() in kernels.c: a stale library with another ABI is rebuilt
 ABI_VERSION = 1
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared",
@@ -109,7 +112,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                                  timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"C compiler {cc} did not run: {e}"
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), repr(version).encode(),
                                      cpuinfo('model name', 'flags').encode(), platform.machine().encode()]))
     out_dir = _cache_dir()
@@ -119,7 +122,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             out_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
             os.close(fd)
-            proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+            proc = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"],
                                   capture_output=True, text=True, timeout=120)
             if proc.returncode != 0:
                 os.unlink(tmp)
