@@ -54,9 +54,9 @@ from onnx import helper
 
 from transfuse.codegen.onnx.contrib_limits import GQA_HEAD_SIZE
 from transfuse.codegen.onnx.export import lower_graph
-from transfuse.codegen.onnx.fused import unflatten
 from transfuse.codegen.onnx.program import open_session, ort_providers
 from transfuse.codegen.onnx.registry import LOWERINGS, fusable, out_dtype
+from transfuse.codegen.onnx.rotary import unflatten
 from transfuse.errors import ExecutionError, LoweringError
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.types import DType
@@ -77,14 +77,18 @@ def recording_cache_writes(graph: Graph) -> Iterator[dict[str, str]]:
         del _WRITES[id(graph)]
 
 
-def _flat(b, v: Value, layout: str) -> str:
-    """A q/k/v value ([1, H, N, D] bhsd or [1, N, H, D] bshd) as [N, H, D]."""
+def _flat(b, v: Value, layout: str, heads_last: bool = False) -> str:
+    """A q/k/v value ([1, H, N, D] bhsd or [1, N, H, D] bshd) as [N, H, D], or as its
+    [1, N, H*D] projection when ``heads_last`` (that form itself when the builder has it:
+    no node)."""
     flat = (b.heads_first if layout == "bhsd" else b.split_heads).get(id(v))
+    h, d = v.type.shape[1 if layout == "bhsd" else 2], v.type.shape[3]
+    if flat is not None and heads_last:
+        return flat
     x = flat if flat is not None else b.name(v)
     if flat is None and layout == "bhsd":
         x = b.add("Transpose", [x], perm=[0, 2, 1, 3])
-    return b.add("Reshape", [x, b.ints([-1, v.type.shape[1 if layout == "bhsd" else 2],
-                                        v.type.shape[3]])])
+    return b.add("Reshape", [x, b.ints([1, -1, h * d] if heads_last else [-1, h, d])])
 
 
 def _cache_now(b, node: Node, which: int) -> tuple[dict[str, str], str, str]:
@@ -189,17 +193,17 @@ def gqa_refuses(b, node: Node) -> str | None:
     return GQA_HEAD_SIZE.refuses(d, dv)
 
 
-def _gqa(b, node: Node, q: str, k: str, v: str, h: int, hkv: int, d: int) -> str:
+def _gqa(b, node: Node, h: int, hkv: int, d: int) -> str:
     """GroupQueryAttention over the one-slot head-major caches, whose present outputs are
-    the written caches; returns the output as [1, N, H*D]."""
+    the written caches; returns the output as [1, N, H*D]. q, k, v go in as their
+    [1, N, H*D] projections (no Reshape where the builder has them)."""
     a = node.attrs
     lens = b.name(node.inputs[7])
     seqlens = b.memo(("gen-seqlens_k", lens), lambda: b.cast(
         b.add("Sub", [lens, b.const(1, DType.i64, "one")]), DType.i64, DType.i32))
     total = b.memo(("gen-total", lens), lambda: b.cast(
         b.reduce("ReduceMax", lens, [0], False), DType.i64, DType.i32))
-    flat = [b.add("Reshape", [x, b.ints([1, -1, heads * d])])
-            for x, heads in ((q, h), (k, hkv), (v, hkv))]
+    flat = [_flat(b, node.inputs[i], a["layout"], heads_last=True) for i in range(3)]
     writes, k_source, k_past = _cache_now(b, node, 3)
     _, v_source, v_past = _cache_now(b, node, 4)
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
@@ -220,18 +224,18 @@ def _cached_attention(b, node):
                             "GenerationOrtProgram")
     a, dtype = node.attrs, out_dtype(node)
     layout = a["layout"]
-    q, k, v = (_flat(b, node.inputs[i], layout) for i in range(3))  # [N, H|Hkv, D]
     pos, sot, lens, table = (b.name(node.inputs[i]) for i in range(5, 9))
     h, d = node.inputs[0].type.shape[1 if layout == "bhsd" else 2], node.inputs[0].type.shape[3]
     hkv = node.inputs[1].type.shape[1 if layout == "bhsd" else 2]
     dv = node.inputs[2].type.shape[3]
     why_not = gqa_refuses(b, node)
     if why_not is None:
-        flat = _gqa(b, node, q, k, v, h, hkv, d)
+        flat = _gqa(b, node, h, hkv, d)
         (b.heads_first if layout == "bhsd" else b.split_heads)[id(node.outputs[0])] = flat
         return unflatten(b, flat, node.outputs[0], layout)
     b.memo(("cached-attention-route", why_not), lambda: b.notes.append(
         f"cached_attention with standard ops: {why_not}") or why_not)
+    q, k, v = (_flat(b, node.inputs[i], layout) for i in range(3))  # [N, H|Hkv, D]
     slot, offset = _where(b, node, table, sot, pos)  # [N], [N]
     k_cache = _write(b, node, 3, k, slot, offset)
     v_cache = _write(b, node, 4, v, slot, offset)
