@@ -185,7 +185,7 @@ def test_failed_build_names_the_error(fresh_native, monkeypatch, tmp_path):
         pytest.skip("no C compiler on this machine")
     bad = tmp_path / "kernels.c"
     bad.write_text("int tf_abi_version(void) { return 1 }\n")  # missing semicolon
-    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "SOURCES", (bad,))
     monkeypatch.setenv("TRANSFUSE_CACHE_DIR", str(tmp_path / "cache"))
     assert native.library() is None
     assert "failed to build kernels.c" in native.status()

@@ -127,10 +127,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             if proc.returncode != 0:
                 os.unlink(tmp)
                 err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                return None, f"{cc} failed to build {SOURCE.name}: {' | '.join(err)}"
+                return None, f"{cc} failed to build {', '.join(p.name for p in SOURCES)}: {' | '.join(err)}"
             os.replace(tmp, lib_path)
         except (OSError, subprocess.SubprocessError) as e:
-            return None, f"could not build {SOURCE.name} into {out_dir}: {e}"
+            return None, f"could not build {', '.join(p.name for p in SOURCES)} into {out_dir}: {e}"
     try:
         lib = ctypes.CDLL(str(lib_path))
         if lib.tf_abi_version() != ABI_VERSION:
@@ -202,4 +202,4 @@ def run_split(fn, units: int, *args) -> None:
         raise RuntimeError(f"native kernel {fn.__name__} refused its arguments (codes {codes})")
 
 
-__all__ = ["library", "status", "reset", "compiler", "usable", "run_split", "SOURCE", "ABI_VERSION"]
+__all__ = ["library", "status", "reset", "compiler", "usable", "run_split", "SOURCE", "SOURCES", "ABI_VERSION"]
