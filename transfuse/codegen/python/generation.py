@@ -16,6 +16,12 @@ The generated code calls :func:`cached_attention_step` (helper ``_cached_attenti
    can see (before the lowest position - window + 1) are not read. ALiBi adds ``slope·(j - p)`` to the mask;
    softcap (no SDPA hook) takes the explicit matmul-softmax path, grouped for GQA.
 
+   fp32 on the CPU goes to the native kernel instead (``native/cached.py``,
+   ``cached_attention.c``): each token's visible K/V rows are read where they lie in the
+   cache (no gathered [B, T, Hkv, D] copy, no padded grid, no mask), with an online softmax
+   per (token, head); every attribute form, both layouts and orders. The torch path above is
+   the fallback (``TRANSFUSE_NATIVE=0``, other dtypes, head dims not a multiple of 8).
+
 Glossary: N step tokens, B step sequences, S new tokens per sequence (grid rows), T
 visible cache length, H query heads, Hkv kv heads, G = H / Hkv, D head dim.
 """
@@ -27,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from transfuse.codegen.native.cached import cached_attention_read, token_runs
 from transfuse.codegen.python.cpu_attention import causal_attention
 from transfuse.codegen.python.registry import LOWERINGS
 from transfuse.ir.opdefs.generation import token_major, write_cache
@@ -80,6 +87,13 @@ class StepPlan:
             self.grid_pos[seq_of_token, self.rows] = position_ids
             self.every_key = False
         self.masks: dict = {}
+        self._runs: torch.Tensor | None = None
+
+    def runs(self) -> torch.Tensor:
+        """The native read's work split (:func:`token_runs`), made on first use."""
+        if self._runs is None:
+            self._runs = token_runs(self.tensors[1])
+        return self._runs
 
     def matches(self, tensors, block_size, length) -> bool:
         """Whether this plan serves metadata ``tensors`` (equal contents: exact, whoever
@@ -167,6 +181,12 @@ def cached_attention_step(q, k, v, k_cache, v_cache, position_ids, seq_of_token,
         # one fresh sequence (positions 0..N-1): causal attention over the step's own K/V
         out = causal_attention(q, k, v, scale, enable_gqa=k.shape[1] != h, window=window)
         return out.transpose(1, 2) if layout == "bshd" else out
+    pos, sot, _, table = plan.tensors
+    flat = cached_attention_read(q[0].transpose(0, 1), kc, vc, pos, sot, table, plan.runs(),
+                                 scale=scale, window=window, alibi=alibi, softcap=softcap,
+                                 block_size=block_size)
+    if flat is not None:  # [N, H, Dv]
+        return flat.unsqueeze(0) if layout == "bshd" else flat.transpose(0, 1).unsqueeze(0)
     # with a window, no query of the step sees a key before lo: those are not read
     lo = 0 if window is None else max(0, plan.min_position - window + 1)
     keys = _read(kc, plan, lo).transpose(1, 2)  # [B, Hkv, T - lo, D]

@@ -1,0 +1,244 @@
+/* transfuse native kernel: the read side of cached_attention, fp32, straight from the cache.
+ *
+ * One generation step (GEN_DESIGN.md) brings N tokens of B sequences on one flattened
+ * axis. Token t of sequence s = sot[t] at position p = pos[t] attends over the entries
+ * j of s's cache with lo(p) <= j <= p, lo(p) = max(0, p - window + 1) (window 0: 0).
+ * The K/V rows are read where they lie, no gathered copy:
+ *
+ *   contiguous (block_size 0): row j of s is  cache + table[s] * c0 + j * c1 + g * c2
+ *   paged:                     row j of s is  cache + table[s * tw + j / bs] * c0
+ *                                                   + (j % bs) * c1 + g * c2
+ *
+ * with (c0, c1, c2) the strides of the token-major view [A, L|bs, Hkv, D] of the cache,
+ * so token-major and head-major caches are two sets of strides. Blocks past a sequence's
+ * length (-1 padding) are never read; an index out of the cache is refused (code 3).
+ *
+ * Work unit u in [u0, u1): u = r * Hkv + g, the tokens [runs[r], runs[r + 1]) (at most
+ * QMAX tokens of one sequence, from the caller) and every query head of kv head g. A unit
+ * walks the keys its tokens can see in tiles of KT keys; each tile's K and V rows are
+ * loaded from memory once and then read from L1 by every (token, head) pair of the unit.
+ * Per pair: the tile's scores (scale, softcap, ALiBi), an online softmax in fp32
+ * (running max m, running sum l, accumulator rescaled when m grows) and P V; at the end
+ * out = acc / l.
+ *
+ * Glossary: N step tokens, B step sequences, H query heads, Hkv kv heads (H % Hkv == 0,
+ * R = H / Hkv query heads per kv head: query head h reads kv head h / R), D key head dim,
+ * Dv value head dim (both multiples of 8), A slots or blocks of the cache, L slot length,
+ * bs block size, tw block-table width, KT keys per tile, QMAX tokens per unit at most.
+ * The vector helpers and the exp below follow kernels.c (each file is its own unit).
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
+
+#define KT 32
+#define QMAX 8
+
+static inline v8 vload(const float *p) { return *(const v8u *)p; }
+static inline void vstore(float *p, v8 v) { *(v8u *)p = v; }
+static inline v8 vset(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+static inline v8 vselect(v8i mask, v8 a, v8 b) { return (v8)(((v8i)a & mask) | ((v8i)b & ~mask)); }
+static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* exp(x), ~2 ulp, 0 below -87.33, +inf above 88.72 (as kernels.c's vexp) */
+static inline v8 vexp(v8 x) {
+    const v8 lo = vset(-87.33654f), hi = vset(88.72283f);
+    v8i under = x < lo, over = x > hi;
+    v8 xc = vselect(under, lo, vselect(over, hi, x));
+    v8 n = xc * vset(1.44269504088896341f);
+    n = (n + vset(12582912.0f)) - vset(12582912.0f);
+    v8 r = xc - n * vset(0.693145751953125f);
+    r = r - n * vset(1.42860682030941723212e-6f);
+    v8 p = vset(1.0f / 5040);
+    p = p * r + vset(1.0f / 720);
+    p = p * r + vset(1.0f / 120);
+    p = p * r + vset(1.0f / 24);
+    p = p * r + vset(1.0f / 6);
+    p = p * r + vset(0.5f);
+    p = p * r + vset(1.0f);
+    p = p * r + vset(1.0f);
+    v8i ni = __builtin_convertvector(n, v8i);
+    v8i n1 = ni >> 1, n2 = ni - n1;
+    v8i b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+    v8 s1, s2;
+    memcpy(&s1, &b1, 32);
+    memcpy(&s2, &b2, 32);
+    v8 res = p * s1 * s2;
+    res = vselect(over, vset(INFINITY), res);
+    return (v8)((v8i)res & ~under);
+}
+
+/* (x0 + x1, x2 + x3, y0 + y1, y2 + y3, x4 + x5, x6 + x7, y4 + y5, y6 + y7) */
+static inline v8 hadd(v8 x, v8 y) {
+    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+/* lane i = q . k[i] over D (a multiple of 8) for 8 key rows */
+static inline v8 dot8(const float *q, const float *const *k, int D) {
+    v8 a0 = vset(0), a1 = vset(0), a2 = vset(0), a3 = vset(0);
+    v8 a4 = vset(0), a5 = vset(0), a6 = vset(0), a7 = vset(0);
+    const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
+    const float *k4 = k[4], *k5 = k[5], *k6 = k[6], *k7 = k[7];
+    for (int d = 0; d < D; d += 8) {
+        v8 x = vload(q + d);
+        a0 += x * vload(k0 + d); a1 += x * vload(k1 + d);
+        a2 += x * vload(k2 + d); a3 += x * vload(k3 + d);
+        a4 += x * vload(k4 + d); a5 += x * vload(k5 + d);
+        a6 += x * vload(k6 + d); a7 += x * vload(k7 + d);
+    }
+    v8 t0 = hadd(hadd(a0, a1), hadd(a2, a3)), t1 = hadd(hadd(a4, a5), hadd(a6, a7));
+    return __builtin_shufflevector(t0, t1, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(t0, t1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* acc[0:Dv] = acc * corr + sum_{j in [a, b]} p[j] * v[j][0:Dv] */
+static inline void pv_update(float *acc, float corr, const float *p, const float *const *v,
+                             int a, int b, int Dv) {
+    int d = 0;
+    for (; d + 32 <= Dv; d += 32) {
+        v8 c = vset(corr);
+        v8 x0 = vload(acc + d) * c, x1 = vload(acc + d + 8) * c;
+        v8 x2 = vload(acc + d + 16) * c, x3 = vload(acc + d + 24) * c;
+        for (int j = a; j <= b; j++) {
+            v8 w = vset(p[j]);
+            const float *vr = v[j] + d;
+            x0 += w * vload(vr); x1 += w * vload(vr + 8);
+            x2 += w * vload(vr + 16); x3 += w * vload(vr + 24);
+        }
+        vstore(acc + d, x0); vstore(acc + d + 8, x1);
+        vstore(acc + d + 16, x2); vstore(acc + d + 24, x3);
+    }
+    for (; d < Dv; d += 8) {
+        v8 x = vload(acc + d) * vset(corr);
+        for (int j = a; j <= b; j++) x += vset(p[j]) * vload(v[j] + d);
+        vstore(acc + d, x);
+    }
+}
+
+int tf_cached_attention_f32(int N, int H, int Hkv, int D, int Dv, float scale, int window,
+                            float softcap, const float *alibi,
+                            const float *q, long qn, long qh,
+                            const float *kc, long k0, long k1, long k2,
+                            const float *vc, long v0, long v1, long v2,
+                            long A, long L, const int64_t *pos, const int64_t *sot, int B,
+                            const int64_t *table, long tw, int bs,
+                            const int64_t *runs, int nruns,
+                            float *out, long on, long oh, int u0, int u1) {
+    if (N < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 8 || D % 8 || Dv < 8 || Dv % 8 ||
+        window < 0 || softcap < 0 || A < 1 || L < 1 || B < 1 || bs < 0 || (bs && tw < 1) ||
+        nruns < 1 || u0 < 0 || u1 > nruns * Hkv || u0 > u1)
+        return 1;
+    int R = H / Hkv, rc = 0;
+    /* per (token, head) of a unit: accumulator [Dv], running max, running sum */
+    float *acc = malloc((size_t)QMAX * R * Dv * sizeof(float));
+    float *mx = malloc((size_t)QMAX * R * 2 * sizeof(float));
+    if (!acc || !mx) { free(acc); free(mx); return 2; }
+    float *sum = mx + QMAX * R;
+    const float *kp[KT + 8], *vp[KT + 8];
+    float sc[KT + 8] __attribute__((aligned(32)));
+    for (int u = u0; u < u1 && !rc; u++) {
+        int r = u / Hkv, g = u % Hkv;
+        long ta = runs[r], tb = runs[r + 1];
+        if (ta < 0 || tb > N || tb <= ta || tb - ta > QMAX) { rc = 1; break; }
+        int nq = (int)(tb - ta);
+        long s = sot[ta], jlo = -1, jhi = -1;
+        long lo[QMAX], hi[QMAX];
+        if (s < 0 || s >= B) { rc = 3; break; }
+        for (int i = 0; i < nq; i++) {
+            long p = pos[ta + i];
+            if (sot[ta + i] != s || p < 0 || (!bs && p >= L) || (bs && p / bs >= tw)) {
+                rc = 3;
+                break;
+            }
+            lo[i] = window && p - window + 1 > 0 ? p - window + 1 : 0;
+            hi[i] = p;
+            jlo = i == 0 || lo[i] < jlo ? lo[i] : jlo;
+            jhi = i == 0 || p > jhi ? p : jhi;
+        }
+        if (rc) break;
+        long slot = bs ? 0 : table[s];
+        if (!bs && (slot < 0 || slot >= A)) { rc = 3; break; }
+        for (int i = 0; i < nq * R; i++) { mx[i] = -INFINITY; sum[i] = 0.0f; }
+        memset(acc, 0, (size_t)nq * R * Dv * sizeof(float));
+        for (long j0 = jlo; j0 <= jhi; j0 += KT) {
+            /* -- this tile's rows of K and V, read in place -- */
+            int cnt = jhi + 1 - j0 < KT ? (int)(jhi + 1 - j0) : KT;
+            for (int jj = 0; jj < cnt; jj++) {
+                long j = j0 + jj;
+                if (bs) {
+                    long blk = table[s * tw + j / bs], row = j % bs;
+                    if (blk < 0 || blk >= A) { rc = 3; break; }
+                    kp[jj] = kc + blk * k0 + row * k1 + g * k2;
+                    vp[jj] = vc + blk * v0 + row * v1 + g * v2;
+                } else {
+                    kp[jj] = kc + slot * k0 + j * k1 + g * k2;
+                    vp[jj] = vc + slot * v0 + j * v1 + g * v2;
+                }
+            }
+            if (rc) break;
+            int c8 = (cnt + 7) / 8 * 8;
+            for (int jj = cnt; jj < c8; jj++) kp[jj] = kp[0];  /* lanes past the end: masked */
+            for (int i = 0; i < nq; i++) {
+                /* keys [a, b] of this tile are visible to token i */
+                int a = lo[i] > j0 ? (int)(lo[i] - j0) : 0;
+                int b = hi[i] < j0 + cnt - 1 ? (int)(hi[i] - j0) : cnt - 1;
+                if (a > b) continue;
+                long p = hi[i];
+                for (int hr = 0; hr < R; hr++) {
+                    int h = g * R + hr, st = i * R + hr;
+                    const float *qr = q + (ta + i) * qn + h * qh;
+                    /* -- scores of the visible keys, in 8-key groups -- */
+                    int g0 = a / 8 * 8;
+                    float tmax = -INFINITY;
+                    for (int jj = g0; jj <= b; jj += 8) {
+                        v8 x = dot8(qr, kp + jj, D) * vset(scale);
+                        if (softcap > 0) {
+                            v8 e = vexp(x * vset(2.0f / softcap));
+                            x = vset(softcap) * (vset(1.0f) - vset(2.0f) / (e + vset(1.0f)));
+                        }
+                        if (alibi) {
+                            v8 rel;
+                            for (int l = 0; l < 8; l++) rel[l] = (float)(j0 + jj + l - p);
+                            x += vset(alibi[h]) * rel;
+                        }
+                        vstore(sc + jj, x);
+                    }
+                    for (int jj = a; jj <= b; jj++) tmax = sc[jj] > tmax ? sc[jj] : tmax;
+                    /* -- online softmax: rescale by exp(m - m'), add this tile -- */
+                    float mnew = tmax > mx[st] ? tmax : mx[st];
+                    float corr = mx[st] == -INFINITY ? 0.0f : expf(mx[st] - mnew);
+                    mx[st] = mnew;
+                    for (int jj = g0; jj < a; jj++) sc[jj] = -INFINITY;
+                    for (int jj = b + 1; jj < (b + 8) / 8 * 8; jj++) sc[jj] = -INFINITY;
+                    v8 tot = vset(0);
+                    for (int jj = g0; jj <= b; jj += 8) {
+                        v8 e = vexp(vload(sc + jj) - vset(mnew));
+                        vstore(sc + jj, e);
+                        tot += e;
+                    }
+                    sum[st] = sum[st] * corr + hsum(tot);
+                    pv_update(acc + (long)st * Dv, corr, sc, vp, a, b, Dv);
+                }
+            }
+        }
+        if (rc) break;
+        for (int i = 0; i < nq; i++)
+            for (int hr = 0; hr < R; hr++) {
+                int st = i * R + hr;
+                float f = 1.0f / sum[st];
+                float *o = out + (ta + i) * on + (g * R + hr) * oh;
+                const float *x = acc + (long)st * Dv;
+                for (int d = 0; d < Dv; d += 8) vstore(o + d, vload(x + d) * vset(f));
+            }
+    }
+    free(acc);
+    free(mx);
+    return rc;
+}
