@@ -56,7 +56,7 @@ from transfuse.codegen.machine_cache import cache_root, cpuinfo
 SOURCE = Path(__file__).with_name("kernels.c")
 #: every C file compiled into the one library (kernels.c first); a new kernel family gets its
 #: own file here and its signatures in :data:`_SIGNATURES`
-SOURCES = (SOURCE, SOURCE.with_name("cached_attention.c"))
+SOURCES = (SOURCE, SOURCE.with_name("cached_attention.c"), SOURCE.with_name("gemm.c"))
 #: must equal tf_abi_version() in kernels.c: a stale library with another ABI is rebuilt
 ABI_VERSION = 1
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared",
@@ -79,6 +79,8 @@ _SIGNATURES = {
     "tf_add_rms_norm_f32": [_I, _P, _L, _P, _L, _P, _F, _P, _L, _P, _L, _I, _I],
     "tf_rotary_f32": [_I, _I, _I, _I, _I, _P, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L,
                       _P, _L, _L, _L, _I, _I],
+    "tf_linear_f32": [_I, _I, _I, _P, _L, _P, _L, _P, _P, _L, _I, _I],
+    "tf_linear_units": [_I],
     "tf_cached_attention_f32": [_I, _I, _I, _I, _I, _F, _I, _F, _P, _P, _L, _L, _P, _L, _L, _L,
                                 _P, _L, _L, _L, _L, _L, _P, _P, _I, _P, _L, _I, _P, _I,
                                 _P, _L, _L, _I, _I],

@@ -1,6 +1,7 @@
 """torch-facing wrappers of the native kernels, each with its torch path as the fallback.
 
-The generated python code calls these (``_swiglu``, ``_rms_norm``, ``_add_rms_norm``;
+The generated python code calls these (``_swiglu``, ``_rms_norm``, ``_add_rms_norm``; ``linear``
+through :func:`transfuse.codegen.python.small_linear.small_linear`;
 attention goes through :func:`transfuse.codegen.python.cpu_attention.causal_attention`). Each
 checks that the native kernel applies (fp32 CPU tensors, no autograd, a layout the kernel
 reads: rows of contiguous elements at one stride, see :func:`_rows`) and otherwise runs
@@ -110,6 +111,29 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return x * cos + rot * sin
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``F.linear(x, w, b)`` by ``tf_linear_f32`` (gemm.c): x [..., K] (rows of K contiguous
+    elements at one stride), w [N, K] with contiguous rows, b [N] contiguous or None; a fresh
+    contiguous [..., N] result. Every weight row is read once whatever the number of rows,
+    and each result row is bitwise the same computed alone or among others (batch
+    invariant). None when the kernel does not apply (the caller runs its GEMM)."""
+    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or not x.numel() or not w.numel():
+        return None
+    n, k = w.shape
+    if (w.stride(1) != 1 or (b is not None and (b.shape != (n,) or b.stride(0) != 1))
+            or not native.usable(x, w, *(() if b is None else (b,)))):
+        return None
+    rx = _rows(x)
+    if rx is None:
+        return None
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    lib = native.library()
+    native.run_split(lib.tf_linear_f32, lib.tf_linear_units(n), rx[0], n, k, x.data_ptr(), rx[1],
+                     w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
+                     out.data_ptr(), n)
+    return out
+
+
 def _ptr3(t: torch.Tensor) -> tuple[int, int, int, int]:
     """A 4-D tensor's address and its three outer strides (the last one is 1)."""
     return t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)
@@ -140,4 +164,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return out.transpose(1, 2)
 
 
-__all__ = ["swiglu", "rms_norm", "add_rms_norm", "rotary", "attention"]
+__all__ = ["swiglu", "rms_norm", "add_rms_norm", "rotary", "attention", "linear"]
