@@ -5,7 +5,8 @@
  * linear is a stream over its weight: MKL's sgemm reaches the memory's bandwidth at
  * M = 1 (GEMV) but takes 2-3.5x that time at M = 4..16. Here every weight element is
  * read from memory once whatever M is: the weight is walked in blocks of NB rows and
- * KC columns (8-16 KB, stays in L1), and each block is used by all M rows of x before
+ * KC columns (4 KB, stays in L1, the next one prefetched meanwhile), and each block is used
+ * by all M rows of x (register tiles of MB rows x NB columns) before
  * the next one is touched.
  *
  * Glossary: M rows of x and y, K the reduced dim, N output columns (weight rows),
@@ -35,13 +36,19 @@ typedef float g8 __attribute__((vector_size(32)));
 typedef float g4 __attribute__((vector_size(16)));
 
 #define VL 16
-#define NB 4
+#ifndef NB
+#define NB 4 /* a multiple of 4 (the reduction's width) */
+#endif
+#ifndef MB
 #if defined(__AVX512F__)
 #define MB 4 /* 16 accumulators + 4 weight vectors: 20 of the 32 zmm registers */
 #else
 #define MB 2 /* a g16 is two registers without AVX-512 */
 #endif
-#define KC 512
+#endif
+#ifndef KC
+#define KC 256 /* 4 x 1 KB of weight and M x 1 KB of x per chunk: L1 */
+#endif
 #define MAXM 64 /* rows per pass over the weight block; larger M loops (same arithmetic) */
 
 static inline g16 gload(const float *p) { return *(const g16u *)p; }
@@ -90,6 +97,8 @@ static void tile_rows(int R, int kn, const float *x, long ldx, const float *cons
     switch (R) {
 #if MB >= 4
     case 4: tile(4, kn, x, ldx, w, acc, first, pf); break;
+#endif
+#if MB >= 3
     case 3: tile(3, kn, x, ldx, w, acc, first, pf); break;
 #endif
     case 2: tile(2, kn, x, ldx, w, acc, first, pf); break;
@@ -147,9 +156,12 @@ int tf_linear_f32(int M, int N, int K, const float *x, long ldx, const float *w,
             /* -- lanes summed, bias added, nb columns stored per row -- */
             for (int r = 0; r < mm; r++) {
                 g16 *a = acc + r * NB;
-                g4 s = reduce4(a[0], a[1], a[2], a[3]);
                 float *yr = y + (long)(m0 + r) * ldy + n0;
-                for (int j = 0; j < nb; j++) yr[j] = bias ? s[j] + bias[n0 + j] : s[j];
+                for (int j0 = 0; j0 < nb; j0 += 4) {
+                    g4 s = reduce4(a[j0], a[j0 + 1], a[j0 + 2], a[j0 + 3]);
+                    for (int j = j0; j < nb && j < j0 + 4; j++)
+                        yr[j] = bias ? s[j - j0] + bias[n0 + j] : s[j - j0];
+                }
             }
         }
     }

@@ -116,18 +116,28 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     elements at one stride), w [N, K] with contiguous rows, b [N] contiguous or None; a fresh
     contiguous [..., N] result. Every weight row is read once whatever the number of rows,
     and each result row is bitwise the same computed alone or among others (batch
-    invariant). None when the kernel does not apply (the caller runs its GEMM)."""
-    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or not x.numel() or not w.numel():
+    invariant). None when the kernel does not apply (the caller runs its GEMM).
+
+    Called once per linear of every decode step, so the checks are the cheap ones (~8 us in
+    all, against ~15 us through :func:`native.usable` and :func:`_rows`)."""
+    lib = native.library()
+    f32 = torch.float32
+    if (lib is None or x.dtype is not f32 or w.dtype is not f32 or not x.is_cpu or not w.is_cpu
+            or w.dim() != 2 or x.dim() < 1 or w.stride(1) != 1):
         return None
     n, k = w.shape
-    if (w.stride(1) != 1 or (b is not None and (b.shape != (n,) or b.stride(0) != 1))
-            or not native.usable(x, w, *(() if b is None else (b,)))):
+    if x.shape[-1] != k or not k or not n:
         return None
-    rx = _rows(x)
-    if rx is None:
+    if b is not None and (b.dtype is not f32 or not b.is_cpu or b.shape != (n,)
+                          or b.stride(0) != 1):
         return None
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
-    lib = native.library()
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                    or (b is not None and b.requires_grad)):
+        return None
+    rx = (x.numel() // k, k) if x.is_contiguous() else _rows(x)
+    if rx is None or not rx[0]:
+        return None
+    out = torch.empty((*x.shape[:-1], n), dtype=f32)
     native.run_split(lib.tf_linear_f32, lib.tf_linear_units(n), rx[0], n, k, x.data_ptr(), rx[1],
                      w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
                      out.data_ptr(), n)
