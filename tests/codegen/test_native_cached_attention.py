@@ -139,24 +139,26 @@ def test_fresh_single_sequence_prefill_keeps_the_causal_kernel(monkeypatch):
     assert calls == [True]  # only the decode step called the native read
 
 
-def test_threads_split_the_units_without_changing_results():
+@pytest.mark.parametrize("tokens", [11, 1], ids=["runs", "one-token-heads-split"])
+def test_threads_split_the_units_without_changing_results(tokens):
+    """More runs than threads: a unit per run; fewer: the kv heads are split into groups."""
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(11, 6, 16, generator=gen)
-    kc, vc = torch.randn(2, 2, 40, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen)
-    pos = torch.tensor([30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 20])
-    sot = torch.tensor([0] * 10 + [1])
+    q = torch.randn(tokens, 6, 16, generator=gen)
+    kc, vc = torch.randn(2, 3, 40, 16, generator=gen), torch.randn(2, 3, 40, 16, generator=gen)
+    pos = torch.tensor([30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 20])[-tokens:]
+    sot = torch.tensor([0] * 10 + [1])[-tokens:]
     args = (q, kc.transpose(1, 2), vc.transpose(1, 2), pos, sot, torch.tensor([1, 0]),
             token_runs(sot))
     kw = {"scale": None, "window": None, "alibi": None, "softcap": None, "block_size": None}
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = cached_attention_read(*args, **kw)
-        torch.set_num_threads(3)
-        three = cached_attention_read(*args, **kw)
+        for n in (1, 2, 5):
+            torch.set_num_threads(n)
+            results.append(cached_attention_read(*args, **kw))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, three)
+    assert all(torch.equal(results[0], r) for r in results[1:])
 
 
 def test_token_runs_split_sequences_and_long_chunks():
