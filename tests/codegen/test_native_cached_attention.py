@@ -86,8 +86,9 @@ def _torch_path(monkeypatch):
     monkeypatch.setattr(gen_kernel, "cached_attention_read", lambda *a, **k: None)
 
 
-def _run_three(monkeypatch, attrs, steps, hkv, d=D, seed=0):
-    """Run ``steps`` by the reference, the native step and the torch step; compare each."""
+def _run_three(monkeypatch, attrs, steps, hkv, d=D, seed=0, force_native=True):
+    """Run ``steps`` by the reference, the native step and the torch step; compare each.
+    ``force_native``: also steps of long chunks, which the native step leaves to torch."""
     gen = torch.Generator().manual_seed(seed)
     paged, order = attrs["paged"], attrs["cache_order"]
     ref_c, nat_c, tor_c = (_caches(paged, order, hkv, d) for _ in range(3))
@@ -100,12 +101,15 @@ def _run_three(monkeypatch, attrs, steps, hkv, d=D, seed=0):
         return out
 
     for starts, counts in steps:
+        gen_kernel._LAST_PLAN.clear()
         q, k, v, pos, sot, lens = step_inputs(starts, counts, gen, heads=H, kv_heads=hkv,
                                               head_dim=d, layout=attrs["layout"])
         ins = [q, k, v, pos, sot, lens, _table(paged, lens)]
         want = cached_attention([*ins[:3], *ref_c, *ins[3:]], attrs, {})
         with monkeypatch.context() as m:
             m.setattr(gen_kernel, "cached_attention_read", counting)
+            if force_native:
+                m.setattr(gen_kernel, "DENSE_CHUNK", 10**9)
             got = _step(gen_kernel.cached_attention_step, attrs, ins, nat_c)
         with monkeypatch.context() as m:
             _torch_path(m)
@@ -137,6 +141,18 @@ def test_bshd_layout_gpt2_head_dim_and_wider_values(monkeypatch):
 def test_fresh_single_sequence_prefill_keeps_the_causal_kernel(monkeypatch):
     calls = _run_three(monkeypatch, _attrs(False, "token-major"), [([0], [7]), ([7], [1])], 2)
     assert calls == [True]  # only the decode step called the native read
+
+
+@pytest.mark.parametrize("steps,native", [
+    ([([0, 0], [20, 18])], False),  # two chunks: the grid is full
+    ([([0], [3]), ([3], [16])], False),  # one chunk after a cached prefix
+    ([([0, 0, 0], [3, 20, 5]), ([3, 20, 5], [20, 1, 1])], True),  # a chunk beside decodes
+    ([([0, 0], [9, 2]), ([9, 2], [15, 15])], True),  # below DENSE_CHUNK tokens per sequence
+])
+def test_steps_of_long_chunks_go_to_the_torch_path(monkeypatch, steps, native):
+    assert gen_kernel.DENSE_CHUNK == 16
+    calls = _run_three(monkeypatch, _attrs(True, "token-major"), steps, 2, force_native=False)
+    assert calls[-1:] == ([True] if native else [])
 
 
 @pytest.mark.parametrize("tokens", [11, 1], ids=["runs", "one-token-heads-split"])
