@@ -40,9 +40,13 @@ def _close_to_fp64(out, x, w, b):
 @pytest.mark.parametrize("k,n", [(1, 1), (15, 3), (16, 4), (17, 5), (64, 9), (100, 130),
                                  (513, 7), (1030, 66), (768, 257)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_linear_and_fp64(m, k, n, bias):
+@pytest.mark.parametrize("kmajor", [False, True])
+def test_matches_linear_and_fp64(m, k, n, bias, kmajor):
+    """Both kernels: the weight [N, K] with contiguous rows (tf_linear_f32), or K-major, the
+    transposed view of a [K, N] (tf_linear_kn_f32)."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
-    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(k, n, generator=g).t() if kmajor else torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
     out = ops.linear(x, w, b)
     assert out is not None and out.shape == (m, n) and out.is_contiguous()
@@ -66,13 +70,15 @@ def test_strided_rows_leading_dims_and_weight_row_stride():
 
 
 @needs_lib
-@pytest.mark.parametrize("k,n", [(768, 300), (77, 50), (3072, 20)])
-def test_batch_invariant_bitwise(k, n):
+@pytest.mark.parametrize("k,n", [(768, 300), (77, 50), (3072, 20), (130, 200)])
+@pytest.mark.parametrize("kmajor", [False, True])
+def test_batch_invariant_bitwise(k, n, kmajor):
     """Row m of the result is the same bits computed alone, among any rows, at any offset,
     with any number of threads."""
     g = torch.Generator().manual_seed(k)
     x = torch.randn(40, k, generator=g) * torch.logspace(-3, 3, k)   # cancellation-prone
-    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    w = torch.randn(k, n, generator=g).t() if kmajor else torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
     full = ops.linear(x, w, b)
     for i in range(40):
         assert torch.equal(ops.linear(x[i:i + 1], w, b), full[i:i + 1])
@@ -83,8 +89,10 @@ def test_batch_invariant_bitwise(k, n):
 
 
 @needs_lib
-def test_thread_split_agrees_bitwise(monkeypatch):
-    x, w, b = torch.randn(9, 200), torch.randn(1001, 200), torch.randn(1001)
+@pytest.mark.parametrize("kmajor", [False, True])
+def test_thread_split_agrees_bitwise(monkeypatch, kmajor):
+    x, b = torch.randn(9, 200), torch.randn(1001)
+    w = torch.randn(200, 1001).t() if kmajor else torch.randn(1001, 200)
     one = ops.linear(x, w, b)
     for threads in (2, 3, 7):
         monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
@@ -95,7 +103,7 @@ def test_thread_split_agrees_bitwise(monkeypatch):
 def test_refuses_what_it_does_not_compute():
     x, w = torch.randn(3, 8), torch.randn(5, 8)
     assert ops.linear(x.double(), w.double()) is None
-    assert ops.linear(x, torch.randn(8, 5).t()) is None           # K-major weight
+    assert ops.linear(x, torch.randn(8, 10)[:, ::2].t()) is None  # neither layout
     assert ops.linear(x, w, torch.randn(10)[::2]) is None        # strided bias
     assert ops.linear(x, w, torch.randn(4)) is None              # wrong bias size
     assert ops.linear(torch.randn(3, 7), w) is None               # K mismatch
@@ -121,6 +129,39 @@ def test_small_linear_dispatch(monkeypatch):
     # what the kernel refuses goes to F.linear with the same meaning
     xd, wd = torch.randn(2, 32, dtype=torch.float64), w.double()
     assert sl.small_linear(xd, wd).dtype == torch.float64
+
+
+def test_small_matmul_dispatch():
+    w = torch.randn(32, 48)                                       # [K, N], as Conv1D keeps it
+    for m in (1, 5, sl.NATIVE_MAX_ROWS + 3):
+        x = torch.randn(2, m, 32)
+        torch.testing.assert_close(sl.small_matmul(x, w), torch.matmul(x, w),
+                                   rtol=1e-5, atol=1e-5)
+    assert sl.small_matmul(torch.randn(32), w).shape == (48,)
+    # a 3-D second operand is a batched matmul, not a weight: torch's
+    a, bm = torch.randn(2, 3, 32), torch.randn(2, 32, 5)
+    assert torch.equal(sl.small_matmul(a, bm), torch.matmul(a, bm))
+
+
+@needs_lib
+def test_hf_gpt2_conv1d_matmuls_use_it(fresh_native, monkeypatch):
+    """HF GPT-2's Conv1D layers are matmuls by [K, N] weights: a generation step calls
+    ``_small_matmul`` for them and generates HF's greedy tokens with the kernel on and off."""
+    from hf_builders import tiny_hf_model
+
+    model = tiny_hf_model("gpt2", "sdpa", layers=2, hidden=32, vocab=96, positions=64)
+    gen = transfuse.optimize(model, (torch.randint(0, 96, (1, 8)),),
+                             generation={"max_seq_len": 32, "max_batch": 2})
+    assert gen.source.count("_small_matmul(") == 8  # qkv, o, fc, proj per layer
+    ids = torch.randint(0, 96, (2, 6))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=6, pad_token_id=0)
+    on = gen.generate(ids, max_new_tokens=6, eos_token_id=None)
+    monkeypatch.setenv("TRANSFUSE_NATIVE", "0")
+    native.reset()
+    off = gen.generate(ids, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(torch.as_tensor(on), ref) and torch.equal(torch.as_tensor(off), ref)
 
 
 def test_small_linear_without_native(fresh_native, monkeypatch):

@@ -81,6 +81,8 @@ _SIGNATURES = {
                       _P, _L, _L, _L, _I, _I],
     "tf_linear_f32": [_I, _I, _I, _P, _L, _P, _L, _P, _P, _L, _I, _I],
     "tf_linear_units": [_I],
+    "tf_linear_kn_f32": [_I, _I, _I, _P, _L, _P, _L, _P, _P, _L, _I, _I],
+    "tf_linear_kn_units": [_I],
     "tf_cached_attention_f32": [_I, _I, _I, _I, _I, _F, _I, _F, _P, _P, _L, _L, _P, _L, _L, _L,
                                 _P, _L, _L, _L, _L, _L, _P, _P, _I, _P, _L, _I, _P, _I, _I,
                                 _P, _L, _L, _I, _I],

@@ -169,3 +169,97 @@ int tf_linear_f32(int M, int N, int K, const float *x, long ldx, const float *w,
 }
 
 int tf_linear_units(int N) { return (N + NB - 1) / NB; }
+
+/* -- the same product with the weight stored K-major: wt[K, N] (row stride ldw) -------------
+ *
+ * y[m, n] = sum_k x[m, k] * wt[k, n] (+ bias[n]): a matmul by a [K, N] weight (GPT-2's Conv1D,
+ * a linear whose weight is kept transposed). Work units are blocks of NCB columns; per unit
+ * the rows of wt are read KC2 at a time as a [KC2, NCB] tile (32 KB, L1; the next one
+ * prefetched meanwhile) and used by every row of x: register tiles of MB rows by 64
+ * columns (4 vectors), x[m, k] broadcast. Each y[m, n] is one FMA chain over k in order,
+ * parked in y between tiles, bias added last: batch invariant with no lane reduction. */
+
+#define NCB 128
+#define KC2 64
+
+static inline __attribute__((always_inline)) void tile_kn(const int R, int kn, const float *x, long ldx,
+                                                          const float *wt, long ldw, float *y, long ldy,
+                                                          int first, const float *pf) {
+    g16 c[MB][4];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++) c[r][j] = first ? (g16){0} : gload(y + r * ldy + j * VL);
+    for (int k = 0; k < kn; k++) {
+        const float *wk = wt + (long)k * ldw;
+        g16 w0 = gload(wk), w1 = gload(wk + VL), w2 = gload(wk + 2 * VL), w3 = gload(wk + 3 * VL);
+        if (pf)
+            for (int j = 0; j < 4; j++) __builtin_prefetch(pf + (long)k * ldw + j * VL, 0, 3);
+        for (int r = 0; r < R; r++) {
+            float xv = x[r * ldx + k];
+            g16 xb = {xv, xv, xv, xv, xv, xv, xv, xv, xv, xv, xv, xv, xv, xv, xv, xv};
+            c[r][0] += xb * w0; c[r][1] += xb * w1; c[r][2] += xb * w2; c[r][3] += xb * w3;
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++) *(g16u *)(y + r * ldy + j * VL) = c[r][j];
+}
+
+static void tile_kn_rows(int R, int kn, const float *x, long ldx, const float *wt, long ldw,
+                         float *y, long ldy, int first, const float *pf) {
+    switch (R) {
+#if MB >= 4
+    case 4: tile_kn(4, kn, x, ldx, wt, ldw, y, ldy, first, pf); break;
+#endif
+#if MB >= 3
+    case 3: tile_kn(3, kn, x, ldx, wt, ldw, y, ldy, first, pf); break;
+#endif
+    case 2: tile_kn(2, kn, x, ldx, wt, ldw, y, ldy, first, pf); break;
+    default: tile_kn(1, kn, x, ldx, wt, ldw, y, ldy, first, pf); break;
+    }
+}
+
+/* y[m, n] for the columns of blocks [u0, u1) (NCB columns each), walked row chunk by row
+ * chunk of wt so that its rows are read as long contiguous runs; a partial last 64 columns
+ * (N % 64) run through a zero-padded copy. */
+int tf_linear_kn_f32(int M, int N, int K, const float *x, long ldx, const float *wt, long ldw,
+                     const float *bias, float *y, long ldy, int u0, int u1) {
+    int units = (N + NCB - 1) / NCB;
+    if (M < 1 || N < 1 || K < 1 || u0 < 0 || u1 > units || u0 > u1) return 1;
+    float wpad[KC2 * 64] __attribute__((aligned(64)));
+    float ypad[MB * 64] __attribute__((aligned(64)));
+    int c0 = u0 * NCB, c1 = u1 * NCB < N ? u1 * NCB : N;
+    for (int k0 = 0; k0 < K; k0 += KC2) {
+        int kn = K - k0 < KC2 ? K - k0 : KC2;
+        for (int n0 = c0; n0 < c1; n0 += 64) {
+            int nw = c1 - n0 < 64 ? c1 - n0 : 64;
+            const float *wk = wt + (long)k0 * ldw + n0;
+            /* prefetched meanwhile: the next 64 columns, else the next chunk's first */
+            const float *pf = n0 + 64 < c1 ? wk + 64 : k0 + KC2 < K ? wt + (long)(k0 + KC2) * ldw + c0 : NULL;
+            if (nw < 64) {
+                for (int k = 0; k < kn; k++) {
+                    memset(wpad + k * 64, 0, 64 * sizeof(float));
+                    memcpy(wpad + k * 64, wk + (long)k * ldw, (size_t)nw * sizeof(float));
+                }
+                for (int r = 0; r < M; r += MB) {
+                    int R = M - r < MB ? M - r : MB;
+                    for (int i = 0; i < R; i++) {
+                        memset(ypad + i * 64, 0, 64 * sizeof(float));
+                        if (k0) memcpy(ypad + i * 64, y + (long)(r + i) * ldy + n0, (size_t)nw * sizeof(float));
+                    }
+                    tile_kn_rows(R, kn, x + (long)r * ldx + k0, ldx, wpad, 64, ypad, 64, k0 == 0, NULL);
+                    for (int i = 0; i < R; i++)
+                        memcpy(y + (long)(r + i) * ldy + n0, ypad + i * 64, (size_t)nw * sizeof(float));
+                }
+                continue;
+            }
+            for (int r = 0; r < M; r += MB)
+                tile_kn_rows(M - r < MB ? M - r : MB, kn, x + (long)r * ldx + k0, ldx, wk, ldw,
+                             y + (long)r * ldy + n0, ldy, k0 == 0, r == 0 ? pf : NULL);
+        }
+    }
+    if (bias)
+        for (int m = 0; m < M; m++)
+            for (int n = c0; n < c1; n++) y[(long)m * ldy + n] += bias[n];
+    return 0;
+}
+
+int tf_linear_kn_units(int N) { return (N + NCB - 1) / NCB; }

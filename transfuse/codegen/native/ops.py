@@ -113,7 +113,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
     """``F.linear(x, w, b)`` by ``tf_linear_f32`` (gemm.c): x [..., K] (rows of K contiguous
-    elements at one stride), w [N, K] with contiguous rows, b [N] contiguous or None; a fresh
+    elements at one stride), w [N, K] with contiguous rows, or K-major (``wt.t()`` of a
+    [K, N] with contiguous rows: ``tf_linear_kn_f32``), b [N] contiguous or None; a fresh
     contiguous [..., N] result. Every weight row is read once whatever the number of rows,
     and each result row is bitwise the same computed alone or among others (batch
     invariant). None when the kernel does not apply (the caller runs its GEMM).
@@ -123,7 +124,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     lib = native.library()
     f32 = torch.float32
     if (lib is None or x.dtype is not f32 or w.dtype is not f32 or not x.is_cpu or not w.is_cpu
-            or w.dim() != 2 or x.dim() < 1 or w.stride(1) != 1):
+            or w.dim() != 2 or x.dim() < 1):
+        return None
+    if w.stride(1) == 1:      # rows of K contiguous: tf_linear_f32
+        kernel, units, ldw = lib.tf_linear_f32, lib.tf_linear_units, w.stride(0)
+    elif w.stride(0) == 1:    # K-major (a transposed view of [K, N] rows): tf_linear_kn_f32
+        kernel, units, ldw = lib.tf_linear_kn_f32, lib.tf_linear_kn_units, w.stride(1)
+    else:
         return None
     n, k = w.shape
     if x.shape[-1] != k or not k or not n:
@@ -138,9 +145,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if rx is None or not rx[0]:
         return None
     out = torch.empty((*x.shape[:-1], n), dtype=f32)
-    native.run_split(lib.tf_linear_f32, lib.tf_linear_units(n), rx[0], n, k, x.data_ptr(), rx[1],
-                     w.data_ptr(), w.stride(0), None if b is None else b.data_ptr(),
-                     out.data_ptr(), n)
+    native.run_split(kernel, units(n), rx[0], n, k, x.data_ptr(), rx[1], w.data_ptr(), ldw,
+                     None if b is None else b.data_ptr(), out.data_ptr(), n)
     return out
 
 

@@ -20,7 +20,7 @@ from transfuse.codegen.native import ops as native_ops
 from transfuse.codegen.python.blas import gemm_linear
 from transfuse.codegen.python.cpu_attention import causal_attention
 from transfuse.codegen.python.generation import cached_attention_step
-from transfuse.codegen.python.small_linear import small_linear
+from transfuse.codegen.python.small_linear import small_linear, small_matmul
 from transfuse.ir.opdefs.misc import call_fallback
 
 
@@ -46,6 +46,7 @@ HELPERS: dict[str, Helper] = {
     "_assert": Helper(assert_all),
     "_gemm_linear": Helper(gemm_linear),
     "_small_linear": Helper(small_linear, native=True),
+    "_small_matmul": Helper(small_matmul, native=True),
     "_causal_attention": Helper(causal_attention, native=True),
     "_cached_attention": Helper(cached_attention_step),
     "_swiglu": Helper(native_ops.swiglu, native=True),

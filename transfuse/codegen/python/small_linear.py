@@ -56,4 +56,17 @@ def small_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
     return gemm_linear(x, w, b, gemm == "blas")
 
 
-__all__ = ["small_linear", "NATIVE_MAX_ROWS"]
+def small_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(x, w)`` for a 2-D ``w`` [K, N] (a weight stored K-major, as GPT-2's
+    Conv1D keeps it): the native kernel reads ``w``'s rows in place (``w.t()`` is a K-major
+    [N, K]) when x has at most :data:`NATIVE_MAX_ROWS` rows and it applies."""
+    k = x.shape[-1] if x.dim() else 0
+    rows = x.numel() // k if k else 0
+    if 0 < rows <= NATIVE_MAX_ROWS and w.dim() == 2:
+        out = native_ops.linear(x, w.t())
+        if out is not None:
+            return out
+    return torch.matmul(x, w)
+
+
+__all__ = ["small_linear", "small_matmul", "NATIVE_MAX_ROWS"]
