@@ -219,8 +219,7 @@ def _half_rows(b, h: Value, ops: tuple[Node, ...], d: int) -> str:
 def _rotary_rows(b, node: Node, plan: dict) -> str:
     x = node.inputs[0]
     t = x.type.shape
-    d, interleaved = t[3], int(node.attrs["interleaved"])
-    caches = [_half_rows(b, h, ops, d) for h, ops in zip(plan["h"], plan["ops"])]
+    caches = [_half_rows(b, h, ops, t[3]) for h, ops in zip(plan["h"], plan["ops"])]
     if plan["per_batch"]:  # token (b, s) reads row b*S + s
 
         def row_ids():
@@ -232,20 +231,29 @@ def _rotary_rows(b, node: Node, plan: dict) -> str:
         pos = b.memo(("rotary-row-ids", caches[0], str(t[0])), row_ids)
     else:  # token (b, s) reads row s
         pos = b.ints([0])
-    axis = plan["axis"]
-    views = b.heads_first if axis == 2 else b.split_heads
-    heads = t[1] if axis == 2 else t[2]
+    return _embed(b, node, "bhsd" if plan["axis"] == 2 else "bshd", pos, caches)
+
+
+def _embed(b, node: Node, layout: str, pos: str, caches: list[str]) -> str:
+    """RotaryEmbedding of x ([B, H, S, D] "bhsd" or [B, S, H, D] "bshd") with ``pos`` and
+    the half-width ``caches``: on its [B, S, H*D] projection when the builder has it (the
+    output is recorded the same way: no transposes), else on x 4-D (bhsd) or reshaped."""
+    x = node.inputs[0]
+    t = x.type.shape
+    interleaved = int(node.attrs["interleaved"])
+    views = b.heads_first if layout == "bhsd" else b.split_heads
+    heads = t[1] if layout == "bhsd" else t[2]
     flat = views.get(id(x))
-    if flat is not None and isinstance(heads, int):  # the [B, S, H*D] projection itself
+    if flat is not None and isinstance(heads, int):
         out3 = b.ms("RotaryEmbedding", [flat, pos, *caches], interleaved=interleaved,
                     num_heads=heads)
         views[id(node.outputs[0])] = out3
-        return unflatten(b, out3, node.outputs[0], "bhsd" if axis == 2 else "bshd")
-    if axis == 2:  # [B, H, S, D]: the kernel's 4-D form
+        return unflatten(b, out3, node.outputs[0], layout)
+    if layout == "bhsd":  # the kernel's 4-D form
         return b.ms("RotaryEmbedding", [b.name(x), pos, *caches], interleaved=interleaved)
     if not isinstance(heads, int):
         return _refuse(b, node, f"x {x.type} has a symbolic head count (num_heads)")
-    flat = b.add("Reshape", [b.name(x), b.reshape_target([t[0], t[1], t[2] * d])])
+    flat = b.add("Reshape", [b.name(x), b.reshape_target([t[0], t[1], t[2] * t[3]])])
     out3 = b.ms("RotaryEmbedding", [flat, pos, *caches], interleaved=interleaved,
                 num_heads=heads)
     return b.add("Reshape", [out3, b.reshape_target(t)])
@@ -272,24 +280,9 @@ def _rotary_std(b, node: Node) -> str:
 
 def _rotary_tables(b, node: Node, tables, layout: str) -> str:
     tc, ts, start = tables
-    x = node.inputs[0]
     interleaved = node.attrs["interleaved"]
     caches = [half_table(b, tc, interleaved), half_table(b, ts, interleaved)]
-    pos = b.dim(start)
-    heads = x.type.shape[1] if layout == "bhsd" else x.type.shape[2]
-    flat = (b.heads_first if layout == "bhsd" else b.split_heads).get(id(x))
-    if flat is not None:  # rotate the [B, S, H*D] projection: no transposes at all
-        out3 = b.ms("RotaryEmbedding", [flat, pos, *caches], interleaved=int(interleaved),
-                    num_heads=heads)
-        (b.heads_first if layout == "bhsd" else b.split_heads)[id(node.outputs[0])] = out3
-        return unflatten(b, out3, node.outputs[0], layout)
-    if layout == "bhsd":
-        return b.ms("RotaryEmbedding", [b.name(x), pos, *caches], interleaved=int(interleaved))
-    t = x.type.shape
-    flat = b.add("Reshape", [b.name(x), b.reshape_target([t[0], t[1], t[2] * t[3]])])
-    out3 = b.ms("RotaryEmbedding", [flat, pos, *caches], interleaved=int(interleaved),
-                num_heads=heads)
-    return b.add("Reshape", [out3, b.reshape_target(t)])
+    return _embed(b, node, layout, b.dim(start), caches)
 
 
 @LOWERINGS.register("rotary")
