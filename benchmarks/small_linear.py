@@ -4,7 +4,8 @@
 
 For every (K, N) of GPT-2 124M and SmolLM2-135M and each row count M, the time of
 ``y = x[M, K] @ W[N, K]^T + b`` by ``transfuse.codegen.native.ops.linear`` and by
-``F.linear``, interleaved round by round, best round counted. Each call takes the next of a
+``F.linear`` (and of ``x @ Wt[K, N]`` against ``torch.matmul`` for the K-major layout of
+GPT-2's Conv1D), interleaved round by round, best round counted. Each call takes the next of a
 ring of distinct weights totalling more than the last-level cache (so every weight comes
 from memory, as in a decode step), and the line ends with the memory floor: the weight
 bytes at 16 GB/s.
@@ -22,9 +23,14 @@ import torch.nn.functional as F
 from transfuse.codegen import native
 from transfuse.codegen.native import ops
 
-#: (K, N) of GPT-2 124M (qkv, o, fc, proj, LM head) and SmolLM2-135M (qkv, o, gate/up, down, head)
-SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (768, 50257),
-          (576, 960), (576, 576), (576, 1536), (1536, 576), (576, 49152)]
+#: (K, N, layout) of GPT-2 124M (qkv, o, fc, proj, LM head) and SmolLM2-135M (qkv, o, gate/up,
+#: down, head); "nk": a linear's [N, K] weight (tf_linear_f32 vs F.linear), "kn": a [K, N]
+#: weight as HF GPT-2's Conv1D keeps it (tf_linear_kn_f32 vs torch.matmul)
+SHAPES = [(768, 2304, "nk"), (768, 768, "nk"), (768, 3072, "nk"), (3072, 768, "nk"),
+          (768, 50257, "nk"), (768, 2304, "kn"), (768, 768, "kn"), (768, 3072, "kn"),
+          (3072, 768, "kn"),
+          (576, 960, "nk"), (576, 576, "nk"), (576, 1536, "nk"), (1536, 576, "nk"),
+          (576, 49152, "nk")]
 
 
 def llc_bytes() -> int:
@@ -49,16 +55,21 @@ def time_ring(fn, ring: int, min_s: float = 0.05) -> float:
             return el / calls
 
 
-def shape_cells(k: int, n: int, rows: list[int], rounds: int, budget: int) -> list[str]:
+def shape_cells(k: int, n: int, layout: str, rows: list[int], rounds: int,
+                budget: int) -> list[str]:
     """'M{m} native/torch (ratio)' in ms for each row count, on a ring of distinct weights."""
     ring = max(2, budget // (n * k * 4))
-    ws = [torch.randn(n, k) for _ in range(ring)]
+    ws = [torch.randn(n, k) if layout == "nk" else torch.randn(k, n) for _ in range(ring)]
     b = torch.randn(n)
     cells = []
     for m in rows:
         x = torch.randn(m, k)
-        fns = {"native": lambda i, x=x: ops.linear(x, ws[i], b),
-               "torch": lambda i, x=x: F.linear(x, ws[i], b)}
+        if layout == "nk":
+            fns = {"native": lambda i, x=x: ops.linear(x, ws[i], b),
+                   "torch": lambda i, x=x: F.linear(x, ws[i], b)}
+        else:
+            fns = {"native": lambda i, x=x: ops.linear(x, ws[i].t()),
+                   "torch": lambda i, x=x: torch.matmul(x, ws[i])}
         best = dict.fromkeys(fns, float("inf"))
         for _ in range(rounds):  # interleaved, so drift hits both
             for name, fn in fns.items():
@@ -82,10 +93,11 @@ def main() -> None:
     print(f"threads {args.threads}, weights rotated over {budget >> 20} MB per shape; "
           "ms per call native / F.linear (ratio)")
     with torch.inference_mode():
-        for k, n in SHAPES:
-            cells = shape_cells(k, n, rows, args.rounds, budget)
+        for k, n, layout in SHAPES:
+            cells = shape_cells(k, n, layout, rows, args.rounds, budget)
             floor = n * k * 4 / 16e9 * 1e3
-            print(f"{k}x{n}: " + " | ".join(cells) + f" | floor {floor:.2f}", flush=True)
+            print(f"{k}x{n} {layout}: " + " | ".join(cells) + f" | floor {floor:.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

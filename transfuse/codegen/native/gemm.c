@@ -173,14 +173,16 @@ int tf_linear_units(int N) { return (N + NB - 1) / NB; }
 /* -- the same product with the weight stored K-major: wt[K, N] (row stride ldw) -------------
  *
  * y[m, n] = sum_k x[m, k] * wt[k, n] (+ bias[n]): a matmul by a [K, N] weight (GPT-2's Conv1D,
- * a linear whose weight is kept transposed). Work units are blocks of NCB columns; per unit
- * the rows of wt are read KC2 at a time as a [KC2, NCB] tile (32 KB, L1; the next one
- * prefetched meanwhile) and used by every row of x: register tiles of MB rows by 64
- * columns (4 vectors), x[m, k] broadcast. Each y[m, n] is one FMA chain over k in order,
+ * a linear whose weight is kept transposed). Work units are blocks of NCB columns; a call
+ * walks its columns KC2 rows of wt at a time (KC2 contiguous runs over the call's columns),
+ * in [KC2, 64] tiles (8 KB, L1; the next one prefetched meanwhile) each used by every row
+ * of x: register tiles of MB rows by 64 columns (4 vectors), x[m, k] broadcast. Each y[m, n] is one FMA chain over k in order,
  * parked in y between tiles, bias added last: batch invariant with no lane reduction. */
 
 #define NCB 128
-#define KC2 64
+#ifndef KC2
+#define KC2 32 /* rows of wt per chunk: 32 streams in flight (64 was ~10% slower at M = 1) */
+#endif
 
 static inline __attribute__((always_inline)) void tile_kn(const int R, int kn, const float *x, long ldx,
                                                           const float *wt, long ldw, float *y, long ldy,
