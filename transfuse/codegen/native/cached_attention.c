@@ -13,19 +13,25 @@
  * so token-major and head-major caches are two sets of strides. Blocks past a sequence's
  * length (-1 padding) are never read; an index out of the cache is refused (code 3).
  *
- * Work unit u in [u0, u1): u = r * Hkv + g, the tokens [runs[r], runs[r + 1]) (at most
- * QMAX tokens of one sequence, from the caller) and every query head of kv head g. A unit
- * walks the keys its tokens can see in tiles of KT keys; each tile's K and V rows are
- * loaded from memory once and then read from L1 by every (token, head) pair of the unit.
- * Per pair: the tile's scores (scale, softcap, ALiBi), an online softmax in fp32
+ * Work unit u in [u0, u1): u = r * groups + c, the tokens [runs[r], runs[r + 1]) (at most
+ * QMAX tokens of one sequence, from the caller) and the query heads of kv heads
+ * [c * HG, (c + 1) * HG) (groups = ceil(Hkv / HG); the caller takes HG = Hkv unless the
+ * threads need more units: then each cache row, the Hkv heads of a position side by side,
+ * is read from start to end by one unit, 0.65-0.85x the time of a unit per kv head). A
+ * unit walks the keys its tokens can see in tiles of KT keys; each tile's K and V rows of
+ * a kv head are loaded from memory once and then read from L1 by every (token, query
+ * head) pair of that kv head. Per pair: the tile's scores (8 keys at a time: 8 dot
+ * products reduced by a shuffle tree; scale, softcap, ALiBi), an online softmax in fp32
  * (running max m, running sum l, accumulator rescaled when m grows) and P V; at the end
- * out = acc / l.
+ * out = acc / l. Each (token, head) is computed on its own, the same way whatever the
+ * batch or the thread split.
  *
  * Glossary: N step tokens, B step sequences, H query heads, Hkv kv heads (H % Hkv == 0,
  * R = H / Hkv query heads per kv head: query head h reads kv head h / R), D key head dim,
  * Dv value head dim (both multiples of 8), A slots or blocks of the cache, L slot length,
- * bs block size, tw block-table width, KT keys per tile, QMAX tokens per unit at most.
- * The vector helpers and the exp below follow kernels.c (each file is its own unit).
+ * bs block size, tw block-table width, KT keys per tile, QMAX tokens per unit at most,
+ * HG kv heads per unit. The vector helpers and the exp below repeat kernels.c's (each
+ * file is its own translation unit; a shared header would need the build key to cover it).
  */
 
 #include <math.h>
