@@ -9,7 +9,10 @@ weights rotated so they come from memory, GPT-2's 768x3072 MLP weight takes 0.71
 M = 1 and 1.34 / 1.81 / 2.01 ms at M = 4 / 8 / 16; the LM head 768x50257 11.1 ms at M = 1,
 36 ms at M = 8. ``tf_linear_f32`` (``codegen/native/gemm.c``) reads every weight block
 once and uses it for all the rows: 0.78 / 0.82 / 0.99 / 1.27 ms and 16 ms at M = 8 for
-the LM head.
+the LM head; ``tf_linear_kn_f32`` does the same for a weight stored [K, N] (HF GPT-2's
+Conv1D, lowered as ``matmul``; :func:`small_matmul`): 768x3072 at M = 1 / 8 / 16
+0.63 / 0.69 / 0.91 ms against torch.matmul's 0.63 / 1.75 / 2.55
+(``benchmarks/small_linear.py`` prints the whole table).
 
 :func:`small_linear` is what the python backend emits for a linear whose row count is not
 known when the code is generated (the tokens of a generation step) or is at most
