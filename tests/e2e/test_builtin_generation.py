@@ -190,11 +190,12 @@ def test_positions_from_the_token_count_are_refused(family, what):
 
 @pytest.mark.parametrize("family,table", [("gpt2", "wpe_weight"), ("llama", "rope_cos")])
 def test_position_table_shorter_than_the_cache_is_refused(family, table):
-    """generation=True asks for 1024 positions; the tiny presets have 256: refused at compile
-    time, naming the table and the limit, instead of indexing past it mid-generation."""
+    """max_seq_len 1024 asked of a tiny preset (256 positions): refused at compile time, naming
+    the table and the limit, instead of indexing past it mid-generation."""
     model = getattr(models, family)("tiny")
     with pytest.raises(PassError, match=f"%{table}.* 256 rows .*max_seq_len <= 256"):
-        transfuse.optimize(model, (torch.randint(0, VOCAB, (1, 8)),), generation=True)
+        transfuse.optimize(model, (torch.randint(0, VOCAB, (1, 8)),),
+                           generation={"max_seq_len": 1024})
 
 
 def test_bert_has_no_lm_head():
