@@ -37,7 +37,10 @@ PY = _load("_python_backend_cases", "codegen/test_python.py")
 
 #: ORT's CPU execution provider has no bf16 kernels for these ops
 CPU_UNSUPPORTED = {"rms_norm-bf16", "rms_norm-bf16-noupcast", "add_norm-rms-bf16"}
-TOL = {torch.float16: 2e-3}
+#: fp32: ORT's MLAS GEMMs round more than the python reference's small-M native kernel (measured
+#: on the kv_heads=1 attention case against fp64: projection error MLAS-like MKL 4.5e-6 vs native
+#: 1.3e-6, attention output 6.0e-5 vs 1.1e-5), so the two may differ by ~5e-5 at |x| ~ 1.5
+TOL = {torch.float16: 2e-3, torch.float32: 1e-4}
 
 
 def assert_close(got, want, what=""):
@@ -46,7 +49,7 @@ def assert_close(got, want, what=""):
         assert a.dtype == b.dtype and a.shape == b.shape, \
             f"{what}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
         if a.is_floating_point():
-            tol = TOL.get(a.dtype, 2e-5)
+            tol = TOL.get(a.dtype, 2e-5)  # other dtypes (f64): tight
             torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True, msg=what)
         else:
             assert torch.equal(a, b), what
