@@ -57,6 +57,8 @@ SOURCE = Path(__file__).with_name("kernels.c")
 #: every C file compiled into the one library (kernels.c first); a new kernel family gets its
 #: own file here and its signatures in :data:`_SIGNATURES`
 SOURCES = (SOURCE, SOURCE.with_name("cached_attention.c"), SOURCE.with_name("gemm.c"))
+#: headers the sources include (part of the build key: a changed header rebuilds the library)
+HEADERS = (Path(__file__).with_name("vec8.h"),)
 #: must equal tf_abi_version() in kernels.c: a stale library with another ABI is rebuilt
 ABI_VERSION = 1
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared",
@@ -119,7 +121,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                                  timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"C compiler {cc} did not run: {e}"
-    source = b"\0".join(path.read_bytes() for path in SOURCES)
+    source = b"\0".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), repr(version).encode(),
                                      cpuinfo('model name', 'flags').encode(), platform.machine().encode()]))
     out_dir = _cache_dir()
@@ -209,4 +211,4 @@ def run_split(fn, units: int, *args) -> None:
         raise RuntimeError(f"native kernel {fn.__name__} refused its arguments (codes {codes})")
 
 
-__all__ = ["library", "status", "reset", "compiler", "usable", "run_split", "SOURCE", "SOURCES", "ABI_VERSION"]
+__all__ = ["library", "status", "reset", "compiler", "usable", "run_split", "SOURCE", "SOURCES", "HEADERS", "ABI_VERSION"]

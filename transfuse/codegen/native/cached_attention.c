@@ -30,8 +30,7 @@
  * R = H / Hkv query heads per kv head: query head h reads kv head h / R), D key head dim,
  * Dv value head dim (both multiples of 8), A slots or blocks of the cache, L slot length,
  * bs block size, tw block-table width, KT keys per tile, QMAX tokens per unit at most,
- * HG kv heads per unit. The vector helpers and the exp below repeat kernels.c's (each
- * file is its own translation unit; a shared header would need the build key to cover it).
+ * HG kv heads per unit. The vector helpers and the exp are vec8.h's (shared with kernels.c).
  */
 
 #include <math.h>
@@ -39,46 +38,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
+#include "vec8.h"
 
 #define KT 32
 #define QMAX 8
-
-static inline v8 vload(const float *p) { return *(const v8u *)p; }
-static inline void vstore(float *p, v8 v) { *(v8u *)p = v; }
-static inline v8 vset(float x) { return (v8){x, x, x, x, x, x, x, x}; }
-static inline v8 vselect(v8i mask, v8 a, v8 b) { return (v8)(((v8i)a & mask) | ((v8i)b & ~mask)); }
-static inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-
-/* exp(x), ~2 ulp, 0 below -87.33, +inf above 88.72 (as kernels.c's vexp) */
-static inline v8 vexp(v8 x) {
-    const v8 lo = vset(-87.33654f), hi = vset(88.72283f);
-    v8i under = x < lo, over = x > hi;
-    v8 xc = vselect(under, lo, vselect(over, hi, x));
-    v8 n = xc * vset(1.44269504088896341f);
-    n = (n + vset(12582912.0f)) - vset(12582912.0f);
-    v8 r = xc - n * vset(0.693145751953125f);
-    r = r - n * vset(1.42860682030941723212e-6f);
-    v8 p = vset(1.0f / 5040);
-    p = p * r + vset(1.0f / 720);
-    p = p * r + vset(1.0f / 120);
-    p = p * r + vset(1.0f / 24);
-    p = p * r + vset(1.0f / 6);
-    p = p * r + vset(0.5f);
-    p = p * r + vset(1.0f);
-    p = p * r + vset(1.0f);
-    v8i ni = __builtin_convertvector(n, v8i);
-    v8i n1 = ni >> 1, n2 = ni - n1;
-    v8i b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
-    v8 s1, s2;
-    memcpy(&s1, &b1, 32);
-    memcpy(&s2, &b2, 32);
-    v8 res = p * s1 * s2;
-    res = vselect(over, vset(INFINITY), res);
-    return (v8)((v8i)res & ~under);
-}
 
 /* (x0 + x1, x2 + x3, y0 + y1, y2 + y3, x4 + x5, x6 + x7, y4 + y5, y6 + y7) */
 static inline v8 hadd(v8 x, v8 y) {
