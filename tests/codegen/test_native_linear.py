@@ -118,14 +118,15 @@ def test_small_linear_dispatch(monkeypatch):
     monkeypatch.setattr(sl.native_ops, "linear",
                         lambda *a: calls.append(a[0].shape) or real(*a))
     w, b = torch.randn(64, 32), torch.randn(64)
-    for m in (1, sl.NATIVE_MAX_ROWS, sl.NATIVE_MAX_ROWS + 1, 512):
+    for m in (1, sl.NATIVE_MIN_ROWS, sl.NATIVE_MAX_ROWS, sl.NATIVE_MAX_ROWS + 1, 512):
         x = torch.randn(m, 32)
         torch.testing.assert_close(sl.small_linear(x, w, b), F.linear(x, w, b),
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sl.small_linear(x, w, b, "wide"), F.linear(x, w, b),
                                    rtol=1e-5, atol=1e-5)
-    # the kernel is asked only up to NATIVE_MAX_ROWS rows; a prefill stays on the GEMM
-    assert sorted({s[0] for s in calls}) == [1, sl.NATIVE_MAX_ROWS]
+    # the kernel is asked only from NATIVE_MIN_ROWS to NATIVE_MAX_ROWS rows: one row stays on
+    # torch's GEMV, a prefill on the GEMM
+    assert sorted({s[0] for s in calls}) == [sl.NATIVE_MIN_ROWS, sl.NATIVE_MAX_ROWS]
     # what the kernel refuses goes to F.linear with the same meaning
     xd, wd = torch.randn(2, 32, dtype=torch.float64), w.double()
     assert sl.small_linear(xd, wd).dtype == torch.float64
