@@ -193,7 +193,7 @@ def part_prefix(gen, args, console) -> dict:
     vocab = gen.vocab_size
     hits, misses = [], []
     with Engine(gen, max_batch=4, max_tokens_per_step=1024, prefix_caching=True) as engine:
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             system = [rng.randrange(10, vocab - 10) for _ in range(512)]
             user = [[rng.randrange(10, vocab - 10) for _ in range(16)] for _ in range(2)]
             for i, sample in enumerate((misses, hits)):
