@@ -102,3 +102,14 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     otherwise reach the real rows through the values in the next layer.
     """
     return (attention_mask == 0)[:, None, None, :]
+
+
+class CausalLM(nn.Module):
+    """Base of the causal reference models: what generation asks of a causal LM (its LM head
+    ``lm_head``; ``generation_config``, a :class:`GenerationDefaults` the subclass sets)."""
+
+    lm_head: nn.Linear
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head (what a causal LM exposes to generation)."""
+        return self.lm_head

@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfuse.models._common import GenerationDefaults, merge_heads, padding_mask, split_heads
+from transfuse.models._common import (
+    CausalLM,
+    GenerationDefaults,
+    merge_heads,
+    padding_mask,
+    split_heads,
+)
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2(nn.Module):
+class GPT2(CausalLM):
     """forward(input_ids (B, S) int64, position_ids=None, attention_mask=None, use_cache=None)
     -> logits (B, S, V).
 
@@ -129,10 +135,6 @@ class GPT2(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one (V, E) tensor
         self.generation_config = GenerationDefaults()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        """The LM head (what a causal LM exposes to generation)."""
-        return self.lm_head
 
     def forward(
         self,

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfuse.models._common import GenerationDefaults, merge_heads, padding_mask, split_heads
+from transfuse.models._common import (
+    CausalLM,
+    GenerationDefaults,
+    merge_heads,
+    padding_mask,
+    split_heads,
+)
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attn_norm(x))
 
 
-class Llama(nn.Module):
+class Llama(CausalLM):
     """forward(input_ids (B, S) int64, position_ids=None, attention_mask=None, use_cache=None)
     -> logits (B, S, V).
 
@@ -168,10 +174,6 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # (P, D)
         self.register_buffer("rope_sin", sin, persistent=False)  # (P, D)
         self.generation_config = GenerationDefaults()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        """The LM head (what a causal LM exposes to generation)."""
-        return self.lm_head
 
     def forward(
         self,
