@@ -261,10 +261,12 @@ def geometry_of(spec: Mapping[str, Any]) -> dict[str, Any]:
             "layers": spec["layers"]}
 
 
-def make_cache(spec: Mapping[str, Any], device: torch.device | str = "cpu") -> KVCache:
-    """Allocate the KVCache a spec describes (its own memory check first)."""
-    kw = {"block_size": spec["block_size"], "num_blocks": spec["num_blocks"]} \
-        if spec["layout"] == "paged" else {}
+def make_cache(spec: Mapping[str, Any], device: torch.device | str = "cpu", *,
+               num_blocks: int | None = None, prefix_caching: bool = False) -> KVCache:
+    """Allocate the KVCache a spec describes (its own memory check first); a paged cache may
+    take another pool size (``num_blocks``) and prefix caching."""
+    kw = {"block_size": spec["block_size"], "num_blocks": num_blocks or spec["num_blocks"],
+          "prefix_caching": prefix_caching} if spec["layout"] == "paged" else {}
     return KVCache(spec["layers"], spec["kv_heads"], spec["head_dim"], spec["dtype"],
                    max_seq_len=spec["max_seq_len"], max_batch=spec["max_batch"],
                    layout=spec["layout"], order=spec["order"], device=device, **kw)

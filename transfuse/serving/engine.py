@@ -40,12 +40,12 @@ from typing import Any
 import torch
 
 from transfuse.errors import EngineClosedError, ExecutionError, InputError, QueueFullError
+from transfuse.runtime.generation_model import make_cache
 from transfuse.serving.choose import append_tokens, choose_tokens
 from transfuse.serving.options import (
     Limits,
     check_engine_options,
     check_options,
-    engine_cache,
     request_generator,
 )
 from transfuse.serving.request import Output, Request, RequestHandle
@@ -85,7 +85,8 @@ class Engine:
         self.max_queue = max_queue
         self.tokenizer = tokenizer
         self.prefix_caching = prefix_caching
-        self.cache = engine_cache(spec, gen.device, num_blocks, prefix_caching)
+        self.cache = make_cache(spec, gen.device, num_blocks=num_blocks,
+                                prefix_caching=prefix_caching)
         self.device = gen.device
         self._program = gen.program
         self._cache_tensors = list(self.cache.cache_inputs().values())

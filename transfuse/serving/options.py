@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from transfuse.errors import InputError
-from transfuse.runtime.kv_cache import KVCache
 from transfuse.runtime.sampling import SamplingParams, make_generator
 
 
@@ -185,18 +184,5 @@ def check_engine_options(spec: dict, *, max_batch: Any, max_tokens_per_step: Any
     return max_batch, prefix_caching
 
 
-def engine_cache(spec: dict, device: Any, num_blocks: int | None,
-                 prefix_caching: bool) -> KVCache:
-    """The engine's own KVCache from the gen's cache spec (``num_blocks`` overrides a paged
-    pool's size)."""
-    kw: dict[str, Any] = {}
-    if spec["layout"] == "paged":
-        kw = {"block_size": spec["block_size"], "num_blocks": num_blocks or spec["num_blocks"],
-              "prefix_caching": prefix_caching}
-    return KVCache(spec["layers"], spec["kv_heads"], spec["head_dim"], spec["dtype"],
-                   max_seq_len=spec["max_seq_len"], max_batch=spec["max_batch"],
-                   layout=spec["layout"], order=spec["order"], device=device, **kw)
-
-
-__all__ = ["RequestOptions", "Limits", "check_options", "check_engine_options", "engine_cache",
+__all__ = ["RequestOptions", "Limits", "check_options", "check_engine_options",
            "request_generator"]
