@@ -29,6 +29,7 @@ visible cache length, H query heads, Hkv kv heads, G = H / Hkv, D head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -68,20 +69,15 @@ class StepPlan:
         self.b, self.t, self.n = len(self.lens), max(self.lens), position_ids.shape[0]
         self.block_size = block_size
         dev = position_ids.device
-        j = torch.arange(self.t, device=dev)
         if block_size is None:
             self.slots = cache_table.tolist()
             first = self.slots[0]
             self.in_order = self.slots == list(range(first, first + self.b))
             self.write_rows = cache_table[seq_of_token] * length + position_ids
-            self.read_rows = cache_table[:, None] * length + j[None, :]
         else:
             self.slots, self.in_order = None, False
             blocks = cache_table[seq_of_token, position_ids // block_size]
             self.write_rows = blocks * block_size + position_ids % block_size
-            nblocks = -(-self.t // block_size)
-            table = cache_table[:, :nblocks].clamp_min(0)  # -1 padding: masked by position
-            self.read_rows = (table[:, j // block_size] * block_size + j % block_size)
         self.decode = self.b == self.n  # every token its own sequence, in order
         if self.decode:
             self.rows = None
@@ -98,6 +94,17 @@ class StepPlan:
             self.every_key = False
         self.masks: dict = {}
         self._runs: torch.Tensor | None = None
+
+    @functools.cached_property
+    def read_rows(self) -> torch.Tensor:
+        """[B, T]: the cache rows each sequence reads (the torch path's gather; the native
+        read needs none, so it is made on first use)."""
+        cache_table, length, bs = self.tensors[3], self.length, self.block_size
+        j = torch.arange(self.t, device=cache_table.device)
+        if bs is None:
+            return cache_table[:, None] * length + j[None, :]
+        table = cache_table[:, :-(-self.t // bs)].clamp_min(0)  # -1 padding: masked by position
+        return table[:, j // bs] * bs + j % bs
 
     def native_first(self) -> bool:
         """Whether the native read should take this step (see :data:`DENSE_CHUNK`)."""
