@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Graph, Node, Value
+from transfuse.ir.types import QuantType
 
 #: ``supports(node) -> reason | None``: why a lowering cannot take this node (None: it can)
 SupportsFn = Callable[[Node], "str | None"]
@@ -165,6 +166,19 @@ class Target:
         [N, K]: an object with ``torch_s``, ``blas_s`` and ``gflops(library)``, and text for
         the pass log. Only a target with :attr:`gemm_libraries` to choose from times."""
         raise LoweringError(f"target {self.name!r} has no GEMM libraries to time")
+
+    # -- quantization (issue 13; transfuse.passes.quant asks these) -------------------------
+
+    #: granularities of qmatmul's dynamic activation quantization this target runs exactly,
+    #: preferred first ("token": a scale per row, "tensor": one scale)
+    qmatmul_act_quant: ClassVar[tuple[str, ...]] = ("token", "tensor")
+
+    def quant_unsupported(self, qtype: QuantType, op: str) -> str | None:
+        """Why this target cannot run ``op`` (``qlinear`` / ``qmatmul``) with a weight of
+        ``qtype`` (None when it can)."""
+        if qtype.scheme == "fp8e4m3":
+            return f"target {self.name!r} has no fp8 GEMM (fp8 needs a GPU target)"
+        return None
 
     def __repr__(self) -> str:
         return f"<target {self.name}>"

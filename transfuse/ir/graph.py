@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from transfuse.errors import IRVerifyError
-from transfuse.ir.types import DType, TensorType
+from transfuse.ir.types import DType, QuantType, TensorType
 
 
 class Value:
@@ -213,14 +213,18 @@ class Graph:
         return v
 
     def add_constant(self, tensor: torch.Tensor, name: str | None = None, *,
-                     exact: bool = False) -> Value:
-        """Add a constant holding ``tensor``, named after ``name`` (exactly, with ``exact=True``)."""
+                     exact: bool = False, quant: QuantType | None = None) -> Value:
+        """Add a constant holding ``tensor``, named after ``name`` (exactly, with ``exact=True``);
+        ``quant``: the tensor is a quantized weight's storage of that :class:`QuantType`."""
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(tensor)
         if exact and not name:
             raise IRVerifyError(f"graph {self.name}: add_constant(exact=True) needs a name")
+        t = TensorType.of(tensor)
+        if quant is not None:
+            t = TensorType(t.dtype, t.shape, quant)  # checks the storage matches the quant type
         vname = self._claim(name) if exact else self.fresh_name(name or "c")
-        v = Value(self, vname, TensorType.of(tensor))
+        v = Value(self, vname, t)
         v.const = tensor
         self.constants[v.name] = v
         return v

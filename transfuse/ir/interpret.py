@@ -4,12 +4,12 @@ that passes and backends are checked against."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from transfuse.errors import InputError, IRVerifyError
-from transfuse.ir.graph import Graph
+from transfuse.ir.graph import Graph, Node
 from transfuse.ir.ops import run_reference
 from transfuse.ir.types import DType
 
@@ -35,8 +35,13 @@ def bind_symbols(graph: Graph, inputs: Sequence[torch.Tensor]) -> dict[str, int]
     return env
 
 
-def interpret(graph: Graph, inputs: Sequence[torch.Tensor], *, check_types: bool = True) -> list[torch.Tensor]:
-    """Run ``graph`` on ``inputs``; returns the graph outputs as a list."""
+def interpret(graph: Graph, inputs: Sequence[torch.Tensor], *, check_types: bool = True,
+              observe: Callable[[Node, list, list], None] | None = None) -> list[torch.Tensor]:
+    """Run ``graph`` on ``inputs``; returns the graph outputs as a list.
+
+    ``observe(node, args, outs)``, when given, is called after each node with its input and
+    output tensors (calibration reads the inputs of the layers it quantizes this way); it
+    must not modify them."""
     env = bind_symbols(graph, inputs)
     vals: dict[int, torch.Tensor] = {id(v): t for v, t in zip(graph.inputs, inputs)}
     for c in graph.constants.values():
@@ -56,6 +61,8 @@ def interpret(graph: Graph, inputs: Sequence[torch.Tensor], *, check_types: bool
             if check_types:
                 _check(v, t, env)
             vals[id(v)] = t
+        if observe is not None:
+            observe(node, args, outs)
     return [vals[id(v)] for v in graph.outputs]
 
 

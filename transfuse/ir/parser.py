@@ -438,10 +438,11 @@ class _Parser:
                 actual = TensorType.of(tensor)
             except TransfuseError as e:
                 raise _LineError(f"constant %{name}: {e}") from None
-            if actual != t:
+            if actual != t.storage():
                 raise _LineError(f"constant %{name} is declared {t} but its payload is {actual}")
         self.end_of_line(c)
-        self.define(name, functools.partial(self.graph.add_constant, tensor, name, exact=True))
+        self.define(name, functools.partial(self.graph.add_constant, tensor, name, exact=True,
+                                            quant=t.quant))
 
     def node(self, c: _Cursor) -> None:
         outs: list[tuple[str, TensorType]] = []

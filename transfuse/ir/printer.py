@@ -63,10 +63,11 @@ _TYPE_CACHE: dict[tuple, str] = {}
 
 def type_str(t: TensorType) -> str:
     """``f32[batch, seq, 768]`` (memoised: sympy printing is slow)."""
-    key = (t.dtype, t.shape)
+    key = (t.dtype, t.shape, t.quant)
     s = _TYPE_CACHE.get(key)
     if s is None:
-        s = f"{t.dtype.value}[{', '.join(_dim(d) for d in t.shape)}]"
+        quant = "" if t.quant is None else f"{{{t.quant}}}"
+        s = f"{t.dtype.value}{quant}[{', '.join(_dim(d) for d in t.shape)}]"
         if len(_TYPE_CACHE) < 65536:
             _TYPE_CACHE[key] = s
     return s

@@ -4,12 +4,14 @@ A dimension is either an ``int`` or a sympy expression over named symbols
 (``batch``, ``seq``, ``seq + 1``). Symbols are positive integers; arithmetic on
 them stays exact. ``TensorType(dtype, shape)`` is immutable and hashable.
 
-Text form: ``f32[batch, seq, 768]``; a 0-d tensor is ``i64[]``.
+Text form: ``f32[batch, seq, 768]``; a 0-d tensor is ``i64[]``. A quantized weight's type
+carries a :class:`QuantType`: ``u8{int4 g64 asym k576}[576, 288]``.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Union
@@ -268,20 +270,140 @@ def free_symbols(dims: Iterable[Dim]) -> set[str]:
 
 
 # ---------------------------------------------------------------------------
+# Quantization types
+# ---------------------------------------------------------------------------
+
+#: QuantType schemes: integer codes with scales (and zero points), or fp8 values with scales
+QUANT_SCHEMES = ("int", "fp8e4m3")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantType:
+    """How a quantized weight [N, K] is stored (DESIGN.md §8, issue 13).
+
+    ``scheme`` "int": unsigned codes ``q`` in ``[0, 2**bits)``; the weight is
+    ``w[n, k] = (q[n, k] - z[n, k // group]) * s[n, k // group]`` with ``scales`` s and, when
+    not ``symmetric``, ``zeros`` z (f32, [N, K / group]); symmetric weights have the fixed zero
+    point ``2**(bits - 1)`` and no zeros. 4-bit codes are packed two per byte along K, element
+    2j in the low nibble of byte j (storage ``u8[N, K / 2]``); 8-bit codes one per byte.
+    ``scheme`` "fp8e4m3": e4m3 values, storage ``f8e4m3[N, K]``, ``w = q * s`` with one scale
+    per output channel (``group == k``, symmetric).
+
+    ``group`` is the number of elements along K sharing a scale (``group == k``: per channel);
+    ``k`` the weight's logical K. Text form: ``int4 g64 asym k576``.
+    """
+
+    scheme: str
+    bits: int
+    group: int
+    symmetric: bool
+    k: int
+
+    def __post_init__(self):
+        bad = self.problem()
+        if bad:
+            raise IRVerifyError(f"quant type {self.scheme}{self.bits} g{self.group} k{self.k}: {bad}")
+
+    def problem(self) -> str | None:
+        if self.scheme not in QUANT_SCHEMES:
+            return f"scheme must be one of {list(QUANT_SCHEMES)}, got {self.scheme!r}"
+        for name in ("bits", "group", "k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                return f"{name} must be a positive int, got {v!r}"
+        if self.scheme == "int" and self.bits not in (4, 8):
+            return f"integer codes have 4 or 8 bits, got {self.bits}"
+        if self.scheme == "fp8e4m3" and (self.bits != 8 or not self.symmetric or self.group != self.k):
+            return "fp8e4m3 is 8 bits, symmetric, one scale per output channel (group == k)"
+        if self.k % self.group:
+            return f"group {self.group} does not divide K={self.k}"
+        if self.scheme == "int" and self.bits == 4 and self.group % 2:
+            return f"4-bit codes pack two per byte: the group ({self.group}) must be even"
+        return None
+
+    @property
+    def groups(self) -> int:
+        """Scales per output channel (K / group)."""
+        return self.k // self.group
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group == self.k
+
+    @property
+    def levels(self) -> int:
+        return 2 ** self.bits
+
+    @property
+    def storage_dtype(self) -> DType:
+        return DType.u8 if self.scheme == "int" else DType.f8e4m3
+
+    @property
+    def packed_k(self) -> int:
+        """Columns of the stored weight: K * bits / 8 for integer codes, K for fp8."""
+        return self.k * self.bits // 8 if self.scheme == "int" else self.k
+
+    @property
+    def default_zero(self) -> int | None:
+        """The fixed zero point of symmetric integer codes (8 for 4-bit, 128 for 8-bit)."""
+        return 2 ** (self.bits - 1) if self.scheme == "int" and self.symmetric else None
+
+    @property
+    def name(self) -> str:
+        """``int4`` / ``int8`` / ``fp8e4m3``."""
+        return f"int{self.bits}" if self.scheme == "int" else self.scheme
+
+    def storage_type(self, n: int) -> TensorType:
+        """The stored weight's type for N output channels (with this quant type)."""
+        return TensorType(self.storage_dtype, (n, self.packed_k), quant=self)
+
+    def __str__(self) -> str:
+        return f"{self.name} g{self.group} {'sym' if self.symmetric else 'asym'} k{self.k}"
+
+    __repr__ = __str__
+
+    @classmethod
+    def parse(cls, text: str) -> QuantType:
+        """The inverse of ``str``: ``int4 g64 asym k576``."""
+        parts = text.split()
+        try:
+            name, group, sym, k = parts
+            if name.startswith("int"):
+                scheme, bits = "int", int(name[3:])
+            else:
+                scheme, bits = name, 8
+            if not (group.startswith("g") and k.startswith("k")) or sym not in ("sym", "asym"):
+                raise ValueError
+            return cls(scheme, bits, int(group[1:]), sym == "sym", int(k[1:]))
+        except ValueError:
+            raise IRVerifyError(f"cannot parse quant type {text!r}: expected like "
+                                "'int4 g64 asym k576'") from None
+
+
+# ---------------------------------------------------------------------------
 # Tensor types
 # ---------------------------------------------------------------------------
 
 
 class TensorType:
-    """An element type and a shape of ints and symbolic dims. Immutable."""
+    """An element type and a shape of ints and symbolic dims, and for a quantized weight its
+    :class:`QuantType` (``quant``; the shape and dtype are then the stored ones). Immutable."""
 
-    __slots__ = ("dtype", "shape")
+    __slots__ = ("dtype", "shape", "quant")
 
-    def __init__(self, dtype: DType, shape: Sequence[object]):
+    def __init__(self, dtype: DType, shape: Sequence[object], quant: QuantType | None = None):
         if not isinstance(dtype, DType):
             raise IRVerifyError(f"TensorType dtype must be a DType, got {dtype!r}")
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "shape", tuple(normalize_dim(d) for d in shape))
+        if quant is not None:
+            if not isinstance(quant, QuantType):
+                raise IRVerifyError(f"TensorType quant must be a QuantType, got {quant!r}")
+            if dtype != quant.storage_dtype or len(self.shape) != 2 or \
+                    self.shape[1] != quant.packed_k:
+                raise IRVerifyError(f"a {quant} weight is stored as {quant.storage_dtype.value}"
+                                    f"[N, {quant.packed_k}], not {dtype.value}{list(self.shape)}")
+        object.__setattr__(self, "quant", quant)
 
     def __setattr__(self, name, value):
         raise AttributeError("TensorType is immutable")
@@ -301,6 +423,10 @@ class TensorType:
         n = self.numel()
         return n * self.dtype.itemsize
 
+    def storage(self) -> TensorType:
+        """This type without its quant type (what ``TensorType.of`` gives for the payload)."""
+        return self if self.quant is None else TensorType(self.dtype, self.shape)
+
     def with_shape(self, shape: Sequence[object]) -> TensorType:
         return TensorType(self.dtype, shape)
 
@@ -315,15 +441,17 @@ class TensorType:
             return NotImplemented
         return (
             self.dtype == other.dtype
+            and self.quant == other.quant
             and len(self.shape) == len(other.shape)
             and all(dims_equal(a, b) for a, b in zip(self.shape, other.shape))
         )
 
     def __hash__(self) -> int:
-        return hash((self.dtype, tuple(dim_str(d) for d in self.shape)))
+        return hash((self.dtype, tuple(dim_str(d) for d in self.shape), self.quant))
 
     def __str__(self) -> str:
-        return f"{self.dtype.value}[{', '.join(dim_str(d) for d in self.shape)}]"
+        quant = "" if self.quant is None else f"{{{self.quant}}}"
+        return f"{self.dtype.value}{quant}[{', '.join(dim_str(d) for d in self.shape)}]"
 
     __repr__ = __str__
 
@@ -339,7 +467,11 @@ class TensorType:
         head, _, body = text.partition("[")
         body = body[:-1].strip()
         dims = [parse_dim(p) for p in _split_top(body)] if body else []
-        return cls(DType.parse(head.strip()), dims)
+        head, quant = head.strip(), None
+        if head.endswith("}") and "{" in head:  # u8{int4 g64 asym k576}
+            head, _, qtext = head[:-1].partition("{")
+            quant = QuantType.parse(qtext)
+        return cls(DType.parse(head.strip()), dims, quant)
 
 
 def _split_top(text: str) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 
 from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.ops import get_op, has_op
+from transfuse.ir.types import QuantType
 from transfuse.passes.log import NearMiss, NodeRef, PassRecord, RewriteEvent
 
 #: at most this many rewrite events / near misses are kept per rule and pass run
@@ -92,6 +93,13 @@ class TargetInfo(Protocol):
     def time_gemm(self, rows: int, weights: list, bias: Any, *, relayout: bool,
                   use_cache: bool = True) -> tuple[GemmTimingInfo, str]:
         """(timing, where it came from: text for the log) of x [rows, K] times ``weights``."""
+
+    #: granularities of qmatmul's activation quantization the target runs exactly, preferred
+    #: first ("token" / "tensor")
+    qmatmul_act_quant: tuple[str, ...]
+
+    def quant_unsupported(self, qtype: QuantType, op: str) -> str | None:
+        """Why the target cannot run ``op`` (qlinear / qmatmul) on a ``qtype`` weight."""
 
 
 class PassContext:

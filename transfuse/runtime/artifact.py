@@ -353,7 +353,7 @@ def _read_graph(path: Path, weights_path: Path, weights: dict[str, torch.Tensor]
             raise ArtifactError(f"{weights_path}: no tensor for constant %{name} declared in "
                                 f"{path.name}")
         actual = TensorType.of(t)
-        if actual != v.type:
+        if actual != v.type.storage():
             raise ArtifactError(f"{weights_path}: constant %{name} is {actual} but {path.name} "
                                 f"declares {v.type}")
         v.const = t  # inline-printed constants too: the saved bits, exactly

@@ -14,6 +14,7 @@ from transfuse.ir.opdefs import (  # noqa: F401
     linalg,
     misc,
     nn,
+    quant,
     reduce,
     shape,
 )
