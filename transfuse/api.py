@@ -39,6 +39,10 @@ def optimize(
     sparse_attention: str | None = None,
     max_error: float | None = None,
     generation: bool | Mapping[str, Any] | None = None,
+    quantize: str | Mapping[str, Any] | None = None,
+    calibration: Sequence[Any] | None = None,
+    evaluation: Sequence[Any] | None = None,
+    min_sqnr: float | None = None,
 ):
     """Compile ``model`` for ``example_inputs``; returns a :class:`CompiledModel`.
 
@@ -71,6 +75,14 @@ def optimize(
             "max_batch", "kv": "contiguous" | "paged", "block_size", ...}``): the KV cache
             goes into the graph and a ``GenerationModel`` (``generate()``, ``save()``) is
             returned; the compiled step alone is :func:`compile_generation_step`.
+        quantize: opt-in, changes the model: a scheme (``"int8-weight"``, ``"int4-weight"``,
+            ``"int4-gptq"``, ``"int4-awq"``, ``"w8a8"``, ``"fp8"``) or a dict with the scheme
+            and its options (``transfuse.passes.quant.config``); the pass log's
+            ``quant_report()`` says what it did and what it cost.
+        calibration: batches the quantizer runs the model on (GPTQ, AWQ, SmoothQuant, SQNR):
+            each a tensor (the first input, e.g. ``input_ids``), a tuple of inputs or a dict.
+        evaluation: batches for the report's end-to-end numbers (default: calibration's).
+        min_sqnr: keep layers whose output SQNR (dB) would be under this in float.
     """
     from transfuse.frontend.torch_export import capture
     from transfuse.passes.manager import run_pipeline
@@ -86,8 +98,11 @@ def optimize(
             raise PassError(f"optimize(generation=...) captures input_ids/position_ids itself "
                             f"and computes logits at the rows each step asks for; it does not "
                             f"take {', '.join(given)}")
+        quant = {"quantize": quantize, "calibration": calibration, "evaluation": evaluation,
+                 "min_sqnr": min_sqnr}
         return _optimize_generation(model, example_inputs, generation, target=target,
-                                    device=device, verify=verify, level=level, passes=passes)
+                                    device=device, verify=verify, level=level, passes=passes,
+                                    quant=quant)
     if target not in TARGETS:
         raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
     backend = get_target(target)
@@ -100,6 +115,16 @@ def optimize(
     if not onnx_model and not isinstance(model, torch.nn.Module):
         raise CaptureError(f"optimize() takes a torch.nn.Module or an ONNX model (a path, bytes "
                            f"or an onnx.ModelProto), got {type(model).__name__}")
+
+    if quantize is not None:
+        _check_quantize_request(quantize, min_sqnr, level, passes)
+        if onnx_model:
+            from transfuse.quantization import onnx_quantized_ops
+
+            found = onnx_quantized_ops(model)
+            if found:
+                raise PassError(f"quantize=: the ONNX model is quantized already (it has "
+                                f"{', '.join(found)}); give it the float model")
 
     t0 = time.perf_counter()
     if onnx_model:
@@ -118,6 +143,10 @@ def optimize(
     options = _pass_options(options, samples, target=backend, logits=logits,
                             convert_gqa=convert_gqa, sparse_attention=sparse_attention,
                             max_error=max_error)
+    from transfuse.quantization import quant_options, signature_inputs
+
+    options.update(quant_options(quantize, calibration, evaluation, min_sqnr,
+                                 signature_inputs(captured.signature)))
     log = run_pipeline(graph, list(passes) if passes is not None else level, verify=verify,
                        sample_inputs=samples, options=options)
 
@@ -139,6 +168,19 @@ def optimize(
         meta["native_kernels"] = native.status()
     return CompiledModel(graph, captured.signature, log, backend=target, program=program,
                          meta=meta)
+
+
+def _check_quantize_request(quantize: Any, min_sqnr: Any, level: str, passes: Any) -> None:
+    """PassError when the quantization request is invalid or its pass would not run."""
+    from transfuse.passes.pipelines import PIPELINES
+    from transfuse.quantization import check_quantize
+
+    check_quantize(quantize, min_sqnr)
+    names = list(passes) if passes is not None else PIPELINES.get(level, [])
+    if "quant.quantize-weights" not in names:
+        where = f"level {level!r}" if passes is None else "the given passes"
+        raise PassError(f"quantize= needs the pass quant.quantize-weights, which {where} does "
+                        "not run (use level='O2' or add it to passes=)")
 
 
 def _is_onnx_model(model: Any) -> bool:
@@ -178,7 +220,8 @@ def _pass_options(options: Mapping[str, Any] | None, samples: Sequence[torch.Ten
 
 
 def _optimize_generation(model: Any, example_inputs: Any, generation: Any, *, target: str,
-                         device: Any, verify: bool, level: str, passes: Any):
+                         device: Any, verify: bool, level: str, passes: Any,
+                         quant: Mapping[str, Any] | None = None):
     """``optimize(generation=...)``: the compiled step and the model's generation config in a
     :class:`~transfuse.runtime.generation_model.GenerationModel`."""
     from transfuse.errors import InputError
@@ -192,7 +235,7 @@ def _optimize_generation(model: Any, example_inputs: Any, generation: Any, *, ta
     ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs \
         else example_inputs
     step = compile_generation_step(model, ids, generation, target=target, device=device,
-                                   verify=verify)
+                                   verify=verify, **(quant or {}))
     return GenerationModel.from_step(step, getattr(model, "generation_config", None),
                                      backend=target)
 
@@ -263,12 +306,17 @@ class GenerationStep:
 def compile_generation_step(model: Any, example_ids: torch.Tensor,
                             generation: bool | Mapping[str, Any] = True, *,
                             target: str = "python", device: str | torch.device | None = None,
-                            verify: bool = False) -> GenerationStep:
+                            verify: bool = False, quantize: Any = None,
+                            calibration: Sequence[Any] | None = None,
+                            evaluation: Sequence[Any] | None = None,
+                            min_sqnr: float | None = None) -> GenerationStep:
     """Capture a causal LM for generation and compile its step.
 
     The model is captured with ``input_ids`` and ``position_ids`` [1, N] (N dynamic up to
     ``max_batch × max_seq_len`` tokens per step), run through O2 with
-    ``generation.insert-kv-cache`` (options: ``generation``), and lowered once.
+    ``generation.insert-kv-cache`` (options: ``generation``), and lowered once. ``quantize``,
+    ``calibration`` (token-id batches), ``evaluation`` and ``min_sqnr`` as in ``optimize``:
+    the weights are quantized before the KV cache goes in.
     """
     from transfuse.errors import InputError
     from transfuse.frontend.torch_export import capture
@@ -278,6 +326,8 @@ def compile_generation_step(model: Any, example_ids: torch.Tensor,
     reason = _is_causal_lm(model)
     if reason:
         raise InputError(reason)
+    if quantize is not None:
+        _check_quantize_request(quantize, min_sqnr, "O2", None)
     if target not in TARGETS:
         raise LoweringError(f"unknown target {target!r}; available targets: {', '.join(TARGETS)}")
     options = {} if generation is True else dict(generation)
@@ -299,6 +349,12 @@ def compile_generation_step(model: Any, example_ids: torch.Tensor,
     options = _pass_options({"generation": geo}, captured.example_inputs, target=backend,
                             logits="all", convert_gqa=None, sparse_attention=None,
                             max_error=None)
+    from transfuse.quantization import generation_inputs, quant_options
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    options.update(quant_options(quantize, calibration, evaluation, min_sqnr,
+                                 generation_inputs(max(max_tokens, 2),
+                                                   vocab if isinstance(vocab, int) else None)))
     log = run_pipeline(captured.graph, "O2", verify=verify, sample_inputs=None, options=options)
     t1 = time.perf_counter()
     try:

@@ -1,6 +1,7 @@
 """The ``transfuse`` command line.
 
     transfuse optimize --model gpt2-small [--level O2] [--seq 128] [--out DIR]
+                       [--quantize int4-gptq [--calibration 8]]
     transfuse bench --model gpt2-small --seq 16,128 --batch 1 [--threads 1] [--out DIR]
     transfuse log DIR          # print a saved pass log
     transfuse inspect DIR      # print a saved artifact's manifest and graph
@@ -36,11 +37,18 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     console = _console()
     torch.set_num_threads(args.threads)
     model, inputs, dynamic = get_model(args.model, seq=args.seq, batch=args.batch)
+    quant = {}
+    if args.quantize:
+        quant["quantize"] = _quantize_arg(args.quantize)
+        if args.calibration:
+            quant["calibration"] = _random_batches(inputs, args.calibration)
     t0 = time.perf_counter()
     compiled = transfuse.optimize(model, inputs, dynamic=dynamic, level=args.level,
-                                  verify=args.verify)
+                                  verify=args.verify, **quant)
     compile_s = time.perf_counter() - t0
     console.print(compiled.pass_log)
+    if args.quantize:
+        console.print(str(compiled.pass_log.quant_report()))
     with torch.inference_mode():
         ref, out = model(*inputs), compiled(*inputs)
     err = (ref - out).abs().max().item() if isinstance(ref, torch.Tensor) else float("nan")
@@ -59,6 +67,40 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         compiled.save(args.out)
         console.print(f"saved to {args.out}")
     return 0
+
+
+def _quantize_arg(text: str):
+    """``--quantize``: a scheme name, or a JSON object of the scheme and its options."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            from transfuse.errors import InputError
+
+            raise InputError(f"--quantize: not valid JSON ({e})") from None
+    return text
+
+
+def _random_batches(inputs, n: int) -> list:
+    """``n`` calibration batches shaped like the example ``inputs``: integer inputs (token
+    ids) drawn uniformly below their example's maximum + 1, the rest copied (the built-in
+    models have random weights and no tokenizer, so random tokens are as good as text)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        batch = []
+        for x in inputs:
+            if isinstance(x, torch.Tensor) and not x.dtype.is_floating_point and \
+                    x.dtype != torch.bool:
+                batch.append(torch.randint(0, int(x.max()) + 1, x.shape, generator=gen,
+                                           dtype=x.dtype))
+            else:
+                batch.append(x)
+        out.append(tuple(batch))
+    return out
 
 
 def _int_list(text: str) -> list[int]:
@@ -157,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--rounds", type=int, default=10)
     o.add_argument("--verify", action="store_true", help="check every pass numerically")
     o.add_argument("--out", help="save the compiled model to this directory")
+    o.add_argument("--quantize", help="quantize the weights: int8-weight, int4-weight, int4-gptq, "
+                   "int4-awq, w8a8, fp8, or a JSON object of a scheme and its options "
+                   "('{\"scheme\": \"int4-gptq\", \"group\": 64}'); prints the accuracy report")
+    o.add_argument("--calibration", type=int, default=0, metavar="N",
+                   help="with --quantize: N calibration batches of random token ids shaped like "
+                        "the example input (GPTQ, AWQ and w8a8 need some)")
     o.set_defaults(fn=_cmd_optimize)
 
     b = sub.add_parser("bench", help="compare transfuse with eager, torch.compile and ONNX Runtime",
