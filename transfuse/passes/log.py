@@ -7,8 +7,9 @@ check against the graph before the pass, and the error when there was one.
 
 :class:`PassLog` holds the records plus optional stage timings (capture,
 lowering) and renders as a rich table (``print(log)`` gives the same table as
-plain text), JSON (``to_json`` / ``from_json``), ``why_not(rule)`` and
-``ir_after(pass)``.
+plain text), JSON (``to_json`` / ``from_json``), ``why_not(rule)``,
+``ir_after(pass)`` and ``quant_report()`` (the quantization report, from the record's
+``data``).
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class PassRecord:
     numeric: NumericCheck | None = None
     error: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: JSON-able results a pass hands to its readers by key (``"quant"``: the quantization
+    #: report of ``quant.quantize-weights``)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def rule_stats(self, rule: str) -> dict[str, int]:
         return self.rules.setdefault(rule, _new_stats())
@@ -291,6 +295,18 @@ class PassLog:
             lines.append(f"{rule} was never tried: no pass that ran has this rule "
                          f"(passes run: {ran})")
         return "\n".join(lines)
+
+    def quant_report(self):
+        """The :class:`~transfuse.passes.quant.report.QuantReport` of the (last) run of
+        ``quant.quantize-weights`` that quantized the model, or None when the model was not
+        quantized (``quantize=`` not given, or the pass did not run or failed)."""
+        from transfuse.passes.quant.report import QuantReport
+
+        for r in reversed(self.records):
+            if r.name == "quant.quantize-weights" and "quant" in r.data and \
+                    r.status not in (FAILED, ROLLED_BACK):
+                return QuantReport.from_json(r.data["quant"])
+        return None
 
     # -- JSON ----------------------------------------------------------------------
 

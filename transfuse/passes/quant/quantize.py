@@ -1,0 +1,496 @@
+"""quant.quantize-weights: linears with constant weights -> qlinear / qmatmul (opt-in).
+
+Runs only with the option ``quantize`` (a scheme name or dict, :mod:`.config`); without it
+the pass returns at once. Other options: ``calibration`` (a list of batches, each a list of
+the graph's flat inputs; needed by int4-gptq, int4-awq and w8a8 with SmoothQuant),
+``evaluation`` (batches for the end-to-end numbers; default: the calibration batches, else the
+example inputs ``sample_inputs``; False: skip), ``min_sqnr`` (dB), ``progress`` (tqdm bars,
+default on when stderr is a terminal), ``target`` (asked ``quant_unsupported`` and
+``qmatmul_act_quant``).
+
+Rewrites (rule ids ``quant/qlinear``, ``quant/qmatmul``)::
+
+    %y: f32[B, S, 64] = linear(%x, %w, %b) {activation="silu"}            # @layers.0.mlp.up
+  ->
+    %y: f32[B, S, 64] = qlinear(%x, %w_q, %w_scales, %w_zeros, %b) {activation="silu"}
+
+with ``%w_q: u8{int4 g64 asym k176}[64, 88]``, scales/zeros f32 [64, 176/64]; W8A8 gives
+``qmatmul(%x, %w_q, %w_scales, %b) {act_quant="token"}`` with an ``int8 gK sym`` weight.
+``matmul(%x, %w[K, N])`` (+ ``add`` of a constant [N] bias: GPT-2's Conv1D) becomes a
+qlinear of the transposed weight. A weight shared by several linears is quantized once.
+The LM head defaults to int8-weight when the body is int4; a head tied to the input
+embedding gets its own quantized copy and the embedding keeps the float weight.
+
+AWQ and SmoothQuant scale the input channels: the quantized weight is ``W * s`` and the input
+``x / s``, folded into the norm before (``smooth.py``) or a ``mul`` node (noted).
+
+Order of work, so that nothing is half-quantized: parse the config, refuse an already
+quantized graph, plan every layer (scheme, QuantType, kept-float reasons), check all explicit
+groups against every layer's K, ask the target about every planned layer, require calibration
+where needed — any problem is a :class:`PassError` before anything changes; then calibrate,
+quantize every weight (min_sqnr may keep more layers float), and only then rewrite the graph.
+The report (:mod:`.report`) goes to ``graph.meta["quant"]``, the pass record
+(``record.data["quant"]``) and the notes; every layer kept float is a near miss
+(``quant/keep-float``) with its reason.
+
+Needs: ``linear`` weights [N, K] constant (near miss otherwise). Guarantees: the quantized
+graph computes ``x @ dequant(Q)ᵀ`` (+ bias, activation) for each quantized layer; everything
+else is unchanged; the error is measured and reported, not hidden.
+
+Glossary: N output features, K input features, R calibration rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from transfuse.errors import PassError
+from transfuse.ir.graph import Graph, Value
+from transfuse.ir.quant import QuantizedWeight, dynamic_quantize_u8, quantize_rtn, sqnr_db
+from transfuse.ir.types import QuantType
+from transfuse.passes.base import Pass, PassContext
+from transfuse.passes.fusion.merge_projections import constant_bytes
+from transfuse.passes.quant.calibrate import InputStats, calibrate, check_batches, progress_bar
+from transfuse.passes.quant.config import LayerSpec, QuantConfig, parse_quantize
+from transfuse.passes.quant.evaluate import compare_logits
+from transfuse.passes.quant.report import LayerReport, QuantReport
+from transfuse.passes.quant.sites import Site, find_sites
+from transfuse.passes.quant.smooth import fold_into_norm, fold_reason, insert_scale
+
+RULE_QLINEAR = "quant/qlinear"
+RULE_QMATMUL = "quant/qmatmul"
+RULE_FLOAT = "quant/keep-float"
+#: act_quant when no target object says what it runs exactly
+DEFAULT_ACT_QUANT = ("token",)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What happens to one site."""
+
+    site: Site
+    spec: LayerSpec | None
+    why: str
+    qtype: QuantType | None = None
+    act_quant: str | None = None
+    kept: str | None = None  # why the layer stays float
+    scales: torch.Tensor | None = None  # AWQ / SmoothQuant input scales s [K]
+    qweight: QuantizedWeight | None = None
+    sqnr: float | None = None
+    sqnr_on: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kept is None
+
+    @property
+    def op(self) -> str:
+        return self.spec.op if self.spec is not None else "linear"
+
+
+class QuantizeWeights(Pass):
+    """Quantize linear weights (option ``quantize=``): qlinear / qmatmul; reports the error."""
+
+    name = "quant.quantize-weights"
+    rules = (RULE_QLINEAR, RULE_QMATMUL, RULE_FLOAT)
+    #: the model's function changes on purpose; the error is measured and reported
+    changes_function = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> None:
+        spec = ctx.option("quantize")
+        if spec is None or spec is False:
+            return
+        t0 = time.perf_counter()
+        config = parse_quantize(spec)
+        min_sqnr = config.min_sqnr if config.min_sqnr is not None else ctx.option("min_sqnr")
+        progress = bool(ctx.option("progress", True))
+        refuse_quantized(graph)
+        sites, skipped = find_sites(graph)
+        for node, reason in skipped:
+            ctx.near_miss(RULE_FLOAT, node, reason)
+        plans = plan_layers(sites, config, ctx)
+        check_target(plans, ctx)
+        batches = calibration_batches(graph, plans, ctx)
+
+        # -- nothing has changed so far; from here on nothing raises by design ------------
+        t1 = time.perf_counter()
+        stats = self._calibrate(graph, plans, batches, progress)
+        calibrate_s = time.perf_counter() - t1
+        quantize_all(plans, stats, progress)
+        if min_sqnr is not None:
+            keep_low_sqnr(plans, float(min_sqnr))
+        float_graph = graph.clone()
+        bytes_before = constant_bytes(graph)
+        rewrite(graph, ctx, plans)
+        bytes_after = constant_bytes(graph)
+
+        report = QuantReport(config.scheme, config.describe(), [layer_report(p) for p in plans],
+                             bytes_before, bytes_after, calibrate_seconds=calibrate_s)
+        if batches:
+            report.calibration_batches = len(batches)
+            st = next(iter(stats.values()), None)
+            report.calibration_rows = st.rows if st is not None else 0
+        t2 = time.perf_counter()
+        self._evaluate(float_graph, graph, batches, ctx, report, progress)
+        report.evaluate_seconds = time.perf_counter() - t2
+        report.seconds = time.perf_counter() - t0
+        for p in plans:
+            if not p.quantized:
+                ctx.near_miss(RULE_FLOAT, p.site.node, f"{p.site.name} kept float: {p.kept}")
+        data = report.to_json()
+        graph.meta = {**graph.meta, "quant": data}  # a new dict: snapshots share the old one
+        ctx.record.data["quant"] = data
+        for line in report.summary().splitlines():
+            ctx.note(line)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _calibrate(self, graph: Graph, plans: list[Plan], batches: list | None,
+                   progress: bool) -> dict[int, InputStats]:
+        if not batches:
+            return {}
+        xs: dict[int, Value] = {}
+        hess: dict[int, Value] = {}
+        for p in plans:
+            if p.quantized:
+                xs[id(p.site.x)] = p.site.x
+                if p.spec.algorithm == "gptq":
+                    hess[id(p.site.x)] = p.site.x
+        return calibrate(graph, batches, list(xs.values()), hessian_for=list(hess.values()),
+                         progress=progress)
+
+    def _evaluate(self, before: Graph, after: Graph, batches: list | None, ctx: PassContext,
+                  report: QuantReport, progress: bool) -> None:
+        given = ctx.option("evaluation")
+        if given is False:
+            report.measured_on = "not measured (evaluation=False)"
+            return
+        if given is not None:
+            ev, what = check_batches(before, given, "evaluation"), "the evaluation inputs"
+        elif batches:
+            ev, what = batches, "the calibration inputs"
+        elif ctx.option("sample_inputs") is not None:
+            ev, what = check_batches(before, [list(ctx.option("sample_inputs"))],
+                                     "sample_inputs"), "the example inputs"
+        else:
+            report.measured_on = "not measured: no evaluation, calibration or example inputs"
+            return
+        result = compare_logits(before, after, ev, progress=progress)
+        if isinstance(result, str):
+            report.measured_on = f"not measured: {result}"
+            return
+        report.kl, report.top1, report.tokens = result.kl, result.top1, result.tokens
+        report.ppl_float, report.ppl_quant = result.ppl_float, result.ppl_quant
+        report.measured_on = f"{what} ({len(ev)} batch{'es' if len(ev) != 1 else ''})"
+
+
+# -- planning (never mutates) ------------------------------------------------------------------
+
+
+def refuse_quantized(graph: Graph) -> None:
+    """PassError when the graph already holds quantized layers or weights."""
+    nodes = [n for n in graph.nodes if n.op in ("qlinear", "qmatmul")]
+    consts = [v for v in graph.constants.values() if v.type.quant is not None]
+    if nodes or consts:
+        where = ", ".join(sorted({n.source or n.op for n in nodes})[:5]) or \
+            ", ".join(f"%{v.name}" for v in consts[:5])
+        raise PassError(f"quantize: the graph is already quantized ({len(nodes)} qlinear/qmatmul "
+                        f"nodes, {len(consts)} quantized weights: {where}); quantize the float "
+                        f"model instead")
+
+
+def plan_layers(sites: list[Site], config: QuantConfig, ctx: PassContext) -> list[Plan]:
+    """A plan per site; PassError listing every explicit group that does not fit its layer."""
+    plans: list[Plan] = []
+    errors: list[str] = []
+    for s in sites:
+        spec, why = config.spec_for([s.name, s.source], s.is_head)
+        ctx.attempt(RULE_QMATMUL if spec is not None and spec.op == "qmatmul" else RULE_QLINEAR)
+        plan = Plan(s, spec, why)
+        plans.append(plan)
+        if spec is None:
+            plan.kept = why
+            continue
+        group, problem = spec.group_for(s.k)
+        if problem:
+            if spec.group is not None:
+                errors.append(f"{s.name} (K={s.k}): {problem}")
+            else:
+                plan.kept = problem
+            continue
+        plan.qtype = QuantType("fp8e4m3" if spec.scheme == "fp8" else "int", spec.bits, group,
+                               spec.is_symmetric, s.k)
+        if spec.group is None and spec.bits == 4 and group != 128:
+            plan.notes.append(f"group {group} (K={s.k} is not a multiple of 128)")
+    if errors:
+        raise PassError("quantize: group does not fit these layers (nothing was changed):\n  "
+                        + "\n  ".join(errors))
+    for p in plans:
+        if p.site.tied and p.quantized:
+            users = ", ".join(sorted({f"{g.op} @{g.source or '?'}" for g in p.site.tied}))
+            p.notes.append(f"tied: {users} keeps the float weight; this layer gets its own "
+                           f"quantized copy")
+    return plans
+
+
+def check_target(plans: list[Plan], ctx: PassContext) -> None:
+    """Pick W8A8's act_quant and ask the target about every planned layer (PassError)."""
+    target = ctx.target_info
+    prefs = tuple(getattr(target, "qmatmul_act_quant", None) or DEFAULT_ACT_QUANT)
+    ask = getattr(target, "quant_unsupported", None)
+    refused: dict[str, list[str]] = {}
+    for p in plans:
+        if not p.quantized:
+            continue
+        if p.spec.op == "qmatmul":
+            want = p.spec.act_quant
+            if want is not None and want not in prefs:
+                raise PassError(f"quantize: target {ctx.target!r} runs qmatmul with act_quant "
+                                f"{', '.join(prefs)} only, not {want!r} ({p.site.name})")
+            p.act_quant = want or prefs[0]
+        if ask is not None:
+            reason = ask(p.qtype, p.spec.op)
+            if reason:
+                refused.setdefault(f"{p.spec.op} {p.qtype.name}: {reason}", []).append(
+                    p.site.name)
+    if refused:
+        lines = [f"{why} (layers {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+                 for why, names in refused.items()]
+        raise PassError(f"quantize: target {ctx.target!r} cannot run the quantized layers "
+                        f"(nothing was changed): " + "; ".join(lines))
+
+
+def calibration_batches(graph: Graph, plans: list[Plan], ctx: PassContext) -> list | None:
+    """The checked calibration batches; PassError when a planned scheme needs them."""
+    given = ctx.option("calibration")
+    if given is None or (isinstance(given, (list, tuple)) and not given):
+        needing = sorted({p.spec.scheme for p in plans if p.quantized and
+                          p.spec.needs_calibration})
+        if needing:
+            raise PassError(f"quantize: {', '.join(needing)} needs calibration data: pass "
+                            "calibration= (a list of input batches, e.g. token ids [B, S]) to "
+                            "optimize; int8-weight, int4-weight and fp8 need none"
+                            + (" (w8a8 without SmoothQuant: smoothquant=0)"
+                               if "w8a8" in needing else ""))
+        return None
+    return check_batches(graph, given)
+
+
+# -- quantizing (tensors only) -----------------------------------------------------------------
+
+
+def quantize_all(plans: list[Plan], stats: dict[int, InputStats], progress: bool) -> None:
+    """Compute each planned layer's scales and quantized weight, sharing where allowed."""
+    live = [p for p in plans if p.quantized]
+    by_weight: dict[int, list[Plan]] = {}
+    for p in live:
+        by_weight.setdefault(id(p.site.weight), []).append(p)
+    # input scales: one set per (input, scheme, qtype) group of smoothing layers
+    groups: dict[tuple, list[Plan]] = {}
+    for p in live:
+        if not p.spec.smooths:
+            continue
+        if len(by_weight[id(p.site.weight)]) > 1:
+            p.notes.append("weight shared with another layer: not smoothed")
+            continue
+        st = stats.get(id(p.site.x))
+        if st is None or st.rows == 0:
+            p.notes.append("no calibration rows: not smoothed")
+            continue
+        groups.setdefault((id(p.site.x), p.spec.scheme, p.qtype), []).append(p)
+    for members in groups.values():
+        _search_scales(members, stats[id(members[0].site.x)])
+    done: dict[tuple, QuantizedWeight] = {}
+    for p in progress_bar(live, "quantize: layers", progress, "layer"):
+        key = (id(p.site.weight), p.spec, p.qtype)
+        shared = p.scales is None and key in done
+        if shared:
+            p.qweight = done[key]
+            p.notes.append("shares the quantized weight of an earlier layer")
+        else:
+            sharing = [q for q in by_weight[id(p.site.weight)] if q.spec == p.spec and
+                       q.qtype == p.qtype and q.scales is None] if p.scales is None else [p]
+            p.qweight = _quantize_one(p, [stats.get(id(q.site.x)) for q in sharing])
+            if p.scales is None:
+                done[key] = p.qweight
+        _measure(p, stats.get(id(p.site.x)))
+
+
+def _search_scales(members: list[Plan], st: InputStats) -> None:
+    weights = [m.site.weight_nk() for m in members]
+    spec = members[0].spec
+    if spec.scheme == "int4-awq":
+        from transfuse.passes.quant.awq import awq_search_scales
+
+        s, info = awq_search_scales(weights, st.sample, members[0].qtype)
+        text = (f"AWQ scales alpha {info.get('alpha', float('nan')):.2f}" if "alpha" in info
+                else "AWQ scales")
+    else:
+        from transfuse.passes.quant.smoothquant import smooth_scales
+
+        alpha = spec.smoothquant_alpha
+        s = smooth_scales(st.abs_max, weights, alpha)
+        text = f"SmoothQuant alpha {alpha:g}"
+    s = s.to(torch.float32)
+    for m in members:
+        m.scales = s
+        m.notes.append(text + (f", shared by {len(members)} layers" if len(members) > 1 else ""))
+
+
+def _quantize_one(p: Plan, stats: list[InputStats | None]) -> QuantizedWeight:
+    w = p.site.weight_nk()
+    if p.scales is not None:
+        w = w * p.scales[None, :]
+    algo = p.spec.algorithm
+    if algo == "gptq":
+        from transfuse.passes.quant.gptq import gptq_quantize
+
+        hs = [st for st in stats if st is not None and st.hessian is not None]
+        h = sum(st.hessian for st in hs)
+        rows = sum(st.rows for st in hs)
+        qw, info = gptq_quantize(w, h, rows, p.qtype, damp=p.spec.damp_value,
+                                 act_order=bool(p.spec.act_order))
+        extra = []
+        if info.get("dead_columns"):
+            extra.append(f"{info['dead_columns']} dead columns")
+        if "damp" in info and info["damp"] != p.spec.damp_value:
+            extra.append(f"damp raised to {info['damp']:g}")
+        p.notes.append("GPTQ" + (" act_order" if p.spec.act_order else "")
+                       + (f" ({', '.join(extra)})" if extra else ""))
+        return qw
+    if algo == "awq" and p.spec.clip_search and p.scales is not None:
+        from transfuse.passes.quant.awq import awq_search_clip
+
+        x = stats[0].sample / p.scales[None, :]
+        clip = awq_search_clip(w, x, p.qtype)
+        p.notes.append("AWQ clip search")
+        return quantize_rtn(w, p.qtype, clip)
+    return quantize_rtn(w, p.qtype)
+
+
+def _measure(p: Plan, st: InputStats | None) -> None:
+    """The layer's SQNR: of its output on calibration rows, else of its weight."""
+    w = p.site.weight_nk()
+    deq = p.qweight.dequantize()
+    if p.scales is not None:
+        deq = deq / p.scales[None, :]
+    if st is not None and st.sample is not None and st.sample.shape[0]:
+        x = st.sample
+        ref = x.double() @ w.double().T
+        xq = x
+        if p.spec.op == "qmatmul":
+            xs = x / p.scales[None, :] if p.scales is not None else x
+            q, sx, zx = dynamic_quantize_u8(xs, per_row=p.act_quant == "token")
+            xq = (q.to(torch.float32) - zx) * sx
+            if p.scales is not None:
+                xq = xq * p.scales[None, :]
+        p.sqnr, p.sqnr_on = sqnr_db(ref, xq.double() @ deq.double().T), "output"
+    else:
+        p.sqnr, p.sqnr_on = sqnr_db(w, deq), "weight"
+
+
+def keep_low_sqnr(plans: list[Plan], min_sqnr: float) -> None:
+    for p in plans:
+        if p.quantized and p.sqnr is not None and p.sqnr < min_sqnr:
+            p.kept = f"{p.sqnr_on} SQNR {p.sqnr:.1f} dB < min_sqnr {min_sqnr:g} dB"
+
+
+# -- the rewrite -------------------------------------------------------------------------------
+
+
+def rewrite(graph: Graph, ctx: PassContext, plans: list[Plan]) -> None:
+    """Apply the input scales, then replace each quantized site by qlinear / qmatmul."""
+    live = [p for p in plans if p.quantized]
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    new_input: dict[int, Value] = {}
+    groups: dict[int, list[Plan]] = {}
+    for p in live:
+        if p.scales is not None:
+            groups.setdefault(id(p.scales), []).append(p)
+    muls = 0
+    for members in groups.values():
+        x = members[0].site.x
+        nodes = [m.site.node for m in members]
+        reason = fold_reason(x, nodes)
+        if reason is None:
+            norm = fold_into_norm(graph, x, members[0].scales)
+            for m in members:
+                m.notes.append(f"1/s folded into {norm.op} @{norm.source or '?'}")
+        else:
+            first = min(nodes, key=lambda n: order.get(id(n), 0))
+            mul = insert_scale(graph, x, members[0].scales, first)
+            muls += 1
+            for m in members:
+                new_input[id(m)] = mul.output
+                m.notes.append(f"1/s as a mul node ({reason})")
+    if muls:
+        ctx.note(f"quantize: {muls} mul node(s) by 1/s inserted where the scales could not be "
+                 f"folded into a norm")
+    made: dict[int, tuple[Value, Value, Value | None]] = {}
+    for p in live:
+        _replace(graph, ctx, p, new_input.get(id(p)), made)
+
+
+def _replace(graph: Graph, ctx: PassContext, p: Plan, x: Value | None,
+             made: dict[int, tuple[Value, Value, Value | None]]) -> None:
+    s = p.site
+    x = x if x is not None else s.node.inputs[0]  # current input (a folded norm is new)
+    consts = made.get(id(p.qweight))
+    if consts is None:
+        base = s.weight.name
+        qw = p.qweight
+        consts = (graph.add_constant(qw.qweight, f"{base}_q", quant=qw.qtype),
+                  graph.add_constant(qw.scales, f"{base}_scales"),
+                  None if qw.zeros is None else graph.add_constant(qw.zeros, f"{base}_zeros"))
+        made[id(p.qweight)] = consts
+    qweight, scales, zeros = consts
+    meta: dict[str, Any] = {"quant_layer": s.name}
+    if s.source:
+        meta["source"] = s.source
+    if p.spec.op == "qmatmul":
+        inputs = [x, qweight, scales, s.bias]
+        attrs = {"act_quant": p.act_quant, "activation": s.activation}
+        rule = RULE_QMATMUL
+    else:
+        inputs = [x, qweight, scales, zeros, s.bias]
+        attrs = {"activation": s.activation}
+        rule = RULE_QLINEAR
+    while inputs[-1] is None:
+        inputs.pop()
+    node = graph.create(p.spec.op, inputs, attrs, meta=meta, before=s.node)
+    matched = [s.node] + ([s.bias_add] if s.bias_add is not None else [])
+    ctx.rewrite(rule, matched, [node])
+    graph.replace_all_uses(s.out, node.output)
+    if s.bias_add is not None:
+        graph.erase(s.bias_add)
+    graph.erase(s.node)
+    w = s.weight
+    if not w.uses and not any(o is w for o in graph.outputs) and graph.constants.get(w.name) is w:
+        del graph.constants[w.name]
+
+
+def layer_report(p: Plan) -> LayerReport:
+    s = p.site
+    lr = LayerReport(s.name, p.op if p.quantized else s.node.op,
+                     p.spec.scheme if p.quantized else "float", [s.n, s.k],
+                     float_bytes=s.weight.const.numel() * s.weight.const.element_size(),
+                     sqnr_db=p.sqnr, sqnr_on=p.sqnr_on, notes=list(p.notes))
+    if s.is_head:
+        lr.notes.insert(0, "LM head")
+    if p.act_quant:
+        lr.notes.append(f"act_quant {p.act_quant}")
+    if p.quantized:
+        lr.bits, lr.group, lr.symmetric = p.qtype.bits, p.qtype.group, p.qtype.symmetric
+        lr.quant_bytes = p.qweight.nbytes
+    else:
+        lr.kept_float = p.kept
+        lr.quant_bytes = lr.float_bytes
+    return lr
+
+
+__all__ = ["QuantizeWeights", "plan_layers", "refuse_quantized", "rewrite"]
