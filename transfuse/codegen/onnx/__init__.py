@@ -4,14 +4,15 @@ Standard ONNX ops (opset 17 unless asked), symbolic dims as ``dim_param`` names,
 constants as initializers and, with ``fused=True``, ONNX Runtime's ``com.microsoft``
 fused operators where they compute exactly what the IR op does (GroupQueryAttention,
 MultiHeadAttention, SkipLayerNormalization, SkipSimplifiedLayerNormalization, FastGelu,
-BiasGelu, Gelu, RotaryEmbedding, QuickGelu, FusedMatMul).
+BiasGelu, Gelu, RotaryEmbedding, QuickGelu, FusedMatMul; MatMulNBits and
+DynamicQuantizeMatMul for quantized weights).
 
 Layout (lowerings in one file per op family, mirroring ``transfuse/ir/opdefs/``):
 
 - ``registry.py``: :data:`LOWERINGS` (the onnxruntime registry) and shared helpers;
 - ``elementwise.py``, ``linalg.py``, ``misc.py``, ``reduce.py``, ``shape.py``, ``nn.py``,
-  ``fused.py``, ``rotary.py``, ``attention.py``, ``generation.py``: the lowerings of each
-  op family;
+  ``fused.py``, ``rotary.py``, ``attention.py``, ``generation.py``, ``quant.py`` (qlinear /
+  qmatmul: MatMulNBits, DynamicQuantizeMatMul): the lowerings of each op family;
 - ``tensors.py`` (dtypes, initializers), ``builder.py`` (:class:`OnnxBuilder`),
   ``plan.py`` (decisions spanning two nodes), ``export.py`` (the node loop,
   :func:`export_graph`, :func:`save_model`), ``program.py`` (:class:`OrtProgram`: the
@@ -28,8 +29,8 @@ from transfuse.codegen.onnx.registry import LOWERINGS
 
 # every op family's lowerings (registration on import; the order does not matter)
 from transfuse.codegen.onnx import (  # noqa: F401  isort: skip
-    attention, elementwise, fused, generation, indexing, linalg, misc, nn, reduce, rotary,
-    shape,
+    attention, elementwise, fused, generation, indexing, linalg, misc, nn, quant, reduce,
+    rotary, shape,
 )
 from transfuse.codegen.onnx.builder import OnnxBuilder  # isort: skip
 from transfuse.codegen.onnx.export import (  # isort: skip

@@ -4,6 +4,11 @@ Unlike the python target it refuses what ONNX cannot hold (a ``torch_fallback``,
 training-mode dropout) with the reason, at lowering time. A generation graph (one with
 ``cached_attention``, whose KV caches are written in place) is built as a
 :class:`~transfuse.codegen.onnx.generation.GenerationOrtProgram` (CPU).
+
+Quantization (``quant.py``): int4/int8 weight-only layers run as MatMulNBits, W8A8 as
+DynamicQuantizeMatMul (per-tensor activations, preferred: one fused kernel) or an exact
+standard-op form (per-token); fp8 and groups MatMulNBits cannot split are refused with the
+reason (:meth:`OnnxRuntimeTarget.quant_unsupported`).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from typing import Any
 from transfuse.codegen.lowering import Target
 from transfuse.codegen.onnx.generation import GenerationOrtProgram
 from transfuse.codegen.onnx.program import OrtProgram, generate_onnxruntime
+from transfuse.codegen.onnx.quant import quant_refuses
 from transfuse.codegen.onnx.registry import LOWERINGS
 from transfuse.ir.graph import Graph
+from transfuse.ir.types import QuantType
 
 
 class OnnxRuntimeTarget(Target):
@@ -22,6 +29,15 @@ class OnnxRuntimeTarget(Target):
 
     name = "onnxruntime"
     lowerings = LOWERINGS
+    #: per tensor first: DynamicQuantizeMatMul (one kernel); per token is exact too, in
+    #: standard ops (MatMulInteger and the quantization written out), and slower
+    qmatmul_act_quant = ("tensor", "token")
+
+    def quant_unsupported(self, qtype: QuantType, op: str) -> str | None:
+        """Why ``op`` (qlinear / qmatmul) on a ``qtype`` weight cannot run here: fp8 (no CPU
+        GEMM), groups MatMulNBits cannot split into blocks, qmatmul weights that are not int8
+        symmetric per channel."""
+        return quant_refuses(qtype, op)
 
     def build(self, graph: Graph, device: Any = None) -> OrtProgram | GenerationOrtProgram:
         if any(n.op == "cached_attention" for n in graph.nodes):
