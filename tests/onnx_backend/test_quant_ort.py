@@ -319,3 +319,40 @@ def test_generation_step_with_qlinear():
         assert _rel(got, want) < LEVEL4_RTOL
     for a, b in zip(ours, ref):
         assert _rel(a, b) < LEVEL4_RTOL and a.abs().sum() > 0  # the caches were written
+
+
+# -- end to end: optimize(quantize=...) then export_onnx -----------------------------------
+
+
+def _tiny_llama():
+    import transfuse.models as models
+    from transfuse.models._common import init_weights
+
+    model = models.llama("tiny", seed=0)
+    init_weights(model, seed=1, std=0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("target, spec, kernel", [
+    ("onnxruntime", {"scheme": "int4-weight", "symmetric": False, "group": 16}, "MatMulNBits"),
+    ("python", {"scheme": "w8a8", "smoothquant": 0}, "MatMulInteger"),
+], ids=["ort-int4-asym", "python-w8a8-token"])
+def test_export_of_a_quantized_model_runs_in_plain_onnxruntime(target, spec, kernel, tmp_path):
+    """The file of a quantized compiled model runs in a bare InferenceSession and computes what
+    the compiled model does: the ORT target's own kernels, and a python-target W8A8 model (per
+    token activations: the exact MatMulInteger form) to f32 rounding."""
+    import transfuse
+
+    model, ids = _tiny_llama(), torch.randint(0, 1000, (1, 12))
+    q = transfuse.optimize(model, (ids,), quantize=spec, target=target)
+    path = q.export_onnx(str(tmp_path / "q.onnx"))
+    counts = {}
+    for n in onnx.load(path).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    assert counts.get(kernel, 0) == sum(q.graph.op_histogram()[op] for op in ("qlinear",
+                                                                              "qmatmul"))
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})
+    with torch.no_grad():
+        want = q(ids)
+    assert _rel(torch.from_numpy(got), want) < EXACT_RTOL
