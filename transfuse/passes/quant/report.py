@@ -161,8 +161,8 @@ class QuantReport:
             sqnr = "" if lr.sqnr_db is None else f"{lr.sqnr_db:.1f}" + (
                 "w" if lr.sqnr_on == "weight" else "")
             note = f"float: {lr.kept_float}" if lr.kept_float else "; ".join(lr.notes)
-            kib = (f"{lr.float_bytes / 1024:.0f}" if lr.kept_float else
-                   f"{lr.float_bytes / 1024:.0f}→{lr.quant_bytes / 1024:.0f}")
+            kib = (_kib(lr.float_bytes) if lr.kept_float else
+                   f"{_kib(lr.float_bytes)}→{_kib(lr.quant_bytes)}")
             table.add_row(lr.name, lr.op, lr.scheme, f"{lr.shape[0]}×{lr.shape[1]}",
                           "" if lr.bits is None else str(lr.bits),
                           "" if lr.group is None else str(lr.group),
@@ -181,6 +181,10 @@ class QuantReport:
                           legacy_windows=False, no_color=True)
         console.print(self)
         return "\n".join(line.rstrip() for line in buf.getvalue().rstrip().splitlines()) + "\n"
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f}" if n < 10240 else f"{n / 1024:.0f}"
 
 
 def _mb(n: int) -> str:
