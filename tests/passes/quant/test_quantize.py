@@ -369,3 +369,44 @@ def test_gpt2_tiny_o2_awq_folds_into_layer_norms_and_keeps_the_tied_table():
     assert [n.op for n in graph.nodes if n.op == "embedding"] == ["embedding", "embedding"]
     assert report.ppl_float is not None and abs(report.ppl_increase) < 0.05
     assert output_sqnr(float_graph, graph, _ids(1, seed=3)[0]) > 15
+
+
+QKV = """
+graph main(%x: f32[batch, seq, 64]) {
+  const %lw: f32[64]
+  const %lb: f32[64]
+  const %wq: f32[64, 64]
+  const %wk: f32[32, 64]
+  const %wv: f32[32, 64]
+  %h: f32[batch, seq, 64] = layer_norm(%x, %lw, %lb)  # @h.0.ln_1
+  %q: f32[batch, seq, 64] = linear(%h, %wq, _)  # @h.0.attn.q_proj
+  %k: f32[batch, seq, 32] = linear(%h, %wk, _)  # @h.0.attn.k_proj
+  %v: f32[batch, seq, 32] = linear(%h, %wv, _)  # @h.0.attn.v_proj
+  %kv: f32[batch, seq, 64] = concat(%k, %v) {axis=-1}
+  %y: f32[batch, seq, 64] = add(%q, %kv)
+  return %y
+}"""
+
+
+def test_unmerged_projections_share_one_set_of_scales_folded_into_the_layer_norm():
+    """onnxruntime keeps q/k/v apart (merge_projections off): they read one norm output,
+    share one AWQ scale search and the layer norm's weight and bias take 1/s."""
+    cal = batches(3, rows=16)
+    before, graph, log = quantize(QKV, {"scheme": "int4-awq", "group": 32}, calibration=cal)
+    assert ops(graph) == ["layer_norm", "qlinear", "qlinear", "qlinear", "concat", "add"]
+    norm = graph.find("layer_norm")[0]
+    assert [v.name for v in norm.inputs[1:]] == ["lw_smoothed", "lb_smoothed"]
+    notes = log.quant_report().layer("h.0.attn.k_proj").notes
+    assert any(n.startswith("AWQ scales") and n.endswith("shared by 3 layers") for n in notes)
+    assert output_sqnr(before, graph, batches(1, rows=16, seed=9)[0]) > 15
+    # one layer kept float: the norm output has another reader, so 1/s is a mul
+    _, graph, _ = quantize(QKV, {"scheme": "int4-awq", "group": 32,
+                                 "keep_float": ["*.v_proj"]}, calibration=cal)
+    assert ops(graph) == ["layer_norm", "mul", "qlinear", "qlinear", "linear", "concat", "add"]
+    assert graph.find("layer_norm")[0].inputs[1].name == "lw"
+
+
+def test_last_position_logits_are_compared_without_perplexity():
+    _, graph, log = quantize(MLP, "int8-weight", evaluation=batches(2))
+    r = log.quant_report()
+    assert r.tokens == 16 and r.ppl_float is None and r.kl >= 0  # float inputs: no token ids
