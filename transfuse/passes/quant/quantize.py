@@ -42,55 +42,31 @@ Glossary: N output features, K input features, R calibration rows.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
 import torch
 
-from transfuse.errors import PassError
 from transfuse.ir.graph import Graph, Value
 from transfuse.ir.quant import QuantizedWeight, dynamic_quantize_u8, quantize_rtn, sqnr_db
-from transfuse.ir.types import QuantType
 from transfuse.passes.base import Pass, PassContext
 from transfuse.passes.fusion.merge_projections import constant_bytes
 from transfuse.passes.quant.calibrate import InputStats, calibrate, check_batches, progress_bar
-from transfuse.passes.quant.config import LayerSpec, QuantConfig, parse_quantize
+from transfuse.passes.quant.config import parse_quantize
 from transfuse.passes.quant.evaluate import compare_logits
+from transfuse.passes.quant.plan import (
+    RULE_FLOAT,
+    RULE_QLINEAR,
+    RULE_QMATMUL,
+    Plan,
+    calibration_batches,
+    check_target,
+    plan_layers,
+    refuse_quantized,
+)
 from transfuse.passes.quant.report import LayerReport, QuantReport
-from transfuse.passes.quant.sites import Site, find_sites
+from transfuse.passes.quant.sites import find_sites
 from transfuse.passes.quant.smooth import fold_into_norm, fold_reason, insert_scale
-
-RULE_QLINEAR = "quant/qlinear"
-RULE_QMATMUL = "quant/qmatmul"
-RULE_FLOAT = "quant/keep-float"
-#: act_quant when no target object says what it runs exactly
-DEFAULT_ACT_QUANT = ("token",)
-
-
-@dataclasses.dataclass
-class Plan:
-    """What happens to one site."""
-
-    site: Site
-    spec: LayerSpec | None
-    why: str
-    qtype: QuantType | None = None
-    act_quant: str | None = None
-    kept: str | None = None  # why the layer stays float
-    scales: torch.Tensor | None = None  # AWQ / SmoothQuant input scales s [K]
-    qweight: QuantizedWeight | None = None
-    sqnr: float | None = None
-    sqnr_on: str = ""
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def quantized(self) -> bool:
-        return self.kept is None
-
-    @property
-    def op(self) -> str:
-        return self.spec.op if self.spec is not None else "linear"
 
 
 class QuantizeWeights(Pass):
@@ -187,98 +163,6 @@ class QuantizeWeights(Pass):
         report.kl, report.top1, report.tokens = result.kl, result.top1, result.tokens
         report.ppl_float, report.ppl_quant = result.ppl_float, result.ppl_quant
         report.measured_on = f"{what} ({len(ev)} batch{'es' if len(ev) != 1 else ''})"
-
-
-# -- planning (never mutates) ------------------------------------------------------------------
-
-
-def refuse_quantized(graph: Graph) -> None:
-    """PassError when the graph already holds quantized layers or weights."""
-    nodes = [n for n in graph.nodes if n.op in ("qlinear", "qmatmul")]
-    consts = [v for v in graph.constants.values() if v.type.quant is not None]
-    if nodes or consts:
-        where = ", ".join(sorted({n.source or n.op for n in nodes})[:5]) or \
-            ", ".join(f"%{v.name}" for v in consts[:5])
-        raise PassError(f"quantize: the graph is already quantized ({len(nodes)} qlinear/qmatmul "
-                        f"nodes, {len(consts)} quantized weights: {where}); quantize the float "
-                        f"model instead")
-
-
-def plan_layers(sites: list[Site], config: QuantConfig, ctx: PassContext) -> list[Plan]:
-    """A plan per site; PassError listing every explicit group that does not fit its layer."""
-    plans: list[Plan] = []
-    errors: list[str] = []
-    for s in sites:
-        spec, why = config.spec_for([s.name, s.source], s.is_head)
-        ctx.attempt(RULE_QMATMUL if spec is not None and spec.op == "qmatmul" else RULE_QLINEAR)
-        plan = Plan(s, spec, why)
-        plans.append(plan)
-        if spec is None:
-            plan.kept = why
-            continue
-        group, problem = spec.group_for(s.k)
-        if problem:
-            if spec.group is not None:
-                errors.append(f"{s.name} (K={s.k}): {problem}")
-            else:
-                plan.kept = problem
-            continue
-        plan.qtype = QuantType("fp8e4m3" if spec.scheme == "fp8" else "int", spec.bits, group,
-                               spec.is_symmetric, s.k)
-        if spec.group is None and spec.bits == 4 and group != 128:
-            plan.notes.append(f"group {group} (K={s.k} is not a multiple of 128)")
-    if errors:
-        raise PassError("quantize: group does not fit these layers (nothing was changed):\n  "
-                        + "\n  ".join(errors))
-    for p in plans:
-        if p.site.tied and p.quantized:
-            users = ", ".join(sorted({f"{g.op} @{g.source or '?'}" for g in p.site.tied}))
-            p.notes.append(f"tied: {users} keeps the float weight; this layer gets its own "
-                           f"quantized copy")
-    return plans
-
-
-def check_target(plans: list[Plan], ctx: PassContext) -> None:
-    """Pick W8A8's act_quant and ask the target about every planned layer (PassError)."""
-    target = ctx.target_info
-    prefs = tuple(getattr(target, "qmatmul_act_quant", None) or DEFAULT_ACT_QUANT)
-    ask = getattr(target, "quant_unsupported", None)
-    refused: dict[str, list[str]] = {}
-    for p in plans:
-        if not p.quantized:
-            continue
-        if p.spec.op == "qmatmul":
-            want = p.spec.act_quant
-            if want is not None and want not in prefs:
-                raise PassError(f"quantize: target {ctx.target!r} runs qmatmul with act_quant "
-                                f"{', '.join(prefs)} only, not {want!r} ({p.site.name})")
-            p.act_quant = want or prefs[0]
-        if ask is not None:
-            reason = ask(p.qtype, p.spec.op)
-            if reason:
-                refused.setdefault(f"{p.spec.op} {p.qtype.name}: {reason}", []).append(
-                    p.site.name)
-    if refused:
-        lines = [f"{why} (layers {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
-                 for why, names in refused.items()]
-        raise PassError(f"quantize: target {ctx.target!r} cannot run the quantized layers "
-                        f"(nothing was changed): " + "; ".join(lines))
-
-
-def calibration_batches(graph: Graph, plans: list[Plan], ctx: PassContext) -> list | None:
-    """The checked calibration batches; PassError when a planned scheme needs them."""
-    given = ctx.option("calibration")
-    if given is None or (isinstance(given, (list, tuple)) and not given):
-        needing = sorted({p.spec.scheme for p in plans if p.quantized and
-                          p.spec.needs_calibration})
-        if needing:
-            raise PassError(f"quantize: {', '.join(needing)} needs calibration data: pass "
-                            "calibration= (a list of input batches, e.g. token ids [B, S]) to "
-                            "optimize; int8-weight, int4-weight and fp8 need none"
-                            + (" (w8a8 without SmoothQuant: smoothquant=0)"
-                               if "w8a8" in needing else ""))
-        return None
-    return check_batches(graph, given)
 
 
 # -- quantizing (tensors only) -----------------------------------------------------------------
@@ -494,4 +378,4 @@ def layer_report(p: Plan) -> LayerReport:
     return lr
 
 
-__all__ = ["QuantizeWeights", "plan_layers", "refuse_quantized", "rewrite"]
+__all__ = ["QuantizeWeights", "quantize_all", "rewrite"]
