@@ -16,7 +16,7 @@ import torch
 from transfuse.errors import PassError
 from transfuse.ir.quant import fake_quantize, quant_params
 from transfuse.ir.types import QuantType
-from transfuse.passes.quant.awq import awq_search_clip, awq_search_scales
+from transfuse.passes.quant.awq import awq_search_clip, awq_search_scales, fake_quantize_int
 
 K, R = 256, 192
 
@@ -146,6 +146,18 @@ def test_clip_search_never_worse_per_group_and_max_shrink():
     assert bool((group_errors(fake_quantize(w, qtype, clip=clip))
                  <= group_errors(fake_quantize(w, qtype)) * (1 + 1e-4) + 1e-9).all())
     assert torch.equal(awq_search_clip(w, x, qtype, max_shrink=0.0), torch.ones_like(clip))
+
+
+@pytest.mark.parametrize(("bits", "group", "symmetric"),
+                         [(4, 32, False), (4, 64, True), (8, K, True), (8, 64, False)])
+def test_the_searches_fake_quantization_is_the_ir_one(bits, group, symmetric):
+    """The searches' in-place fake quantization must give the values of
+    transfuse.ir.quant.fake_quantize (the storage the caller writes), with or without clip."""
+    _, ws, _ = layer(seed=9, heavy_tails=True)
+    w, qtype = ws[0], QuantType("int", bits, group, symmetric, K)
+    clip = torch.rand(w.shape[0], K // group, generator=torch.Generator().manual_seed(0)) / 2 + 0.5
+    for c in (1.0, 0.8, clip):
+        assert torch.equal(fake_quantize_int(w, qtype, clip=c), fake_quantize(w, qtype, clip=c))
 
 
 def _qt(k=K):

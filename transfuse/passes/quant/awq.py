@@ -40,7 +40,7 @@ import math
 import torch
 
 from transfuse.errors import PassError
-from transfuse.ir.quant import fake_quantize
+from transfuse.ir.quant import quant_params
 from transfuse.ir.types import QuantType
 from transfuse.passes.quant.smoothquant import (
     check_float_matrix,
@@ -79,7 +79,8 @@ def awq_search_scales(weights: list[torch.Tensor], x: torch.Tensor, qtype: Quant
         alpha = step / grid
         s = act_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        err = out_error(w - fake_quantize(w * s, qtype) / s)
+        d = fake_quantize_int(w * s, qtype).div_(s)
+        err = out_error(torch.sub(w, d, out=d))  # W - Q(W·s) / s
         errors.append(err)
         if err < best[0]:
             best = (err, alpha, s)
@@ -106,12 +107,27 @@ def awq_search_clip(w: torch.Tensor, x: torch.Tensor, qtype: QuantType, *,
     best_ratio = torch.ones(n, groups)
     for step in range(math.floor(max_shrink * grid + 1e-9) + 1):  # ratio >= 1 - max_shrink
         ratio = 1.0 - step / grid
-        d = (w - fake_quantize(w, qtype, clip=ratio)).reshape(n, groups, size).transpose(0, 1)
+        d = fake_quantize_int(w, qtype, clip=ratio)
+        d = torch.sub(w, d, out=d).reshape(n, groups, size).transpose(0, 1)
         err = ((d @ gram) * d).sum(dim=-1).t()  # [N, G]: Σ_r (x_r,g · d_n,g)²
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
     return best_ratio
+
+
+def fake_quantize_int(w: torch.Tensor, qtype: QuantType,
+                      clip: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``w`` [N, K] f32 quantized to integer ``qtype`` and back: the values of
+    :func:`transfuse.ir.quant.fake_quantize` (tests/passes/quant/test_awq.py checks they are
+    equal), computed in place without packing codes — ~5x faster, and the searches call it
+    20-30 times per layer."""
+    scales, zeros = quant_params(w, qtype, clip)
+    scales = scales[..., None]
+    zero = zeros[..., None] if zeros is not None else float(qtype.default_zero)
+    q = (w.reshape(w.shape[0], qtype.groups, qtype.group) / scales).round_()
+    q.add_(zero).clamp_(0, qtype.levels - 1).sub_(zero).mul_(scales)
+    return q.reshape(w.shape)
 
 
 def _output_error(x: torch.Tensor, n: int):
@@ -120,7 +136,7 @@ def _output_error(x: torch.Tensor, n: int):
     rows, k = x.shape
     denom = float(rows * n)
     if rows <= k:
-        return lambda d: float((x @ d.t()).pow(2).sum()) / denom
+        return lambda d: float(torch.linalg.vector_norm(x @ d.t()) ** 2) / denom
     gram = x.t() @ x
     return lambda d: float(((d @ gram) * d).sum()) / denom
 
