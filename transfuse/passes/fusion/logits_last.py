@@ -292,8 +292,10 @@ def independence_reason(node: Node, axis: int, carried: Callable[[Value], bool])
             if v is not None and not carried(v) and _varies_along(v, axis, rank):
                 return f"operand %{v.name} {v.type} varies along axis {axis}"
         return _params_constant(node, NORMS[op])
-    if op == "linear":
-        return _params_constant(node, 1) if rank - 1 > axis else f"linear works along axis {axis}"
+    if op in HEAD_OPS:
+        if op == "qmatmul" and node.attrs["act_quant"] != "token":
+            return "qmatmul quantizes its activations with one scale over all positions"
+        return _params_constant(node, 1) if rank - 1 > axis else f"{op} works along axis {axis}"
     if op == "matmul":
         b = node.inputs[1]
         if rank - 1 > axis and node.inputs[0].type.rank == rank and b.type.rank == 2 and b.is_const:
@@ -360,13 +362,18 @@ def _descendants(head: Node) -> list[Node]:
     return out
 
 
+#: ops that can be an LM head: a GEMM by a constant weight (float or quantized)
+HEAD_OPS = ("linear", "qlinear", "qmatmul")
+
+
 def _find_head(out: Value) -> Node | None:
-    """The ``linear`` (constant weight) that graph output ``out`` is computed from, following
-    nodes with a single non-constant input; whether those act per position is checked later."""
+    """The ``linear`` (or quantized ``qlinear`` / ``qmatmul``; constant weight) that graph
+    output ``out`` is computed from, following nodes with a single non-constant input; whether
+    those act per position is checked later."""
     v = out
     while v.producer is not None:
         n = v.producer
-        if n.op == "linear":
+        if n.op in HEAD_OPS:
             return n if n.inputs[1].is_const else None
         dep = [x for x in n.inputs if x is not None and not x.is_const]
         if len(dep) != 1:

@@ -46,7 +46,7 @@ from transfuse.ir.graph import Graph, Node, Value
 from transfuse.ir.opdefs.generation import heads_tokens
 from transfuse.ir.types import DType, TensorType, dims_equal, free_symbols, sym
 from transfuse.passes.base import Pass, PassContext, is_pure
-from transfuse.passes.fusion.logits_last import cut_before_head
+from transfuse.passes.fusion.logits_last import HEAD_OPS, cut_before_head
 from transfuse.passes.generation.position_mask import (
     ancestors,
     band_of,
@@ -202,15 +202,15 @@ class InsertKvCache(Pass):
             self._refuse(ctx, None, f"{len(graph.outputs)} graph outputs; a causal LM step has "
                                     "one (the logits)", ROWS_RULE)
         v = graph.outputs[0]
-        while v.producer is not None and v.producer.op != "linear":
+        while v.producer is not None and v.producer.op not in HEAD_OPS:
             deps = [x for x in v.producer.inputs if x is not None and not x.is_const]
             if len(deps) != 1:
                 break
             v = deps[0]
         head = v.producer
-        if head is None or head.op != "linear" or not head.inputs[1].is_const:
-            self._refuse(ctx, None, "the output is not computed by an LM head (a linear with a "
-                                    "constant weight)", ROWS_RULE)
+        if head is None or head.op not in HEAD_OPS or not head.inputs[1].is_const:
+            self._refuse(ctx, None, "the output is not computed by an LM head (a linear, "
+                                    "qlinear or qmatmul with a constant weight)", ROWS_RULE)
         t = head.output.type
         if t.rank != 3 or not dims_equal(t.shape[1], n):
             self._refuse(ctx, head, f"LM head output {t} is not [1, N, V]", ROWS_RULE)
