@@ -111,6 +111,13 @@ class QuantizeWeights(Pass):
             report.calibration_batches = len(batches)
             st = next(iter(stats.values()), None)
             report.calibration_rows = st.rows if st is not None else 0
+            fitted = sorted({p.spec.scheme for p in plans if p.quantized and
+                             p.sqnr_on == "output" and p.spec.needs_calibration})
+            if fitted:
+                report.notes.append(f"output SQNR is measured on calibration rows, which "
+                                    f"{', '.join(fitted)} fitted: optimistic for those layers; "
+                                    f"the end-to-end numbers on held-out inputs are the honest "
+                                    f"ones")
         t2 = time.perf_counter()
         self._evaluate(float_graph, graph, batches, ctx, report, progress)
         report.evaluate_seconds = time.perf_counter() - t2
