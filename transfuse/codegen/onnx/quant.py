@@ -20,9 +20,10 @@ quantized GEMMs, fed from the one canonical storage of ``transfuse/ir/quant.py``
   them for 8 bits;
 - accuracy_level 4: ORT quantizes x to int8 per block (symmetric, one scale per block of bs
   values) and runs integer dot products. Measured (onnxruntime 1.32, 1 thread, M=1):
-  without it 4-bit is ~1x fp32 on AVX2 (issue 13) and ~0.4x the level-4 speed here; the
-  price is a relative error of ~1e-2 against the exact product (more with outlier
-  activations), which ``test_quant_ort.py`` states as its tolerance.
+  without it 4-bit is ~1x fp32 on AVX2 (issue 13) and 0.25-0.55x the level-4 speed on
+  this AVX-512 machine; the price is an error of ~0.5% of the output's norm against the
+  exact product (more with outlier activations), which ``test_quant_ort.py`` states as its
+  tolerance.
 
 ``qmatmul`` (W8A8; the weight is int8 symmetric per channel, codes u8 with zero point 128):
 
@@ -55,8 +56,9 @@ from transfuse.ir.types import DType, QuantType
 ACCURACY_LEVEL = 4
 #: MatMulNBits' smallest block (the op's schema: a power of two >= 16)
 MIN_BLOCK = 16
-#: the largest block emitted: ORT quantizes x per block, and blocks above 128 measured no
-#: faster (576x1536, 768x3072, 3072x768, M=1) but up to 2x the activation rounding error
+#: the largest block emitted: ORT quantizes x per block; per-channel weights in blocks of 256+
+#: measured -10..+10% (int4) and up to 25% (int8) faster than 128 but with 1.2-1.7x the error
+#: from rounding x (576x1536, 768x3072, 3072x768, M=1, 1 thread)
 MAX_BLOCK = 128
 
 
