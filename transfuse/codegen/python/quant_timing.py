@@ -8,7 +8,9 @@ Glossary: x [M, K] times a quantized weight [N, K] (``quant_kernels.py``).
 remembers both for the life of the process and on disk for the machine, in the python
 target's timing cache (:mod:`transfuse.codegen.python.gemm_cache`: keyed by CPU model,
 torch/numpy/BLAS versions and thread count; entries ``quant|...`` hold (kernel seconds,
-f32 seconds)). Compiling the same shapes again costs nothing.
+f32 seconds)). Compiling the same shapes again costs nothing. The reference kernels
+(``dequant_f32``, ``w8a8_reference``) are what they compute: the weight's dequantization
+(timed once per shape: an LM head's takes ~0.2 s) plus the f32 ``F.linear`` timed beside.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from transfuse.codegen.python import gemm_cache
-from transfuse.codegen.python.quant_kernels import run_qlinear, run_qmatmul
+from transfuse.codegen.python.quant_kernels import KERNELS, run_qlinear, run_qmatmul
+from transfuse.ir.quant import dequantize
 from transfuse.ir.types import QuantType
 
 #: (kernel, rows, N, qtype text, act_quant, threads) -> (kernel s, f32 s), for the process
 _TIMINGS: dict[tuple, tuple[float, float]] = {}
+#: (op, qtype text, N, threads) -> seconds of the reference's dequantization, for the process
+_DEQUANT: dict[tuple, float] = {}
 #: rounds of timing; each candidate runs once per round, interleaved, and keeps its best
 ROUNDS = 3
 #: a candidate's calls in one round last at least this long (fewer for slow calls)
@@ -88,13 +93,18 @@ def measure(kernels: list[str], op: str, qt: QuantType, n: int, rows: int,
     w = torch.randn(n, qt.k, generator=torch.Generator().manual_seed(2))
     fns: dict[str, Callable[[], object]] = {"": lambda: F.linear(x, w)}
     for k in kernels:
+        if KERNELS[k].prepare is None:  # a reference: estimated below
+            continue
         if op == "qmatmul":
             fns[k] = functools.partial(run_qmatmul, k, x, qw, scales, None, act_quant)
         else:
             fns[k] = functools.partial(run_qlinear, k, x, qw, scales, zeros, None)
     with torch.inference_mode():
         best = seconds(fns)
-    t_f32 = best.pop("")
+        t_f32 = best.pop("")
+        for k in kernels:
+            if k not in best:
+                best[k] = _dequant_seconds(op, qt, n, qw, scales, zeros) + t_f32
     for k, key in keys.items():
         _TIMINGS[key] = (best[k], t_f32)
         if use_cache:
@@ -102,9 +112,22 @@ def measure(kernels: list[str], op: str, qt: QuantType, n: int, rows: int,
     return best, t_f32, ""
 
 
+def _dequant_seconds(op: str, qt: QuantType, n: int, qw, scales, zeros) -> float:
+    """Seconds of the reference's weight dequantization (the same at every row count)."""
+    key = (op, str(qt), n, torch.get_num_threads())
+    if key not in _DEQUANT:
+        if op == "qmatmul":
+            fn = functools.partial(dequantize, qw, scales, None, qt)
+        else:
+            fn = functools.partial(dequantize, qw, scales, zeros, qt)
+        _DEQUANT[key] = seconds({"": fn})[""]
+    return _DEQUANT[key]
+
+
 def forget() -> None:
     """Drop the in-process timings (the disk cache stays)."""
     _TIMINGS.clear()
+    _DEQUANT.clear()
 
 
 __all__ = ["measure", "seconds", "forget"]
