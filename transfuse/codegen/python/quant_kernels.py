@@ -283,9 +283,11 @@ def _quant_type(x, qw, scales, zeros) -> QuantType:
 
 def run_qlinear(name: str, x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ dequant(W).T + bias`` by kernel ``name`` (the reference off the CPU)."""
+    """``x @ dequant(W).T + bias`` by kernel ``name`` (the reference off the CPU, for fp8
+    storage and for an empty x)."""
     CALLS[name] += 1
-    if name == "dequant_f32" or x.device.type != "cpu" or qw.dtype != torch.uint8:
+    if name == "dequant_f32" or x.device.type != "cpu" or qw.dtype != torch.uint8 \
+            or x.numel() == 0:
         return _qlinear_reference(x, qw, scales, zeros, bias)
     prep = _lookup(name, qw)
     if prep is None:
