@@ -410,3 +410,49 @@ def test_last_position_logits_are_compared_without_perplexity():
     _, graph, log = quantize(MLP, "int8-weight", evaluation=batches(2))
     r = log.quant_report()
     assert r.tokens == 16 and r.ppl_float is None and r.kl >= 0  # float inputs: no token ids
+
+
+SWIGLU = """
+graph main(%x: f32[batch, seq, 64]) {
+  const %nw: f32[64]
+  const %wgu: f32[256, 64]
+  const %bgu: f32[256]
+  const %wdown: f32[64, 128]
+  %h: f32[batch, seq, 64] = rms_norm(%x, %nw)  # @layers.0.post_norm
+  %gu: f32[batch, seq, 256] = linear(%h, %wgu, %bgu)  # @layers.0.mlp.gate_proj
+  %g: f32[batch, seq, 128], %u: f32[batch, seq, 128] = split(%gu) {axis=-1, sizes=[128, 128]}
+  %a: f32[batch, seq, 128] = swiglu(%g, %u)  # @layers.0.mlp
+  %d: f32[batch, seq, 64] = linear(%a, %wdown, _)  # @layers.0.mlp.down_proj
+  %y: f32[batch, seq, 64] = add(%x, %d)
+  return %y
+}"""
+
+
+@pytest.mark.parametrize("scheme", ["int4-awq", "w8a8"])
+def test_down_projection_scales_fold_into_the_up_rows(scheme):
+    cal = batches(3, rows=16)
+    before, graph, log = quantize(SWIGLU, scheme, calibration=cal)
+    q = "qmatmul" if scheme == "w8a8" else "qlinear"
+    assert ops(graph) == ["rms_norm", q, "split", "swiglu", q, "add"]  # no mul anywhere
+    report = log.quant_report()
+    assert "1/s folded into rows 128:256 of layers.0.mlp.gate_proj" in \
+        report.layer("layers.0.mlp.down_proj").notes
+    assert "rows 128:256 divided by the input scales of layers.0.mlp.down_proj" in \
+        report.layer("layers.0.mlp.gate_proj").notes
+    assert graph.find(q)[0].inputs[-1].name == "bgu_scaled"  # the bias rows too
+    assert output_sqnr(before, graph, batches(1, rows=16, seed=7)[0]) > 15
+
+
+def test_folds_stay_exact_when_min_sqnr_keeps_the_layers_float():
+    """Everything kept float after the scales were folded: the up rows are rescaled float
+    constants, and the down projection's input gets a mul by s: the model is unchanged."""
+    cal = batches(3, rows=16)
+    before, graph, log = quantize(SWIGLU, {"scheme": "int4-awq", "min_sqnr": 1000},
+                                  calibration=cal)
+    assert ops(graph) == ["rms_norm", "linear", "split", "swiglu", "mul", "linear", "add"]
+    assert graph.find("linear")[0].inputs[1].name == "wgu_scaled"
+    x = batches(1, rows=16, seed=7)[0]
+    torch.testing.assert_close(interpret(graph, x)[0], interpret(before, x)[0], rtol=1e-4,
+                               atol=1e-4)
+    notes = log.quant_report().layer("layers.0.mlp.down_proj").notes
+    assert any("a mul by s restores it" in n for n in notes)

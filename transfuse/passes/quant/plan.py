@@ -45,10 +45,21 @@ class Plan:
     sqnr: float | None = None
     sqnr_on: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: the input scales are folded into the rows of the linear that makes the input
+    folded: bool = False
+    #: f32 [N, K] / [N]: this layer's weight and bias with rows divided by a later layer's
+    #: input scales (AWQ / SmoothQuant folded into it); None: the graph's own
+    weight_override: torch.Tensor | None = None
+    bias_override: torch.Tensor | None = None
 
     @property
     def quantized(self) -> bool:
         return self.kept is None
+
+    def weight(self) -> torch.Tensor:
+        """The f32 [N, K] weight to quantize (with rows rescaled when a fold asked for it)."""
+        return self.weight_override if self.weight_override is not None else \
+            self.site.weight_nk()
 
     @property
     def op(self) -> str:

@@ -22,7 +22,8 @@ The LM head defaults to int8-weight when the body is int4; a head tied to the in
 embedding gets its own quantized copy and the embedding keeps the float weight.
 
 AWQ and SmoothQuant scale the input channels: the quantized weight is ``W * s`` and the input
-``x / s``, folded into the norm before (``smooth.py``) or a ``mul`` node (noted).
+``x / s``, folded into the norm before, or into the up rows of the projection before a
+``swiglu`` (``smooth.py``), else a ``mul`` node (noted).
 
 Order of work, so that nothing is half-quantized: parse the config, refuse an already
 quantized graph, plan every layer (scheme, QuantType, kept-float reasons), check all explicit
@@ -66,7 +67,12 @@ from transfuse.passes.quant.plan import (
 )
 from transfuse.passes.quant.report import LayerReport, QuantReport
 from transfuse.passes.quant.sites import find_sites
-from transfuse.passes.quant.smooth import fold_into_norm, fold_reason, insert_scale
+from transfuse.passes.quant.smooth import (
+    fold_into_norm,
+    fold_reason,
+    insert_scale,
+    producer_rows,
+)
 
 
 class QuantizeWeights(Pass):
@@ -194,8 +200,13 @@ def quantize_all(plans: list[Plan], stats: dict[int, InputStats], progress: bool
             p.notes.append("no calibration rows: not smoothed")
             continue
         groups.setdefault((id(p.site.x), p.spec.scheme, p.qtype), []).append(p)
-    for members in groups.values():
+    # later layers first: folding a down projection's 1/s into the up rows must happen before
+    # the up projection's own search and quantization see its weight
+    index = {id(p): i for i, p in enumerate(plans)}
+    by_out = {id(p.site.out): p for p in plans}
+    for members in sorted(groups.values(), key=lambda ms: -max(index[id(m)] for m in ms)):
         _search_scales(members, stats[id(members[0].site.x)])
+        _fold_into_producer(members, by_out)
     done: dict[tuple, QuantizedWeight] = {}
     for p in progress_bar(live, "quantize: layers", progress, "layer"):
         key = (id(p.site.weight), p.spec, p.qtype)
@@ -212,8 +223,35 @@ def quantize_all(plans: list[Plan], stats: dict[int, InputStats], progress: bool
         _measure(p, stats.get(id(p.site.x)))
 
 
+def _fold_into_producer(members: list[Plan], by_out: dict[int, Plan]) -> None:
+    """Divide the rows of the linear making the members' input by their scales, if it can."""
+    found = producer_rows(members[0].site.x, [m.site.node for m in members])
+    if isinstance(found, str):
+        return
+    value, start, end = found
+    prod = by_out.get(id(value))
+    if prod is None or prod.site.activation is not None or prod.site.tied or \
+            len(prod.site.weight.uses) != 1 or \
+            (prod.site.bias is not None and not prod.site.bias.is_const):
+        return
+    inv = 1.0 / members[0].scales.double()
+    w = prod.weight().double()
+    w[start:end] *= inv[:, None]
+    prod.weight_override = w.float()
+    if prod.site.bias is not None:
+        b = (prod.bias_override if prod.bias_override is not None
+             else prod.site.bias.const.float()).double()
+        b[start:end] *= inv
+        prod.bias_override = b.float()
+    prod.notes.append(f"rows {start}:{end} divided by the input scales of "
+                      f"{', '.join(m.site.name for m in members)}")
+    for m in members:
+        m.folded = True
+        m.notes.append(f"1/s folded into rows {start}:{end} of {prod.site.name}")
+
+
 def _search_scales(members: list[Plan], st: InputStats) -> None:
-    weights = [m.site.weight_nk() for m in members]
+    weights = [m.weight() for m in members]
     names = ", ".join(m.site.name for m in members)
     spec = members[0].spec
     if spec.scheme == "int4-awq":
@@ -235,7 +273,7 @@ def _search_scales(members: list[Plan], st: InputStats) -> None:
 
 
 def _quantize_one(p: Plan, stats: list[InputStats | None]) -> QuantizedWeight:
-    w = p.site.weight_nk()
+    w = p.weight()
     if p.scales is not None:
         w = w * p.scales[None, :]
     algo = p.spec.algorithm
@@ -267,7 +305,7 @@ def _quantize_one(p: Plan, stats: list[InputStats | None]) -> QuantizedWeight:
 
 def _measure(p: Plan, st: InputStats | None) -> None:
     """The layer's SQNR: of its output on calibration rows, else of its weight."""
-    w = p.site.weight_nk()
+    w = p.weight()
     deq = p.qweight.dequantize()
     if p.scales is not None:
         deq = deq / p.scales[None, :]
@@ -302,9 +340,21 @@ def rewrite(graph: Graph, ctx: PassContext, plans: list[Plan]) -> None:
     new_input: dict[int, Value] = {}
     groups: dict[int, list[Plan]] = {}
     for p in live:
-        if p.scales is not None:
+        if p.scales is not None and not p.folded:
             groups.setdefault(id(p.scales), []).append(p)
     muls = 0
+    for p in plans:
+        if not p.quantized and p.folded:  # its input is x / s now (min_sqnr kept it float)
+            node = p.site.node
+            c = graph.add_constant(p.scales.to(p.site.x.dtype.torch), f"{p.site.x.name}_rescale")
+            mul = graph.create("mul", [node.inputs[0], c], before=node,
+                               meta={"source": node.source} if node.source else None)
+            graph.set_input(node, 0, mul.output)
+            p.notes.append("its input is x / s (folded for the other layers): a mul by s "
+                           "restores it")
+            muls += 1
+        elif not p.quantized and p.weight_override is not None:
+            _write_float(graph, p)
     for members in groups.values():
         x = members[0].site.x
         nodes = [m.site.node for m in members]
@@ -344,12 +394,15 @@ def _replace(graph: Graph, ctx: PassContext, p: Plan, x: Value | None,
     meta: dict[str, Any] = {"quant_layer": s.name}
     if s.source:
         meta["source"] = s.source
+    bias = s.bias
+    if p.bias_override is not None:
+        bias = graph.add_constant(p.bias_override.to(s.bias.dtype.torch), f"{s.bias.name}_scaled")
     if p.spec.op == "qmatmul":
-        inputs = [x, qweight, scales, s.bias]
+        inputs = [x, qweight, scales, bias]
         attrs = {"act_quant": p.act_quant, "activation": s.activation}
         rule = RULE_QMATMUL
     else:
-        inputs = [x, qweight, scales, zeros, s.bias]
+        inputs = [x, qweight, scales, zeros, bias]
         attrs = {"activation": s.activation}
         rule = RULE_QLINEAR
     while inputs[-1] is None:
@@ -361,9 +414,30 @@ def _replace(graph: Graph, ctx: PassContext, p: Plan, x: Value | None,
     if s.bias_add is not None:
         graph.erase(s.bias_add)
     graph.erase(s.node)
-    w = s.weight
-    if not w.uses and not any(o is w for o in graph.outputs) and graph.constants.get(w.name) is w:
-        del graph.constants[w.name]
+    _drop_if_unused(graph, s.weight)
+    if s.bias is not None:
+        _drop_if_unused(graph, s.bias)
+
+
+def _write_float(graph: Graph, p: Plan) -> None:
+    """A float layer whose rows were rescaled for a fold: new weight (and bias) constants."""
+    s = p.site
+    w = p.weight_override.T if s.transposed else p.weight_override
+    new_w = graph.add_constant(w.to(s.weight.dtype.torch).contiguous(), f"{s.weight.name}_scaled")
+    graph.set_input(s.node, 1, new_w)
+    _drop_if_unused(graph, s.weight)
+    if p.bias_override is not None:
+        new_b = graph.add_constant(p.bias_override.to(s.bias.dtype.torch), f"{s.bias.name}_scaled")
+        holder = s.bias_add or s.node
+        i = next(i for i, v in enumerate(holder.inputs) if v is s.bias)
+        graph.set_input(holder, i, new_b)
+        _drop_if_unused(graph, s.bias)
+
+
+def _drop_if_unused(graph: Graph, c: Value) -> None:
+    if c.is_const and not c.uses and not any(o is c for o in graph.outputs) and \
+            graph.constants.get(c.name) is c:
+        del graph.constants[c.name]
 
 
 def layer_report(p: Plan) -> LayerReport:

@@ -5,6 +5,9 @@ The quantized weights already hold ``W * s``; this module makes their input ``x 
 - **fold** into the norm that produces x (``rms_norm``, ``layer_norm``, or ``add_norm``'s
   normed output): its weight (and bias) divided by s, when *every* use of x is one of the
   linears sharing these scales (a merged q/k/v projection is one linear) — free at run time;
+- **fold** into the linear that produces x through ``swiglu(gate, up)``: the up rows (a slice
+  of a merged gate/up projection) divided by s, planned before that linear is quantized
+  (:func:`producer_rows`; the MLP's down projection, as in AWQ);
 - else a ``mul(x, 1/s)`` node before the first of those linears (counted and noted).
 
 The norm's old weight constant is never edited in place (graph clones share constants): the
@@ -56,6 +59,32 @@ def fold_reason(x: Value, linears: Sequence[Node]) -> str | None:
     return None
 
 
+def producer_rows(x: Value, linears: Sequence[Node]) -> tuple[Value, int, int] | str:
+    """(v, start, end): ``x`` is ``swiglu(gate, up)`` whose ``up`` is ``v`` (a linear's
+    output) or its feature slice ``start:end`` through a ``split`` (a merged gate/up
+    projection), so dividing those rows of the linear by s divides x by s. Else why not."""
+    mine = {id(n) for n in linears}
+    if any(id(n) not in mine for n in x.users) or any(o is x for o in x.graph.outputs):
+        return f"%{x.name} is also read elsewhere"
+    p = x.producer
+    if p is None or p.op != "swiglu":
+        return f"%{x.name} is not a swiglu output"
+    up = p.inputs[1]
+    if up is p.inputs[0] or len(up.uses) != 1 or any(o is up for o in x.graph.outputs):
+        return f"swiglu's up operand %{up.name} is used elsewhere"
+    split = up.producer
+    if split is not None and split.op == "split":
+        src = split.inputs[0]
+        if split.attrs["axis"] % src.type.rank != src.type.rank - 1:
+            return "the split is not along the features"
+        if len(src.uses) != 1 or any(o is src for o in x.graph.outputs):
+            return f"%{src.name} (the merged projection) is used elsewhere"
+        sizes = split.attrs["sizes"]
+        start = sum(sizes[:up.index])
+        return src, start, start + sizes[up.index]
+    return up, 0, int(up.type.shape[-1])
+
+
 def fold_into_norm(graph: Graph, x: Value, scales: torch.Tensor) -> Node:
     """Divide the norm producing ``x`` by ``scales`` [K] (see :func:`fold_reason`); the norm
     is rebuilt with new parameter constants and returned."""
@@ -98,4 +127,4 @@ def insert_scale(graph: Graph, x: Value, scales: torch.Tensor, before: Node) -> 
     return graph.create("mul", [x, c], name=f"{x.name}_smoothed", before=before, meta=meta)
 
 
-__all__ = ["fold_reason", "fold_into_norm", "insert_scale", "NORM_PARAMS"]
+__all__ = ["fold_reason", "fold_into_norm", "producer_rows", "insert_scale", "NORM_PARAMS"]
