@@ -136,3 +136,28 @@ def test_no_report_without_quantization_or_after_a_failed_pass():
                      options={"quantize": "int4-awq", "progress": False})  # no calibration
     assert log.records[0].status == "failed" and "calibration=" in log.records[0].error
     assert log.quant_report() is None
+
+
+def test_an_encoder_output_is_compared_by_cosine_only():
+    encoder = """
+graph main(%x: f32[batch, seq, 32]) {
+  const %w1: f32[64, 32]
+  const %w2: f32[32, 64]
+  const %nw: f32[32]
+  const %nb: f32[32]
+  %u: f32[batch, seq, 64] = linear(%x, %w1, _) {activation="gelu"}  # @layer.0.intermediate
+  %d: f32[batch, seq, 32] = linear(%u, %w2, _)  # @layer.0.output
+  %h: f32[batch, seq, 32] = layer_norm(%d, %nw, %nb)  # @layer.0.norm
+  return %h
+}"""
+    gen = torch.Generator().manual_seed(0)
+    ev = [[torch.randn(2, 6, 32, generator=gen)]]
+    graph = parse_graph(encoder)
+    log = run_passes(graph, [PASS], options={"quantize": {"scheme": "w8a8", "smoothquant": 0},
+                                              "evaluation": ev, "progress": False})
+    r = log.quant_report()
+    assert r.kl is None and r.top1 is None and r.ppl_float is None
+    assert 0.999 < r.cosine <= 1.0 and r.tokens == 12
+    assert "cosine of the first output" in r.summary() and "no KL / top-1 / perplexity" in \
+        r.summary()
+    assert all("LM head" not in lr.notes for lr in r.layers)

@@ -1,7 +1,8 @@
 """End-to-end accuracy of a quantized graph against its float original.
 
 ``compare_logits(before, after, batches)`` runs both graphs with the reference interpreter
-on each batch and compares their first outputs, taken as logits [..., V]:
+on each batch and compares their first outputs: the cosine of the two vectors at each
+position (any model); when the output is logits [..., V] of an LM head:
 
 - KL(float || quantized) of the softmax over V, averaged over positions (nats);
 - top-1 agreement: how often the argmax over V is the same;
@@ -30,25 +31,28 @@ CHUNK = 256
 
 @dataclasses.dataclass
 class EndToEnd:
-    kl: float
-    top1: float
+    cosine: float  # mean over positions of the cosine of the two outputs' last-dim vectors
     tokens: int
+    kl: float | None = None
+    top1: float | None = None
     ppl_float: float | None = None
     ppl_quant: float | None = None
 
 
 def compare_logits(before: Graph, after: Graph, batches: Sequence[Sequence[torch.Tensor]], *,
-                   progress: bool = True) -> EndToEnd | str:
-    """The comparison, or why the first output cannot be compared as logits."""
-    kl_sum = agree = positions = 0.0
+                   logits: bool = True, progress: bool = True) -> EndToEnd | str:
+    """The comparison, or why the first outputs cannot be compared. With ``logits=False``
+    (the first output is not made by an LM head: an encoder's hidden states) only the cosine
+    is measured."""
+    kl_sum = agree = positions = cos_sum = 0.0
     nll_f = nll_q = 0.0
     predicted = 0
-    ppl_ok = True
+    ppl_ok = logits
     for batch in progress_bar(batches, "quantize: evaluating", progress, "batch"):
         a = interpret(before, batch)[0].detach()
         b = interpret(after, batch)[0].detach()
         if not a.dtype.is_floating_point or a.dim() < 1 or a.shape[-1] < 2:
-            return f"the first output {a.dtype} {list(a.shape)} is not logits [..., V]"
+            return f"the first output {a.dtype} {list(a.shape)} is not a float [..., D] tensor"
         if a.shape != b.shape:
             return f"output shapes differ: {list(a.shape)} vs {list(b.shape)}"
         v = a.shape[-1]
@@ -63,11 +67,15 @@ def compare_logits(before: Graph, after: Graph, batches: Sequence[Sequence[torch
             ppl_ok = False
         fa, fb = a.reshape(-1, v), b.reshape(-1, v)
         for lo in range(0, fa.shape[0], CHUNK):
-            lp = torch.log_softmax(fa[lo:lo + CHUNK].double(), -1)
-            lq = torch.log_softmax(fb[lo:lo + CHUNK].double(), -1)
+            ca, cb = fa[lo:lo + CHUNK].double(), fb[lo:lo + CHUNK].double()
+            cos_sum += float(torch.nn.functional.cosine_similarity(ca, cb, dim=-1).sum())
+            positions += ca.shape[0]
+            if not logits:
+                continue
+            lp = torch.log_softmax(ca, -1)
+            lq = torch.log_softmax(cb, -1)
             kl_sum += float((lp.exp() * (lp - lq)).sum())
             agree += float((lp.argmax(-1) == lq.argmax(-1)).sum())
-            positions += lp.shape[0]
             if targets is not None:
                 t = targets[lo:lo + CHUNK]
                 keep = t >= 0
@@ -77,7 +85,9 @@ def compare_logits(before: Graph, after: Graph, batches: Sequence[Sequence[torch
                 predicted += int(keep.sum())
     if positions == 0:
         return "no positions to compare"
-    out = EndToEnd(kl_sum / positions, agree / positions, int(positions))
+    out = EndToEnd(cos_sum / positions, int(positions))
+    if logits:
+        out.kl, out.top1 = kl_sum / positions, agree / positions
     if ppl_ok and predicted:
         out.ppl_float = math.exp(nll_f / predicted)
         out.ppl_quant = math.exp(nll_q / predicted)

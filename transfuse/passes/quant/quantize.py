@@ -125,7 +125,8 @@ class QuantizeWeights(Pass):
                                     f"the end-to-end numbers on held-out inputs are the honest "
                                     f"ones")
         t2 = time.perf_counter()
-        self._evaluate(float_graph, graph, batches, ctx, report, progress)
+        logits = any(p.site.makes_logits for p in plans)
+        self._evaluate(float_graph, graph, batches, ctx, report, progress, logits)
         report.evaluate_seconds = time.perf_counter() - t2
         report.seconds = time.perf_counter() - t0
         for p in plans:
@@ -154,7 +155,7 @@ class QuantizeWeights(Pass):
                          progress=progress)
 
     def _evaluate(self, before: Graph, after: Graph, batches: list | None, ctx: PassContext,
-                  report: QuantReport, progress: bool) -> None:
+                  report: QuantReport, progress: bool, logits: bool) -> None:
         given = ctx.option("evaluation")
         if given is False:
             report.measured_on = "not measured (evaluation=False)"
@@ -169,11 +170,12 @@ class QuantizeWeights(Pass):
         else:
             report.measured_on = "not measured: no evaluation, calibration or example inputs"
             return
-        result = compare_logits(before, after, ev, progress=progress)
+        result = compare_logits(before, after, ev, logits=logits, progress=progress)
         if isinstance(result, str):
             report.measured_on = f"not measured: {result}"
             return
-        report.kl, report.top1, report.tokens = result.kl, result.top1, result.tokens
+        report.cosine, report.kl, report.top1 = result.cosine, result.kl, result.top1
+        report.tokens = result.tokens
         report.ppl_float, report.ppl_quant = result.ppl_float, result.ppl_quant
         report.measured_on = f"{what} ({len(ev)} batch{'es' if len(ev) != 1 else ''})"
 

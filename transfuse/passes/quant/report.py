@@ -6,9 +6,10 @@ the pass record (``record.data["quant"]``) as JSON, and read back by
 ``qmatmul``, or ``linear`` when kept float), scheme, bits, group, symmetric, SQNR in dB
 (``sqnr_on``: ``output`` = on calibration rows, ``weight`` = of the weight alone), why it was
 kept float, bytes before and after. Totals: the model's constant bytes before and after and
-the seconds quantization took. End to end (on ``measured_on``): KL(float || quantized) of the
-softmax of the logits averaged over positions, top-1 agreement, perplexity of next-token
-prediction (float and quantized) when the first input is token ids.
+the seconds quantization took. End to end (on ``measured_on``): the cosine of the first
+outputs per position; when that output is an LM head's logits, KL(float || quantized) of the
+softmax averaged over positions, top-1 agreement, and perplexity of next-token prediction
+(float and quantized) when the first input is token ids.
 
 ``str(report)`` is a plain-text table; ``report.__rich__()`` the same for rich consoles.
 This module imports nothing from passes (the pass log imports it).
@@ -65,6 +66,7 @@ class QuantReport:
     evaluate_seconds: float = 0.0
     calibration_batches: int = 0
     calibration_rows: int = 0
+    cosine: float | None = None
     kl: float | None = None
     top1: float | None = None
     ppl_float: float | None = None
@@ -115,7 +117,7 @@ class QuantReport:
             raise PassError(f"unknown quantization report version (expected {VERSION})")
         d["layers"] = [LayerReport(**_floats(lr, ("sqnr_db",))) for lr in d.get("layers", [])]
         known = {f.name for f in dataclasses.fields(cls)}
-        d = _floats(d, ("kl", "top1", "ppl_float", "ppl_quant", "seconds"))
+        d = _floats(d, ("cosine", "kl", "top1", "ppl_float", "ppl_quant", "seconds"))
         return cls(**{k: v for k, v in d.items() if k in known})
 
     # -- rendering -----------------------------------------------------------------------
@@ -134,11 +136,16 @@ class QuantReport:
                          f"{self.calibration_rows} rows")
         if self.kl is not None:
             text = (f"end to end on {self.measured_on}: KL(float||quant) {self.kl:.4g} nats/token,"
-                    f" top-1 agreement {self.top1:.1%} ({self.tokens} positions)")
+                    f" top-1 agreement {self.top1:.1%}, cosine {self.cosine:.6f} "
+                    f"({self.tokens} positions)")
             if self.ppl_float is not None:
                 text += (f", perplexity {self.ppl_float:.4g} float -> {self.ppl_quant:.4g} "
                          f"quantized ({self.ppl_increase:+.2%})")
             lines.append(text)
+        elif self.cosine is not None:
+            lines.append(f"end to end on {self.measured_on}: cosine of the first output "
+                         f"{self.cosine:.6f} ({self.tokens} positions; not logits of an LM head:"
+                         f" no KL / top-1 / perplexity)")
         else:
             lines.append(f"end to end: {self.measured_on or 'not measured'}")
         lines.extend(self.notes)

@@ -44,6 +44,7 @@ class Site:
     transposed: bool  # True for matmul(x, W[K, N])
     name: str = ""
     is_head: bool = False
+    makes_logits: bool = False  # the graph's first output is computed from it (the LM head)
     tied: list[Node] = dataclasses.field(default_factory=list)  # gathers reading the weight
 
     @property
@@ -145,7 +146,7 @@ def _mark_heads(graph: Graph, sites: list[Site]) -> None:
         for _ in range(16):
             site = by_out.get(id(v))
             if site is not None:
-                site.is_head = True
+                site.is_head = site.makes_logits = True
                 break
             p = v.producer
             if p is None or p.op not in HEAD_PASS_THROUGH:
