@@ -72,7 +72,7 @@ PIPELINES: dict[str, list[str]] = {
         "fusion.merge-projections",  # q/k/v, gate/up, parallel blocks -> one linear + split
         "recognize.fold-linear-epilogue",  # bias add and activation -> linear (after merging)
         "fusion.compute-last-logits",  # only with logits="last": norm + LM head on one position
-        "quant.quantize-weights",  # only with quantize=...: int8/int4 weight-only, w8a8, fp8; reports error
+        "quant.quantize-weights",  # only with quantize=...: int8/int4, w8a8, fp8; reports error
         "generation.insert-kv-cache",  # only with generation=...: cached_attention, logit rows
         "layout.pad-gemm-columns",  # wide GEMMs (LM heads) padded to 64 columns, sliced back
         "layout.select-gemm",  # python target, CPU: torch vs OpenBLAS timed per GEMM shape

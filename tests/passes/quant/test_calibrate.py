@@ -74,7 +74,8 @@ def test_sample_is_capped_uniform_and_seeded():
 @pytest.mark.parametrize("batches, message", [
     ([[torch.randn(1, 4, 8)], [torch.randn(1, 4, 8, dtype=torch.float64)]],
      "calibration batch 1: input x must be f32[batch, seq, 8], got f64[1, 4, 8]"),
-    ([[torch.randn(1, 4, 8)], [torch.randn(4, 8)]], "calibration batch 1: input x: expected rank 3"),
+    ([[torch.randn(1, 4, 8)], [torch.randn(4, 8)]],
+     "calibration batch 1: input x: expected rank 3"),
     ([[torch.randn(1, 4, 7)]], "calibration batch 0: input x: dim 2 must be 8"),
     ([[torch.randn(1, 4, 8), torch.randn(1)]], "calibration batch 0: graph main takes 1 inputs"),
     (torch.randn(1, 4, 8), "calibration: expected a list of batches"),
