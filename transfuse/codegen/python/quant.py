@@ -83,7 +83,8 @@ class QuantPlan:
     def describe(self) -> str:
         if self.rows_max is None:
             return self.small
-        return f"{self.small} up to {self.rows_max} rows, else {self.large}"
+        rows = f"{self.rows_max} row{'s' if self.rows_max > 1 else ''}"
+        return f"{self.small} up to {rows}, else {self.large}"
 
 
 #: (op, qtype, N, act_quant, forced, threads, use_cache) -> plan, for the process
@@ -265,7 +266,8 @@ def _plan_dict(p: QuantPlan, nodes: list[Node]) -> dict:
 def _speed(p: QuantPlan, kernel: str, rows: int) -> str:
     for r, k, t, f in p.timings:
         if r == rows and k == kernel:
-            return f"{rows} row{'s' if rows > 1 else ''} {t * 1e3:.3f} ms ({f / t:.2f}x f32)"
+            return (f"{kernel} at {rows} row{'s' if rows > 1 else ''} {t * 1e3:.3f} ms, "
+                    f"{f / t:.2f}x the speed of f32 F.linear")
     return ""
 
 
