@@ -35,7 +35,8 @@ Parts (``--parts``):
 
 ``--schemes`` picks the scheme families (float is always measured as the baseline).
 Writes ``benchmarks/results/quant-<machine>-<YYYY-MM-DD>.json`` (after every part, so a long
-run that stops keeps what it measured) and prints a table per part.
+run that stops keeps what it measured; a second run that day replaces only the parts it ran)
+and prints a table per part.
 """
 
 from __future__ import annotations
@@ -453,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         "parts": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"quant-{machine_slug()}-{datetime.date.today().isoformat()}.json"
+
+    # a second run on the same day replaces the parts it runs and keeps the others
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if kept.get("schema") == results["schema"]:
+        results["parts"] = {k: v for k, v in kept.get("parts", {}).items() if k not in parts}
+        results["earlier_runs"] = {k: kept.get("settings") for k in results["parts"]}
 
     def save() -> None:
         path.write_text(json.dumps(results, indent=1, default=str))
