@@ -62,7 +62,12 @@ from transfuse.passes.quant.smoothquant import (
     positive_int,
 )
 
-#: The paper's dampening: 1% of the mean diagonal of H added to the diagonal.
+#: The paper's dampening: 1% of the mean diagonal of H added to the diagonal. It is also a
+#: regulariser: the paper calibrates on 128 x 2048 rows; with a few thousand rows (R of 1-5 K)
+#: GPTQ fits the calibration rows and can lose to round-to-nearest on other text. Measured on
+#: SmolLM2-135M (int4 g64 act_order, output error on 1024 held-out tokens / RTN's), layer 10
+#: down_proj (K 1536) with 3249 rows: damp 0.01 1.01, 0.1 0.76, 0.3 0.70; with 1024 rows 1.49,
+#: 0.94, 0.81. Callers with small calibration sets should pass a larger ``damp``.
 DEFAULT_DAMP = 0.01
 #: The paper's lazy-batch width: columns updated together before the rest of W is touched.
 DEFAULT_BLOCK = 128
