@@ -220,7 +220,7 @@ def test_qmatmul_all_zero_rows():
 
 def test_target_questions():
     t = get_target("onnxruntime")
-    assert t.qmatmul_act_quant[0] == "tensor"
+    assert t.qmatmul_act_quant == ("token", "tensor")  # both exact; per token first
     fp8 = QuantType("fp8e4m3", 8, 64, True, 64)
     assert "GPU" in t.quant_unsupported(fp8, "qlinear")
     assert "int8 symmetric per-channel" in t.quant_unsupported(
