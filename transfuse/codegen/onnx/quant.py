@@ -32,13 +32,15 @@ quantized GEMMs, fed from the one canonical storage of ``transfuse/ir/quant.py``
   exactly the IR's, and multiplies in integers. Never s8 weights: AVX2's u8 x s8 kernel
   (vpmaddubsw) saturates its int16 pair sums (8-10% errors measured in issue 13);
 - act_quant "token" -> the IR's per-row rule in standard ops (ReduceMin/ReduceMax, Round,
-  Clip; one quantization shared by every qmatmul of the same x), ``MatMulInteger`` with
-  b_zero_point 128, the row zero points subtracted in int32 (``zx * colsum(W - 128)``), then
-  the row and column scales: exact integer arithmetic, one rounding to f32.
+  Clip; one quantization shared by every qmatmul of the same x), then
+  ``com.microsoft.MatMulIntegerToFloat`` (u8 x u8 with b_zero_point 128, times the column
+  scales) and the row terms: ``f * sx - (zx * sx) * colsum(W - 128) * s``. ORT has no per-row
+  zero point or scale for A (MatMulInteger takes a scalar a_zero_point), hence the colsum
+  term. Integer products, f32 rounding only.
 
 Standard ops only (``fused=False``): qlinear is a MatMul on the dequantized f32 weight (the
-file then holds float weights; noted), qmatmul the standard-op form above for both
-granularities. Glossary: M rows of x, K input features, N output features, G = K / group
+file then holds float weights; noted), qmatmul the same quantization with ``MatMulInteger``
+(int32, the zero-point term subtracted in int32) for both granularities. Glossary: M rows of x, K input features, N output features, G = K / group
 groups, bs MatMulNBits block size, kb = ceil(K / bs) blocks per row.
 """
 
@@ -237,22 +239,35 @@ def _weight_kn(b, w: Value) -> str:
 def _dynamic_quant(b, x: str, per_row: bool) -> tuple[str, str, str]:
     """The IR's dynamic u8 quantization of ``x`` (``transfuse.ir.quant.dynamic_quantize_u8``)
     in standard ops: (q u8, scale f32, zero point f32), scale and zero point [.., 1] per row or
-    0-d per tensor. Made once per x and granularity."""
+    0-d per tensor. Made once per x and granularity.
+
+    Two steps of the IR's rule are implied here rather than written: the zero point
+    ``round(-min / scale)`` lies in [0, 255] by construction (no Clip), and an all-zero range
+    takes the smallest normal scale instead of 1 (every code is then the zero point 0 and
+    dequantizes to 0 exactly, as with scale 1)."""
     def make():
         axes = [-1] if per_row else None
         zero = b.const(0.0, DType.f32, "zero")
         lo = b.add("Min", [b.reduce("ReduceMin", x, axes, per_row), zero])
         hi = b.add("Max", [b.reduce("ReduceMax", x, axes, per_row), zero])
         scale = b.add("Div", [b.add("Sub", [hi, lo]), b.const(255.0, DType.f32, "u8_range")])
-        one = b.const(1.0, DType.f32, "one")
-        scale = b.add("Where", [b.add("Greater", [scale, zero]), scale, one])
-        top = b.const(255.0, DType.f32, "u8_max")
-        zp = b.add("Clip", [b.add("Round", [b.add("Div", [b.add("Neg", [lo]), scale])]),
-                           zero, top])
+        scale = b.add("Max", [scale, b.const(torch.finfo(torch.float32).tiny, DType.f32,
+                                             "f32_tiny")])
+        zp = b.add("Round", [b.add("Div", [b.add("Neg", [lo]), scale])])
         q = b.add("Clip", [b.add("Add", [b.add("Round", [b.add("Div", [x, scale])]), zp]),
-                          zero, top])
+                          zero, b.const(255.0, DType.f32, "u8_max")])
         return b.cast(q, DType.f32, DType.u8), scale, zp
     return b.memo(("dyn-quant", x, per_row), make)
+
+
+def _scales_n(b, scales: Value) -> str:
+    return b.derived(("w8-s", id(scales)), lambda: scales.const.reshape(-1).to(torch.float32),
+                     f"{scales.name}_N")
+
+
+def _colsum(w: Value) -> torch.Tensor:
+    """sum over K of (W - 128): [N] int32."""
+    return (w.const.to(torch.int32) - 128).sum(dim=1, dtype=torch.int32)
 
 
 def _qmatmul_std(b, node: Node, x: str, per_row: bool) -> str:
@@ -261,30 +276,43 @@ def _qmatmul_std(b, node: Node, x: str, per_row: bool) -> str:
     w, scales = node.inputs[1], node.inputs[2]
     q, sx, zx = _dynamic_quant(b, x, per_row)
     prod = b.add("MatMulInteger", [q, _weight_kn(b, w), "", b.const(128, DType.u8, "zp128")])
-    colsum = b.derived(("w8-colsum", id(w)), lambda: (w.const.to(torch.int32) - 128).sum(
-        dim=1, dtype=torch.int32), f"{w.name}_colsum")
+    colsum = b.derived(("w8-colsum", id(w)), lambda: _colsum(w), f"{w.name}_colsum")
     shift = b.add("Mul", [b.cast(zx, DType.f32, DType.i32), colsum])
     acc = b.cast(b.add("Sub", [prod, shift]), DType.i32, DType.f32)
-    s = b.derived(("w8-s", id(scales)), lambda: scales.const.reshape(-1).to(torch.float32),
-                  f"{scales.name}_N")
-    return b.add("Mul", [b.add("Mul", [acc, sx]), s])
+    return b.add("Mul", [b.add("Mul", [acc, sx]), _scales_n(b, scales)])
+
+
+def _qmatmul_token(b, node: Node, x: str) -> str:
+    """Per token with ORT's MatMulIntegerToFloat (fewer nodes than :func:`_qmatmul_std`):
+    ``f = sum_k q (W - 128) s`` in one kernel, then ``f * sx - (zx * sx) * colsum(W - 128) s``
+    (the row term made once per x)."""
+    w, scales = node.inputs[1], node.inputs[2]
+    q, sx, zx = _dynamic_quant(b, x, True)
+    f = b.ms("MatMulIntegerToFloat", [q, _weight_kn(b, w), b.const(1.0, DType.f32, "one"),
+                                      _scales_n(b, scales), "", b.const(128, DType.u8, "zp128")])
+    row = b.memo(("dyn-quant-row", x), lambda: b.add("Mul", [zx, sx]))
+    col = b.derived(("w8-colsum-s", id(w), id(scales)), lambda: _colsum(w).to(torch.float32)
+                    * scales.const.reshape(-1).to(torch.float32), f"{w.name}_colsum_s")
+    return b.add("Sub", [b.add("Mul", [f, sx]), b.add("Mul", [row, col])])
 
 
 @LOWERINGS.register("qmatmul", supports=_qmatmul_refuses)
 def _qmatmul(b, node):
-    """W8A8: DynamicQuantizeMatMul (per tensor, fused exports), else the standard-op form."""
+    """W8A8: DynamicQuantizeMatMul per tensor, MatMulIntegerToFloat and the quantization
+    written out per token (fused exports); the standard-op form otherwise."""
     dtype = out_dtype(node)
     w, scales = node.inputs[1], node.inputs[2]
     x = b.input(node, 0, DType.f32)
     per_row = node.attrs["act_quant"] == "token"
     bias = b.input(node, 3, DType.f32) if _optional(node, 3) is not None else ""
     if b.fused and not per_row:
-        s = b.derived(("w8-s", id(scales)), lambda: scales.const.reshape(-1).to(torch.float32),
-                      f"{scales.name}_N")
         zp = b.derived(("w8-zp", w.type.shape[0]), lambda: torch.full(
             (w.type.shape[0],), 128, dtype=torch.uint8), "zp128_N")
-        y = b.ms("DynamicQuantizeMatMul", [x, _weight_kn(b, w), s, zp] + ([bias] if bias else []))
+        y = b.ms("DynamicQuantizeMatMul", [x, _weight_kn(b, w), _scales_n(b, scales), zp]
+                 + ([bias] if bias else []))
         bias = ""  # added by DynamicQuantizeMatMul
+    elif b.fused:
+        y = _qmatmul_token(b, node, x)
     else:
         y = _qmatmul_std(b, node, x, per_row)
     return b.cast(activation(b, node, y, bias, node.attrs["activation"], DType.f32),
