@@ -5,8 +5,8 @@ The one storage every pass produces and every backend lowers from (:class:`Quant
 
 - integer codes ``q`` are unsigned, in ``[0, 2**bits)``; ``w = (q - z) * s`` per group of
   ``group`` consecutive elements along K, with ``scales`` s [N, K/group] (f32) and, for
-  asymmetric types, ``zeros`` z [N, K/group] (f32; RTN, GPTQ and AWQ make them integer-valued,
-  the type allows any value). Symmetric types have the fixed zero point ``2**(bits-1)``.
+  asymmetric types, ``zeros`` z [N, K/group] (f32, fractional in general: see
+  :func:`quant_params`). Symmetric types have the fixed zero point ``2**(bits-1)``.
 - 4-bit codes are packed two per byte along K: element ``2j`` in the low nibble of byte ``j``
   (ONNX Runtime's ``MatMulNBits`` layout once reshaped to [N, K/group, group/2]).
 - fp8 (e4m3) weights are stored as e4m3 values with one f32 scale per output channel.
@@ -146,14 +146,22 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
 # -- round to nearest ------------------------------------------------------------------------
 
 
-def quant_params(w: torch.Tensor, qtype: QuantType,
-                 clip: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def quant_params(w: torch.Tensor, qtype: QuantType, clip: float | torch.Tensor = 1.0, *,
+                 integer_zeros: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scales, zeros) of round-to-nearest quantization of ``w`` [N, K] to ``qtype``.
 
-    Per group: asymmetric ``s = (max - min) / (L - 1)``, ``z = round(-min / s)`` with the range
-    widened to include 0 (so zero is exact); symmetric ``s = max|w| / (L/2 - 1)`` (int4: /7,
-    int8: /127, codes centred on ``L/2``); fp8 ``s = max|w| / 448``. ``clip`` (a ratio, or a
-    [N, G] tensor of ratios, ≤ 1) shrinks the range first (AWQ's clipping search).
+    Per group: asymmetric ``s = (max - min) / (L - 1)``, ``z = -min / s`` (the codes 0 and
+    L - 1 are the group's min and max exactly; ``z`` is fractional in general, and
+    ``integer_zeros=True`` rounds it as GPTQ/AWQ's reference code does); symmetric
+    ``s = max|w| / (L/2 - 1)`` (int4: /7, int8: /127, codes centred on ``L/2``); fp8
+    ``s = max|w| / 448``. ``clip`` (a ratio, or a [N, G] tensor of ratios, ≤ 1) shrinks the
+    range first (AWQ's clipping search).
+
+    Why fractional zeros: weights that were quantized before with a min/max grid (a GGUF
+    Q4_1 checkpoint: ``w = d q + m`` per block of 32) land back on exactly that grid at the
+    same group size; rounding ``z`` shifts the grid by up to half a step and costs as much as
+    a fresh quantization (SmolLM2-135M, int4 g32: +0.0% perplexity vs +57%). A group whose
+    values are all equal gets ``s = |w| / (L - 1)`` (or 1 for zeros) and is exact.
     """
     _check_weight(w, qtype, "quant_params")
     wg = _grouped(w.detach().to(torch.float32), qtype)
@@ -166,10 +174,14 @@ def quant_params(w: torch.Tensor, qtype: QuantType,
     if qtype.symmetric:
         amax = (wg.abs().amax(dim=-1, keepdim=True) * ratio)[..., 0]
         return (amax / (levels // 2 - 1)).clamp_min(MIN_SCALE), None
-    lo = (wg.amin(dim=-1, keepdim=True) * ratio)[..., 0].clamp_max(0.0)
-    hi = (wg.amax(dim=-1, keepdim=True) * ratio)[..., 0].clamp_min(0.0)
-    scales = ((hi - lo) / (levels - 1)).clamp_min(MIN_SCALE)
-    zeros = torch.round(-lo / scales).clamp(0, levels - 1)
+    lo = (wg.amin(dim=-1, keepdim=True) * ratio)[..., 0]
+    hi = (wg.amax(dim=-1, keepdim=True) * ratio)[..., 0]
+    span = hi - lo
+    flat = span <= MIN_SCALE * (levels - 1)  # all values (nearly) equal: code 0 is the value
+    scales = torch.where(flat, lo.abs() / (levels - 1), span / (levels - 1)).clamp_min(MIN_SCALE)
+    zeros = -lo / scales
+    if integer_zeros:
+        zeros = torch.round(zeros)
     return scales, zeros
 
 
@@ -182,14 +194,14 @@ def quantize_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     if qtype.scheme == "fp8e4m3":
         return (w / scales).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     zero = zeros if zeros is not None else torch.full_like(scales, float(qtype.default_zero))
-    q = torch.round(_grouped(w, qtype) / scales[..., None]) + zero[..., None]
+    q = torch.round(_grouped(w, qtype) / scales[..., None] + zero[..., None])
     return q.clamp(0, qtype.levels - 1).reshape(w.shape).to(torch.uint8)
 
 
-def quantize_rtn(w: torch.Tensor, qtype: QuantType,
-                 clip: float | torch.Tensor = 1.0) -> QuantizedWeight:
+def quantize_rtn(w: torch.Tensor, qtype: QuantType, clip: float | torch.Tensor = 1.0, *,
+                 integer_zeros: bool = False) -> QuantizedWeight:
     """Round-to-nearest quantization of ``w`` [N, K] (:func:`quant_params` then codes)."""
-    scales, zeros = quant_params(w, qtype, clip)
+    scales, zeros = quant_params(w, qtype, clip, integer_zeros=integer_zeros)
     codes = quantize_codes(w, scales, zeros, qtype)
     packed = codes if qtype.scheme == "fp8e4m3" else pack_codes(codes, qtype.bits)
     return QuantizedWeight(packed, scales.contiguous(), None if zeros is None

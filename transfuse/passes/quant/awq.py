@@ -125,8 +125,8 @@ def fake_quantize_int(w: torch.Tensor, qtype: QuantType,
     scales, zeros = quant_params(w, qtype, clip)
     scales = scales[..., None]
     zero = zeros[..., None] if zeros is not None else float(qtype.default_zero)
-    q = (w.reshape(w.shape[0], qtype.groups, qtype.group) / scales).round_()
-    q.add_(zero).clamp_(0, qtype.levels - 1).sub_(zero).mul_(scales)
+    q = (w.reshape(w.shape[0], qtype.groups, qtype.group) / scales).add_(zero).round_()
+    q.clamp_(0, qtype.levels - 1).sub_(zero).mul_(scales)
     return q.reshape(w.shape)
 
 

@@ -155,7 +155,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, rows: int, qtype: Quan
             z = zeros_t[g] if zeros_t is not None else fixed_zero
             col = w1[i]
             q = codes_t[j]
-            torch.div(col, s, out=q).round_().add_(z).clamp_(0.0, maxq)
+            torch.div(col, s, out=q).add_(z).round_().clamp_(0.0, maxq)  # z may be fractional
             e = err1[i]
             torch.sub(q, z, out=e).mul_(s)  # the dequantized column ...
             torch.sub(col, e, out=e).div_(u1[i, i])  # ... its error, scaled by 1 / U[j, j]
