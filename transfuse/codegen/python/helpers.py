@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from transfuse.codegen.native import ops as native_ops
+from transfuse.codegen.python import quant_kernels
 from transfuse.codegen.python.blas import gemm_linear
 from transfuse.codegen.python.cpu_attention import causal_attention
 from transfuse.codegen.python.generation import cached_attention_step
@@ -53,6 +54,8 @@ HELPERS: dict[str, Helper] = {
     "_rms_norm": Helper(native_ops.rms_norm, native=True),
     "_add_rms_norm": Helper(native_ops.add_rms_norm, native=True),
     "_rotary": Helper(native_ops.rotary, native=True),
+    "_qlinear": Helper(quant_kernels.quant_linear),
+    "_qmatmul": Helper(quant_kernels.quant_matmul),
 }
 
 #: helpers that run the native kernels when available

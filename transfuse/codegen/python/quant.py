@@ -37,7 +37,6 @@ from collections.abc import Callable
 import torch
 
 from transfuse.codegen.python import quant_kernels, quant_timing
-from transfuse.codegen.python.helpers import HELPERS, Helper
 from transfuse.codegen.python.registry import LOWERINGS, arg
 from transfuse.ir.graph import Graph, Node
 from transfuse.ir.types import QuantType
@@ -49,8 +48,6 @@ ROWS = (1, 4, 16, 64)
 FORCE_ENV = "TRANSFUSE_QUANT_KERNEL"
 
 # the functions generated code calls (the one table of them: helpers.py)
-HELPERS.setdefault("_qlinear", Helper(quant_kernels.quant_linear))
-HELPERS.setdefault("_qmatmul", Helper(quant_kernels.quant_matmul))
 
 
 @dataclasses.dataclass(frozen=True)
