@@ -48,7 +48,6 @@ DEFAULT_GROUP = 128
 #: the smallest power-of-two group picked by default when K is not a multiple of 128
 MIN_DEFAULT_GROUP = 16
 DEFAULT_SMOOTHQUANT = 0.5
-DEFAULT_DAMP = 0.01
 ACT_QUANTS = ("token", "tensor")
 
 #: options of one layer's scheme (top level, ``layers`` values, ``head``)
@@ -113,10 +112,6 @@ class LayerSpec:
     @property
     def needs_calibration(self) -> bool:
         return self.algorithm in ("gptq", "awq") or self.smoothquant_alpha > 0
-
-    @property
-    def damp_value(self) -> float:
-        return DEFAULT_DAMP if self.damp is None else float(self.damp)
 
     @property
     def clip_search(self) -> bool:

@@ -285,12 +285,13 @@ def _quantize_one(p: Plan, stats: list[InputStats | None]) -> QuantizedWeight:
         hs = [st for st in stats if st is not None and st.hessian is not None]
         h = sum(st.hessian for st in hs)
         rows = sum(st.rows for st in hs)
-        qw, info = gptq_quantize(w, h, rows, p.qtype, damp=p.spec.damp_value,
+        damp = {} if p.spec.damp is None else {"damp": float(p.spec.damp)}  # else GPTQ's
+        qw, info = gptq_quantize(w, h, rows, p.qtype, **damp,
                                  act_order=bool(p.spec.act_order), name=p.site.name)
         extra = []
         if info.get("dead_columns"):
             extra.append(f"{info['dead_columns']} dead columns")
-        if "damp" in info and info["damp"] != p.spec.damp_value:
+        if info.get("damp_retries"):
             extra.append(f"damp raised to {info['damp']:g}")
         p.notes.append("GPTQ" + (" act_order" if p.spec.act_order else "")
                        + (f" ({', '.join(extra)})" if extra else ""))
