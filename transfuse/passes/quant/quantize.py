@@ -14,7 +14,7 @@ Rewrites (rule ids ``quant/qlinear``, ``quant/qmatmul``)::
   ->
     %y: f32[B, S, 64] = qlinear(%x, %w_q, %w_scales, %w_zeros, %b) {activation="silu"}
 
-with ``%w_q: u8{int4 g64 asym k176}[64, 88]``, scales/zeros f32 [64, 176/64]; W8A8 gives
+with ``%w_q: u8{int4 g64 asym k192}[64, 96]``, scales/zeros f32 [64, 192/64]; W8A8 gives
 ``qmatmul(%x, %w_q, %w_scales, %b) {act_quant="token"}`` with an ``int8 gK sym`` weight.
 ``matmul(%x, %w[K, N])`` (+ ``add`` of a constant [N] bias: GPT-2's Conv1D) becomes a
 qlinear of the transposed weight. A weight shared by several linears is quantized once.
