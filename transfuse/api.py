@@ -147,8 +147,9 @@ def optimize(
 
     options.update(quant_options(quantize, calibration, evaluation, min_sqnr,
                                  signature_inputs(captured.signature)))
-    log = run_pipeline(graph, list(passes) if passes is not None else level, verify=verify,
-                       sample_inputs=samples, options=options)
+    log = _run_quantized(run_pipeline, quantize, graph,
+                         list(passes) if passes is not None else level, verify=verify,
+                         sample_inputs=samples, options=options)
 
     t1 = time.perf_counter()
     try:
@@ -168,6 +169,28 @@ def optimize(
         meta["native_kernels"] = native.status()
     return CompiledModel(graph, captured.signature, log, backend=target, program=program,
                          meta=meta)
+
+
+def _run_quantized(run_pipeline: Any, quantize: Any, graph: Any, level: Any, **kwargs: Any):
+    """``run_pipeline``, and with ``quantize`` the guarantee that the model came out quantized:
+    a failed quantization pass is an error even where ``verify=True`` rolls failed passes back
+    and goes on (the user asked for a quantized model; a float one would be silently wrong),
+    and a bad calibration batch surfaces as the InputError it is."""
+    from transfuse.errors import InputError
+    from transfuse.passes.log import FAILED
+
+    try:
+        log = run_pipeline(graph, level, **kwargs)
+    except PassError as e:
+        if quantize is not None and isinstance(e.__cause__, InputError):
+            raise e.__cause__ from None
+        raise
+    if quantize is not None:
+        record = next((r for r in log if r.name == "quant.quantize-weights"), None)
+        if record is not None and record.status == FAILED:
+            raise PassError(f"quantize={quantize!r} failed, the model was not quantized: "
+                            f"{record.error}")
+    return log
 
 
 def _check_quantize_request(quantize: Any, min_sqnr: Any, level: str, passes: Any) -> None:
@@ -355,7 +378,8 @@ def compile_generation_step(model: Any, example_ids: torch.Tensor,
     options.update(quant_options(quantize, calibration, evaluation, min_sqnr,
                                  generation_inputs(max(max_tokens, 2),
                                                    vocab if isinstance(vocab, int) else None)))
-    log = run_pipeline(captured.graph, "O2", verify=verify, sample_inputs=None, options=options)
+    log = _run_quantized(run_pipeline, quantize, captured.graph, "O2", verify=verify,
+                         sample_inputs=None, options=options)
     t1 = time.perf_counter()
     try:
         program = backend.build(captured.graph, device=device)

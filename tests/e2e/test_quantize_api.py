@@ -215,3 +215,31 @@ def test_command_line_quantize():
     r = subprocess.run([sys.executable, "-m", "transfuse", "optimize", "--model", "llama-tiny",
                         "--quantize", "int4-nope"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "PassError" in r.stderr
+
+
+def test_a_failed_quantization_is_an_error_even_with_verify():
+    # verify=True rolls a failing pass back and goes on; a float model would be silently wrong
+    with pytest.raises(PassError, match="calibration"):
+        transfuse.optimize(_llama(), (_ids(),), quantize="int4-gptq", verify=True)
+
+
+def test_per_tensor_activations_are_refused_for_generation():
+    with pytest.raises(PassError, match="act_quant 'token'"):
+        transfuse.optimize(_llama(), (_ids(),), generation={"max_seq_len": 32},
+                           quantize={"scheme": "w8a8", "act_quant": "tensor"},
+                           calibration=[_ids()])
+
+
+@pytest.mark.parametrize("target", ["python", "onnxruntime"])
+def test_generation_with_w8a8(target):
+    model = _llama()
+    gen = transfuse.optimize(model, (_ids(),), generation={"max_seq_len": 32, "max_batch": 2},
+                             target=target, quantize="w8a8", calibration=[_ids(16, seed=s)
+                                                                           for s in range(2)])
+    ops = gen.graph.op_histogram()
+    assert ops["qmatmul"] >= 4, ops
+    assert all(n.attrs["act_quant"] == "token" for n in gen.graph.find("qmatmul"))
+    prompts = torch.cat([_ids(6, seed=3), _ids(6, seed=4)])
+    both = gen.generate(prompts, max_new_tokens=4, do_sample=False)
+    alone = gen.generate(prompts[1:], max_new_tokens=4, do_sample=False)
+    assert torch.equal(both[1:], alone)  # per-token scales: a request does not see the others

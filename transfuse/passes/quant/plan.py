@@ -130,6 +130,11 @@ def check_target(plans: list[Plan], ctx: PassContext) -> None:
                 raise PassError(f"quantize: target {ctx.target!r} runs qmatmul with act_quant "
                                 f"{', '.join(prefs)} only, not {want!r} ({p.site.name})")
             p.act_quant = want or prefs[0]
+            if p.act_quant == "tensor" and ctx.option("generation") is not None:
+                raise PassError(
+                    f"quantize: act_quant 'tensor' in a generation step ({p.site.name}) would "
+                    "give all the requests of a step one activation scale, so each request's "
+                    "output would depend on the others; use act_quant 'token'")
         if ask is not None:
             reason = ask(p.qtype, p.spec.op)
             if reason:
