@@ -20,7 +20,7 @@ from hf_builders import tiny_hf_model
 import transfuse
 import transfuse.models as models
 from transfuse.errors import InputError, PassError, TransfuseError
-from transfuse.ir.quant import fake_quantize
+from transfuse.ir.quant import quantize_rtn
 from transfuse.ir.types import QuantType
 from transfuse.models._common import init_weights
 
@@ -42,7 +42,9 @@ def _fake_quantized(model, qtype_of):
         for mod in twin.modules():
             if isinstance(mod, torch.nn.Linear):
                 k = mod.weight.shape[1]
-                mod.weight.copy_(fake_quantize(mod.weight.float(), qtype_of(k)))
+                qt = qtype_of(k)
+                mod.weight.copy_(quantize_rtn(mod.weight.float(), qt,
+                                              integer_zeros=qt.bits == 8).dequantize())
     return twin
 
 
@@ -55,7 +57,8 @@ def _ids(seq: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(seed))
 
 
-INT8 = lambda k: QuantType("int", 8, k, True, k)  # noqa: E731  (int8-weight: per channel, sym)
+#: int8-weight: per channel, asymmetric with integer zero points
+INT8 = lambda k: QuantType("int", 8, k, False, k)  # noqa: E731
 
 
 @pytest.mark.parametrize("target", ["python", "onnxruntime"])

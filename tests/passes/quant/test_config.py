@@ -16,7 +16,7 @@ def test_scheme_names_and_their_defaults():
     facts = {s: (c.body.bits, c.body.op, c.body.is_symmetric, c.body.needs_calibration)
              for s in SCHEMES for c in [parse_quantize(s)]}
     assert facts == {
-        "int8-weight": (8, "qlinear", True, False),
+        "int8-weight": (8, "qlinear", False, False),
         "int4-weight": (4, "qlinear", False, False),
         "int4-gptq": (4, "qlinear", False, True),
         "int4-awq": (4, "qlinear", False, True),

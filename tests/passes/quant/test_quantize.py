@@ -75,11 +75,13 @@ def test_int8_weight_every_linear_with_bias_and_activation():
     assert rec.status == "changed" and rec.matched("quant/qlinear") == 3
     assert ops(graph) == ["rms_norm", "qlinear", "qlinear", "add", "qlinear"]
     up, down, head = graph.find("qlinear")
-    assert str(up.inputs[1].type) == "u8{int8 g64 sym k64}[128, 64]"
-    assert str(down.inputs[1].type) == "u8{int8 g128 sym k128}[64, 128]"
+    assert str(up.inputs[1].type) == "u8{int8 g64 asym k64}[128, 64]"
+    assert str(down.inputs[1].type) == "u8{int8 g128 asym k128}[64, 128]"
     assert str(up.inputs[2].type) == "f32[128, 1]" and len(up.inputs) == 5
-    assert up.inputs[3] is None and up.inputs[4].name == "bup"  # symmetric: no zeros; bias kept
-    assert up.attrs["activation"] == "gelu" and len(down.inputs) == 3
+    assert str(up.inputs[3].type) == "f32[128, 1]"  # asymmetric: integer zero points
+    assert torch.equal(up.inputs[3].const, up.inputs[3].const.round())
+    assert up.inputs[4].name == "bup"  # bias kept
+    assert up.attrs["activation"] == "gelu" and len(down.inputs) == 4
     assert up.source == "layers.0.mlp.up_proj" and up.meta["quant_layer"] == "layers.0.mlp.up_proj"
     assert up.meta["origin"] == f"{PASS}/quant/qlinear"
     assert not {"wup", "wdown", "whead"} & set(graph.constants)  # float weights dropped
@@ -93,7 +95,7 @@ def test_int8_weight_every_linear_with_bias_and_activation():
     assert report.layer("lm_head").notes[0] == "LM head"
     assert report.float_bytes == 4 * (64 + 128 * 64 + 128 + 64 * 128 + 96 * 64)
     assert report.quant_bytes == 64 * 4 + 128 * 4 + (128 * 64 + 64 * 128 + 96 * 64) \
-        + 4 * (128 + 64 + 96)
+        + 2 * 4 * (128 + 64 + 96)  # codes, bias, norm weight; f32 scales and zero points
     assert graph.meta["quant"]["scheme"] == "int8-weight"
     # no calibration, no evaluation batches, no example inputs
     assert report.kl is None and report.measured_on.startswith("not measured")
@@ -114,12 +116,12 @@ def test_int4_groups_default_and_explicit():
     assert str(up.inputs[1].type) == "u8{int4 g64 asym k64}[128, 32]"
     assert str(down.inputs[1].type) == "u8{int4 g128 asym k128}[64, 64]"
     assert str(up.inputs[3].type) == "f32[128, 1]"  # zeros
-    assert str(head.inputs[1].type) == "u8{int8 g64 sym k64}[96, 64]"  # head: int8 by default
+    assert str(head.inputs[1].type) == "u8{int8 g64 asym k64}[96, 64]"  # head: int8 by default
     report = log.quant_report()
     assert "group 64 (K=64 is not a multiple of 128)" in report.layer("layers.0.mlp.up_proj").notes
     _, graph, _ = quantize(MLP, {"scheme": "int4-weight", "group": 32, "symmetric": True})
     assert [str(n.inputs[1].type.quant) for n in graph.find("qlinear")] == \
-        ["int4 g32 sym k64", "int4 g32 sym k128", "int8 g64 sym k64"]
+        ["int4 g32 sym k64", "int4 g32 sym k128", "int8 g64 asym k64"]  # head: its defaults
 
 
 def test_a_group_that_does_not_divide_is_refused_for_every_layer_before_any_change():
@@ -173,7 +175,7 @@ graph main(%x: f32[batch, seq, 64]) {
 def test_gpt2_conv1d_matmul_and_bias_become_one_qlinear_of_the_transpose():
     before, graph, _ = quantize(CONV1D, "int8-weight")
     (q,) = graph.nodes
-    assert q.op == "qlinear" and str(q.inputs[1].type) == "u8{int8 g64 sym k64}[128, 64]"
+    assert q.op == "qlinear" and str(q.inputs[1].type) == "u8{int8 g64 asym k64}[128, 64]"
     assert q.inputs[4].name == "b"
     assert output_sqnr(before, graph, batches(1)[0]) > 38
 

@@ -7,7 +7,8 @@
      "layers": {"*.mlp.down_proj": "int8-weight", "*.attn.*": {"group": 32}},
      "head": "int8-weight", "min_sqnr": 20}
 
-Schemes (:data:`SCHEMES`): ``int8-weight`` (round to nearest, int8 symmetric per channel),
+Schemes (:data:`SCHEMES`): ``int8-weight`` (round to nearest, int8 asymmetric per channel with
+integer zero points: SmolLM2-135M -0.4% perplexity vs +1.4% symmetric, HF eager, 2048 tokens),
 ``int4-weight`` (RTN, int4 asymmetric, group 128), ``int4-gptq`` (GPTQ), ``int4-awq`` (AWQ scale
 and clip search), ``w8a8`` (qmatmul: int8 symmetric per-channel weights, activations quantized
 per token / tensor at run time, SmoothQuant strength ``smoothquant``, default 0.5) and ``fp8``
@@ -95,7 +96,9 @@ class LayerSpec:
     def is_symmetric(self) -> bool:
         if self.symmetric is not None:
             return self.symmetric
-        return self.bits == 8  # int8 / w8a8 / fp8 symmetric; int4 asymmetric
+        # w8a8 (its qmatmul kernels take zero point 128) and fp8 are symmetric; int8-weight
+        # and int4 asymmetric
+        return self.scheme in ("w8a8", "fp8")
 
     @property
     def smoothquant_alpha(self) -> float:

@@ -302,8 +302,10 @@ def _quantize_one(p: Plan, stats: list[InputStats | None]) -> QuantizedWeight:
         x = stats[0].sample / p.scales[None, :]
         clip = awq_search_clip(w, x, p.qtype, name=p.site.name)
         p.notes.append("AWQ clip search")
-        return quantize_rtn(w, p.qtype, clip)
-    return quantize_rtn(w, p.qtype)
+        return quantize_rtn(w, p.qtype, clip, integer_zeros=p.qtype.bits == 8)
+    # int8: integer zero points (the kernels' packed u8 form; at 256 levels rounding the zero
+    # costs nothing measurable); int4: each group's exact min/max grid (ir/quant.quant_params)
+    return quantize_rtn(w, p.qtype, integer_zeros=p.qtype.bits == 8)
 
 
 def _measure(p: Plan, st: InputStats | None) -> None:
