@@ -19,10 +19,12 @@ Parts (``--parts``):
   and top-1 agreement against Hugging Face eager fp32, model bytes (graph constants) before
   and after, the quantization seconds of the pass report and the whole ``optimize`` seconds.
   Variants: float, int8-weight, w8a8, int4 RTN / GPTQ / AWQ at g64 and g128 (g128 does not
-  divide SmolLM2's K=576 and is refused: the error is recorded), and int4 RTN asymmetric g32,
-  which lands back on the Q4_1 grid of the GGUF (asymmetric blocks of 32 along K) and so is
-  nearly lossless on THIS model only: compare the methods at g64/g128. llama.cpp
-  (``llama-cpp-python``, the GGUF as shipped) is scored on the same windows.
+  divide SmolLM2's K=576 and is refused: the error is recorded), and int4 RTN asymmetric g32.
+  The GGUF's weights are Q4_1 (blocks of 32 along K, ``w = d*q + m``): g32 asymmetric RTN lands
+  back on that grid, nearly lossless on THIS model only, but only with fractional zero points
+  ``z = -m/d``; with zero points rounded to integers the grid is shifted by up to half a step
+  and g32 is a fresh 4-bit quantization (VARIANT_NOTES). Compare the methods at g64/g128.
+  llama.cpp (``llama-cpp-python``, the GGUF as shipped) is scored on the same windows.
 - ``decode`` (SmolLM2 and GPT-2 124M from its default config, seeded random weights): decode
   ms/token through ``generate()`` (``optimize(..., generation=..., quantize=...)``) for fp32 /
   int8-weight / int4-weight on each target, Hugging Face ``generate()`` fp32 and llama.cpp
@@ -88,6 +90,11 @@ VARIANTS: dict[str, tuple[str, Any]] = {
        for s in ("int4-weight", "int4-gptq", "int4-awq") for g in (64, 128)},
     "int4-weight g32 asym": ("rtn-g32", {"scheme": "int4-weight", "group": 32,
                                          "symmetric": False}),
+}
+#: what a variant's row must say beside its numbers
+VARIANT_NOTES = {
+    "int4-weight g32 asym": "Q4_1 grid of the GGUF only with fractional zero points; RTN's are "
+                            "integers (torch fake-quant, fractional zeros: ~lossless)",
 }
 #: MiniLM W8A8 variants: the target's preferred activation granularity, and each one forced
 EMBEDDING_VARIANTS: dict[str, Any] = {
@@ -170,6 +177,8 @@ def accuracy(args, targets: list[str], families: set[str], console: Console) -> 
         if family != "float" and family not in families:
             continue
         entry: dict[str, Any] = {"quantize": spec, "targets": {}}
+        if name in VARIANT_NOTES:
+            entry["note"] = VARIANT_NOTES[name]
         out["variants"][name] = entry
         for target in targets:
             t0 = time.perf_counter()
@@ -349,6 +358,13 @@ def _mib(b: float | None) -> str:
     return "" if b is None else f"{b / 2**20:.1f}"
 
 
+def _divergence(entry: dict) -> str:
+    if "first_divergence_from_hf" not in entry:
+        return ""
+    where = entry["first_divergence_from_hf"]
+    return "same tokens" if where is None else f"token {where}"
+
+
 def report(results: dict, console: Console) -> None:
     acc = results["parts"].get("accuracy")
     if acc and acc["status"] == "ok":
@@ -371,10 +387,12 @@ def report(results: dict, console: Console) -> None:
                     table.add_row(name, target, *[""] * 7, f"{e['status']}: {e['error'][:90]}")
                     continue
                 kept = len(e.get("layers_kept_float", []))
+                note = [f"{kept} layers kept float"] if kept else []
+                note += [VARIANT_NOTES[name]] if name in VARIANT_NOTES else []
                 table.add_row(name, target, f"{e['ppl']:.3f}", f"{e['ppl_vs_float']:+.2%}",
                               f"{e['kl']:.5f}", f"{e['top1']:.3f}", _mib(e["model_bytes"]),
-                              f"{e.get('quantize_s', 0):.1f}", f"{e['compile_s']:.0f}",
-                              f"{kept} layers kept float" if kept else "")
+                              f"{e.get('quantize_s') or 0:.1f}", f"{e['compile_s']:.0f}",
+                              "; ".join(note))
         console.print(table)
     elif acc:
         console.print(f"accuracy: {acc['status']}: {acc['reason']}")
@@ -396,7 +414,7 @@ def report(results: dict, console: Console) -> None:
             sp = e.get("speedup_vs_fp32_target")
             table.add_row(key, f"{d['median']:.2f}", f"{d['iqr']:.2f}",
                           "" if sp is None else f"{sp:.2f}", f"{d['ratio']:.2f}",
-                          _mib(e.get("model_bytes")), str(e.get("first_divergence_from_hf", "")),
+                          _mib(e.get("model_bytes")), _divergence(e),
                           "")
         console.print(table)
     emb = results["parts"].get("embedding")
