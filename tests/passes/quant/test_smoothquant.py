@@ -93,3 +93,20 @@ def test_bad_inputs_raise_pass_error_naming_them(change, message):
     with pytest.raises(PassError, match=message) as err:
         smooth_scales(args["act"], args["ws"], args["alpha"], name="layers.0 q/k/v")
     assert "smoothquant layers.0 q/k/v" in str(err.value)
+
+
+def test_alpha_search_is_never_worse_than_any_grid_point():
+    from transfuse.passes.quant.quantize import _fake_w8a8
+    from transfuse.passes.quant.smoothquant import ALPHA_GRID, search_alpha
+
+    x, ws = layer(seed=5)
+    s, info = search_alpha(x.abs().amax(0), ws, x, _fake_w8a8)
+    assert info["alpha"] in ALPHA_GRID and set(info["error_by_alpha"]) == set(ALPHA_GRID)
+    assert info["error"] == min(info["error_by_alpha"].values())
+    assert torch.equal(s, smooth_scales(x.abs().amax(0), ws, info["alpha"]))
+    # better than no smoothing at all on outlier channels
+    w = torch.cat(ws)
+    plain = float(((_fake_w8a8(x, w) - x @ w.t()) ** 2).mean())
+    assert info["error"] < plain
+    with pytest.raises(PassError, match="sample rows"):
+        search_alpha(x.abs().amax(0), ws, x.to(torch.int64), _fake_w8a8)

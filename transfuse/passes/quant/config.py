@@ -11,7 +11,8 @@ Schemes (:data:`SCHEMES`): ``int8-weight`` (round to nearest, int8 asymmetric pe
 integer zero points: SmolLM2-135M -0.4% perplexity vs +1.4% symmetric, HF eager, 2048 tokens),
 ``int4-weight`` (RTN, int4 asymmetric, group 128), ``int4-gptq`` (GPTQ), ``int4-awq`` (AWQ scale
 and clip search), ``w8a8`` (qmatmul: int8 symmetric per-channel weights, activations quantized
-per token / tensor at run time, SmoothQuant strength ``smoothquant``, default 0.5) and ``fp8``
+per token / tensor at run time, SmoothQuant strength ``smoothquant``: searched per layer
+on the calibration rows unless given) and ``fp8``
 (e4m3 per channel). ``layers`` and ``head`` also take ``"float"`` (keep the layer in float).
 
 Layer patterns are :func:`fnmatch.fnmatchcase` globs on the layer's module path
@@ -102,10 +103,17 @@ class LayerSpec:
 
     @property
     def smoothquant_alpha(self) -> float:
-        """SmoothQuant migration strength (0: no smoothing); W8A8 only."""
+        """SmoothQuant migration strength (0: no smoothing); W8A8 only. Without
+        ``smoothquant=`` it is searched per layer on the calibration rows
+        (:attr:`smoothquant_search`); this is then the grid's midpoint, for planning."""
         if self.scheme != "w8a8":
             return 0.0
         return DEFAULT_SMOOTHQUANT if self.smoothquant is None else float(self.smoothquant)
+
+    @property
+    def smoothquant_search(self) -> bool:
+        """W8A8 without an explicit ``smoothquant=``: α is searched per layer."""
+        return self.scheme == "w8a8" and self.smoothquant is None
 
     @property
     def smooths(self) -> bool:

@@ -50,6 +50,7 @@ import torch
 
 from transfuse.ir.graph import Graph, Value
 from transfuse.ir.quant import QuantizedWeight, dynamic_quantize_u8, quantize_rtn, sqnr_db
+from transfuse.ir.types import QuantType
 from transfuse.passes.base import Pass, PassContext
 from transfuse.passes.fusion.merge_projections import constant_bytes
 from transfuse.passes.quant.calibrate import InputStats, calibrate, check_batches, progress_bar
@@ -263,15 +264,28 @@ def _search_scales(members: list[Plan], st: InputStats) -> None:
         text = (f"AWQ scales alpha {info.get('alpha', float('nan')):.2f}" if "alpha" in info
                 else "AWQ scales")
     else:
-        from transfuse.passes.quant.smoothquant import smooth_scales
+        from transfuse.passes.quant.smoothquant import search_alpha, smooth_scales
 
-        alpha = spec.smoothquant_alpha
-        s = smooth_scales(st.abs_max, weights, alpha, name=names)
-        text = f"SmoothQuant alpha {alpha:g}"
+        if spec.smoothquant_search:
+            s, info = search_alpha(st.abs_max, weights, st.sample, _fake_w8a8, name=names)
+            text = f"SmoothQuant alpha {info['alpha']:g} (searched)"
+        else:
+            alpha = spec.smoothquant_alpha
+            s = smooth_scales(st.abs_max, weights, alpha, name=names)
+            text = f"SmoothQuant alpha {alpha:g}"
     s = s.to(torch.float32)
     for m in members:
         m.scales = s
         m.notes.append(text + (f", shared by {len(members)} layers" if len(members) > 1 else ""))
+
+
+def _fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [R, K] @ w [N, K]ᵀ as W8A8 computes it: u8 per-token activations (the IR's dynamic
+    rule), int8 symmetric per-channel weights."""
+    k = w.shape[1]
+    wq = quantize_rtn(w, QuantType("int", 8, k, True, k)).dequantize()
+    q, sx, zx = dynamic_quantize_u8(x, per_row=True)
+    return ((q.to(torch.float32) - zx) * sx) @ wq.t()
 
 
 def _quantize_one(p: Plan, stats: list[InputStats | None]) -> QuantizedWeight:

@@ -58,6 +58,34 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor],
     return s.clamp_min(MIN_RANGE)
 
 
+#: the migration strengths :func:`search_alpha` tries
+ALPHA_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))  # 0.30 .. 0.90
+
+
+def search_alpha(act_absmax: torch.Tensor, weights: list[torch.Tensor], x: torch.Tensor,
+                 fake_w8a8, grid: tuple[float, ...] = ALPHA_GRID, *,
+                 name: str = "weights") -> tuple[torch.Tensor, dict]:
+    """The migration strength that minimises the W8A8 output error of ``weights`` on the sample
+    rows ``x`` [R, K] (the same rule as AWQ's scale search, with SmoothQuant's scales): for each
+    α in ``grid``, ``fake_w8a8(x / s, W · s)`` (the caller's fake-quantized product: per-token
+    u8 activations, int8 per-channel weights) against ``x Wᵀ``. Returns (s [K], {"alpha",
+    "error", "error_by_alpha"}). α is chosen on calibration rows, never on evaluation data
+    (SmolLM2-135M: the best α per layer ranges over the grid; one global α of 0.5 costs +2.1%
+    perplexity, a searched α per layer much less, see the note of issue 13)."""
+    w = concat_weights(weights, act_absmax.shape[0], name)
+    check_float_matrix(x, "sample rows", name)
+    xf = x.to(torch.float32)
+    ref = xf @ w.t()
+    best, errors = None, {}
+    for alpha in grid:
+        s = smooth_scales(act_absmax, weights, alpha, name=name)
+        err = float(((fake_w8a8(xf / s, w * s) - ref) ** 2).mean())
+        errors[alpha] = err
+        if best is None or err < best[1]:
+            best = (alpha, err, s)
+    return best[2], {"alpha": best[0], "error": best[1], "error_by_alpha": errors}
+
+
 def concat_weights(weights: list[torch.Tensor], k: int, where: str) -> torch.Tensor:
     """The weights that share one input of ``k`` features, checked (a non-empty list of finite
     2-D float tensors [N_i, k]) and concatenated along N as f32 [ΣN_i, k]; PassError naming
