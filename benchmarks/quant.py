@@ -383,8 +383,9 @@ def report(results: dict, console: Console) -> None:
                           f"{lc['top1']:.3f}", "", "", "", "the GGUF as shipped")
         for name, v in acc["variants"].items():
             for target, e in v["targets"].items():
-                if e["status"] != "ok":
-                    table.add_row(name, target, *[""] * 7, f"{e['status']}: {e['error'][:90]}")
+                if e["status"] != "ok":  # the error's first two lines: what and the first layer
+                    why = " ".join(e["error"].split("failed: ")[-1].splitlines()[:2])
+                    table.add_row(name, target, *[""] * 7, f"{e['status']}: {why[:160]}")
                     continue
                 kept = len(e.get("layers_kept_float", []))
                 note = [f"{kept} layers kept float"] if kept else []
