@@ -21,9 +21,9 @@ Parts (``--parts``):
   Variants: float, int8-weight, w8a8, int4 RTN / GPTQ / AWQ at g64 and g128 (g128 does not
   divide SmolLM2's K=576 and is refused: the error is recorded), and int4 RTN asymmetric g32.
   The GGUF's weights are Q4_1 (blocks of 32 along K, ``w = d*q + m``): g32 asymmetric RTN lands
-  back on that grid, nearly lossless on THIS model only, but only with fractional zero points
-  ``z = -m/d``; with zero points rounded to integers the grid is shifted by up to half a step
-  and g32 is a fresh 4-bit quantization (VARIANT_NOTES). Compare the methods at g64/g128.
+  back on that grid (its fractional zero points ``z = -m/d``), nearly lossless on THIS model
+  only (VARIANT_NOTES); with zero points rounded to integers the grid would shift by up to half
+  a step. Compare the methods at g64/g128, where no grid is shared.
   llama.cpp (``llama-cpp-python``, the GGUF as shipped) is scored on the same windows.
 - ``decode`` (SmolLM2 and GPT-2 124M from its default config, seeded random weights): decode
   ms/token through ``generate()`` (``optimize(..., generation=..., quantize=...)``) for fp32 /
@@ -93,8 +93,8 @@ VARIANTS: dict[str, tuple[str, Any]] = {
 }
 #: what a variant's row must say beside its numbers
 VARIANT_NOTES = {
-    "int4-weight g32 asym": "Q4_1 grid of the GGUF only with fractional zero points; RTN's are "
-                            "integers (torch fake-quant, fractional zeros: ~lossless)",
+    "int4-weight g32 asym": "lands back on the GGUF's own Q4_1 grid (fractional zero points): "
+                            "nearly lossless on this model only; compare methods at g64",
 }
 #: MiniLM W8A8 variants: the target's preferred activation granularity, and each one forced
 EMBEDDING_VARIANTS: dict[str, Any] = {
@@ -102,8 +102,14 @@ EMBEDDING_VARIANTS: dict[str, Any] = {
     "w8a8 act_quant=token": {"scheme": "w8a8", "act_quant": "token"},
     "w8a8 act_quant=tensor": {"scheme": "w8a8", "act_quant": "tensor"},
 }
-#: decode contestants per target
-DECODE_SCHEMES = ("float", "int8-weight", "int4-weight")
+#: decode contestants per target: name -> (scheme family for --schemes, quantize= spec)
+DECODE_SCHEMES: dict[str, tuple[str, Any]] = {
+    "float": ("float", None),
+    "int8-weight": ("int8-weight", "int8-weight"),
+    "int4-weight": ("int4-weight", "int4-weight"),
+    # the GGUF's own grid: llama.cpp's Q4_1 accuracy, to compare speed at the same perplexity
+    "int4-weight g32": ("rtn-g32", {"scheme": "int4-weight", "group": 32}),
+}
 
 
 # -- accuracy (SmolLM2 perplexity) ------------------------------------------------------------
@@ -233,7 +239,7 @@ def decode_contestant(model, prompt: torch.Tensor, target: str, max_seq_len: int
     order = "head-major" if target == "onnxruntime" else "token-major"
     options = {"max_seq_len": max_seq_len, "max_batch": 1, "kv": "contiguous",
                "cache_order": order}
-    quantize = None if scheme == "float" else scheme
+    quantize = DECODE_SCHEMES[scheme][1]
     gen = transfuse.optimize(model, (prompt,), target=target, generation=options,
                              quantize=quantize)
 
@@ -262,8 +268,8 @@ def decode(args, name: str, targets: list[str], families: set[str], console: Con
     runners = {"hf": hf_contestant(model)}
     entries: dict[str, dict] = {"hf": {"status": "ok", "scheme": "float"}}
     for target in targets:
-        for scheme in DECODE_SCHEMES:
-            if scheme != "float" and scheme not in families:
+        for scheme, (family, _) in DECODE_SCHEMES.items():
+            if scheme != "float" and family not in families:
                 continue
             key = f"transfuse-{target}-{scheme}"
             t0 = time.perf_counter()

@@ -165,7 +165,8 @@ def test_packed_zero_points_layout():
     (node,) = _ms_nodes(prog.model_proto, "MatMulNBits")
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in prog.model_proto.graph.initializer}
     zp, w = inits[node.input[3]], g.constants["w"]
-    zeros = g.constants["w_zeros"].const.to(torch.uint8)
+    # RTN's zeros are fractional: MatMulNBits takes them rounded (the rest is added exactly)
+    zeros = g.constants["w_zeros"].const.round().clamp(0, 15).to(torch.uint8)
     assert zp.shape == (40, 2) and zp.dtype == np.uint8
     assert (zp[:, 0] == (zeros[:, 0] | zeros[:, 1] << 4).numpy()).all()
     assert (zp[:, 1] == zeros[:, 2].numpy()).all()
@@ -300,7 +301,11 @@ def _step_graph() -> Graph:
     return g
 
 
-def test_generation_step_with_qlinear():
+@pytest.mark.parametrize("level, rtol", [(4, 0.05), (0, 1e-5)])
+def test_generation_step_with_qlinear(level, rtol, monkeypatch):
+    """Level 0 is exact; level 4's int8 activation blocks cost 1-3% on these random
+    activations, compounded over the step's layers."""
+    monkeypatch.setattr(quant, "ACCURACY_LEVEL", level)
     g = _step_graph()
     program = get_target("onnxruntime").build(g)
     assert isinstance(program, GenerationOrtProgram)
@@ -318,9 +323,9 @@ def test_generation_step_with_qlinear():
         h = torch.randn(1, n, E, generator=gen)
         (got,) = program([h, *ours, pos, sot, lens, table])
         (want,) = interpret(g, [h, *ref, pos, sot, lens, table])
-        assert _rel(got, want) < LEVEL4_RTOL
+        assert _rel(got, want) < rtol
     for a, b in zip(ours, ref):
-        assert _rel(a, b) < LEVEL4_RTOL and a.abs().sum() > 0  # the caches were written
+        assert _rel(a, b) < rtol and a.abs().sum() > 0  # the caches were written
 
 
 # -- end to end: optimize(quantize=...) then export_onnx -----------------------------------
