@@ -182,8 +182,12 @@ def _run_quantized(run_pipeline: Any, quantize: Any, graph: Any, level: Any, **k
     try:
         log = run_pipeline(graph, level, **kwargs)
     except PassError as e:
-        if quantize is not None and isinstance(e.__cause__, InputError):
-            raise e.__cause__ from None
+        # the quantization pass checks everything before it changes anything: its own error
+        # (which says so) is the one to show, not the manager's "may be partly rewritten"
+        cause = e.__cause__
+        if quantize is not None and isinstance(cause, (InputError, PassError)) and \
+                str(e).startswith("pass quant.quantize-weights failed"):
+            raise cause from None
         raise
     if quantize is not None:
         record = next((r for r in log if r.name == "quant.quantize-weights"), None)
