@@ -61,8 +61,9 @@ TEXT = ("The history of the printing press begins in the fifteenth century, when
 Generate = Callable[[torch.Tensor, int], list[int]]  # (ids [1, S], n new) -> the new token ids
 
 
-def load_model(name: str):
-    """(HF causal LM in eval mode, prompt maker (length -> ids [1, S])) or a skip reason."""
+def load_model(name: str, text: str | None = None):
+    """(HF causal LM in eval mode, prompt maker (length -> ids [1, S])) or a skip reason.
+    SmolLM2's prompts are ``text`` (default: a repeated sentence) tokenized; GPT-2's random."""
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -75,7 +76,7 @@ def load_model(name: str):
         if reason is not None:
             return reason
         model, tokenizer = load_smollm2()
-        ids = tokenizer(TEXT * 64, return_tensors="pt").input_ids
+        ids = tokenizer(text if text is not None else TEXT * 64, return_tensors="pt").input_ids
         return model, lambda n: ids[:, :n].clone()
     raise ValueError(f"unknown model {name!r}; choose from {list(MODELS)}")
 

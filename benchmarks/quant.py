@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from generation import hf_contestant, llama_cpp_contestant, summarize, time_rounds
+from generation import hf_contestant, llama_cpp_contestant, load_model, summarize, time_rounds
 from quant_common import (
     CausalLogits,
     TextScorer,
@@ -217,20 +217,9 @@ def accuracy(args, targets: list[str], families: set[str], console: Console) -> 
 
 
 def load_decode_model(name: str):
-    """(HF causal LM, prompt ids [1, P] maker) or a skip reason."""
-    if name == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config()).eval()
-        gen = torch.Generator().manual_seed(0)
-        return model, lambda n: torch.randint(0, model.config.vocab_size, (1, n), generator=gen)
-    reason = smollm2_unavailable()
-    if reason is not None:
-        return reason
-    model, tokenizer = load_smollm2()
-    ids = tokenizer(load_text("quant_text.txt"), return_tensors="pt").input_ids
-    return model, lambda n: ids[:, :n].clone()
+    """(HF causal LM, prompt ids [1, P] maker) or a skip reason: benchmarks/generation.py's
+    models, SmolLM2 prompted with the evaluation text."""
+    return load_model(name, text=load_text("quant_text.txt"))
 
 
 def decode_contestant(model, prompt: torch.Tensor, target: str, max_seq_len: int,
