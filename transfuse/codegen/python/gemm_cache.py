@@ -11,6 +11,10 @@ it is written atomically (temporary file + ``os.replace``). A missing, unreadabl
 or unwritable file is never an error: the target times again and ``layout.select-gemm``
 says so in its log. ``TRANSFUSE_CACHE_DIR=""`` (empty) or the option
 ``select_gemm_cache=False`` turns the file off; the in-process memo stays.
+
+Entries are pairs of seconds: (torch, OpenBLAS) for a GEMM shape, and under keys starting
+``quant|`` (``quant_timing.py``) (quantized kernel, f32 F.linear) for a quantized linear's
+candidate kernel at a row count.
 """
 
 from __future__ import annotations
