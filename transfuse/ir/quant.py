@@ -210,8 +210,17 @@ def quantize_rtn(w: torch.Tensor, qtype: QuantType, clip: float | torch.Tensor =
 
 def fake_quantize(w: torch.Tensor, qtype: QuantType,
                   clip: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """``w`` quantized and dequantized (f32 [N, K])."""
-    return quantize_rtn(w, qtype, clip).dequantize()
+    """``w`` quantized and dequantized (f32 [N, K]): the values of
+    ``quantize_rtn(w, qtype, clip).dequantize()``; integer types are computed in place without
+    packing codes (~5x faster: AWQ's searches call this 20-30 times per layer)."""
+    if qtype.scheme != "int":
+        return quantize_rtn(w, qtype, clip).dequantize()
+    scales, zeros = quant_params(w, qtype, clip)
+    scales = scales[..., None]
+    zero = zeros[..., None] if zeros is not None else float(qtype.default_zero)
+    q = (_grouped(w.detach().to(torch.float32), qtype) / scales).add_(zero).round_()
+    q.clamp_(0, qtype.levels - 1).sub_(zero).mul_(scales)
+    return q.reshape(w.shape)
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -257,6 +266,12 @@ def dynamic_quantize_u8(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, t
     return q, scale, zp
 
 
+def fake_quantize_activations(x: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """``x`` through :func:`dynamic_quantize_u8` and back (f32): what W8A8 multiplies."""
+    q, scale, zero = dynamic_quantize_u8(x, per_row)
+    return (q.to(torch.float32) - zero) * scale
+
+
 __all__ = ["QuantType", "QuantizedWeight", "pack_codes", "unpack_codes", "check_storage",
            "dequantize", "quant_params", "quantize_codes", "quantize_rtn", "fake_quantize",
-           "sqnr_db", "dynamic_quantize_u8", "FP8_E4M3_MAX"]
+           "sqnr_db", "dynamic_quantize_u8", "fake_quantize_activations", "FP8_E4M3_MAX"]

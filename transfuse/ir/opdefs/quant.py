@@ -25,7 +25,7 @@ from transfuse.errors import IRVerifyError
 from transfuse.ir.opdef import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import in_type
 from transfuse.ir.opdefs.linalg import LINEAR_ACTIVATIONS
-from transfuse.ir.quant import dequantize, dynamic_quantize_u8
+from transfuse.ir.quant import dequantize, fake_quantize_activations
 from transfuse.ir.types import DType, QuantType, TensorType, dims_equal
 
 #: values of qmatmul's ``act_quant``: one activation scale per row (token) or per tensor
@@ -149,8 +149,7 @@ def qmatmul(xs, attrs, env):
     """W8A8: x quantized dynamically to u8 (per row or per tensor), times the int8 weight."""
     x, qw, scales = xs[0], xs[1], xs[2]
     bias = xs[3] if len(xs) > 3 else None
-    q, sx, zx = dynamic_quantize_u8(x, per_row=attrs["act_quant"] == "token")
-    xd = (q.to(torch.float32) - zx) * sx
+    xd = fake_quantize_activations(x, per_row=attrs["act_quant"] == "token")
     w = (qw.to(torch.float32) - 128.0) * scales
     y = F.linear(xd, w, None if bias is None else bias.to(torch.float32))
     return _finish(y.to(x.dtype), attrs)

@@ -40,7 +40,7 @@ import math
 import torch
 
 from transfuse.errors import PassError
-from transfuse.ir.quant import quant_params
+from transfuse.ir.quant import fake_quantize
 from transfuse.ir.types import QuantType
 from transfuse.passes.quant.smoothquant import (
     check_float_matrix,
@@ -118,16 +118,9 @@ def awq_search_clip(w: torch.Tensor, x: torch.Tensor, qtype: QuantType, *,
 
 def fake_quantize_int(w: torch.Tensor, qtype: QuantType,
                       clip: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """``w`` [N, K] f32 quantized to integer ``qtype`` and back: the values of
-    :func:`transfuse.ir.quant.fake_quantize` (tests/passes/quant/test_awq.py checks they are
-    equal), computed in place without packing codes — ~5x faster, and the searches call it
-    20-30 times per layer."""
-    scales, zeros = quant_params(w, qtype, clip)
-    scales = scales[..., None]
-    zero = zeros[..., None] if zeros is not None else float(qtype.default_zero)
-    q = (w.reshape(w.shape[0], qtype.groups, qtype.group) / scales).add_(zero).round_()
-    q.clamp_(0, qtype.levels - 1).sub_(zero).mul_(scales)
-    return q.reshape(w.shape)
+    """``w`` [N, K] f32 quantized to integer ``qtype`` and back
+    (:func:`transfuse.ir.quant.fake_quantize`, which computes it in place)."""
+    return fake_quantize(w, qtype, clip)
 
 
 def _output_error(x: torch.Tensor, n: int):

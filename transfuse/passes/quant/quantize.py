@@ -49,7 +49,13 @@ from typing import Any
 import torch
 
 from transfuse.ir.graph import Graph, Value
-from transfuse.ir.quant import QuantizedWeight, dynamic_quantize_u8, quantize_rtn, sqnr_db
+from transfuse.ir.quant import (
+    QuantizedWeight,
+    fake_quantize,
+    fake_quantize_activations,
+    quantize_rtn,
+    sqnr_db,
+)
 from transfuse.ir.types import QuantType
 from transfuse.passes.base import Pass, PassContext
 from transfuse.passes.fusion.merge_projections import constant_bytes
@@ -283,9 +289,8 @@ def _fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [R, K] @ w [N, K]ᵀ as W8A8 computes it: u8 per-token activations (the IR's dynamic
     rule), int8 symmetric per-channel weights."""
     k = w.shape[1]
-    wq = quantize_rtn(w, QuantType("int", 8, k, True, k)).dequantize()
-    q, sx, zx = dynamic_quantize_u8(x, per_row=True)
-    return ((q.to(torch.float32) - zx) * sx) @ wq.t()
+    wq = fake_quantize(w, QuantType("int", 8, k, True, k))
+    return fake_quantize_activations(x, per_row=True) @ wq.t()
 
 
 def _quantize_one(p: Plan, stats: list[InputStats | None]) -> QuantizedWeight:
@@ -334,8 +339,7 @@ def _measure(p: Plan, st: InputStats | None) -> None:
         xq = x
         if p.spec.op == "qmatmul":
             xs = x / p.scales[None, :] if p.scales is not None else x
-            q, sx, zx = dynamic_quantize_u8(xs, per_row=p.act_quant == "token")
-            xq = (q.to(torch.float32) - zx) * sx
+            xq = fake_quantize_activations(xs, per_row=p.act_quant == "token")
             if p.scales is not None:
                 xq = xq * p.scales[None, :]
         p.sqnr, p.sqnr_on = sqnr_db(ref, xq @ deq.T), "output"
