@@ -266,6 +266,16 @@ def dynamic_quantize_u8(x: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, t
     return q, scale, zp
 
 
+def storage_quant_type(k: int, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor | None) -> QuantType:
+    """The QuantType of stored tensors whose weight has ``k`` input features (a kernel or a
+    reference implementation gets tensors, not typed values): bits from the stored columns,
+    the group from the scales, symmetric when there are no zeros."""
+    if qweight.dtype == torch.float8_e4m3fn:
+        return QuantType("fp8e4m3", 8, k, True, k)
+    return QuantType("int", 8 * qweight.shape[1] // k, k // scales.shape[1], zeros is None, k)
+
+
 def fake_quantize_activations(x: torch.Tensor, per_row: bool) -> torch.Tensor:
     """``x`` through :func:`dynamic_quantize_u8` and back (f32): what W8A8 multiplies."""
     q, scale, zero = dynamic_quantize_u8(x, per_row)
@@ -274,4 +284,4 @@ def fake_quantize_activations(x: torch.Tensor, per_row: bool) -> torch.Tensor:
 
 __all__ = ["QuantType", "QuantizedWeight", "pack_codes", "unpack_codes", "check_storage",
            "dequantize", "quant_params", "quantize_codes", "quantize_rtn", "fake_quantize",
-           "sqnr_db", "dynamic_quantize_u8", "fake_quantize_activations", "FP8_E4M3_MAX"]
+           "sqnr_db", "dynamic_quantize_u8", "fake_quantize_activations", "storage_quant_type", "FP8_E4M3_MAX"]

@@ -62,7 +62,7 @@ import torch
 
 from transfuse.ir.opdefs.linalg import LINEAR_ACTIVATIONS
 from transfuse.ir.ops import get_op
-from transfuse.ir.quant import dynamic_quantize_u8, unpack_codes
+from transfuse.ir.quant import dynamic_quantize_u8, storage_quant_type, unpack_codes
 from transfuse.ir.types import QuantType
 
 aten = torch.ops.aten
@@ -293,11 +293,6 @@ def prepared_bytes(name: str, qw: torch.Tensor) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def _quant_type(x, qw, scales, zeros) -> QuantType:
-    k = x.shape[-1]
-    return QuantType("int", 8 * qw.shape[1] // k, k // scales.shape[1], zeros is None, k)
-
-
 # -- the calls the generated code makes ------------------------------------------------------
 
 
@@ -311,7 +306,7 @@ def run_qlinear(name: str, x: torch.Tensor, qw: torch.Tensor, scales: torch.Tens
         return _qlinear_reference(x, qw, scales, zeros, bias)
     prep = _lookup(name, qw)
     if prep is None:
-        prep = prepare(name, qw, scales, zeros, _quant_type(x, qw, scales, zeros))
+        prep = prepare(name, qw, scales, zeros, storage_quant_type(x.shape[-1], qw, scales, zeros))
     x2 = x.reshape(-1, x.shape[-1])
     return KERNELS[name].run(x2, prep, bias).reshape(*x.shape[:-1], qw.shape[0])
 
@@ -324,7 +319,7 @@ def run_qmatmul(name: str, x: torch.Tensor, qw: torch.Tensor, scales: torch.Tens
         return _qmatmul_reference(x, qw, scales, bias, act_quant)
     prep = _lookup(name, qw)
     if prep is None:
-        prep = prepare(name, qw, scales, None, _quant_type(x, qw, scales, None))
+        prep = prepare(name, qw, scales, None, storage_quant_type(x.shape[-1], qw, scales, None))
     x2 = x.reshape(-1, x.shape[-1])
     y = _int_mm_run(x2, prep, bias, act_quant == "token")
     return y.reshape(*x.shape[:-1], qw.shape[0])

@@ -25,8 +25,8 @@ from transfuse.errors import IRVerifyError
 from transfuse.ir.opdef import Attr, default_bytes, register
 from transfuse.ir.opdefs._util import in_type
 from transfuse.ir.opdefs.linalg import LINEAR_ACTIVATIONS
-from transfuse.ir.quant import dequantize, fake_quantize_activations
-from transfuse.ir.types import DType, QuantType, TensorType, dims_equal
+from transfuse.ir.quant import dequantize, fake_quantize_activations, storage_quant_type
+from transfuse.ir.types import DType, TensorType, dims_equal
 
 #: values of qmatmul's ``act_quant``: one activation scale per row (token) or per tensor
 ACT_QUANTS = ("token", "tensor")
@@ -109,20 +109,9 @@ def qlinear(xs, attrs, env):
     x, qw, scales = xs[0], xs[1], xs[2]
     zeros = xs[3] if len(xs) > 3 else None
     bias = xs[4] if len(xs) > 4 else None
-    qt = _quant_of(x, qw, scales, zeros)
+    qt = storage_quant_type(x.shape[-1], qw, scales, zeros)
     w = dequantize(qw, scales, zeros, qt).to(x.dtype)
     return _finish(F.linear(x, w, None if bias is None else bias.to(x.dtype)), attrs)
-
-
-def _quant_of(x: torch.Tensor, qw: torch.Tensor, scales: torch.Tensor,
-              zeros: torch.Tensor | None) -> QuantType:
-    """The QuantType of a stored weight from the tensors (a reference implementation gets
-    tensors, not values; the node's types were checked at verify time): K from x, bits from
-    the stored columns, the group from the scales."""
-    k = x.shape[-1]
-    if qw.dtype == torch.float8_e4m3fn:
-        return QuantType("fp8e4m3", 8, k, True, k)
-    return QuantType("int", 8 * qw.shape[1] // k, k // scales.shape[1], zeros is None, k)
 
 
 def _infer_qmatmul(node):
