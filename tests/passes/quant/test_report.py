@@ -60,7 +60,7 @@ def test_report_contents_and_end_to_end_numbers():
     assert head.scheme == "int8-weight" and head.notes[0] == "LM head"
     assert r.quantized == [up, head] and r.kept_float == [down]
     assert r.calibration_batches == 2 and r.calibration_rows == 40
-    assert any("which int4-gptq fitted: optimistic" in n for n in r.notes)
+    assert any("which int4-gptq, int8-weight fitted: optimistic" in n for n in r.notes)
     assert r.measured_on == "the evaluation inputs (1 batch)" and r.tokens == 20
     assert r.kl >= 0 and 0 <= r.top1 <= 1
     assert r.ppl_float > 1 and r.ppl_quant > 1

@@ -82,7 +82,7 @@ MAX_DAMP_RETRIES = 4
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, rows: int, qtype: QuantType, *,
                   damp: float = DEFAULT_DAMP, block: int = DEFAULT_BLOCK,
                   act_order: bool = False, static_groups: bool = True,
-                  name: str = "weight") -> tuple[QuantizedWeight, dict]:
+                  integer_zeros: bool = False, name: str = "weight") -> tuple[QuantizedWeight, dict]:
     """Quantize ``w`` [N, K] with GPTQ against the calibration Hessian.
 
     ``hessian`` is the sum over ``rows`` calibration rows of x xᵀ ([K, K]); the function uses
@@ -90,7 +90,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, rows: int, qtype: Quan
     diagonal (raised by :data:`DAMP_GROWTH` while a Cholesky factorisation fails; the value
     used is reported). ``block`` the lazy-batch width (aligned with the groups). ``act_order``
     quantizes the columns by decreasing diag(H); it needs ``static_groups`` (scales from the
-    un-updated weight) unless the weight is per channel. Without ``act_order``,
+    un-updated weight) unless the weight is per channel. ``integer_zeros`` rounds the zero
+    points (int8: the kernels' u8 form, see ``ir/quant.quant_params``). Without ``act_order``,
     ``static_groups`` is not used: each group's scales come from its updated weights (the
     paper's way). ``name`` (the layer) goes into error messages.
 
@@ -111,7 +112,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, rows: int, qtype: Quan
     per_channel = group == k
     static = per_channel or act_order  # scales from the un-updated weight (see the docstring)
     if static:
-        scales, zeros = quant_params(weight, qtype)
+        scales, zeros = quant_params(weight, qtype, integer_zeros=integer_zeros)
     else:
         scales = torch.empty(n, qtype.groups, dtype=torch.float32)
         zeros = None if qtype.symmetric else torch.empty(n, qtype.groups, dtype=torch.float32)
@@ -146,7 +147,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, rows: int, qtype: Quan
         for i in range(i2 - i1):
             j = i1 + i
             if not static and j % group == 0:  # this group's columns are up to date here
-                s_g, z_g = quant_params(wt[j:j + group].t(), group_qtype)
+                s_g, z_g = quant_params(wt[j:j + group].t(), group_qtype,
+                                        integer_zeros=integer_zeros)
                 scales_t[j // group] = s_g[:, 0]
                 if zeros_t is not None:
                     zeros_t[j // group] = z_g[:, 0]

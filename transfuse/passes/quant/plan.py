@@ -85,8 +85,12 @@ def plan_layers(sites: list[Site], config: QuantConfig, ctx: PassContext) -> lis
     """A plan per site; PassError listing every explicit group that does not fit its layer."""
     plans: list[Plan] = []
     errors: list[str] = []
+    given = ctx.option("calibration")
+    calibrated = given is not None and not (isinstance(given, (list, tuple)) and not given)
     for s in sites:
         spec, why = config.spec_for([s.name, s.source], s.is_head)
+        if spec is not None:
+            spec = spec.resolved(calibrated)
         ctx.attempt(RULE_QMATMUL if spec is not None and spec.op == "qmatmul" else RULE_QLINEAR)
         plan = Plan(s, spec, why)
         plans.append(plan)
@@ -156,7 +160,8 @@ def calibration_batches(graph: Graph, plans: list[Plan], ctx: PassContext) -> li
         if needing:
             raise PassError(f"quantize: {', '.join(needing)} needs calibration data: pass "
                             "calibration= (a list of input batches, e.g. token ids [B, S]) to "
-                            "optimize; int8-weight, int4-weight and fp8 need none"
+                            "optimize; int8-weight (without gptq=True), int4-weight and fp8 "
+                            "need none"
                             + (" (w8a8 without SmoothQuant: smoothquant=0)"
                                if "w8a8" in needing else ""))
         return None

@@ -156,7 +156,7 @@ class QuantizeWeights(Pass):
         for p in plans:
             if p.quantized:
                 xs[id(p.site.x)] = p.site.x
-                if p.spec.algorithm == "gptq":
+                if p.spec.uses_gptq:
                     hess[id(p.site.x)] = p.site.x
         return calibrate(graph, batches, list(xs.values()), hessian_for=list(hess.values()),
                          progress=progress)
@@ -297,16 +297,18 @@ def _quantize_one(p: Plan, stats: list[InputStats | None]) -> QuantizedWeight:
     w = p.weight()
     if p.scales is not None:
         w = w * p.scales[None, :]
-    algo = p.spec.algorithm
-    if algo == "gptq":
+    if p.spec.uses_gptq:
         from transfuse.passes.quant.gptq import gptq_quantize
 
         hs = [st for st in stats if st is not None and st.hessian is not None]
         h = sum(st.hessian for st in hs)
         rows = sum(st.rows for st in hs)
+        if p.scales is not None:  # the layer sees x / s: H of the smoothed input
+            inv = 1.0 / p.scales.to(h.dtype)
+            h = h * inv[:, None] * inv[None, :]
         damp = {} if p.spec.damp is None else {"damp": float(p.spec.damp)}  # else GPTQ's
-        qw, info = gptq_quantize(w, h, rows, p.qtype, **damp,
-                                 act_order=bool(p.spec.act_order), name=p.site.name)
+        qw, info = gptq_quantize(w, h, rows, p.qtype, **damp, act_order=bool(p.spec.act_order),
+                                 integer_zeros=p.qtype.bits == 8, name=p.site.name)
         extra = []
         if info.get("dead_columns"):
             extra.append(f"{info['dead_columns']} dead columns")
@@ -315,7 +317,7 @@ def _quantize_one(p: Plan, stats: list[InputStats | None]) -> QuantizedWeight:
         p.notes.append("GPTQ" + (" act_order" if p.spec.act_order else "")
                        + (f" ({', '.join(extra)})" if extra else ""))
         return qw
-    if algo == "awq" and p.spec.clip_search and p.scales is not None:
+    if p.spec.clip_search and p.scales is not None:
         from transfuse.passes.quant.awq import awq_search_clip
 
         x = stats[0].sample / p.scales[None, :]
