@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# before anything imports triton: fixes Triton's interpreter mode for the whole process
+# (triton decorates its own tl.sum & co. at its first import; transfuse/codegen/triton/env.py)
+import transfuse.codegen.triton.env  # noqa: F401, E402
+
 
 def pytest_configure(config):
     torch.set_num_threads(1)

@@ -12,7 +12,12 @@ started with ``TRITON_INTERPRET=0``.
 Facts about the interpreter (triton 3.9, measured here; the issue lists them):
 
 - bf16 ``tl.dot`` and bf16 arithmetic are wrong (triton#11584): kernels upcast to fp32
-  after loading when :func:`interpreting` (``INTERPRET`` constexpr below).
+  after loading. fp32 -> bf16 casts round toward zero (one bf16 ulp off torch's
+  round-to-nearest): bf16 tolerances in the tests allow it.
+- triton's own library functions (``tl.sum``, ``tl.max``) are ``@triton.jit`` functions
+  decorated when triton is first imported: the mode must be set before ANY import of triton
+  in the process (tests/conftest.py imports this module first; :func:`triton_unavailable`
+  says so when triton came first in the wrong mode).
 - libdevice functions return None: build tanh from sigmoid.
 - each program costs ~2 ms: tests keep shapes small.
 - ``OPENBLAS_NUM_THREADS=1`` (OpenBLAS threads fight torch's on 2 cores).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 #: the Triton versions the kernels are written for (3.9 here, 3.6 in the GPU image)
 SUPPORTED = ((3, 6), (3, 9))
@@ -33,6 +39,16 @@ def _cuda() -> bool:
     except ImportError:  # pragma: no cover - torch is a dependency
         return False
     return bool(torch.cuda.is_available())
+
+
+def _triton_mode() -> str | None:
+    """``"interpret"`` / ``"compile"``: how an already imported triton decorated its own
+    library functions (``tl.sum`` & co. are ``@triton.jit`` functions too); None when triton
+    is not imported yet."""
+    core = sys.modules.get("triton.language")
+    if core is None:
+        return None
+    return "interpret" if type(core.sum).__name__ == "InterpretedFunction" else "compile"
 
 
 if "TRITON_INTERPRET" not in os.environ and not _cuda():
@@ -49,6 +65,14 @@ def triton_unavailable() -> str | None:
     """Why the triton target cannot run here (None when it can)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'triton>=3.6')"
+    mode = _triton_mode()
+    if mode is not None and (mode == "interpret") != interpreting():
+        return (f"triton was imported before transfuse.codegen.triton with "
+                f"TRITON_INTERPRET={'1' if mode == 'interpret' else 'unset/0'}, and its own "
+                f"library functions (tl.sum, tl.max, ...) are fixed in that mode; this process "
+                f"needs {'the interpreter (no CUDA device)' if interpreting() else 'the GPU'}: "
+                f"set TRITON_INTERPRET={'1' if interpreting() else '0'} before anything imports "
+                f"triton, or import transfuse.codegen.triton first")
     import triton
 
     try:
