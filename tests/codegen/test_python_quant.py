@@ -116,12 +116,38 @@ def test_qmatmul(force, act_quant, kernel):
     g, qt = _graph("int8 g96 sym k96", 40, op="qmatmul", act_quant=act_quant,
                    activation="relu")
     prog = _build(g)
-    assert prog.quant_plans[0]["small"] == kernel and not prog.reference_ops
+    inexact = quant_kernels.int_mm_inexact() if kernel == "int_mm" else None
+    if inexact is not None:  # an AVX2 CPU: _int_mm saturates; refused, the reference runs
+        plan = prog.quant_plans[0]
+        assert plan["small"] == "w8a8_reference", plan
+        assert plan["refused"].get("int_mm") == inexact, plan
+        kernel = "w8a8_reference"
+    else:
+        assert prog.quant_plans[0]["small"] == kernel and not prog.reference_ops
     before = _calls(kernel)
     for m in (1, 64):
         x = torch.randn(m, qt.k) * torch.linspace(0.1, 3, qt.k)  # uneven channels
         assert _rel_err(prog, g, x) < F32_TOL  # int_mm: exact integers, f32 rounding only
     assert _calls(kernel) == before + 2
+
+
+def test_int_mm_exactness_check_sees_saturation(monkeypatch):
+    """The check compares _int_mm with an exact product on +-128 pairs: a saturating kernel
+    (simulated: pair sums clamped to int16, as AVX2's vpmaddubsw does) is refused."""
+    def saturating(a, b):
+        pairs = (a.to(torch.int64).reshape(a.shape[0], -1, 2)[:, :, :, None] *
+                 b.to(torch.int64).reshape(-1, 2, b.shape[1])[None]).sum(2)  # [M, K/2, N]
+        return pairs.clamp(-32768, 32767).sum(1).to(torch.int32)
+
+    monkeypatch.setattr(quant_kernels.aten, "_int_mm", saturating, raising=False)
+    quant_kernels.int_mm_inexact.cache_clear()
+    try:
+        why = quant_kernels.int_mm_inexact()
+        assert why is not None and "not exact on this CPU" in why
+        qt = QuantType("int", 8, 96, True, 96)
+        assert quant_kernels.refuses("int_mm", qt, 40) == why
+    finally:
+        quant_kernels.int_mm_inexact.cache_clear()
 
 
 # -- the row-count dispatch ------------------------------------------------------------------

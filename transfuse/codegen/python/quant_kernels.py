@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable
 
@@ -174,6 +175,33 @@ def _int_mm_refuses(qt: QuantType, n: int) -> str | None:
         return f"K={qt.k} could overflow int_mm's s32 accumulation (at most {INT_MM_MAX_K})"
     if not hasattr(aten, "_int_mm"):
         return f"torch {torch.__version__} has no _int_mm"
+    return int_mm_inexact()
+
+
+@functools.cache
+def int_mm_inexact() -> str | None:
+    """Why ``torch._int_mm`` is not exact on this CPU (None when it is), measured once per
+    process on the worst case: every product at +-127 * -128 with equal signs in pairs.
+
+    AVX2 has no s8 x s8 dot product: its u8 x s8 instruction (``vpmaddubsw``) adds pairs of
+    products into int16 with saturation, so a kernel that runs s8 x s8 through it (with the
+    +128 shift) saturates at |pair| > 32767 — measured with ATEN_CPU_CAPABILITY=avx2 on the
+    Xeon: 7% relative error on a W8A8 layer. AVX-512 VNNI / AMX accumulate in int32 and are
+    exact."""
+    k = 64
+    a = torch.full((16, k), -128, dtype=torch.int8)
+    a[1::2] = 127
+    b = torch.full((k, 16), -128, dtype=torch.int8)
+    b[:, 1::2] = 127
+    try:
+        got = aten._int_mm(a, b)
+    except RuntimeError as e:  # pragma: no cover - depends on the build
+        return f"torch._int_mm fails here: {e}"
+    want = (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32)
+    if not torch.equal(got, want):
+        worst = int((got.to(torch.int64) - want.to(torch.int64)).abs().max())
+        return (f"torch._int_mm is not exact on this CPU (off by up to {worst} on +-128 "
+                f"products: int16 saturation of AVX2's u8 x s8 pairs); W8A8 runs the reference")
     return None
 
 
