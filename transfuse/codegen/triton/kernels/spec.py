@@ -30,6 +30,8 @@ class KernelSpec:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 2
+    #: the compute capabilities it is shipped for (fp8 dots need sm_89+: (89, 90))
+    archs: tuple[int, ...] = (80, 90)
 
     def key(self) -> str:
         return f"{self.kernel}|{self.name}|w{self.num_warps}s{self.num_stages}"
