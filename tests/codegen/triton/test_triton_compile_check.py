@@ -162,18 +162,11 @@ def test_cache_key_follows_source_spec_and_arch(tmp_path, monkeypatch):
 # -- compiling the fixture kernels ------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _SpecFor(KernelSpec):
-    """A spec checked only on some architectures (``archs``, read by the compile check)."""
-
-    archs: tuple[int, ...] = (90,)
-
-
 @pytest.fixture(scope="module")
 def fixture_results():
     if NO_TOOLS is not None:
         pytest.skip(f"no GPU compiler: {NO_TOOLS}")
-    only90 = [_SpecFor(**dataclasses.asdict(s)) for s in (fx.SPILLS, fx.BAD, fx.MISSING)]
+    only90 = [dataclasses.replace(s, archs=(90,)) for s in (fx.SPILLS, fx.BAD, fx.MISSING)]
     specs = [fx.GOOD, fx.OVER_SHARED, *only90]
     start = time.perf_counter()
     results = cc.check(specs, archs=(80, 90), jobs=2)

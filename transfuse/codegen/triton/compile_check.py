@@ -34,11 +34,11 @@ and writing one JSON line per result; a worker that dies is replaced and the con
 on is reported as an error. Successful results are cached on disk
 (``$TRANSFUSE_CACHE_DIR/triton-compile-check``, see :mod:`transfuse.codegen.machine_cache`)
 keyed by the sha256 of the kernel module's source (and of the ``transfuse.codegen.triton``
-modules it imports), the spec, the triton version, the arch and this file: a rerun with
-nothing changed compiles nothing.
+modules it imports), the spec, the triton version, the arch and ``CACHE_VERSION``: a rerun
+with nothing changed compiles nothing.
 
-A spec restricted to some architectures (fp8 needs sm_89+) may carry ``archs``; specs
-without that attribute are checked on every arch asked for.
+A spec is compiled only for the asked architectures it ships for (``KernelSpec.archs``:
+fp8 dots need sm_89+).
 
 CLI: ``python -m transfuse.codegen.triton.compile_check [--arch 80,90] [--json out.json]``
 prints a table and exits 1 on any problem.
@@ -89,7 +89,7 @@ REGISTER_FILE = 65_536
 REGISTER_UNIT = 256
 #: the kernels package whose modules ship configurations
 KERNELS_PACKAGE = "transfuse.codegen.triton.kernels"
-#: bump when the meaning of a cached result changes
+#: bump when how a result is measured changes (it is part of every cache key)
 CACHE_VERSION = 1
 CACHE_DIRNAME = "triton-compile-check"
 #: environment variables that change what Triton compiles (part of the cache key)
@@ -350,16 +350,6 @@ def _triton_version() -> str:
         return "none"
 
 
-def _own_digest() -> str:
-    """sha256 of this file: a change in how results are measured invalidates them."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-
-
-def _spec_archs(spec: KernelSpec) -> tuple[int, ...] | None:
-    archs = getattr(spec, "archs", None)
-    return tuple(archs) if archs is not None else None
-
-
 def cache_key(spec: KernelSpec, arch: int, aligned: bool = True,
               digests: dict[str, str | None] | None = None) -> str | None:
     """The cache key of compiling ``spec`` for ``arch``, or None when the kernel's module
@@ -371,8 +361,7 @@ def cache_key(spec: KernelSpec, arch: int, aligned: bool = True,
     if digests[module] is None:
         return None
     what = {
-        "version": CACHE_VERSION, "checker": _own_digest(), "source": digests[module],
-        "triton": _triton_version(),
+        "version": CACHE_VERSION, "source": digests[module], "triton": _triton_version(),
         "arch": arch, "aligned": aligned,
         "spec": [spec.kernel, spec.name, spec.signature,
                  {k: repr(v) for k, v in spec.constexprs.items()},
@@ -625,14 +614,12 @@ def _run_workers(jobs: list[tuple[int, KernelSpec, int, bool]], workers: int
 
 def check(specs: Iterable[KernelSpec], archs: Sequence[int] = (80, 90), jobs: int = 2,
           aligned: bool = True, cache: bool | Path = True) -> list[Result]:
-    """Compile every spec for every arch (spec-major order) in ``jobs`` worker processes
-    and return a :class:`Result` each. ``cache``: True for :func:`default_cache_dir`, a
-    folder, or False; results found there are reused, successes are stored."""
+    """Compile every spec for each of ``archs`` it ships for (``spec.archs``), spec-major,
+    in ``jobs`` worker processes and return a :class:`Result` each. ``cache``: True for
+    :func:`default_cache_dir`, a folder, or False; results found there are reused,
+    successes are stored."""
     folder = default_cache_dir() if cache is True else Path(cache) if cache else None
-    wanted: list[tuple[KernelSpec, int]] = []
-    for spec in specs:
-        only = _spec_archs(spec)
-        wanted.extend((spec, arch) for arch in archs if only is None or arch in only)
+    wanted = [(spec, arch) for spec in specs for arch in archs if arch in spec.archs]
     results: list[Result | None] = [None] * len(wanted)
     keys: dict[int, str | None] = {}
     digests: dict[str, str | None] = {}
@@ -692,12 +679,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     archs = [int(a.strip().removeprefix("sm_")) for a in args.arch.split(",") if a.strip()]
     start = time.perf_counter()
-    results = check(shipped_specs(args.module), archs, jobs=args.jobs,
-                    aligned=not args.unaligned, cache=not args.no_cache)
+    specs = shipped_specs(args.module)
+    results = check(specs, archs, jobs=args.jobs, aligned=not args.unaligned,
+                    cache=not args.no_cache)
     print(format_table(results))
     bad = [r for r in results if r.problems()]
+    not_shipped = len(specs) * len(archs) - len(results)
     print(f"\n{len(results)} compiles, {sum(r.cached for r in results)} cached, "
-          f"{len(bad)} with problems, {time.perf_counter() - start:.1f} s")
+          f"{len(bad)} with problems, {time.perf_counter() - start:.1f} s"
+          + (f"; {not_shipped} (config, arch) pairs not shipped (KernelSpec.archs)"
+             if not_shipped else ""))
     for r in bad:
         for p in r.problems():
             print(f"{r.name} {r.config} sm_{r.arch}: {p}")
