@@ -254,6 +254,42 @@ graph g(%x: f16[batch, 40]) {
     assert out.dtype == getattr(torch, ty)
 
 
+NORM_OPS = """\
+graph g(%x: f32[batch, 40], %res: f32[batch, 40]) {
+  const %bias: f32[40]
+  const %w: f32[40]
+  const %b: f32[40]
+  const %two: f32[] = 2.0
+  %h: f32[batch, 40] = add(%x, %bias)
+  %n: f32[batch, 40], %s: f32[batch, 40] = add_norm(%h, %res, %w) {kind="rms", eps=1e-06}
+  %y: f32[batch, 40] = mul(%n, %two)
+  %l: f32[batch, 40] = layer_norm(%y, %w, %b) {eps=1e-05}
+  %r: f32[batch, 40] = rms_norm(%l, %w) {eps=1e-06, offset=1.0}
+  %z: f32[batch, 40] = add(%r, %s)
+  return %z, %s
+}
+"""
+
+
+@pytest.mark.parametrize("max_block", [None, 16])
+def test_norm_ops_with_prologue_and_epilogue(max_block):
+    """add_norm (two outputs), layer_norm and rms_norm (with Gemma's offset) in one row
+    kernel with the bias add before and the residual add after."""
+    g = parse_graph(NORM_OPS)
+    (grp,) = fusion_groups(g)
+    assert grp.kind == "row" and grp.space.levels == 4
+    assert [v.name for v in grp.outputs] == ["s", "z"]
+    check(g, [randn(3, 40), randn(3, 40)], max_block=max_block)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_norm_ops_half(dtype):
+    g = parse_graph(NORM_OPS.replace("f32", dtype))
+    (grp,) = fusion_groups(g)
+    check(g, [randn(3, 40, dtype=grp.inputs[0].dtype.torch)] * 2,
+          tol=2e-3 if dtype == "f16" else 2e-2)
+
+
 # -- integers, bools, many unary ops -----------------------------------------------------------
 
 
@@ -440,9 +476,9 @@ def test_run_checks_its_inputs_and_the_cache_is_by_source():
 
 @pytest.mark.skipif(cc.tools_unavailable() is not None, reason="no GPU compiler (ptxas)")
 def test_generated_kernels_compile_for_gpus():
-    """The GPU compiler (no GPU needed) takes what the interpreter ran: a pointwise kernel
-    with helpers and int/bool values, a row kernel held whole and one looped, at realistic
-    sizes: no spills, registers within the file, shared memory within the limits."""
+    """The GPU compiler (no GPU needed) takes what the interpreter ran: a pointwise kernel, a
+    row kernel held whole and one looped, a symbolic row, bf16 norms; at realistic sizes: no
+    spills, registers within the file, shared memory within the limits."""
     specs = []
     g = parse_graph(LAYERNORM.replace("40", "4096"))
     k = emit_group(fusion_groups(g)[0])
@@ -451,6 +487,8 @@ def test_generated_kernels_compile_for_gpus():
     specs.append(compile_spec(k, {"batch": 8, "seq": 1000}))
     k = emit_group(fusion_groups(parse_graph(BIAS_GELU_RESIDUAL))[0])
     specs.append(compile_spec(k, {"batch": 8, "seq": 512}))
+    k = emit_group(fusion_groups(parse_graph(NORM_OPS.replace("f32", "bf16")))[0])
+    specs.append(compile_spec(k, {"batch": 4096}))
     results = cc.check(specs, archs=(80, 90), jobs=2, cache=False)
     assert len(results) == 2 * len(specs)
     assert [r.problems() for r in results] == [[]] * len(results), cc.format_table(results)

@@ -11,9 +11,9 @@ The flow, for a host-code generator::
         else:
             ...                             # the host runs the node (linear, attention, views)
 
-- :mod:`.partition`: which nodes fuse (pointwise chains, last-dim reductions with their
-  prologues and epilogues), the legality checks (shapes, no cycle) and the cost model
-  (bytes saved), with a reason for every node left out;
+- :mod:`.partition`: which nodes fuse (pointwise chains, last-dim reductions and norms with
+  their prologues and epilogues), the legality checks (no cycle; shapes: :mod:`.space`) and
+  the cost model (bytes saved), with a reason for every node left out;
 - :mod:`.ops`: the Triton expression of each pointwise op, the reductions, the literals;
 - :mod:`.emit`: the kernel source of a group (1-D blocked pointwise or row kernel);
 - :mod:`.cache`: kernel files by source hash, imported once per process;
@@ -24,13 +24,8 @@ The flow, for a host-code generator::
 from transfuse.codegen.triton import env  # noqa: F401  (first: fixes the interpreter mode)
 from transfuse.codegen.triton.gen.emit import GeneratedKernel, emit_group
 from transfuse.codegen.triton.gen.launch import bind, compile_spec, launch_config, run
-from transfuse.codegen.triton.gen.partition import (
-    Group,
-    GroupSpace,
-    Partition,
-    fusion_groups,
-    partition,
-)
+from transfuse.codegen.triton.gen.partition import Group, Partition, fusion_groups, partition
+from transfuse.codegen.triton.gen.space import GroupSpace
 
 __all__ = ["partition", "fusion_groups", "Partition", "Group", "GroupSpace", "emit_group",
            "GeneratedKernel", "run", "bind", "launch_config", "compile_spec"]

@@ -11,7 +11,7 @@ Configuration (:func:`launch_config`), specialised on power-of-two buckets at mo
 exact lengths:
 
 - pointwise: ``BLOCK = min(1024, next_pow2(numel))``, one program per BLOCK elements;
-- row: rows of ``N <= max_block`` (default :data:`~.partition.MAX_ROW_BLOCK`, 4096) are held
+- row: rows of ``N <= max_block`` (default :data:`~.space.MAX_ROW_BLOCK`, 4096) are held
   whole: ``BLOCK = next_pow2(N)``, ``SINGLE``, ROWS rows a program (a tile of ~2048
   elements, at most 32 rows, at most next_pow2(M)); longer rows are looped in
   ``LOOP_BLOCK`` chunks, one row a program;
@@ -28,7 +28,7 @@ import torch
 import triton
 
 from transfuse.codegen.triton.gen.emit import GeneratedKernel
-from transfuse.codegen.triton.gen.partition import MAX_ROW_BLOCK
+from transfuse.codegen.triton.gen.space import MAX_ROW_BLOCK
 from transfuse.errors import LoweringError
 from transfuse.ir.types import Dim, DType, eval_dim
 

@@ -14,9 +14,9 @@ registry class of codegen) of pointwise emitters: ``fn(ctx, node) -> str``, a Tr
 expression of the node's output in its compute type, built from ``ctx.arg(i)`` (operand
 ``i`` converted to the compute type the op works in) and ``ctx.literal(i)``; ``supports``
 says why an op cannot be generated (integer ``pow``, fp8 values...). :data:`REDUCTIONS`
-and :data:`ROW_OPS` (``softmax`` / ``log_softmax``) reduce over the last dim and live in
-row kernels. :data:`VIEWS` (``reshape``, ``expand``) fuse only where the partitioner finds
-them contiguous-compatible.
+and :data:`ROW_OPS` (``softmax``, ``log_softmax``, ``rms_norm``, ``layer_norm``,
+``add_norm``) reduce over the last dim and live in row kernels. :data:`VIEWS` (``reshape``,
+``expand``) fuse only where the partitioner finds them contiguous-compatible.
 
 Functions the interpreter lacks (libdevice ``tanh``, ``pow``) are written as small
 ``@triton.jit`` helpers (:data:`HELPERS`) emitted into the kernel module when used.
@@ -45,6 +45,12 @@ COMPUTE = {
     DType.f64: "tl.float64", DType.i64: "tl.int64", DType.i32: "tl.int32",
     DType.i16: "tl.int16", DType.i8: "tl.int8", DType.u8: "tl.uint8", DType.bool: "tl.int1",
 }
+#: the Triton element type of a pointer to each IR dtype
+POINTER = {
+    DType.f16: "tl.float16", DType.bf16: "tl.bfloat16", DType.f32: "tl.float32",
+    DType.f64: "tl.float64", DType.i64: "tl.int64", DType.i32: "tl.int32",
+    DType.i16: "tl.int16", DType.i8: "tl.int8", DType.u8: "tl.uint8", DType.bool: "tl.int1",
+}
 #: dtypes rounded to after each op (their values are held in fp32)
 ROUNDED = {DType.f16: "tl.float16", DType.bf16: "tl.bfloat16"}
 FLOATS = (DType.f16, DType.bf16, DType.f32, DType.f64)
@@ -52,13 +58,12 @@ FLOATS = (DType.f16, DType.bf16, DType.f32, DType.f64)
 #: reductions over the last dim: op -> (combine, identity)
 REDUCTIONS = {"reduce_sum": ("sum", 0.0), "reduce_mean": ("sum", 0.0),
               "reduce_max": ("max", -math.inf), "reduce_min": ("min", math.inf)}
-#: ops that reduce a row internally and give a row back
-ROW_OPS = ("softmax", "log_softmax")
+#: ops that reduce a row internally and give a row back (norms over the last dim only)
+ROW_OPS = ("softmax", "log_softmax", "rms_norm", "layer_norm", "add_norm")
 #: views that may sit inside a group
 VIEWS = ("reshape", "expand")
-#: reorderings and gathers: never inside a group
-REORDERING_VIEWS = ("permute", "slice", "concat", "split", "tril", "triu", "index_select",
-                    "gather", "embedding")
+#: data movement that changes the element order: never inside a group
+REORDERING_VIEWS = ("permute", "slice", "concat", "split")
 
 
 class ExprContext:
@@ -435,10 +440,28 @@ def _swiglu(ctx, node):
 # -- reductions and row ops -----------------------------------------------------------------
 
 
+def row_levels(node: Node) -> int:
+    """How many reductions in a chain a reduction or row op takes (passes over a row)."""
+    if node.op in REDUCTIONS or node.op == "rms_norm":
+        return 1
+    if node.op == "add_norm":
+        return 1 if node.attrs["kind"] == "rms" else 2
+    return 2  # softmax, log_softmax: max then sum; layer_norm: mean then variance
+
+
 def reduction_problem(node: Node) -> str | None:
     """Why a reduction or row op cannot be generated (None when it can)."""
     x = node.inputs[0]
     rank = x.type.rank
+    if node.op in ("rms_norm", "layer_norm", "add_norm"):
+        nd = node.attrs["normalized_ndim"]
+        if nd != 1:
+            return (f"{node.op} over the last {nd} dims: generated kernels normalise the "
+                    f"last dim only")
+        if any(v is not None and v.dtype not in FLOATS for v in node.inputs) or \
+                node.outputs[0].dtype not in FLOATS:
+            return f"{node.op} of {x.type}: only float norms are generated"
+        return None
     if node.op in REDUCTIONS:
         axes = tuple(sorted(a % max(rank, 1) for a in node.attrs["axes"])) or tuple(range(rank))
         if axes != (rank - 1,) or rank == 0:
@@ -454,5 +477,5 @@ def reduction_problem(node: Node) -> str | None:
 
 
 __all__ = ["POINTWISE", "REDUCTIONS", "ROW_OPS", "VIEWS", "REORDERING_VIEWS", "COMPUTE",
-           "ROUNDED", "FLOATS", "HELPERS", "ExprContext", "literal_value", "format_literal",
-           "dtype_problem", "reduction_problem"]
+           "POINTER", "ROUNDED", "FLOATS", "HELPERS", "ExprContext", "literal_value",
+           "format_literal", "dtype_problem", "reduction_problem", "row_levels"]

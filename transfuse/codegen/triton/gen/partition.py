@@ -1,19 +1,10 @@
 """Fusion groups: which IR nodes one generated Triton kernel computes.
 
-A group is a set of nodes of two shapes of work (its *space*):
-
-- **pointwise**: elementwise ops (unary, binary, ternary, casts, ``where``, activations),
-  their operands broadcast from outside the group, and ``reshape``s between them (a group
-  member is written in flat row-major order, so a reshape of it is the identity on the flat
-  index). Every member has the same number of elements; one program covers BLOCK of them.
-- **row**: the same plus reductions over the last dim (``reduce_sum/mean/max/min``,
-  ``softmax``, ``log_softmax``) and the pointwise ops before and after them. The work is M
-  rows of N elements (``L + [N]``, M the product of the leading dims L). A member is a
-  *vector* (M*N elements, in flat row-major order: usually ``L' + [N]``, or any shape a
-  reshape of one gives) or a *row scalar* (M elements: ``L' + [1]``, or ``L'`` for a
-  ``keepdim=False`` reduction); a row scalar reaches a vector by trailing broadcast only
-  (``rstd [B, S, 1] * x [B, S, D]``). Softmax, RMSNorm and LayerNorm written out of
-  primitive ops are row groups.
+A group is a set of nodes one kernel computes: a **pointwise** chain (elementwise ops,
+broadcast operands, casts, ``where``, activations, contiguous reshapes) or a **row** group
+(the same around reductions over the last dim and row ops: ``softmax``, ``rms_norm``,
+``layer_norm``, ``add_norm``; softmax and norms written out of primitive ops are row groups
+too). What a group's work is, and which nodes can never be in one: :mod:`.space`.
 
 Glossary: M rows, N the row length (the reduced, last dim), L the leading dims.
 
@@ -54,180 +45,19 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from transfuse.codegen.triton.gen.ops import (
-    POINTWISE,
-    REDUCTIONS,
-    REORDERING_VIEWS,
-    ROW_OPS,
-    VIEWS,
-    dtype_problem,
-    literal_value,
-    reduction_problem,
+from transfuse.codegen.triton.gen.ops import literal_value
+from transfuse.codegen.triton.gen.space import (
+    MAX_ROW_BLOCK,
+    GroupSpace,
+    group_space,
+    is_compute,
+    node_problem,
 )
 from transfuse.ir.graph import Graph, Node, Value
-from transfuse.ir.types import Dim, dim_product, dim_str, dims_equal, normalize_dim
+from transfuse.ir.types import Dim, dim_str, normalize_dim
 
 #: the value each symbolic dim takes when byte counts are compared
 HINT = 256
-#: rows up to this many elements are held in registers (one pass); longer ones are looped
-MAX_ROW_BLOCK = 4096
-
-
-# -- the space of a set of nodes -----------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupSpace:
-    """The work of a group: ``kind`` "pointwise" (``shape``: the shape every member has up to
-    reshapes; ``numel`` elements) or "row" (``rows`` M rows of ``row_len`` N elements;
-    ``shape`` is ``L + [N]`` of its first vector; ``roles``: value name -> "vec" / "keep" /
-    "drop", see the module docstring). ``levels``: the longest chain of reductions."""
-
-    kind: str
-    shape: tuple[Dim, ...]
-    numel: Dim
-    rows: Dim | None = None
-    row_len: Dim | None = None
-    roles: dict[str, str] = dataclasses.field(default_factory=dict)
-    levels: int = 0
-
-    def role(self, v: Value) -> str:
-        return self.roles.get(v.name, "flat")
-
-
-def _shape(shape: Sequence[Dim]) -> str:
-    return "[" + ", ".join(dim_str(d) for d in shape) + "]"
-
-
-def _eq(a: Sequence[Dim], b: Sequence[Dim]) -> bool:
-    return len(a) == len(b) and all(dims_equal(x, y) for x, y in zip(a, b))
-
-
-def _is_reducing(node: Node) -> bool:
-    return node.op in REDUCTIONS or node.op in ROW_OPS
-
-
-def group_space(nodes: Sequence[Node]) -> GroupSpace | str:
-    """The space of the group ``nodes`` (topological order), or why they cannot be one kernel."""
-    members = {id(n) for n in nodes}
-    n_len: Dim | None = None
-    m_rows: Dim | None = None
-    first = None
-
-    def row(shape: Sequence[Dim], what: str) -> str | None:
-        nonlocal n_len, m_rows, first
-        length, count = shape[-1], dim_product(shape[:-1])
-        if n_len is None:
-            n_len, m_rows, first = length, count, tuple(shape)
-            return None
-        if not (dims_equal(length, n_len) and dims_equal(count, m_rows)):
-            return (f"shape mismatch: {what} works on rows {_shape(shape)}, the group on "
-                    f"{dim_str(m_rows)} rows of {dim_str(n_len)}")
-        return None
-
-    # -- the rows: set by reductions and by trailing broadcasts of member values ----------
-    for node in nodes:
-        out = node.outputs[0]
-        if _is_reducing(node):
-            bad = row(node.inputs[0].shape, f"{node.op} %{out.name}")
-            if bad:
-                return bad
-            continue
-        for u in node.inputs:
-            if u is None or u.producer is None or id(u.producer) not in members:
-                continue
-            if node.op in VIEWS:
-                if node.op == "expand":
-                    return (f"expand %{out.name} of the fused value %{u.name}: its elements "
-                            f"would be recomputed per use")
-                continue
-            if _eq(u.shape, out.shape):
-                continue
-            if (u.type.rank == out.type.rank and u.type.rank >= 1 and u.shape[-1] == 1
-                    and _eq(u.shape[:-1], out.shape[:-1])):
-                bad = row(out.shape, f"{node.op} %{out.name}")
-                if bad:
-                    return bad
-                continue
-            return (f"shape mismatch: %{u.name} {_shape(u.shape)} is broadcast into "
-                    f"%{out.name} {_shape(out.shape)} along a non-trailing dim (it would be "
-                    f"recomputed per use)")
-    last = nodes[-1].outputs[0]
-    if n_len is None:
-        for node in nodes:
-            v = node.outputs[0]
-            if not dims_equal(v.type.numel(), last.type.numel()):
-                return (f"shape mismatch: %{v.name} {_shape(v.shape)} and %{last.name} "
-                        f"{_shape(last.shape)} differ in size")
-        return GroupSpace("pointwise", tuple(last.shape), last.type.numel())
-
-    # -- a row group: every member is a vector or a row scalar ----------------------------
-    roles: dict[str, str] = {}
-    for node in nodes:
-        v = node.outputs[0]
-        s = v.shape
-        if dims_equal(dim_product(s), dim_product([m_rows, n_len])) and \
-                not (isinstance(n_len, int) and n_len == 1):
-            role = "vec"
-        elif s and s[-1] == 1 and dims_equal(dim_product(s[:-1]), m_rows):
-            role = "keep"
-        elif dims_equal(dim_product(s), m_rows):
-            role = "drop"
-        else:
-            return (f"shape mismatch: %{v.name} {_shape(s)} is neither a row of "
-                    f"{dim_str(n_len)} nor a row scalar of the group's {dim_str(m_rows)} rows")
-        if node.op in REDUCTIONS and role != ("keep" if node.attrs["keepdim"] else "drop"):
-            role = "keep" if node.attrs["keepdim"] else "drop"
-        roles[v.name] = role
-    levels: dict[str, int] = {}
-    for node in nodes:
-        v = node.outputs[0]
-        ins = [u for u in node.inputs if u is not None and u.name in roles]
-        level = max((levels[u.name] for u in ins), default=0)
-        if _is_reducing(node):
-            if ins and roles[ins[0].name] != "vec":
-                return f"{node.op} %{v.name} reduces a row scalar %{ins[0].name}"
-            level += 2 if node.op in ROW_OPS else 1
-        for u in ins:
-            a, b = roles[u.name], roles[v.name]
-            if _is_reducing(node) or a == b:
-                continue
-            if a == "keep" and b == "vec" and dims_equal(v.shape[-1], n_len):
-                continue
-            if node.op == "reshape" and a != "vec" and b != "vec":
-                continue
-            return (f"shape mismatch: %{u.name} {_shape(u.shape)} is broadcast into %{v.name} "
-                    f"{_shape(v.shape)} along a non-trailing dim")
-        levels[v.name] = level
-    return GroupSpace("row", first, dim_product(first), m_rows, n_len, roles,
-                      max(levels.values(), default=0))
-
-
-# -- what a node is -----------------------------------------------------------------------
-
-
-def node_problem(node: Node) -> str | None:
-    """Why ``node`` can never be in a generated kernel (None when it may)."""
-    op = node.op
-    if op in REORDERING_VIEWS:
-        return f"view '{op}' reorders or gathers elements: not contiguous-compatible"
-    if not (op in POINTWISE or op in REDUCTIONS or op in ROW_OPS or op in VIEWS):
-        return f"op '{op}' is not pointwise"
-    if len(node.outputs) != 1:
-        return f"op '{op}' has {len(node.outputs)} outputs"
-    for v in list(node.inputs) + list(node.outputs):
-        if v is not None and dtype_problem(v):
-            return dtype_problem(v)
-    if op in POINTWISE:
-        return POINTWISE.supports(node)
-    if op in VIEWS:
-        return None
-    return reduction_problem(node)
-
-
-def is_compute(node: Node) -> bool:
-    """True for a node that computes (not a view)."""
-    return node.op not in VIEWS
 
 
 # -- groups ---------------------------------------------------------------------------------
@@ -384,6 +214,8 @@ class _Partitioner:
         self.outputs = {id(v) for v in graph.outputs}
         # refused merges: (the node being placed, the candidate group then, why)
         self.events: list[tuple[Node, list[Node], str]] = []
+        self.hints: dict[int, int] = {}
+        self.spaces: dict[int, tuple[list[Node], GroupSpace | str]] = {}
 
     def literal(self, v: Value | None) -> bool:
         return v is not None and literal_value(v, self.memo) is not None
@@ -402,11 +234,21 @@ class _Partitioner:
                 seen.setdefault(id(v), v)
         return list(seen.values())
 
-    def node_bytes(self, node: Node) -> Dim:
+    def nbytes(self, v: Value, exact: bool) -> Dim:
+        """``v``'s bytes: exact (symbolic), or at :data:`HINT` per symbol (cached ints, what
+        merge decisions compare)."""
+        if exact:
+            return v.type.nbytes()
+        key = id(v)
+        if key not in self.hints:
+            self.hints[key] = hint(v.type.nbytes())
+        return self.hints[key]
+
+    def node_bytes(self, node: Node, exact: bool = False) -> Dim:
         if not is_compute(node):
             return 0
-        total: Any = sum((v.type.nbytes() for v in self.tensor_inputs(node)), 0)
-        return _norm(total + sum((v.type.nbytes() for v in node.outputs), 0))
+        total: Any = sum((self.nbytes(v, exact) for v in self.tensor_inputs(node)), 0)
+        return _norm(total + sum((self.nbytes(v, exact) for v in node.outputs), 0))
 
     def boundary(self, nodes: Sequence[Node]) -> tuple[list[Value], list[Value]]:
         ids = {id(n) for n in nodes}
@@ -421,18 +263,28 @@ class _Partitioner:
                     outs.append(v)
         return list(ins.values()), outs
 
-    def fused_bytes(self, nodes: Sequence[Node], space: GroupSpace) -> Dim:
+    def fused_bytes(self, nodes: Sequence[Node], space: GroupSpace, exact: bool = False) -> Dim:
         ins, outs = self.boundary(nodes)
         passes = 1
         if space.kind == "row" and isinstance(space.row_len, int) and \
                 space.row_len > MAX_ROW_BLOCK:
             passes = space.levels + 1
-        total: Any = sum((v.type.nbytes() for v in ins), 0) * passes
-        return _norm(total + sum((v.type.nbytes() for v in outs), 0))
+        total: Any = sum((self.nbytes(v, exact) for v in ins), 0) * passes
+        return _norm(total + sum((self.nbytes(v, exact) for v in outs), 0))
 
-    def saved(self, nodes: Sequence[Node], space: GroupSpace) -> Dim:
-        unfused: Any = sum((self.node_bytes(n) for n in nodes), 0)
-        return _norm(unfused - self.fused_bytes(nodes, space))
+    def saved(self, nodes: Sequence[Node], space: GroupSpace) -> int:
+        """Bytes saved by running ``nodes`` as one kernel, at :data:`HINT` per symbol."""
+        unfused = sum(self.node_bytes(n) for n in nodes)
+        return int(unfused) - int(self.fused_bytes(nodes, space))
+
+    def space(self, nodes: list[Node]) -> GroupSpace | str:
+        """group_space(nodes), cached for the member lists of existing groups."""
+        hit = self.spaces.get(id(nodes))
+        if hit is not None and hit[0] is nodes:
+            return hit[1]
+        space = group_space(nodes)
+        self.spaces[id(nodes)] = (nodes, space)
+        return space
 
     # -- legality -------------------------------------------------------------------------
 
@@ -460,15 +312,15 @@ class _Partitioner:
 
     def try_merge(self, a: list[Node], b: list[Node], limit: int) -> tuple[list[Node] | None, str]:
         merged = sorted(a + b, key=lambda n: self.order[id(n)])
-        space = group_space(merged)
+        space = self.space(merged)
         if isinstance(space, str):
             return None, space
         via = self.cycle_via(merged, limit)
         if via is not None:
             return None, f"would create a cycle via %{via.outputs[0].name} ({via.op})"
-        sa, sb = group_space(a), group_space(b)
+        sa, sb = self.space(a), self.space(b)
         assert not isinstance(sa, str) and not isinstance(sb, str)
-        delta = hint(_norm(self.saved(merged, space) - self.saved(a, sa) - self.saved(b, sb)))
+        delta = self.saved(merged, space) - self.saved(a, sa) - self.saved(b, sb)
         views = not any(map(is_compute, a)) or not any(map(is_compute, b))
         if delta < 0 or (delta == 0 and not views):
             return None, f"no bytes saved ({delta} B at {HINT} per symbol)"
@@ -585,9 +437,9 @@ class _Partitioner:
             space = group_space(nodes)
             assert not isinstance(space, str)
             ins, outs = self.boundary(nodes)
-            unfused = _norm(sum((self.node_bytes(n) for n in nodes), 0))
+            unfused = _norm(sum((self.node_bytes(n, exact=True) for n in nodes), 0))
             groups.append(Group(len(groups), list(nodes), space, ins, outs, unfused,
-                                self.fused_bytes(nodes, space)))
+                                self.fused_bytes(nodes, space, exact=True)))
         for g in groups:
             g.why_not = self.neighbour_reasons(g)
         return Partition(self.graph, groups, self.reasons, self.inlined)
@@ -610,5 +462,4 @@ def describe(groups: Iterable[Group]) -> str:
         f"saves {dim_str(g.bytes_saved)} B" for g in groups)
 
 
-__all__ = ["Group", "GroupSpace", "Partition", "partition", "fusion_groups", "group_space",
-           "node_problem", "is_compute", "hint", "describe", "HINT", "MAX_ROW_BLOCK"]
+__all__ = ["Group", "Partition", "partition", "fusion_groups", "hint", "describe", "HINT"]
