@@ -173,7 +173,8 @@ def test_packed_zero_points_layout():
     assert (inits[node.input[1]] == w.const.reshape(40, 3, 16).numpy()).all()
 
 
-@pytest.mark.parametrize("qtext, bs", [("int4 g576 sym k576", 64), ("int8 g768 sym k768", 128),
+@pytest.mark.parametrize("qtext, bs", [("int4 g576 sym k576", 64), ("int8 g768 sym k768", 32),
+                                        ("int8 g100 asym k100", 32), ("int8 g48 sym k48", 16),
                                         ("int4 g100 sym k100", 128), ("int4 g40 sym k40", 64),
                                         ("int4 g32 sym k64", 32), ("int4 g256 sym k512", 128),
                                         ("int4 g48 sym k96", 16), ("int4 g40 sym k80", None)])
