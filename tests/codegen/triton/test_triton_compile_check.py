@@ -233,20 +233,54 @@ def test_cli_prints_table_and_writes_json(fixture_results, tmp_path, capsys):
 
 # -- the shipped kernels ----------------------------------------------------------------------
 
-#: The shipped check keeps its results across sessions: they are content-addressed (kernel
-#: source, spec, triton version, arch, the checker's own source), unlike the machine-dependent
-#: caches the conftest sends to a fresh folder. Local reruns, and CI runs that keep ~/.cache,
-#: only compile what changed.
-SHIPPED_CACHE = Path.home() / ".cache" / "transfuse" / cc.CACHE_DIRNAME
+#: What compiling every shipped config gave, keyed by content (kernel source and the
+#: transfuse.codegen.triton modules it imports, spec, triton version, arch): written by
+#: ``python -m transfuse.codegen.triton.compile_check --record tests/data/triton_compile_record.json``.
+#: A cold check is ~560 compiles (~6 CPU-minutes, over CI's budget): recorded configs are
+#: taken from it, every other one (a kernel, spec or triton that changed) is compiled here.
+RECORD = Path(__file__).resolve().parents[2] / "data" / "triton_compile_record.json"
+#: recorded configs compiled again to show that the record reproduces
+RECOMPILED_SAMPLE = 4
 
 
 @needs_tools
 def test_every_shipped_config_compiles():
     specs = cc.shipped_specs()
+    record = cc.load_record(RECORD)
     start = time.perf_counter()
-    results = cc.check(specs, archs=(80, 90), jobs=min(os.cpu_count() or 2, 8),
-                       cache=SHIPPED_CACHE)
+    results = cc.check(specs, archs=(80, 90), jobs=min(os.cpu_count() or 2, 8), record=record)
     seconds = time.perf_counter() - start
-    print(f"\n{cc.format_table(results)}\n{len(results)} compiles in {seconds:.1f} s")
+    compiled = [r for r in results if not r.recorded]
+    print(f"\n{cc.format_table(compiled)}\n{len(results)} configs: {len(results) - len(compiled)} "
+          f"from the record, {len(compiled)} compiled in {seconds:.1f} s"
+          + (f" (refresh the record: python -m transfuse.codegen.triton.compile_check "
+             f"--record {RECORD.relative_to(Path.cwd()) if RECORD.is_relative_to(Path.cwd()) else RECORD})"
+             if compiled else ""))
     bad = [f"{r.name} {r.config} sm_{r.arch}: {p}" for r in results for p in r.problems()]
     assert not bad, "\n".join(bad)
+    assert len(results) >= 500  # every module's SHIPPED (562 when recorded)
+
+
+@needs_tools
+def test_the_compile_record_reproduces():
+    """A sample of recorded configs (one per kernel module, the first four modules by name)
+    compiles again to the recorded registers, spills and shared memory."""
+    record = cc.load_record(RECORD)
+    assert record, f"{RECORD} is missing or empty"
+    by_key = {}
+    for spec in cc.shipped_specs():
+        for arch in spec.archs:
+            key = cc.cache_key(spec, arch)
+            if key in record:
+                by_key.setdefault(spec.kernel.partition(":")[0], (spec, arch, key))
+    sample = [by_key[m] for m in sorted(by_key)][:RECOMPILED_SAMPLE]
+    assert len(sample) == RECOMPILED_SAMPLE, sorted(by_key)
+    got_all = cc.check([dataclasses.replace(spec, archs=(arch,)) for spec, arch, _ in sample],
+                       archs=(80, 90), jobs=2, cache=False)
+    assert len(got_all) == len(sample)
+    for (spec, arch, key), got in zip(sample, got_all):
+        want = record[key]
+        fields = ("registers", "spill_stores", "spill_loads", "stack", "shared_static",
+                  "shared_dynamic", "error")
+        assert {f: getattr(got, f) for f in fields} == {f: getattr(want, f) for f in fields}, \
+            f"{spec.name} sm_{arch}"

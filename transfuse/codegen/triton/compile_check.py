@@ -118,6 +118,9 @@ class Result:
     seconds: float | None = None  # triton.compile's wall time
     error: str | None = None  # compilation failed: why
     cached: bool = False
+    #: from the committed record (:func:`load_record`), not compiled in this run
+    recorded: bool = False
+    key: str | None = None  # cache_key of (spec, arch)
 
     @property
     def config(self) -> str:
@@ -613,29 +616,72 @@ def _run_workers(jobs: list[tuple[int, KernelSpec, int, bool]], workers: int
 
 
 def check(specs: Iterable[KernelSpec], archs: Sequence[int] = (80, 90), jobs: int = 2,
-          aligned: bool = True, cache: bool | Path = True) -> list[Result]:
+          aligned: bool = True, cache: bool | Path = True,
+          record: dict[str, Result] | None = None) -> list[Result]:
     """Compile every spec for each of ``archs`` it ships for (``spec.archs``), spec-major,
     in ``jobs`` worker processes and return a :class:`Result` each. ``cache``: True for
     :func:`default_cache_dir`, a folder, or False; results found there are reused,
-    successes are stored."""
+    successes are stored. ``record`` (:func:`load_record`): results keyed by the same
+    content-addressed key, taken before the cache (``Result.recorded``)."""
     folder = default_cache_dir() if cache is True else Path(cache) if cache else None
+    use_keys = folder is not None or record is not None
     wanted = [(spec, arch) for spec in specs for arch in archs if arch in spec.archs]
     results: list[Result | None] = [None] * len(wanted)
     keys: dict[int, str | None] = {}
     digests: dict[str, str | None] = {}
     todo = []
     for i, (spec, arch) in enumerate(wanted):
-        keys[i] = cache_key(spec, arch, aligned, digests) if folder is not None else None
-        results[i] = _cache_load(folder, keys[i])
-        if results[i] is None:
+        keys[i] = cache_key(spec, arch, aligned, digests) if use_keys else None
+        if record is not None and keys[i] in record:
+            results[i] = dataclasses.replace(record[keys[i]], recorded=True, cached=False)
+        else:
+            results[i] = _cache_load(folder, keys[i])
+        if results[i] is not None:
+            results[i].key = keys[i]
+        else:
             todo.append((i, spec, arch, aligned))
     if todo:
         logger.info("compiling %d configs (%d cached) in %d processes", len(todo),
                     len(wanted) - len(todo), jobs)
         for i, result in _run_workers(todo, jobs).items():
+            result.key = keys[i]
             results[i] = result
             _cache_store(folder, keys[i], result)
     return [r for r in results if r is not None]
+
+
+# -- the committed record ---------------------------------------------------------------
+#
+# A cold check of every shipped config is ~560 compiles (~6 CPU-minutes): too much for CI's
+# budget on every run. The record (tests/data/triton_compile_record.json, written by
+# ``--record``) holds the results under the same content-addressed key as the cache (kernel
+# source, spec, triton version, arch): a config whose kernel, spec or triton changed has a
+# new key, is not in the record and is compiled. The test recompiles a sample of recorded
+# configs and requires the same registers, spills and shared memory (the record reproduces).
+
+
+def load_record(path: str | Path) -> dict[str, Result]:
+    """The record's results by key ({} when the file does not exist)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise LoweringError(f"compile record {path}: not JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        raise LoweringError(f"compile record {path}: expected version {CACHE_VERSION}")
+    return {k: Result.from_json(v) for k, v in data["results"].items()}
+
+
+def write_record(path: str | Path, results: Iterable[Result]) -> int:
+    """Write the successful results that have a key; returns how many."""
+    keep = {r.key: {k: v for k, v in r.to_json().items()
+                    if k not in ("cached", "recorded", "key", "seconds")}
+            for r in results if r.key is not None and r.error is None}
+    doc = {"version": CACHE_VERSION, "triton": _triton_version(),
+           "results": dict(sorted(keep.items()))}
+    Path(path).write_text(json.dumps(doc, indent=0, sort_keys=True) + "\n")
+    return len(keep)
 
 
 # -- reporting ----------------------------------------------------------------------------
@@ -672,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unaligned", action="store_true",
                         help="compile without the 16-divisibility hints of aligned launches")
     parser.add_argument("--no-cache", action="store_true", help="recompile everything")
+    parser.add_argument("--record", help="write the results to this record file (see "
+                        "load_record; tests/data/triton_compile_record.json)")
     args = parser.parse_args(argv)
     why = tools_unavailable()
     if why is not None:
@@ -694,12 +742,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{r.name} {r.config} sm_{r.arch}: {p}")
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=1))
+    if args.record and not bad:
+        print(f"recorded {write_record(args.record, results)} results in {args.record}")
     return 1 if bad else 0
 
 
 __all__ = ["Result", "SHARED_LIMIT", "MAX_REGISTERS", "REGISTER_FILE", "check",
            "shipped_specs", "compile_one", "parse_res_usage", "parse_ptxas_log",
-           "format_table", "cache_key", "default_cache_dir", "tool_path", "tools_unavailable", "worker_main",
+           "format_table", "cache_key", "load_record", "write_record", "default_cache_dir", "tool_path", "tools_unavailable", "worker_main",
            "main"]
 
 

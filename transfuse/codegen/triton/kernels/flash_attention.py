@@ -47,9 +47,9 @@ not speed, were the constraint; tune on a GPU before chasing SDPA):
 =====  ================================  ==============================
 D_PAD  fp16 / bf16 (BM BN warps stages)  fp32 (CUDA-core IEEE dots)
 =====  ================================  ==============================
-64     128 32 8 3; bias: 64 32 4 3       64 32 8 2; bias: 32 32 4 2
+64     128 32 8 3; bias: 64 32 4 3       64 32 8 2; bias: 32 16 8 2
 128    128 32 8 3; bias: 64 32 4 3       32 16 8 2; bias: 32 16 8 2
-256    64 32 8 2; bias: 64 16 8 2        16 16 4 2; bias: 16 16 4 2
+256    64 32 8 2; bias: 64 16 8 2        16 16 8 2; bias: 16 16 8 2
 =====  ================================  ==============================
 
 Interpreter notes (``TRITON_INTERPRET=1``, CPU tensors): bf16 dots and bf16 arithmetic are
@@ -321,11 +321,11 @@ CONFIGS: dict[tuple[torch.dtype, int, bool], AttnConfig] = {
         (256, False): AttnConfig(64, 32, 8, 2), (256, True): AttnConfig(64, 16, 8, 2),
     }.items()},
     (torch.float32, 64, False): AttnConfig(64, 32, 8, 2),
-    (torch.float32, 64, True): AttnConfig(32, 32, 4, 2),
+    (torch.float32, 64, True): AttnConfig(32, 16, 8, 2),
     (torch.float32, 128, False): AttnConfig(32, 16, 8, 2),
     (torch.float32, 128, True): AttnConfig(32, 16, 8, 2),
-    (torch.float32, 256, False): AttnConfig(16, 16, 4, 2),
-    (torch.float32, 256, True): AttnConfig(16, 16, 4, 2),
+    (torch.float32, 256, False): AttnConfig(16, 16, 8, 2),
+    (torch.float32, 256, True): AttnConfig(16, 16, 8, 2),
 }
 
 
