@@ -36,13 +36,20 @@ casts truncate there (round to nearest on a GPU).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from transfuse.codegen.triton import env  # noqa: F401  (before any @triton.jit)
-from transfuse.codegen.triton.kernels.norms import time_ms
+from transfuse.codegen.triton.kernels._common import (
+    check_float,
+    fail,
+    row_view,
+    time_ms,
+)
 from transfuse.codegen.triton.kernels.spec import KernelSpec
 from transfuse.errors import LoweringError
 
@@ -51,7 +58,6 @@ TILE = 2048
 #: the widest tile row
 MAX_BLOCK_N = 1024
 ACTS = ("silu", "gelu", "gelu_tanh")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SQRT1_2 = 0.7071067811865476
 _SQRT_2_PI = 0.7978845608028654  # sqrt(2 / pi)
 _KAPPA = 0.044715
@@ -106,32 +112,15 @@ def choose_config(n: int) -> dict:
 # -- wrappers ---------------------------------------------------------------------------------
 
 
-def _fail(name: str, t, expected: str):
-    what = (f"shape {tuple(t.shape)} dtype {t.dtype} on {t.device}"
-            if isinstance(t, torch.Tensor) else repr(t))
-    raise LoweringError(f"triton activation: {name} has {what}; expected {expected}")
+_fail = functools.partial(fail, "activation")
 
 
 def _check_float(name: str, t, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        _fail(name, t, "a torch.Tensor")
-    if t.dtype not in _DTYPES:
-        _fail(name, t, "dtype float16, bfloat16 or float32")
-    if device is not None and t.device != device:
-        _fail(name, t, f"a tensor on {device} (where the input is)")
+    check_float("activation", name, t, device, "the input")
 
 
 def _rows(name: str, t: torch.Tensor, m: int, n: int, writable: bool) -> torch.Tensor:
-    """``t`` as an [M, N] view (a contiguous copy for inputs that have no such view)."""
-    try:
-        v = t.view(m, n)
-    except RuntimeError:
-        v = None
-    if v is not None and (v.stride(1) == 1 or n == 1):
-        return v
-    if writable:
-        _fail(name, t, f"a tensor viewable as [{m}, {n}] with contiguous rows")
-    return t.reshape(m, n).contiguous()
+    return row_view("activation", name, t, m, n, writable)
 
 
 def _act_name(approximate: str) -> str:

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from transfuse.codegen.triton import env  # noqa: F401  (the mode, before any @triton.jit)
 from transfuse.codegen.triton.kernels import flash_attention as fa
+from transfuse.codegen.triton.kernels._common import time_ms
 from transfuse.codegen.triton.kernels.flash_attention import (
     AttnConfig,
     attend_tile,
@@ -289,12 +290,14 @@ def bench_block_sparse_attention(device, batch: int = 2, heads: int = 4, seq: in
     q, k, v = (rnd(batch, heads, seq, head_dim) for _ in range(3))
     mask = local_global_block_mask(seq, seq, block, local, global_).to(device)
     out = torch.empty_like(q)
-    ms = fa.time_ms(lambda: block_sparse_attention(q, k, v, mask, block, block, causal=True,
-                                                   out=out), device)
-    dense_ms = fa.time_ms(lambda: fa.flash_attention(q, k, v, causal=True, out=out), device)
+    ms = time_ms(lambda: block_sparse_attention(q, k, v, mask, block, block, causal=True,
+                                                out=out), device, warmup=False)
+    dense_ms = time_ms(lambda: fa.flash_attention(q, k, v, causal=True, out=out), device,
+                       warmup=False)
     keep = mask[0, 0].repeat_interleave(block, 0)[:seq].repeat_interleave(block, 1)[:, :seq]
     keep &= torch.ones(seq, seq, dtype=torch.bool, device=keep.device).tril()
-    sdpa_ms = fa.time_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep), device)
+    sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep), device,
+                      warmup=False)
     pairs = int(keep.sum())
     flops = 4.0 * batch * heads * head_dim * pairs
     return {"batch": batch, "heads": heads, "seq": seq, "head_dim": head_dim,

@@ -90,7 +90,6 @@ test shapes, so tests use tiny shapes and few programs.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 
 import torch
@@ -98,6 +97,7 @@ import triton
 import triton.language as tl
 
 from transfuse.codegen.triton import env  # before any @triton.jit: fixes the interpreter mode
+from transfuse.codegen.triton.kernels._common import time_ms
 from transfuse.codegen.triton.kernels.spec import KernelSpec
 from transfuse.errors import LoweringError
 from transfuse.ir.opdefs.generation import CACHE_ORDERS, token_major, write_cache
@@ -780,15 +780,9 @@ def bench_decode_attention(device: str | torch.device, *, batch: int = 8, heads:
         return torch.nn.functional.scaled_dot_product_attention(
             qd, kd, vd, enable_gqa=kv_heads != heads)[:, :, 0]
 
-    def timed(fn) -> float:
-        if device.type == "cuda" and not env.interpreting():
-            return float(triton.testing.do_bench(fn))
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
     o_t, o_s = run_triton(), run_sdpa()
-    t_triton, t_sdpa = timed(run_triton), timed(run_sdpa)
+    t_triton = time_ms(run_triton, device, warmup=False)
+    t_sdpa = time_ms(run_sdpa, device, warmup=False)
     nbytes = 2 * batch * cache_len * kv_heads * head_dim * kc.element_size()
     return {"batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "cache_len": cache_len, "dtype": str(dtype).removeprefix("torch."), "paged": paged,

@@ -65,7 +65,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -73,6 +72,7 @@ import triton
 import triton.language as tl
 
 from transfuse.codegen.triton import env  # fixes the mode (GPU / interpreter) before @triton.jit
+from transfuse.codegen.triton.kernels._common import time_ms
 from transfuse.codegen.triton.kernels.spec import KernelSpec
 from transfuse.errors import LoweringError
 from transfuse.ir.opdefs.nn import attention as ir_attention
@@ -646,16 +646,6 @@ def visible_pairs(sq: int, sk: int, causal: bool, window: int | None) -> int:
     return int(torch.clamp(hi - lo, min=0).sum())
 
 
-def time_ms(fn, device) -> float:
-    """Milliseconds per call: ``triton.testing.do_bench`` on a GPU, one wall-clock run in the
-    interpreter."""
-    if not env.interpreting() and str(device).startswith("cuda"):
-        return float(triton.testing.do_bench(fn))
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def bench_attention(device, batch: int = 2, heads: int = 4, kv_heads: int | None = None,
                     seq_q: int = 64, seq_k: int | None = None, head_dim: int = 64,
                     dtype: torch.dtype = torch.float16, causal: bool = False,
@@ -677,7 +667,8 @@ def bench_attention(device, batch: int = 2, heads: int = 4, kv_heads: int | None
     q = rnd(batch, heads, seq_q, head_dim)
     k, v = rnd(batch, kv_heads, seq_k, head_dim), rnd(batch, kv_heads, seq_k, head_dim)
     out = torch.empty_like(q)
-    ms = time_ms(lambda: flash_attention(q, k, v, causal=causal, window=window, out=out), device)
+    ms = time_ms(lambda: flash_attention(q, k, v, causal=causal, window=window, out=out), device,
+                 warmup=False)
     mask = None
     if window is not None or (causal and seq_q != seq_k):
         mask = attention_mask(seq_q, seq_k, causal, window, device=q.device)
@@ -687,7 +678,7 @@ def bench_attention(device, batch: int = 2, heads: int = 4, kv_heads: int | None
                                               is_causal=causal and mask is None,
                                               enable_gqa=kv_heads != heads)
 
-    sdpa_ms = time_ms(sdpa, device)
+    sdpa_ms = time_ms(sdpa, device, warmup=False)
     flops = 4.0 * batch * heads * head_dim * visible_pairs(seq_q, seq_k, causal, window)
     return {"batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_q": seq_q,
             "seq_k": seq_k, "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."),

@@ -47,6 +47,7 @@ import triton.language as tl
 
 from transfuse.codegen.triton import env
 from transfuse.codegen.triton.kernels import quant_gemm
+from transfuse.codegen.triton.kernels._common import time_ms
 from transfuse.codegen.triton.kernels.quant_gemm import activate, require, rne, round_as, tile_ids
 from transfuse.codegen.triton.kernels.spec import KernelSpec
 from transfuse.errors import LoweringError
@@ -257,7 +258,7 @@ def bench_fp8_linear(device: str, m: int = 16, n: int = 4096, k: int = 4096,
     x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
     wq, s = qw.qweight.to(device), qw.scales.to(device)
     wd = qw.dequantize().to(device=device, dtype=dtype)
-    timing = quant_gemm.time_ms
+    timing = time_ms
     out = {
         "shape": [m, n, k], "dtype": str(dtype).removeprefix("torch."),
         "fp8_linear_ms": timing(lambda: fp8_linear(x, wq, s), device, reps),

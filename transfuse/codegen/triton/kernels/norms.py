@@ -46,15 +46,21 @@ bf16 ulp under the interpreter only.
 
 from __future__ import annotations
 
+import functools
 import math
-import time
-from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from transfuse.codegen.triton import env
+from transfuse.codegen.triton import env  # noqa: F401  (before any @triton.jit)
+from transfuse.codegen.triton.kernels._common import (
+    FLOAT_DTYPES,
+    check_float,
+    fail,
+    row_view,
+    time_ms,
+)
 from transfuse.codegen.triton.kernels.spec import KernelSpec
 from transfuse.errors import LoweringError
 
@@ -64,7 +70,6 @@ MAX_BLOCK = 8192
 LOOP_BLOCK = 4096
 #: the elements a multi-row tile aims at when rows are short
 TILE = 1024
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _KINDS = ("rms", "layer")
 
 
@@ -189,32 +194,15 @@ def _warps(tile: int) -> int:
 # -- wrappers ---------------------------------------------------------------------------------
 
 
-def _fail(name: str, t, expected: str):
-    what = (f"shape {tuple(t.shape)} dtype {t.dtype} on {t.device}"
-            if isinstance(t, torch.Tensor) else repr(t))
-    raise LoweringError(f"triton norm: {name} has {what}; expected {expected}")
+_fail = functools.partial(fail, "norm")
 
 
 def _check_float(name: str, t, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        _fail(name, t, "a torch.Tensor")
-    if t.dtype not in _DTYPES:
-        _fail(name, t, "dtype float16, bfloat16 or float32")
-    if t.device != device:
-        _fail(name, t, f"a tensor on {device} (where x is)")
+    check_float("norm", name, t, device, "x")
 
 
-def _rows(name: str, t: torch.Tensor, m: int, e: int, writable: bool) -> torch.Tensor:
-    """``t`` as an [M, E] view (a contiguous copy for inputs that have no such view)."""
-    try:
-        v = t.view(m, e)
-    except RuntimeError:
-        v = None
-    if v is not None and (v.stride(1) == 1 or e == 1):
-        return v
-    if writable:
-        _fail(name, t, f"a tensor viewable as [{m}, {e}] with contiguous rows")
-    return t.reshape(m, e).contiguous()
+def _rows(name: str, t: torch.Tensor, m: int, n: int, writable: bool) -> torch.Tensor:
+    return row_view("norm", name, t, m, n, writable)
 
 
 def _norm(x, residual, weight, bias, *, kind, eps, offset, normalized_ndim, out, sum_out,
@@ -344,16 +332,6 @@ def reference_norm(x, residual=None, weight=None, bias=None, *, kind="rms", eps=
 # -- benchmark --------------------------------------------------------------------------------
 
 
-def time_ms(fn: Callable[[], object], device: str) -> float:
-    """Milliseconds per call: ``triton.testing.do_bench`` on a GPU, a wall clock otherwise."""
-    if device != "cpu" and not env.interpreting():
-        return float(triton.testing.do_bench(fn))
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def bench_norm(device: str, rows: int = 8192, hidden: int = 4096,
                dtype: torch.dtype = torch.bfloat16, kind: str = "rms") -> dict:
     """add_norm (x + residual -> normed, sum) vs the torch reference: ms and GB/s."""
@@ -394,7 +372,7 @@ def _spec(kind: str, dtype: torch.dtype, e: int, *, residual: bool = True) -> Ke
 #: what the wrappers launch that matters for registers: the widest single-pass rows (8192) in
 #: every dtype with every input, mid sizes, the looped variant, rows of 100 (8 a program)
 SHIPPED: list[KernelSpec] = [
-    *(_spec(k, d, 8192) for k in _KINDS for d in _DTYPES),
+    *(_spec(k, d, 8192) for k in _KINDS for d in FLOAT_DTYPES),
     *(_spec(k, torch.bfloat16, e) for k in _KINDS for e in (768, 4096, 16384)),
     _spec("rms", torch.float32, 16384),
     _spec("rms", torch.float16, 8192, residual=False),
@@ -402,5 +380,5 @@ SHIPPED: list[KernelSpec] = [
     *(_spec(k, torch.float32, 100) for k in _KINDS),  # 8 rows of 128 a program
 ]
 
-__all__ = ["rms_norm", "layer_norm", "add_norm", "reference_norm", "bench_norm", "time_ms",
+__all__ = ["rms_norm", "layer_norm", "add_norm", "reference_norm", "bench_norm",
            "choose_config", "norm_fwd_kernel", "SHIPPED", "MAX_BLOCK", "LOOP_BLOCK"]

@@ -91,13 +91,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import torch
 import triton
 import triton.language as tl
 
 from transfuse.codegen.triton import env
+from transfuse.codegen.triton.kernels._common import time_ms
 from transfuse.codegen.triton.kernels.spec import KernelSpec
 from transfuse.errors import LoweringError
 from transfuse.ir.opdefs.linalg import LINEAR_ACTIVATIONS
@@ -703,16 +703,6 @@ def reference_qmatmul(x, qweight, scales, bias, act_quant="token",
 
 
 # -- benchmark -------------------------------------------------------------------------------
-
-
-def time_ms(fn, device: str, reps: int) -> float:
-    if device == "cuda" and not env.interpreting():
-        return float(triton.testing.do_bench(fn))
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps * 1e3
 
 
 def bench_qlinear(device: str, m: int = 1, n: int = 4096, k: int = 4096, group: int = 128,

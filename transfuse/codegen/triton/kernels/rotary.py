@@ -43,18 +43,22 @@ caller's contract there (the lowering builds them).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from transfuse.codegen.triton import env  # noqa: F401  (before any @triton.jit)
-from transfuse.codegen.triton.kernels.norms import time_ms
+from transfuse.codegen.triton.kernels._common import (
+    check_float,
+    fail,
+    time_ms,
+)
 from transfuse.codegen.triton.kernels.spec import KernelSpec
-from transfuse.errors import LoweringError
 
 #: pairs per program tile (BLOCK_R x BLOCK_H)
 TILE = 1024
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # -- kernel ---------------------------------------------------------------------------------
@@ -162,19 +166,11 @@ def choose_config(rotary_dim: int, head_dim: int, in_place: bool,
 # -- wrappers ---------------------------------------------------------------------------------
 
 
-def _fail(name: str, t, expected: str):
-    what = (f"shape {tuple(t.shape)} dtype {t.dtype} on {t.device}"
-            if isinstance(t, torch.Tensor) else repr(t))
-    raise LoweringError(f"triton rotary: {name} has {what}; expected {expected}")
+_fail = functools.partial(fail, "rotary")
 
 
 def _check_float(name: str, t, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        _fail(name, t, "a torch.Tensor")
-    if t.dtype not in _DTYPES:
-        _fail(name, t, "dtype float16, bfloat16 or float32")
-    if device is not None and t.device != device:
-        _fail(name, t, f"a tensor on {device} (where x is)")
+    check_float("rotary", name, t, device, "x")
 
 
 def _as4(t: torch.Tensor) -> torch.Tensor:
