@@ -85,8 +85,7 @@ def plan_layers(sites: list[Site], config: QuantConfig, ctx: PassContext) -> lis
     """A plan per site; PassError listing every explicit group that does not fit its layer."""
     plans: list[Plan] = []
     errors: list[str] = []
-    given = ctx.option("calibration")
-    calibrated = given is not None and not (isinstance(given, (list, tuple)) and not given)
+    calibrated = _calibration_given(ctx)
     for s in sites:
         spec, why = config.spec_for([s.name, s.source], s.is_head)
         if spec is not None:
@@ -153,8 +152,7 @@ def check_target(plans: list[Plan], ctx: PassContext) -> None:
 
 def calibration_batches(graph: Graph, plans: list[Plan], ctx: PassContext) -> list | None:
     """The checked calibration batches; PassError when a planned scheme needs them."""
-    given = ctx.option("calibration")
-    if given is None or (isinstance(given, (list, tuple)) and not given):
+    if not _calibration_given(ctx):
         needing = sorted({p.spec.scheme for p in plans if p.quantized and
                           p.spec.needs_calibration})
         if needing:
@@ -165,7 +163,13 @@ def calibration_batches(graph: Graph, plans: list[Plan], ctx: PassContext) -> li
                             + (" (w8a8 without SmoothQuant: smoothquant=0)"
                                if "w8a8" in needing else ""))
         return None
-    return check_batches(graph, given)
+    return check_batches(graph, ctx.option("calibration"))
+
+
+def _calibration_given(ctx: PassContext) -> bool:
+    """Whether ``calibration=`` holds batches (None and an empty list do not)."""
+    given = ctx.option("calibration")
+    return given is not None and not (isinstance(given, (list, tuple)) and not given)
 
 
 __all__ = ["Plan", "plan_layers", "check_target", "calibration_batches", "refuse_quantized",
