@@ -25,6 +25,23 @@ from transfuse.errors import (
 __version__ = "0.1.0"
 
 
+def _fix_triton_mode() -> None:
+    """Triton fixes interpreter-or-GPU mode when first imported (and transformers' model
+    modules import it): where triton is installed, decide the mode now (the interpreter when
+    there is no CUDA device: :mod:`transfuse.codegen.triton.env`), before anything else can."""
+    import importlib.util
+    import os
+    import sys
+
+    if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
+        return
+    if importlib.util.find_spec("triton") is not None:
+        import transfuse.codegen.triton.env  # noqa: F401
+
+
+_fix_triton_mode()
+
+
 def __getattr__(name):  # lazy: importing transfuse stays cheap
     if name == "optimize":
         from transfuse.api import optimize

@@ -15,6 +15,10 @@ from typing import Any
 import torch
 
 from transfuse.codegen.targets import get_target, target_names
+
+# Triton fixes interpreter-or-GPU mode when it is first imported, and torch.export imports it
+# while capturing: decide the mode (the interpreter where there is no CUDA device) first
+from transfuse.codegen.triton import env as _triton_env  # noqa: F401
 from transfuse.errors import CaptureError, LoweringError, PassError, TransfuseError
 
 #: targets a user can ask for: every backend of :data:`transfuse.codegen.targets.TARGET_MODULES`

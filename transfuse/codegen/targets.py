@@ -20,6 +20,7 @@ from transfuse.errors import LoweringError
 TARGET_MODULES: dict[str, str] = {
     "python": "transfuse.codegen.python.target",
     "onnxruntime": "transfuse.codegen.onnx.target",
+    "triton": "transfuse.codegen.triton.target",
 }
 
 _INSTANCES: dict[str, Target] = {}

@@ -199,7 +199,8 @@ class Generator(EmitContext):
         where = f" (from {node.source})" if node.source else ""
         return f"{outs + ' = ' if outs else ''}{node.op}{where}"
 
-    def _statement(self, node: Node) -> str:
+    def _expression(self, node: Node) -> str:
+        """The right-hand side of ``node``'s statement: its emitter's, or the reference call."""
         get_op(node.op)  # unknown ops are an error here, not at run time
         reason = LOWERINGS.supports(node)
         if reason is None:
@@ -207,8 +208,11 @@ class Generator(EmitContext):
             self.emitted[node.op] += 1
             if node.op == "torch_fallback":
                 self.fallback_targets[node.attrs["target"]] += 1
-        else:
-            expr = self._reference_call(node, reason)
+            return expr
+        return self._reference_call(node, reason)
+
+    def _statement(self, node: Node) -> str:
+        expr = self._expression(node)
         self.uses_dev = self.uses_dev or "_dev" in expr or any("_dev" in p for p in self.pending)
         outs = node.outputs
         if not outs:
