@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transfuse.codegen.triton import env  # noqa: F401  (before any kernel module)
 from transfuse.codegen.triton.gen import GeneratedKernel
 from transfuse.codegen.triton.gen import run as run_generated
+from transfuse.codegen.triton.gen.epilogue import GemmKernel, run_gemm_epilogue
 from transfuse.codegen.triton.kernels import block_sparse_attention as bsa
 from transfuse.codegen.triton.kernels import decode_attention as dec
 from transfuse.codegen.triton.kernels import flash_attention as fa
@@ -42,6 +43,25 @@ def group(kernel: GeneratedKernel, inputs: Sequence[torch.Tensor], symbols: dict
           outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """One generated kernel of a fusion group, writing ``outs`` (``symbols``: the dims)."""
     return run_generated(kernel, inputs, outs, env=symbols)
+
+
+def gemm_group(kernel: GemmKernel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+               inputs: list, symbols: dict, outs: list[torch.Tensor],
+               rows: int) -> list[torch.Tensor]:
+    """A GEMM and its pointwise epilogue group (``gen/epilogue.py``): at most ``rows`` rows,
+    the generated GEMM+epilogue kernel; more, cuBLAS for the GEMM (bias and activation in its
+    epilogue / in place) and the group's own generated kernel."""
+    m = x.numel() // kernel.k if kernel.k else 0
+    if m <= rows:
+        return run_gemm_epilogue(kernel, x, w, b, inputs, outs, symbols)
+    y = torch.empty((*x.shape[:-1], kernel.n), dtype=x.dtype, device=x.device)
+    if kernel.layout == "nk":
+        linear(x, w, b, y, kernel.activation)
+    else:
+        torch.matmul(x, w, out=y)
+    full = list(inputs)
+    full.insert(kernel.y_index, y)
+    return run_generated(kernel.plain, full, outs, env=symbols)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor,
@@ -141,6 +161,7 @@ def qmatmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 #: name in the generated host code -> function
 HOST_CALLS = {
     "_t_group": group,
+    "_t_gemm_group": gemm_group,
     "_t_linear": linear,
     "_t_matmul": matmul,
     "_t_block_mask": block_mask,

@@ -33,6 +33,7 @@ from transfuse.codegen.python.generator import Generator, comment_text
 from transfuse.codegen.python.registry import LOWERINGS as PYTHON_LOWERINGS
 from transfuse.codegen.python.registry import dtype_literal
 from transfuse.codegen.triton.gen import GeneratedKernel, Group, Partition
+from transfuse.codegen.triton.gen.epilogue import GemmEpilogue, GemmKernel
 from transfuse.codegen.triton.host.calls import HOST_CALLS
 from transfuse.codegen.triton.host.registry import LOWERINGS, HostContext
 from transfuse.errors import LoweringError
@@ -48,11 +49,14 @@ class HostGenerator(Generator, HostContext):
     """Writes the host module of one graph (module docstring)."""
 
     def __init__(self, graph: Graph, part: Partition, kernels: dict[int, GeneratedKernel],
-                 planned: list[str]):
+                 planned: list[str], units: list, gemm_kernels: dict[int, GemmKernel]):
         super().__init__(graph)
         self.part = part
+        self.units = units  # the schedule: groups, GEMM + epilogue pairs, nodes
         self.kernels = kernels  # group id -> its kernel
+        self.gemm_kernels = gemm_kernels  # group id -> the kernel of its GEMM + epilogue pair
         self.kernel_order: list[int] = []  # group ids in _K order
+        self.gemm_order: list[int] = []  # group ids in _E order
         self.planned = {name: i for i, name in enumerate(planned)}
         self.objs: list[object] = []
         #: hand-written kernel ("module:function") -> IR nodes it runs
@@ -116,6 +120,20 @@ class HostGenerator(Generator, HostContext):
                                 f"{k.input_names}, the group reads {[v.name for v in g.inputs]}")
         return f"{targets}, = _t_group(_K[{index}], [{ins}], _env, [{outs}])"
 
+    def _pair_statement(self, p: GemmEpilogue) -> str:
+        self.kernel_order.append(p.group.id)  # the group's own kernel: the many-rows path
+        self.gemm_order.append(p.group.id)
+        self.host_ops["gemm+epilogue"] += 1
+        node, g = p.gemm, p.group
+        x, w = self.name(node.inputs[0]), self.name(node.inputs[1])
+        bias = node.inputs[2] if node.op == "linear" and len(node.inputs) > 2 else None
+        b = self.name(bias) if bias is not None else "None"
+        ins = ", ".join(self.name(v) for i, v in enumerate(g.inputs) if i != p.y_index)
+        outs = ", ".join(self.out(v) for v in g.outputs)
+        targets = ", ".join(self._define(v) for v in g.outputs)
+        return (f"{targets}, = _t_gemm_group(_E[{len(self.gemm_order) - 1}], {x}, {w}, {b}, "
+                f"[{ins}], _env, [{outs}], _rt.epilogue_rows)")
+
     # -- the module ---------------------------------------------------------------------------
 
     def run(self) -> str:
@@ -127,10 +145,8 @@ class HostGenerator(Generator, HostContext):
         for cname, v in g.constants.items():
             if id(v) in used_consts:
                 self.const_names[self._define(v)] = cname
-        units = self.part.schedule()
-        reads: list[list[Value]] = [
-            list(u.inputs) if isinstance(u, Group) else [v for v in u.inputs if v is not None]
-            for u in units]
+        units = self.units
+        reads: list[list[Value]] = [_reads(u) for u in units]
         last: dict[int, int] = {}
         for idx, vs in enumerate(reads):
             for v in vs:
@@ -142,7 +158,13 @@ class HostGenerator(Generator, HostContext):
         self.output_ids = outputs = {id(v) for v in g.outputs}
         body: list[tuple[str, str]] = []
         for idx, unit in enumerate(units):
-            if isinstance(unit, Group):
+            if isinstance(unit, GemmEpilogue):
+                stmt = self._pair_statement(unit)
+                desc = f"{unit.gemm.op} + group {unit.group.id}: {unit.group.label}"
+                comment = f"  # {comment_text(self.gemm_kernels[unit.group.id].name)}"
+                if unit.gemm.source:
+                    comment += f" ({comment_text(unit.gemm.source)})"
+            elif isinstance(unit, Group):
                 stmt = self._group_statement(unit)
                 desc = f"group {unit.id}: {unit.label}"
                 comment = f"  # {comment_text(self.kernels[unit.id].name)}"
@@ -175,7 +197,7 @@ class HostGenerator(Generator, HostContext):
         g = self.graph
         lines = [
             f"# transfuse triton backend: host code of graph {comment_text(g.name)} "
-            f"({len(g)} nodes; {len(self.kernel_order)} generated kernels, "
+            f"({len(g)} nodes; {len(self.kernel_order) + len(self.gemm_order)} generated kernels, "
             f"{sum(self.host_ops.values())} hand-written kernel / cuBLAS calls, "
             f"{sum(self.torch_ops.values())} torch ops, {self.reference_count} reference "
             "implementations)",
@@ -185,7 +207,7 @@ class HostGenerator(Generator, HostContext):
             lines.append(f"# {op} not on its triton kernel: {comment_text(reason)}")
         for op, reason in sorted(self.reference_ops.items()):
             lines.append(f"# reference implementation for {op}: {comment_text(reason)}")
-        lines += ["", "", "def _bind(_c, _dev, _ref, _attn_mask, _K, _o, _rt):"]
+        lines += ["", "", "def _bind(_c, _dev, _ref, _attn_mask, _K, _E, _o, _rt):"]
         for py, cname in self.const_names.items():
             lines.append(f"    {py} = _c[{cname!r}]")
         lines += ["    _new = _rt.new", "", f"    def forward({', '.join(params)}):"]
@@ -205,6 +227,17 @@ class HostGenerator(Generator, HostContext):
             self.line_info[len(lines)] = desc
         lines += [f"        {ret}", "", "    return forward", ""]
         return "\n".join(lines)
+
+
+def _reads(unit) -> list[Value]:
+    """The values a schedule unit reads (a pair: the GEMM's inputs and the group's but y)."""
+    if isinstance(unit, GemmEpilogue):
+        y = unit.gemm.outputs[0]
+        return ([v for v in unit.gemm.inputs if v is not None]
+                + [v for v in unit.group.inputs if v is not y])
+    if isinstance(unit, Group):
+        return list(unit.inputs)
+    return [v for v in unit.inputs if v is not None]
 
 
 __all__ = ["HostGenerator"]

@@ -43,9 +43,15 @@ from transfuse.codegen.python.helpers import helper_namespace
 from transfuse.codegen.python.program import _make_ref
 from transfuse.codegen.triton import env
 from transfuse.codegen.triton.gen import Group, emit_group, partition
+from transfuse.codegen.triton.gen.epilogue import (
+    GemmEpilogue,
+    emit_gemm_epilogue,
+    epilogue_pairs,
+)
 from transfuse.codegen.triton.host.calls import HOST_CALLS
 from transfuse.codegen.triton.host.generator import HostGenerator
 from transfuse.codegen.triton.host.registry import LOWERINGS
+from transfuse.codegen.triton.kernels.gemm import EPILOGUE_ROWS
 from transfuse.codegen.triton.memory_plan import (
     Alias,
     MemoryPlan,
@@ -115,6 +121,8 @@ class HostRuntime:
         self.names = names
         self.device = device
         self.poison = False
+        #: the most rows a GEMM + epilogue pair runs as its fused kernel (cuBLAS above)
+        self.epilogue_rows = EPILOGUE_ROWS
         self.plans: dict[tuple, MemoryPlan] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -198,6 +206,8 @@ class TritonProgram:
         self.memory_plan = plan
         self.partition = part
         self._generated = [gen.kernels[i] for i in gen.kernel_order]
+        self._gemm_generated = [gen.gemm_kernels[i] for i in gen.gemm_order]
+        self.gemm_why: dict[str, str] = {}
         self.reference_ops = dict(gen.reference_ops)
         self.refused = dict(gen.refused)
         self.inference_mode = True
@@ -231,7 +241,8 @@ class TritonProgram:
         exec(self._code, namespace)  # noqa: S102 - our own generated source (generator.py)
         attn_mask = functools.lru_cache(maxsize=8)(attn_position_mask)
         return namespace["_bind"](self.constants, self.device, _make_ref(self._gen.refs),
-                                  attn_mask, self._generated, list(self._gen.objs), self.runtime)
+                                  attn_mask, self._generated, self._gemm_generated,
+                                  list(self._gen.objs), self.runtime)
 
     def run_eager(self, flat_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """One call without CUDA graphs."""
@@ -286,6 +297,12 @@ class TritonProgram:
         for g in part.groups[:40]:
             k = gen.kernels[g.id]
             notes.append(f"  kernel {k.name}: {len(g.nodes)} nodes, {g.kind}")
+        if gen.gemm_order:
+            notes.append(f"triton: {len(gen.gemm_order)} GEMMs fused with their pointwise "
+                         f"epilogue group (the fused kernel up to {self.runtime.epilogue_rows} "
+                         "rows; cuBLAS + the group's kernel above)")
+        for what, why in list(self.gemm_why.items())[:20]:
+            notes.append(f"  GEMM {what} not fused with an epilogue: {why}")
         host = ", ".join(f"{op} x{n}" for op, n in sorted(gen.host_ops.items()))
         notes.append(f"triton: hand-written kernels / cuBLAS: {host or 'none'}")
         if gen.torch_ops:
@@ -330,14 +347,24 @@ def build_program(graph: Graph, device: str | torch.device | None = None) -> Tri
                             f"({mode}), not on {dev}")
     part = partition(graph)
     kernels = {g.id: emit_group(g) for g in part.groups}
-    units = part.schedule()
-    steps = [list(u.nodes) if isinstance(u, Group) else [u] for u in units]
+    pairs, gemm_why = epilogue_pairs(part)
+    gemm_kernels = {}
+    for p in list(pairs):
+        try:
+            gemm_kernels[p.group.id] = emit_gemm_epilogue(p, kernels[p.group.id])
+        except LoweringError as e:
+            pairs.remove(p)
+            gemm_why[p.gemm] = str(e)
+    units = _pair_units(part.schedule(), pairs)
+    steps = [[u.gemm, *u.group.nodes] if isinstance(u, GemmEpilogue)
+             else list(u.nodes) if isinstance(u, Group) else [u] for u in units]
     grouped = {id(n) for g in part.groups for n in g.nodes}
+    grouped |= {id(p.gemm) for p in pairs}
     alias = host_alias(grouped)
     hint = {s: PLAN_HINT for s in sorted(graph.symbols())}
     plan = plan_memory(graph, steps, dims=hint, alias=alias)
     names = [b.name for b in plan.buffers]
-    gen = HostGenerator(graph, part, kernels, names)
+    gen = HostGenerator(graph, part, kernels, names, units, gemm_kernels)
     source = gen.run()
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
     filename = f"<transfuse-triton-{comment_text(graph.name)}-{digest}>"
@@ -351,8 +378,10 @@ def build_program(graph: Graph, device: str | torch.device | None = None) -> Tri
                  for cname in gen.const_names.values()}
     runtime = HostRuntime(graph, steps, alias, names, dev)
     runtime.plans[tuple(sorted((k, _pow2(v)) for k, v in hint.items()))] = plan
-    infos = [KernelInfo(gen.kernels[i].name, "generated", gen.kernels[i].source,
-                        tuple(gen.kernels[i].nodes)) for i in gen.kernel_order]
+    infos = [KernelInfo(gen.gemm_kernels[i].name, "generated", gen.gemm_kernels[i].source,
+                        tuple(gen.gemm_kernels[i].nodes)) for i in gen.gemm_order]
+    infos += [KernelInfo(gen.kernels[i].name, "generated", gen.kernels[i].source,
+                         tuple(gen.kernels[i].nodes)) for i in gen.kernel_order]
     for name, nodes in gen.kernel_nodes.items():
         kind = "cublas" if name.startswith("torch:") else "hand-written"
         infos.append(KernelInfo(name, kind, name, tuple(nodes)))
@@ -360,8 +389,24 @@ def build_program(graph: Graph, device: str | torch.device | None = None) -> Tri
         logger.info("triton backend: %d node(s) of graph %s run through reference "
                     "implementations: %s", gen.reference_count, graph.name,
                     ", ".join(f"{op} ({why})" for op, why in sorted(gen.reference_ops.items())))
-    return TritonProgram(graph, gen, source, filename, code, constants, dev, runtime, infos,
-                         plan, part)
+    program = TritonProgram(graph, gen, source, filename, code, constants, dev, runtime, infos,
+                            plan, part)
+    program.gemm_why = {f"%{n.outputs[0].name} ({n.op})": why for n, why in gemm_why.items()}
+    return program
+
+
+def _pair_units(units: list, pairs: list[GemmEpilogue]) -> list:
+    """The schedule with each paired GEMM moved into its group's step (the GEMM's inputs
+    exist earlier; its result is read by that group only, so running it there is legal)."""
+    by_group = {id(p.group): p for p in pairs}
+    gemms = {id(p.gemm) for p in pairs}
+    out = []
+    for u in units:
+        if isinstance(u, Group) and id(u) in by_group:
+            out.append(by_group[id(u)])
+        elif not (isinstance(u, Node) and id(u) in gemms):
+            out.append(u)
+    return out
 
 
 __all__ = ["TritonProgram", "HostRuntime", "KernelInfo", "build_program", "host_alias",
