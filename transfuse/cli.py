@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "transfuse generation artifact, or a preset (llama-tiny, gpt2-tiny, llama-small, gpt2-small)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--target", choices=["python", "onnxruntime"],
+    sv.add_argument("--target", choices=["python", "onnxruntime", "triton"],
                     help="backend (default: python, or the artifact's)")
     sv.add_argument("--max-batch", dest="max_batch", type=int,
                     help="requests running at once (default 16, or the artifact's)")

@@ -173,6 +173,24 @@ def test_generation_paged_cache_token_identical():
     with torch.no_grad():
         hf = model.generate(ids, attention_mask=mask, do_sample=False, **kw)
     assert torch.equal(out, hf)
+    # the serving engine (continuous batching over the paged cache) on the same program
+    from transfuse.serving import Engine
+
+    prompts = [ids[i][mask[i].bool()].tolist() for i in range(ids.shape[0])]
+    with Engine(tri, max_batch=3, max_tokens_per_step=8) as engine:
+        handles = [engine.submit(p, max_new_tokens=6, eos_token_id=None) for p in prompts]
+        got = [h.result(timeout=300).token_ids for h in handles]
+    for i, toks in enumerate(got):
+        assert list(toks) == out[i, ids.shape[1]:].tolist()
+
+
+def test_save_and_load_rebuild_the_triton_program(tmp_path):
+    model, args, dynamic = get_model("gpt2-tiny", seq=9)
+    tri = transfuse.optimize(model, args, target="triton", dynamic=dynamic)
+    tri.save(tmp_path / "m")
+    loaded = transfuse.load(tmp_path / "m")
+    assert loaded.backend == "triton" and type(loaded.program).__name__ == "TritonProgram"
+    assert torch.equal(_out(loaded(*args)), _out(tri(*args)))
 
 
 # -- errors ----------------------------------------------------------------------------------

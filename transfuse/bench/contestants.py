@@ -275,6 +275,18 @@ class Transfuse(Contestant):
         self.target, self.level = target, level
         self.name = f"transfuse-{target}-{level}"
 
+    def available(self) -> str | None:
+        if self.target != "triton":
+            return None
+        from transfuse.codegen.triton import env
+
+        why = env.triton_unavailable()
+        if why is None and env.interpreting():
+            why = ("no CUDA device: the triton target runs through Triton's interpreter here "
+                   "(for checking correctness; each program costs ~2 ms), so its time would "
+                   "say nothing")
+        return why
+
     def build(self, model, inputs, case):
         import transfuse
         from transfuse.errors import LoweringError, TransfuseError

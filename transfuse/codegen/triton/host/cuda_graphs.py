@@ -63,9 +63,9 @@ class CudaGraphs:
             for j in MUTATED:
                 if id(n.inputs[j]) in index:
                     mutated.add(index[id(n.inputs[j])])
-            pos = n.inputs[5]
-            if tokens is None and id(pos) in index:
-                tokens = index[id(pos)]
+            for j in (6, 5):  # seq_of_token, position_ids: [N], the step's tokens
+                if tokens is None and id(n.inputs[j]) in index:
+                    tokens = index[id(n.inputs[j])]
         if tokens is None:
             return None
         return cls(program, tokens, mutated, CUDA_GRAPH_TOKENS)
