@@ -274,3 +274,18 @@ def test_generated_kernels_of_a_model_compile_for_gpus(hf_gpt2):
     results = cc.check(list(specs.values()), archs=(80, 90), jobs=2, cache=False)
     assert len(results) == 2 * len(specs)
     assert [r.problems() for r in results] == [[]] * len(results), cc.format_table(results)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_bf16_model_close_to_fp32(name):
+    """bf16 weights and activations (fp32 accumulation in every kernel): within bf16's error
+    of the fp32 model, as the python target is (both ~0.6% of the largest logit here)."""
+    model, args, dynamic = get_model(name, seq=11)
+    with torch.no_grad():
+        want = _out(model(*args))
+    model = model.to(torch.bfloat16)
+    tri = transfuse.optimize(model, args, target="triton", dynamic=dynamic)
+    tri.program.poison = True
+    got = _out(tri(*args))
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert _rel(got, want) <= 2e-2
