@@ -30,7 +30,7 @@ from transfuse.ir.graph import Graph
 logger = logging.getLogger(__name__)
 
 
-def _make_ref(table: list[tuple[Callable, dict, int]]) -> Callable:
+def make_ref(table: list[tuple[Callable, dict, int]]) -> Callable:
     def _ref(op: str, index: int, inputs: list, env: dict) -> Any:
         impl, attrs, n_out = table[index]
         out = impl(inputs, attrs, env)
@@ -82,7 +82,7 @@ class PythonProgram:
         dev = self.device if self.device is not None else torch.device("cpu")
         # small: ALiBi masks are H*S*T
         attn_mask = functools.lru_cache(maxsize=8)(attn_position_mask)
-        return namespace["_bind"](self.constants, dev, _make_ref(self._refs), attn_mask)
+        return namespace["_bind"](self.constants, dev, make_ref(self._refs), attn_mask)
 
     def __call__(self, flat_inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         try:
@@ -179,4 +179,4 @@ def _kmajor_weights(graph: Graph, constants: dict[str, torch.Tensor],
     return names
 
 
-__all__ = ["generate_python", "PythonProgram"]
+__all__ = ["generate_python", "PythonProgram", "make_ref"]

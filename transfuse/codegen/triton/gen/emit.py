@@ -86,7 +86,7 @@ class GeneratedKernel:
         return f"<GeneratedKernel {self.name} ({self.kind}, {len(self.nodes)} nodes)>"
 
 
-class _Writer:
+class KernelWriter:
     """Writes the statements of a built kernel into the pointwise or the row kernel."""
 
     def __init__(self, b: KernelBuilder):
@@ -197,7 +197,7 @@ class _Writer:
             input_names=tuple(v.name for v in g.inputs),
             output_names=tuple(v.name for v in g.outputs),
             int_args=tuple(ints), numel=space.numel, rows=space.rows, row_len=space.row_len,
-            nodes=tuple(_node_line(n) for n in g.nodes), bytes_saved=g.bytes_saved)
+            nodes=tuple(node_line(n) for n in g.nodes), bytes_saved=g.bytes_saved)
 
     def pointwise_body(self) -> list[str]:
         lines = ["    pid = tl.program_id(0)", "    if IDX64:", "        pid = pid.to(tl.int64)",
@@ -273,7 +273,7 @@ def _shape(shape: Sequence[Dim]) -> str:
     return "[" + ", ".join(dim_str(d) for d in shape) + "]"
 
 
-def _node_line(node: Node) -> str:
+def node_line(node: Node) -> str:
     outs = ", ".join(f"%{v.name}: {v.type}" for v in node.outputs)
     ins = ", ".join("_" if v is None else f"%{v.name}" for v in node.inputs)
     return f"{outs} = {node.op}({ins})"
@@ -281,7 +281,7 @@ def _node_line(node: Node) -> str:
 
 def emit_group(group: Group) -> GeneratedKernel:
     """The Triton kernel of ``group`` (see the module docstring)."""
-    return _Writer(KernelBuilder(group).build()).kernel()
+    return KernelWriter(KernelBuilder(group).build()).kernel()
 
 
-__all__ = ["GeneratedKernel", "emit_group"]
+__all__ = ["GeneratedKernel", "KernelWriter", "emit_group", "node_line"]

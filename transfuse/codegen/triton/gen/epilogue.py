@@ -32,7 +32,7 @@ import torch
 import triton
 
 from transfuse.codegen.triton.gen.build import KernelBuilder
-from transfuse.codegen.triton.gen.emit import GeneratedKernel, _node_line, _Writer
+from transfuse.codegen.triton.gen.emit import GeneratedKernel, KernelWriter, node_line
 from transfuse.codegen.triton.gen.partition import Group, Partition
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Node
@@ -150,7 +150,7 @@ def emit_gemm_epilogue(pair: GemmEpilogue, plain: GeneratedKernel) -> GemmKernel
                             "other than at its own offset")
     y_kv = y_loads[0][1]
     y_kv.code = "y_acc"
-    writer = _Writer(b)
+    writer = KernelWriter(b)
     body = ["    " + writer.stmt(kv, True) for kv in b.kvs]
     body += ["    " + writer.store(j, v) for j, v in enumerate(g.outputs)]
     body = [line.replace("[BLOCK]", "[BLOCK_M, BLOCK_N]") for line in body]
@@ -211,7 +211,7 @@ def emit_gemm_epilogue(pair: GemmEpilogue, plain: GeneratedKernel) -> GemmKernel
                       y_index=pair.y_index, n=n, k=k, layout=layout,
                       has_bias=bias is not None, activation=act, dtype=x.type.dtype,
                       int_args=tuple(ints), output_types=tuple(v.type for v in g.outputs),
-                      nodes=(_node_line(node),) + tuple(plain.nodes))
+                      nodes=(node_line(node),) + tuple(plain.nodes))
 
 
 def _helper(name: str) -> str:
@@ -257,7 +257,7 @@ def gemm_compile_spec(kernel: GemmKernel, rows: int, env: dict[str, int] | None 
     """A :class:`~transfuse.codegen.triton.kernels.spec.KernelSpec` of ``kernel`` launched
     for ``rows`` rows at the symbols ``env``, for the GPU compile check."""
     from transfuse.codegen.triton.gen.cache import load_module, module_name
-    from transfuse.codegen.triton.gen.launch import _PTR
+    from transfuse.codegen.triton.gen.launch import POINTER_SIG
     from transfuse.codegen.triton.kernels import gemm as template
     from transfuse.codegen.triton.kernels.quant_gemm import GROUP_M
     from transfuse.codegen.triton.kernels.spec import KernelSpec
@@ -265,12 +265,12 @@ def gemm_compile_spec(kernel: GemmKernel, rows: int, env: dict[str, int] | None 
     load_module(kernel.source)
     dtype = kernel.dtype.torch
     bm, bn, bk, warps, stages = template.pick_config(rows, dtype)
-    t = _PTR[kernel.dtype]
+    t = POINTER_SIG[kernel.dtype]
     sig = {"x_ptr": t, "w_ptr": t, "b_ptr": t}
     ins = [ty for i, ty in enumerate(kernel.plain.input_types) if i != kernel.y_index]
-    sig.update({f"in{i}": _PTR[ty.dtype] for i, ty in zip(
+    sig.update({f"in{i}": POINTER_SIG[ty.dtype] for i, ty in zip(
         [i for i in range(len(kernel.plain.input_types)) if i != kernel.y_index], ins)})
-    sig.update({f"out{j}": _PTR[ty.dtype] for j, ty in enumerate(kernel.output_types)})
+    sig.update({f"out{j}": POINTER_SIG[ty.dtype] for j, ty in enumerate(kernel.output_types)})
     sig.update({"M": "i32", "stride_xm": "i32"})
     sig.update({name: "i32" for name, _ in kernel.int_args})
     const = {"HAS_BIAS": kernel.has_bias, "ACTIVATION": kernel.activation or "",

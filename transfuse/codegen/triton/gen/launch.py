@@ -41,7 +41,7 @@ ROW_TILE = 2048
 #: the most rows a row program takes
 MAX_ROWS = 32
 
-_PTR = {DType.f16: "*fp16", DType.bf16: "*bf16", DType.f32: "*fp32", DType.f64: "*fp64",
+POINTER_SIG = {DType.f16: "*fp16", DType.bf16: "*bf16", DType.f32: "*fp32", DType.f64: "*fp64",
         DType.i64: "*i64", DType.i32: "*i32", DType.i16: "*i16", DType.i8: "*i8",
         DType.u8: "*u8", DType.bool: "*i1"}
 
@@ -178,8 +178,8 @@ def compile_spec(kernel: GeneratedKernel, env: Mapping[str, int],
     load_module(kernel.source)
     cfg = launch_config(kernel, env, max_block)
     ints = _eval(tuple(d for _, d in kernel.int_args), tuple(sorted(env.items())))
-    sig = {f"in{i}": _PTR[t.dtype] for i, t in enumerate(kernel.input_types)}
-    sig.update({f"out{j}": _PTR[t.dtype] for j, t in enumerate(kernel.output_types)})
+    sig = {f"in{i}": POINTER_SIG[t.dtype] for i, t in enumerate(kernel.input_types)}
+    sig.update({f"out{j}": POINTER_SIG[t.dtype] for j, t in enumerate(kernel.output_types)})
     sig.update({name: "i64" if v >= 2**31 else "i32"
                 for (name, _), v in zip(kernel.int_args, ints)})
     sig.update({c: "constexpr" for c in cfg["constexprs"]})

@@ -2,7 +2,7 @@
 
 A decode step of a few sequences launches hundreds of small kernels; on a GPU the launch
 overhead of the Python host code dominates. A step of at most
-:data:`~.program.CUDA_GRAPH_TOKENS` tokens is captured once per input signature (shapes,
+:data:`CUDA_GRAPH_TOKENS` tokens is captured once per input signature (shapes,
 dtypes, and the addresses of the KV caches it writes in place) and replayed: the host copies
 the step's inputs into the captured ones, replays, and returns copies of the outputs.
 
@@ -33,6 +33,8 @@ from transfuse.ir.opdefs.generation import MUTATED
 
 #: captured graphs kept per program
 MAX_GRAPHS = 32
+#: generation steps of at most this many tokens are captured (decode steps of small batches)
+CUDA_GRAPH_TOKENS = 16
 
 
 class CudaGraphs:
@@ -54,8 +56,6 @@ class CudaGraphs:
     def for_graph(cls, graph: Graph, program: Any) -> CudaGraphs | None:
         """The capturer of a generation step graph (None for other graphs: a prefill of a
         long prompt gains nothing from a graph)."""
-        from transfuse.codegen.triton.host.program import CUDA_GRAPH_TOKENS
-
         index = {id(v): i for i, v in enumerate(graph.inputs)}
         mutated: set[int] = set()
         tokens = None
@@ -124,4 +124,4 @@ class CudaGraphs:
         return graph, static_in, static_out, self.program.runtime.arena_tensor
 
 
-__all__ = ["CudaGraphs", "MAX_GRAPHS"]
+__all__ = ["CudaGraphs", "MAX_GRAPHS", "CUDA_GRAPH_TOKENS"]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transfuse.codegen.python.attention import attn_position_mask
 from transfuse.codegen.python.generator import comment_text
 from transfuse.codegen.python.helpers import helper_namespace
-from transfuse.codegen.python.program import _make_ref
+from transfuse.codegen.python.program import make_ref
 from transfuse.codegen.triton import env
 from transfuse.codegen.triton.gen import Group, emit_group, partition
 from transfuse.codegen.triton.gen.epilogue import (
@@ -49,6 +49,7 @@ from transfuse.codegen.triton.gen.epilogue import (
     epilogue_pairs,
 )
 from transfuse.codegen.triton.host.calls import HOST_CALLS
+from transfuse.codegen.triton.host.cuda_graphs import CUDA_GRAPH_TOKENS, CudaGraphs
 from transfuse.codegen.triton.host.generator import HostGenerator
 from transfuse.codegen.triton.host.registry import LOWERINGS
 from transfuse.codegen.triton.kernels.gemm import EPILOGUE_ROWS
@@ -66,8 +67,6 @@ logger = logging.getLogger(__name__)
 
 #: the value every symbol takes for the memory plan reported at build time
 PLAN_HINT = 128
-#: generation steps of at most this many tokens are captured in CUDA graphs (on a GPU)
-CUDA_GRAPH_TOKENS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +213,6 @@ class TritonProgram:
         self._forward = self._bind()
         self.cuda_graphs = None
         if device.type == "cuda":
-            from transfuse.codegen.triton.host.cuda_graphs import CudaGraphs
-
             self.cuda_graphs = CudaGraphs.for_graph(graph, self)
 
     @property
@@ -240,7 +237,7 @@ class TritonProgram:
                                      "__name__": "transfuse_triton_host"}
         exec(self._code, namespace)  # noqa: S102 - our own generated source (generator.py)
         attn_mask = functools.lru_cache(maxsize=8)(attn_position_mask)
-        return namespace["_bind"](self.constants, self.device, _make_ref(self._gen.refs),
+        return namespace["_bind"](self.constants, self.device, make_ref(self._gen.refs),
                                   attn_mask, self._generated, self._gemm_generated,
                                   list(self._gen.objs), self.runtime)
 
