@@ -57,6 +57,22 @@ def test_each_backend_has_one_registry_of_the_one_class():
     assert get_target("onnxruntime").lowerings is onnx_backend.LOWERINGS
     assert python_backend.LOWERINGS.target == "python"
     assert onnx_backend.LOWERINGS.target == "onnxruntime"
+    pytest.importorskip("triton", reason="the triton target needs triton")
+    from transfuse.codegen.triton import host as triton_host
+
+    assert get_target("triton").lowerings is triton_host.LOWERINGS
+    assert triton_host.LOWERINGS.target == "triton"
+
+
+def test_a_missing_backend_dependency_is_a_lowering_error(monkeypatch):
+    import sys
+
+    from transfuse.codegen import targets
+
+    monkeypatch.setitem(targets.TARGET_MODULES, "needsdep", "transfuse_test_missing.target")
+    monkeypatch.setitem(sys.modules, "transfuse_test_missing", None)
+    with pytest.raises(LoweringError, match="needs the package 'transfuse_test_missing'"):
+        get_target("needsdep")
 
 
 def test_targets_by_name():

@@ -41,7 +41,14 @@ def get_target(name: str) -> Target:
     except (KeyError, TypeError):
         raise LoweringError(f"unknown target {name!r}; available targets: "
                             f"{', '.join(TARGET_MODULES)}") from None
-    cls = importlib.import_module(module).TARGET_CLASS
+    try:
+        cls = importlib.import_module(module).TARGET_CLASS
+    except ModuleNotFoundError as e:  # a backend's own dependency (triton, onnxruntime)
+        if e.name is None or e.name.split(".")[0] == "transfuse":
+            raise
+        package = e.name.split(".")[0]
+        raise LoweringError(f"target {name!r} needs the package {package!r}, which is not "
+                            f"installed (pip install {package})") from e
     if not (isinstance(cls, type) and issubclass(cls, Target)) or cls.name != name:
         raise LoweringError(f"{module}.TARGET_CLASS is not the Target named {name!r}")
     target = _INSTANCES[name] = cls()
