@@ -71,7 +71,7 @@ def test_builtin_models_match_python_target_at_two_lengths(builtin):
 
 def test_kernels_source_and_pass_log(builtin):
     name, _, _, tri = builtin
-    kernels = tri.program.kernels
+    kernels = tri.kernels
     generated = [k for k in kernels if k.kind == "generated"]
     assert generated and all("@triton.jit" in k.source and k.nodes for k in generated)
     hand = {k.name.split(":")[-1] for k in kernels if k.kind == "hand-written"}
@@ -117,7 +117,7 @@ def test_block_sparse_attention_from_the_sparse_pass():
     model, args, dynamic = get_model("gpt2-tiny", seq=40)
     kw = dict(sparse_attention="block:16,local:1,global:1", dynamic=dynamic)
     ref, tri = _pair(model, args, **kw)
-    hand = {k.name.split(":")[-1] for k in tri.program.kernels}
+    hand = {k.name.split(":")[-1] for k in tri.kernels}
     assert "block_sparse_attention_fwd" in hand
     _check(ref, tri, args)
 
@@ -137,7 +137,7 @@ def test_quantized_model_matches_python_target(scheme):
     ref, tri = _pair(model, args, dynamic=dynamic, quantize=scheme, **extra)
     ops = {n.op for n in tri.graph.nodes}
     assert ops & {"qlinear", "qmatmul"}
-    hand = {k.name.split(":")[-1] for k in tri.program.kernels}
+    hand = {k.name.split(":")[-1] for k in tri.kernels}
     assert hand & {"_qlinear_kernel", "_w8a8_kernel"}
     a = _out(tri(*args))
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_generation_paged_cache_token_identical():
     example = (torch.randint(0, 96, (1, 8)),)
     tri = transfuse.optimize(model, example, generation=options, target="triton")
     ref = transfuse.optimize(model, example, generation=options, target="python")
-    hand = {k.name.split(":")[-1] for k in tri.program.kernels}
+    hand = {k.name.split(":")[-1] for k in tri.kernels}
     assert {"_cache_write_kernel", "_decode_split_kernel"} <= hand
     ids, mask = random_left_padded([5, 2, 7], high=95, pad=95, seed=0)
     kw = dict(max_new_tokens=6, pad_token_id=95, eos_token_id=None)
@@ -240,7 +240,7 @@ def hf_gpt2():
 @pytest.mark.parametrize("rows", [0, 1 << 30])  # cuBLAS + the group's kernel / the fused one
 def test_gemm_epilogue_both_paths_match(hf_gpt2, rows):
     model, args, ref, tri = hf_gpt2
-    fused = [k for k in tri.program.kernels if k.kind == "generated"
+    fused = [k for k in tri.kernels if k.kind == "generated"
              and k.name.startswith("gemm_")]
     assert len(fused) == 4  # c_attn (+ bias) and c_fc (+ bias, gelu) in both layers
     assert all("gemm_tile(" in k.source and len(k.nodes) >= 2 for k in fused)

@@ -94,6 +94,12 @@ class CompiledModel:
         return getattr(self._program, "source", "")
 
     @property
+    def kernels(self) -> list:
+        """The kernels the program runs, each with its name, kind, source and the IR nodes it
+        covers (the triton target: ``KernelInfo``); empty for backends that do not list them."""
+        return list(getattr(self._program, "kernels", []))
+
+    @property
     def device(self) -> torch.device | None:
         """Where the weights are (None for a graph without weights)."""
         return getattr(self._program, "device", None)

@@ -169,6 +169,11 @@ class GenerationModel:
         return self._compiled.source
 
     @property
+    def kernels(self) -> list:
+        """The kernels the step runs (the triton target; empty for the others)."""
+        return self._compiled.kernels
+
+    @property
     def meta(self) -> dict[str, Any]:
         return self._compiled.meta
 

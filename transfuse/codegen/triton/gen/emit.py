@@ -185,7 +185,8 @@ class KernelWriter:
                '"""\n')
         text = (doc + "\nfrom transfuse.codegen.triton import env  # noqa: F401  (the mode first)\n"
                 "import triton\nimport triton.language as tl\n\n" + helpers +
-                f"\n@triton.jit\ndef {_PLACEHOLDER}(\n" + "\n".join(sig) + "\n):\n" +
+                f"\n{jit_decorator([n for n, _ in ints])}\ndef {_PLACEHOLDER}(\n" +
+                "\n".join(sig) + "\n):\n" +
                 "\n".join(body) + "\n")
         digest = hashlib.sha256(text.encode()).hexdigest()[:10]
         name = f"{g.label}_{digest}"
@@ -279,9 +280,18 @@ def node_line(node: Node) -> str:
     return f"{outs} = {node.op}({ins})"
 
 
+def jit_decorator(ints: Sequence[str]) -> str:
+    """``@triton.jit``, telling Triton not to specialise on the values of the symbolic sizes
+    (``ints``): a kernel then has one compiled variant per power-of-two bucket (its BLOCK
+    constexprs), not one per divisibility class of every length."""
+    if not ints:
+        return "@triton.jit"
+    return f"@triton.jit(do_not_specialize={list(ints)!r})"
+
+
 def emit_group(group: Group) -> GeneratedKernel:
     """The Triton kernel of ``group`` (see the module docstring)."""
     return KernelWriter(KernelBuilder(group).build()).kernel()
 
 
-__all__ = ["GeneratedKernel", "KernelWriter", "emit_group", "node_line"]
+__all__ = ["GeneratedKernel", "KernelWriter", "emit_group", "jit_decorator", "node_line"]

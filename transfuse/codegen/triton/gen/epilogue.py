@@ -32,7 +32,12 @@ import torch
 import triton
 
 from transfuse.codegen.triton.gen.build import KernelBuilder
-from transfuse.codegen.triton.gen.emit import GeneratedKernel, KernelWriter, node_line
+from transfuse.codegen.triton.gen.emit import (
+    GeneratedKernel,
+    KernelWriter,
+    jit_decorator,
+    node_line,
+)
 from transfuse.codegen.triton.gen.partition import Group, Partition
 from transfuse.errors import LoweringError
 from transfuse.ir.graph import Node
@@ -203,7 +208,8 @@ def emit_gemm_epilogue(pair: GemmEpilogue, plain: GeneratedKernel) -> GemmKernel
             "from transfuse.codegen.triton.kernels.gemm import gemm_tile\n"
             "from transfuse.codegen.triton.kernels.quant_gemm import finish_tile, tile_ids\n\n"
             f"N = tl.constexpr({n})\nK = tl.constexpr({k})\n\n" + helpers +
-            f"\n@triton.jit\ndef {_PLACEHOLDER}(\n" + "\n".join(sig) + "\n):\n" +
+            f"\n{jit_decorator(['M', *(n for n, _ in ints)])}\ndef {_PLACEHOLDER}(\n" +
+            "\n".join(sig) + "\n):\n" +
             "\n".join(head + body) + "\n")
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     name = f"gemm_{g.label.removeprefix('fused_')}_{digest}"
