@@ -289,3 +289,33 @@ def test_bf16_model_close_to_fp32(name):
     got = _out(tri(*args))
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     assert _rel(got, want) <= 2e-2
+
+
+@pytest.mark.parametrize("family", ["gemma2", "bloom", "falcon"])
+def test_generation_position_bias_families_like_python_target(family):
+    """Softcap + alternating window (Gemma 2), ALiBi (BLOOM), one kv head (Falcon) through the
+    decode kernel with the paged cache: the same tokens as the python target."""
+    import transformers as tr
+    from hf_builders import tiny_hf_model
+    from prompt_batches import random_left_padded
+
+    if family == "gemma2":
+        config = tr.Gemma2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                 vocab_size=96, max_position_embeddings=64, sliding_window=8)
+        model = tr.Gemma2ForCausalLM._from_config(config, attn_implementation="eager").eval()
+    else:
+        model = tiny_hf_model(family, "eager" if family == "bloom" else "sdpa", layers=2,
+                              hidden=32, vocab=96, positions=64)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.1 if family == "gemma2" else 0.3))
+    options = {"max_seq_len": 32, "max_batch": 4, "block_size": 4, "kv": "paged"}
+    example = (torch.randint(0, 96, (1, 8)),)
+    tri = transfuse.optimize(model, example, generation=options, target="triton")
+    ref = transfuse.optimize(model, example, generation=options, target="python")
+    ids, mask = random_left_padded([9, 4], high=95, pad=95, seed=0)  # past gemma2's window
+    kw = dict(max_new_tokens=4, pad_token_id=95, eos_token_id=None)
+    assert torch.equal(tri.generate(ids, mask, **kw), ref.generate(ids, mask, **kw))
