@@ -44,7 +44,7 @@ def get_target(name: str) -> Target:
     try:
         cls = importlib.import_module(module).TARGET_CLASS
     except ModuleNotFoundError as e:  # a backend's own dependency (triton, onnxruntime)
-        if e.name is None or e.name.split(".")[0] == "transfuse":
+        if e.name is None or e.name.split(".")[0] == __name__.split(".")[0]:  # our own: a bug
             raise
         package = e.name.split(".")[0]
         raise LoweringError(f"target {name!r} needs the package {package!r}, which is not "
