@@ -81,7 +81,9 @@ def round_to_e4m3(v):
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
     a = tl.abs(v)
     sub = rne(a * 512.0) * 0.001953125
-    sub = tl.where(bits < 0, -sub, sub)  # the sign bit: -0.0 and tiny negatives give -0.0
+    # the sign bit (-0.0 and tiny negatives give -0.0) by a product: triton 3.6 builds a float
+    # ``-x`` as ``0 - x``, which is +0.0 for x = +0.0 (3.9 negates)
+    sub = tl.where(bits < 0, sub * -1.0, sub)
     return tl.where(a < 0.015625, sub, normal)
 
 
