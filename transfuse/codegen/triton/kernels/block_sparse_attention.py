@@ -14,7 +14,8 @@ QT = ceil(Sq/BM), KT = ceil(Sk/BN) the tile counts.
 Algorithm: the wrapper turns the mask into per-query-tile lists of key tiles, as FlexAttention
 does (``kv_count`` [B|1, H|1, QT] int32 and ``kv_index`` [B|1, H|1, QT, KT] int32, the kept
 tiles first, ascending); tiles a query tile cannot see because of ``causal`` / ``window`` are
-dropped from the lists first. Each program (query tile, batch·head) walks its list with the
+dropped from the lists first. Each program (query tile, batch·head) opens its tile as flash
+attention does (:func:`.flash_attention.open_query_tile`) and walks its list with the
 online-softmax step of flash attention (:func:`.flash_attention.attend_tile`, one inner loop
 for both kernels), so a dropped tile is never loaded and the cost is proportional to the kept
 tiles. Tiles are masked for position everywhere (causal diagonal, window edge, key tail):
@@ -45,7 +46,7 @@ from transfuse.codegen.triton.kernels.flash_attention import (
     AttnConfig,
     attend_tile,
     bad,
-    load_tile,
+    open_query_tile,
     store_rows,
 )
 from transfuse.codegen.triton.kernels.spec import KernelSpec
@@ -69,34 +70,13 @@ def block_sparse_attention_fwd(
     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
     """Grid (QT, B·H). ``kv_count`` / ``kv_index`` strides are 0 on broadcast mask axes."""
-    # -- which (batch, head, query tile) --
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    hk = h // kv_group
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos_m = offs_m + (seq_k - seq_q)
-    m_ok = offs_m < seq_q
-    # -- per-program constants --
-    offs_d = tl.arange(0, D_PAD)
-    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok,
-                  offs_d < HEAD_DIM, True, HEAD_DIM != D_PAD)
-    if UPCAST:
-        q = q.to(tl.float32)
-    kv_end = seq_k
-    if HAS_KV_LENS:
-        kv_end = tl.minimum(kv_end, tl.load(kv_lens_ptr + b))
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(slopes_ptr + h).to(tl.float32) * 1.4426950408889634
-    bias_rows = bias_ptr + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh \
-        + offs_m * stride_bm
-    key_mask_base = key_mask_ptr + b.to(tl.int64) * stride_mb
+    b, h, q, k_base, v_base, o_base, offs_m, pos_m, m_ok, kv_end, slope2, bias_rows, km_base = \
+        open_query_tile(start_m, q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, slopes_ptr, kv_lens_ptr,
+                        key_mask_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+                        stride_vb, stride_vh, stride_ob, stride_oh, stride_bb, stride_bh,
+                        stride_bm, stride_mb, heads, kv_group, seq_q, seq_k, HEAD_DIM, D_PAD,
+                        BLOCK_M, HAS_KV_LENS, HAS_ALIBI, UPCAST)
     # -- this tile's list of kept key tiles --
     count = tl.load(kv_count_ptr + b * stride_cb + h * stride_ch + start_m)
     index_base = kv_index_ptr + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih \
@@ -109,13 +89,13 @@ def block_sparse_attention_fwd(
         start_n = tl.load(index_base + i) * BLOCK_N
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, start_n, offs_m, pos_m, k_base, v_base, stride_kn, stride_vn,
-            kv_end, window, qk_scale, softcap2, slope2, bias_rows, stride_bn, m_ok,
-            key_mask_base, stride_mn, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
-            True, CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_BIAS, HAS_KEY_MASK, HAS_SOFTCAP, UPCAST)
+            kv_end, window, qk_scale, softcap2, slope2, bias_rows, stride_bn, m_ok, km_base,
+            stride_mn, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, True, CAUSAL, HAS_WINDOW,
+            HAS_ALIBI, HAS_BIAS, HAS_KEY_MASK, HAS_SOFTCAP, UPCAST)
     # -- epilogue --
     store_rows(o_base, acc, l_i, offs_m, seq_q, stride_om, HEAD_DIM_V, DV_PAD)
     if COUNT_VISITS:
-        tl.store(visits_ptr + bh * tl.num_programs(0) + start_m, count)
+        tl.store(visits_ptr + tl.program_id(1) * tl.num_programs(0) + start_m, count)
 
 
 # -- block masks ---------------------------------------------------------------------------

@@ -215,26 +215,22 @@ def store_rows(o_base, acc, l_i, offs_m, seq_q, stride_om,
              mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-# -- the kernel ------------------------------------------------------------------------------
-
-
 @triton.jit
-def flash_attention_fwd(
-    q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, slopes_ptr, kv_lens_ptr, key_mask_ptr, visits_ptr,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mn,
-    heads, kv_group, seq_q, seq_k, qk_scale, softcap2, window,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, COUNT_VISITS: tl.constexpr,
-):
-    """Grid (cdiv(Sq, BM), B·H). ``visits_ptr`` [B·H, cdiv(Sq, BM)] int32 receives the number
-    of key tiles each program visited when ``COUNT_VISITS`` (a test hook)."""
+def open_query_tile(start_m, q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, slopes_ptr, kv_lens_ptr,
+                    key_mask_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+                    stride_vb, stride_vh, stride_ob, stride_oh, stride_bb, stride_bh, stride_bm,
+                    stride_mb, heads, kv_group, seq_q, seq_k, HEAD_DIM: tl.constexpr,
+                    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+                    HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr):
+    """The prologue of both attention kernels (flash, block-sparse; grid (query tiles, B·H)):
+    what the program of query tile ``start_m`` knows before its first key tile, as (b, h, q,
+    k_base, v_base, o_base, offs_m, pos_m, m_ok, kv_end, slope2, bias_rows, key_mask_base).
+    ``q`` is its Q tile [BM, D_PAD] (fp32 when ``UPCAST``), the ``*_base`` pointers its
+    (batch, head) of K, V (kv head ``h // kv_group``: GQA / MQA) and O, ``kv_end`` =
+    min(Sk, kv_lens[b]), ``slope2`` its ALiBi slope in log2 units. The kernel reads
+    ``program_id(0)`` once and passes it (a second read here cost triton 3.6's sm_90 build of
+    the fp32 hd64 flash kernel 8 registers)."""
     # -- which (batch, head, query tile) --
-    start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
     h = bh % heads
@@ -261,6 +257,35 @@ def flash_attention_fwd(
     bias_rows = bias_ptr + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh \
         + offs_m * stride_bm
     key_mask_base = key_mask_ptr + b.to(tl.int64) * stride_mb
+    return (b, h, q, k_base, v_base, o_base, offs_m, pos_m, m_ok, kv_end, slope2, bias_rows,
+            key_mask_base)
+
+
+# -- the kernel ------------------------------------------------------------------------------
+
+
+@triton.jit
+def flash_attention_fwd(
+    q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, slopes_ptr, kv_lens_ptr, key_mask_ptr, visits_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_mb, stride_mn,
+    heads, kv_group, seq_q, seq_k, qk_scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    DV_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, COUNT_VISITS: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BM), B·H). ``visits_ptr`` [B·H, cdiv(Sq, BM)] int32 receives the number
+    of key tiles each program visited when ``COUNT_VISITS`` (a test hook)."""
+    start_m = tl.program_id(0)
+    b, h, q, k_base, v_base, o_base, offs_m, pos_m, m_ok, kv_end, slope2, bias_rows, km_base = \
+        open_query_tile(start_m, q_ptr, k_ptr, v_ptr, o_ptr, bias_ptr, slopes_ptr, kv_lens_ptr,
+                        key_mask_ptr, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh,
+                        stride_vb, stride_vh, stride_ob, stride_oh, stride_bb, stride_bh,
+                        stride_bm, stride_mb, heads, kv_group, seq_q, seq_k, HEAD_DIM, D_PAD,
+                        BLOCK_M, HAS_KV_LENS, HAS_ALIBI, UPCAST)
     lo, full_lo, full_hi, hi = kv_tile_range(start_m, seq_q, seq_k, kv_end, window,
                                              BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     # -- online softmax over the key tiles: masked edge, full interior, masked edge --
@@ -268,34 +293,21 @@ def flash_attention_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     visited = 0
-    for start_n in range(lo, full_lo, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, start_n, offs_m, pos_m, k_base, v_base, stride_kn, stride_vn,
-            kv_end, window, qk_scale, softcap2, slope2, bias_rows, stride_bn, m_ok,
-            key_mask_base, stride_mn, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
-            True, CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_BIAS, HAS_KEY_MASK, HAS_SOFTCAP, UPCAST)
-        if COUNT_VISITS:
-            visited += 1
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, start_n, offs_m, pos_m, k_base, v_base, stride_kn, stride_vn,
-            kv_end, window, qk_scale, softcap2, slope2, bias_rows, stride_bn, m_ok,
-            key_mask_base, stride_mn, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
-            False, CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_BIAS, HAS_KEY_MASK, HAS_SOFTCAP, UPCAST)
-        if COUNT_VISITS:
-            visited += 1
-    for start_n in range(full_hi, hi, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q, start_n, offs_m, pos_m, k_base, v_base, stride_kn, stride_vn,
-            kv_end, window, qk_scale, softcap2, slope2, bias_rows, stride_bn, m_ok,
-            key_mask_base, stride_mn, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N,
-            True, CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_BIAS, HAS_KEY_MASK, HAS_SOFTCAP, UPCAST)
-        if COUNT_VISITS:
-            visited += 1
+    for part in tl.static_range(3):  # unrolled: [lo, full_lo), [full_lo, full_hi), [full_hi, hi)
+        start = lo if part == 0 else full_lo if part == 1 else full_hi
+        stop = full_lo if part == 0 else full_hi if part == 1 else hi
+        for start_n in range(start, stop, BLOCK_N):
+            acc, m_i, l_i = attend_tile(
+                acc, m_i, l_i, q, start_n, offs_m, pos_m, k_base, v_base, stride_kn, stride_vn,
+                kv_end, window, qk_scale, softcap2, slope2, bias_rows, stride_bn, m_ok, km_base,
+                stride_mn, HEAD_DIM, D_PAD, HEAD_DIM_V, DV_PAD, BLOCK_N, part != 1, CAUSAL,
+                HAS_WINDOW, HAS_ALIBI, HAS_BIAS, HAS_KEY_MASK, HAS_SOFTCAP, UPCAST)
+            if COUNT_VISITS:
+                visited += 1
     # -- epilogue --
     store_rows(o_base, acc, l_i, offs_m, seq_q, stride_om, HEAD_DIM_V, DV_PAD)
     if COUNT_VISITS:
-        tl.store(visits_ptr + bh * tl.num_programs(0) + start_m, visited)
+        tl.store(visits_ptr + tl.program_id(1) * tl.num_programs(0) + start_m, visited)
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -692,4 +704,5 @@ SHIPPED: list[KernelSpec] = shipped_specs(
 
 __all__ = ["flash_attention", "flash_attention_fwd", "reference_attention", "bench_attention",
            "pick_config", "AttnConfig", "CONFIGS", "SHIPPED", "attend_tile", "kv_tile_range",
-           "load_tile", "store_rows", "check_attention_args", "AttentionArgs", "key_padding"]
+           "load_tile", "store_rows", "open_query_tile", "check_attention_args", "AttentionArgs",
+           "key_padding"]

@@ -48,7 +48,13 @@ import triton.language as tl
 from transfuse.codegen.triton import env
 from transfuse.codegen.triton.kernels import quant_gemm
 from transfuse.codegen.triton.kernels._common import time_ms
-from transfuse.codegen.triton.kernels.quant_gemm import activate, require, rne, round_as, tile_ids
+from transfuse.codegen.triton.kernels.quant_gemm import (
+    load_k_slice,
+    require,
+    rne,
+    store_scaled,
+    tile_rows,
+)
 from transfuse.codegen.triton.kernels.spec import KernelSpec
 from transfuse.errors import LoweringError
 from transfuse.ir.opdefs.linalg import LINEAR_ACTIVATIONS
@@ -117,31 +123,17 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = (xq @ wq.T) * sx[m] * s[n] + bias, then the activation, in y's dtype."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    x_rows = xq_ptr + offs_m.to(tl.int64)[:, None] * K
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    offs_m, offs_n, m_mask, n_mask, x_rows, w_rows = tile_rows(
+        xq_ptr, w_ptr, M, N, K, K, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         # -- e4m3 slices [BM, BK] and [BN, BK]; masked codes are 0.0 --
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k[None, :] < K
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask, other=0.0)
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask, other=0.0)
+        x, w = load_k_slice(x_rows, w_rows, k0, K, m_mask, n_mask, 0.0, 0.0, BLOCK_K)
         acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=BLOCK_K)
     # -- epilogue: scales, bias, rounding to y's dtype, activation --
     sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
-    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
-    y = acc * (sx[:, None] * s[None, :])
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    OUT_T: tl.constexpr = y_ptr.dtype.element_ty
-    y = round_as(activate(round_as(y, OUT_T), ACTIVATION), OUT_T)
-    y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptr + y_off, y.to(OUT_T), mask=m_mask[:, None] & n_mask[None, :])
+    store_scaled(acc, sx, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym,
+                 HAS_BIAS, ACTIVATION)
 
 
 # -- wrapper ---------------------------------------------------------------------------------

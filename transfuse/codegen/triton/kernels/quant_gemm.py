@@ -80,11 +80,14 @@ zero-point correction ``(128 - zp) * sum_k w8`` (the weight's row sums, accumula
 same loop) — the exact integer ``sum_k (q_x - zp) (q_w - 128)`` — times ``sx[m] * s[n]`` in
 f32, + bias, cast to x's dtype, activation. The reference multiplies the f32 dequantized
 values, so the two differ by f32 rounding only. s32 cannot overflow for K <= 32768
-(``W8A8_MAX_K``; 255 * 128 * K + the correction < 2**31).
+(``W8A8_MAX_K``; 255 * 128 * K + the correction < 2**31). Its tile setup (:func:`tile_rows`,
+also qlinear's), K-slice loads (:func:`load_k_slice`) and scaled epilogue
+(:func:`store_scaled`) are the fp8 GEMM's (:mod:`.fp8_gemm`) too.
 
-Interpreter notes (triton 3.9): int8 and fp8 ``tl.dot``, ``tl.split``, ``tl.erf`` and
-``tl.math.div_rn`` all run and are exact there; bf16 is upcast and rounded as said; the
-tests cover every path at tiny shapes in ~6 s.
+Interpreter notes (triton 3.9 and 3.6 with NumPy < 2.4): int8 and fp8 ``tl.dot``,
+``tl.split``, ``tl.erf`` and ``tl.math.div_rn`` all run and are exact there; bf16 is upcast
+and rounded as said; the tests cover every path at tiny shapes in ~6 s.
+
 """
 
 from __future__ import annotations
@@ -205,6 +208,53 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     return pid_m, pid_n
 
 
+@triton.jit
+def tile_rows(x_ptr, w_ptr, M, N, stride_xm, stride_wn, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile of y (:func:`tile_ids`): (offs_m, offs_n, m_mask,
+    n_mask, x_rows, w_rows), the last two the pointers to its x rows [BM, 1] and weight rows
+    [BN, 1] (row strides ``stride_xm`` / ``stride_wn`` elements, offsets in int64)."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    return offs_m, offs_n, m_mask, n_mask, x_rows, w_rows
+
+
+@triton.jit
+def load_k_slice(x_rows, w_rows, k0, K, m_mask, n_mask, X_ZERO: tl.constexpr,
+                 W_ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) of the x rows and of the weight rows (one code a byte: the
+    W8A8 and fp8 GEMMs), [BM, BK] and [BN, BK]; masked elements read the codes ``X_ZERO`` /
+    ``W_ZERO`` (a literal of the element type: 0 for int8, 0.0 for e4m3)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k[None, :] < K
+    x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask, other=X_ZERO)
+    w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask, other=W_ZERO)
+    return x, w
+
+
+@triton.jit
+def store_scaled(acc, sx, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym,
+                 HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The epilogue of the GEMMs on quantized activations (W8A8, fp8): ``y = acc * sx[m] *
+    s[n] + bias`` (f32 ``acc`` [BM, BN], the tile's activation scales ``sx`` [BM], per-channel
+    weight scales at ``s_ptr``), rounded to y's dtype, the activation, stored. The caller loads
+    ``sx`` (W8A8 before its zero-point correction: loaded after it, sm_80 took 2-4 more
+    registers)."""
+    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+    y = acc * (sx[:, None] * s[None, :])
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    OUT_T: tl.constexpr = y_ptr.dtype.element_ty
+    y = round_as(activate(round_as(y, OUT_T), ACTIVATION), OUT_T)
+    y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptr + y_off, y.to(OUT_T), mask=m_mask[:, None] & n_mask[None, :])
+
+
 # -- qlinear: the weight-only dequant GEMM ---------------------------------------------------
 
 
@@ -222,15 +272,10 @@ def _qlinear_kernel(
     # BYTES_K: stored bytes per BLOCK_K slice of a weight row (int4: two codes per byte)
     BYTES_K: tl.constexpr = BLOCK_K * BITS // 8
     PACK: tl.constexpr = 8 // BITS
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
     pk = K // PACK  # bytes per weight row
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * pk  # [BN, 1]
+    offs_m, offs_n, m_mask, n_mask, x_rows, w_rows = tile_rows(
+        x_ptr, w_ptr, M, N, stride_xm, pk, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_SPLIT
     k_end = tl.minimum(k_start + K_SPLIT, K)
@@ -371,35 +416,21 @@ def _w8a8_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y = ((xq + 128 - zx) @ (wq - 128).T) * sx * s + bias, exact s32 products."""
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    x_rows = xq_ptr + offs_m.to(tl.int64)[:, None] * K
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    offs_m, offs_n, m_mask, n_mask, x_rows, w_rows = tile_rows(
+        xq_ptr, w_ptr, M, N, K, K, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     w_sum = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k[None, :] < K
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask, other=0)
-        wq = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask, other=128)
+        x, wq = load_k_slice(x_rows, w_rows, k0, K, m_mask, n_mask, 0, 128, BLOCK_K)
         w = (wq.to(tl.int32) - 128).to(tl.int8)  # [BN, BK] s8
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
         w_sum += tl.sum(w.to(tl.int32), axis=1)
-    # -- epilogue: the zero-point correction, scales, bias, activation --
+    # -- epilogue: the zero-point correction, then scales, bias, activation --
     sx = tl.load(sx_ptr + offs_m, mask=m_mask, other=0.0)
     zx = tl.load(zx_ptr + offs_m, mask=m_mask, other=128.0).to(tl.int32)
     acc += (128 - zx)[:, None] * w_sum[None, :]
-    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
-    y = acc.to(tl.float32) * (sx[:, None] * s[None, :])
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    OUT_T: tl.constexpr = y_ptr.dtype.element_ty
-    y = round_as(activate(round_as(y, OUT_T), ACTIVATION), OUT_T)
-    y_off = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptr + y_off, y.to(OUT_T), mask=m_mask[:, None] & n_mask[None, :])
+    store_scaled(acc.to(tl.float32), sx, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_mask,
+                 n_mask, stride_ym, HAS_BIAS, ACTIVATION)
 
 
 # -- choosing blocks -------------------------------------------------------------------------
