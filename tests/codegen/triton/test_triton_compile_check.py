@@ -159,6 +159,33 @@ def test_cache_key_follows_source_spec_and_arch(tmp_path, monkeypatch):
     assert cc.cache_key(KernelSpec("no_such_module_here:k", "k", {}, {}), 90) is None
 
 
+def test_record_keeps_the_current_results_of_other_triton_versions(tmp_path, monkeypatch):
+    (tmp_path / "recorded_kernels_mod.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = KernelSpec("recorded_kernels_mod:k", "k[x]", {"x": "*fp32"}, {}, 4, 2)
+    path = tmp_path / "record.json"
+
+    def run(version: str) -> list[cc.Result]:  # what a --record run under `version` writes
+        monkeypatch.setattr(cc, "_triton_version", lambda: version)
+        return [_result(kernel=spec.kernel, name=spec.name, arch=a, key=cc.cache_key(spec, a))
+                for a in spec.archs]
+
+    assert cc.write_record(path, run("3.6.0"), [spec]) == 2
+    assert cc.write_record(path, run("3.9.0"), [spec]) == 4  # 3.6's two are still current
+    doc = json.loads(path.read_text())
+    assert doc["triton"] == ["3.6.0", "3.9.0"]
+    assert sorted(e["triton"] for e in doc["results"].values()) == ["3.6.0"] * 2 + ["3.9.0"] * 2
+    record = cc.load_record(path)
+    for version in ("3.6.0", "3.9.0"):
+        for arch in spec.archs:
+            assert record[cc.cache_key(spec, arch, triton=version)].arch == arch
+    assert cc.write_record(path, run("3.9.0"), [spec]) == 4  # a rerun replaces its own
+    (tmp_path / "recorded_kernels_mod.py").write_text("X = 2\n")  # the kernel changed:
+    assert cc.write_record(path, run("3.9.0"), [spec]) == 2  # 3.6's results are stale
+    assert json.loads(path.read_text())["triton"] == ["3.9.0"]
+    assert cc.write_record(path, run("3.6.0")) == 2  # without specs: only this run's
+
+
 # -- compiling the fixture kernels ------------------------------------------------------------
 
 
@@ -238,6 +265,8 @@ def test_cli_prints_table_and_writes_json(fixture_results, tmp_path, capsys):
 #: ``python -m transfuse.codegen.triton.compile_check --record tests/data/triton_compile_record.json``.
 #: A cold check is ~560 compiles (~6 CPU-minutes, over CI's budget): recorded configs are
 #: taken from it, every other one (a kernel, spec or triton that changed) is compiled here.
+#: It holds the results of triton 3.9 (here) and 3.6 (the GPU image): benchmarks/
+#: triton36_check.sh refreshes both.
 RECORD = Path(__file__).resolve().parents[2] / "data" / "triton_compile_record.json"
 #: recorded configs compiled again to show that the record reproduces
 RECOMPILED_SAMPLE = 4

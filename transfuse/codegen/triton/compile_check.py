@@ -354,9 +354,11 @@ def _triton_version() -> str:
 
 
 def cache_key(spec: KernelSpec, arch: int, aligned: bool = True,
-              digests: dict[str, str | None] | None = None) -> str | None:
-    """The cache key of compiling ``spec`` for ``arch``, or None when the kernel's module
-    cannot be found (then nothing is cached)."""
+              digests: dict[str, str | None] | None = None,
+              triton: str | None = None) -> str | None:
+    """The cache key of compiling ``spec`` for ``arch`` with ``triton`` (a version string;
+    default: the installed one), or None when the kernel's module cannot be found (then
+    nothing is cached)."""
     module = spec.kernel.partition(":")[0]
     digests = {} if digests is None else digests
     if module not in digests:
@@ -364,7 +366,8 @@ def cache_key(spec: KernelSpec, arch: int, aligned: bool = True,
     if digests[module] is None:
         return None
     what = {
-        "version": CACHE_VERSION, "source": digests[module], "triton": _triton_version(),
+        "version": CACHE_VERSION, "source": digests[module],
+        "triton": triton or _triton_version(),
         "arch": arch, "aligned": aligned,
         "spec": [spec.kernel, spec.name, spec.signature,
                  {k: repr(v) for k, v in spec.constexprs.items()},
@@ -658,6 +661,10 @@ def check(specs: Iterable[KernelSpec], archs: Sequence[int] = (80, 90), jobs: in
 # source, spec, triton version, arch): a config whose kernel, spec or triton changed has a
 # new key, is not in the record and is compiled. The test recompiles a sample of recorded
 # configs and requires the same registers, spills and shared memory (the record reproduces).
+# One record serves every triton version the kernels support (3.9 here, 3.6 in the GPU
+# image): ``--record`` under one version replaces that version's results and keeps the other
+# versions' results that are still current (their keys, computed for that version, are those
+# of shipped configs of today's sources); each entry names its ``triton``.
 
 
 def load_record(path: str | Path) -> dict[str, Result]:
@@ -673,13 +680,34 @@ def load_record(path: str | Path) -> dict[str, Result]:
     return {k: Result.from_json(v) for k, v in data["results"].items()}
 
 
-def write_record(path: str | Path, results: Iterable[Result]) -> int:
-    """Write the successful results that have a key; returns how many."""
-    keep = {r.key: {k: v for k, v in r.to_json().items()
-                    if k not in ("cached", "recorded", "key", "seconds")}
+def write_record(path: str | Path, results: Iterable[Result],
+                 specs: Iterable[KernelSpec] | None = None, aligned: bool = True) -> int:
+    """Write the successful results that have a key, as the installed triton's; returns how
+    many. With ``specs`` (the shipped configs) the results of other triton versions already
+    in the file are kept where they are current: their key is that of one of ``specs``
+    compiled, for an arch it ships for, with that version of triton and today's sources
+    (a result of a kernel edited since is dropped). Without ``specs`` the file holds only
+    ``results``."""
+    version = _triton_version()
+    keep = {r.key: {**{k: v for k, v in r.to_json().items()
+                       if k not in ("cached", "recorded", "key", "seconds")},
+                    "triton": version}
             for r in results if r.key is not None and r.error is None}
-    doc = {"version": CACHE_VERSION, "triton": _triton_version(),
-           "results": dict(sorted(keep.items()))}
+    old: dict[str, Any] = {}
+    if specs is not None:
+        try:
+            old = json.loads(Path(path).read_text()).get("results", {})
+        except (OSError, ValueError, AttributeError):
+            old = {}
+    others = {e.get("triton") for e in old.values() if isinstance(e, dict)} - {version, None}
+    if others:
+        digests: dict[str, str | None] = {}
+        current = {cache_key(spec, arch, aligned, digests, triton=v)
+                   for v in others for spec in specs for arch in spec.archs}
+        keep.update((k, e) for k, e in old.items()
+                    if k in current and e.get("triton") in others)
+    versions = sorted({e["triton"] for e in keep.values()})
+    doc = {"version": CACHE_VERSION, "triton": versions, "results": dict(sorted(keep.items()))}
     Path(path).write_text(json.dumps(doc, indent=0, sort_keys=True) + "\n")
     return len(keep)
 
@@ -719,7 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compile without the 16-divisibility hints of aligned launches")
     parser.add_argument("--no-cache", action="store_true", help="recompile everything")
     parser.add_argument("--record", help="write the results to this record file (see "
-                        "load_record; tests/data/triton_compile_record.json)")
+                        "load_record; tests/data/triton_compile_record.json), keeping the "
+                        "still-current results of other triton versions")
     args = parser.parse_args(argv)
     why = tools_unavailable()
     if why is not None:
@@ -743,7 +772,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_json() for r in results], indent=1))
     if args.record and not bad:
-        print(f"recorded {write_record(args.record, results)} results in {args.record}")
+        n = write_record(args.record, results, specs, aligned=not args.unaligned)
+        print(f"recorded {n} results in {args.record} (triton {_triton_version()}'s and the "
+              f"still-current ones of other versions)")
     return 1 if bad else 0
 
 
