@@ -7,6 +7,7 @@ head dim, GQA/MQA), 16x16 tiles where a test needs several tiles, outputs poison
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 
@@ -125,6 +126,22 @@ def test_rows_without_keys_give_zeros():
     assert out[:, :, :19].abs().max() == 0
     out = check(q, k, v, kv_lens=torch.tensor([0, 21]))
     assert out[0].abs().max() == 0
+
+
+def test_finfo_min_masks_do_not_overflow():
+    """HF's additive masks are finfo.min, not -inf: times log2(e) that would overflow to -inf,
+    and a query masked on every key would give zeros where the IR's softmax of equal finite
+    scores averages the values. Rows masked everywhere, rows masked in part, and -inf."""
+    q, k, v = inputs(21, 21, 16)
+    m = torch.zeros(B, 1, 21, 21)
+    lo = torch.finfo(torch.float32).min
+    m[0, :, :5] = lo  # every key of the first five queries of batch 0
+    m[1, :, :, 7:] = lo  # keys 7.. of batch 1
+    m[1, :, 3, :4] = float("-inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no overflow
+        out = check(q, k, v, bias=m.to(env.device()))
+    assert out[0, :, :5].abs().max() > 0  # averaged, not zeroed
 
 
 def expected_visits(sq, sk, bm, bn, causal, window):

@@ -176,7 +176,11 @@ def attend_tile(acc, m_i, l_i, q, start_n, offs_m, pos_m,
     if HAS_BIAS:
         b = load_tile(bias_rows[:, None] + offs_n[None, :] * stride_bn, rows_ok, n_ok,
                       True, BOUNDARY)
-        s += b.to(tl.float32) * 1.4426950408889634
+        # to log2 units without overflow: an additive mask of finfo.min (HF's) times log2(e)
+        # would become -inf, and a row masked everywhere would give zeros where the IR's
+        # softmax of equal finite scores averages the values: clamp to -2e38 first (-inf kept)
+        bf = b.to(tl.float32)
+        s += tl.where(bf == float("-inf"), bf, tl.maximum(bf, -2.0e38) * 1.4426950408889634)
     # -- masks --
     if BOUNDARY:
         keep = n_ok[None, :] & (offs_m[:, None] >= 0)
