@@ -88,21 +88,25 @@ def test_kernels_source_and_pass_log(builtin):
 # -- Hugging Face families: GQA, the sliding window, padding masks ---------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "bert"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "bert", "llama-leftpad"])
 def test_hf_families_match_python_target(family):
+    """GQA (llama), the sliding window (mistral: 11 tokens > its window of 8), padding masks
+    (bert: right padding; llama-leftpad: left padding, whose pad rows are masked on every key
+    by HF's finfo.min additive mask)."""
     from hf_builders import tiny_hf_model
 
-    model = tiny_hf_model(family, "sdpa", layers=2, hidden=32, vocab=96, positions=64)
-    if family != "bert":
+    base = family.removesuffix("-leftpad")
+    model = tiny_hf_model(base, "sdpa", layers=2, hidden=32, vocab=96, positions=64)
+    if base != "bert":
         model.config.use_cache = False
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 96, (2, 11), generator=g)  # mistral: 11 > its window of 8
+    ids = torch.randint(0, 96, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.int64)
     if family == "bert":
-        mask = torch.ones(2, 11, dtype=torch.int64)
         mask[1, 7:] = 0
-        args = (ids, mask)
-    else:
-        args = (ids,)
+    elif family == "llama-leftpad":
+        mask[1, :4] = 0
+    args = (ids, mask) if family in ("bert", "llama-leftpad") else (ids,)
     ref, tri = _pair(model, args)
     _check(ref, tri, args)
     nodes = [n for n in tri.graph.nodes if n.op == "attention"]
