@@ -114,3 +114,23 @@ def test_cuda_graph_eligibility_without_a_gpu(monkeypatch):
 def get_model_graph():
     model, args, dynamic = get_model("gpt2-tiny", seq=8)
     return transfuse.optimize(model, args, target="python", dynamic=dynamic).graph
+
+
+def test_a_failure_names_the_host_line_and_ir_node(gpt2, monkeypatch):
+    _, args, tri = gpt2
+    prog = tri.program
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(calls.HOST_CALLS, "_t_attention", broken)
+    prog._forward = prog._bind()
+    try:
+        with pytest.raises(RuntimeError, match="kernel exploded") as info:
+            prog(list(args))
+        note = "\n".join(getattr(info.value, "__notes__", []))
+        assert "generated host code" in note and "_t_attention(" in note
+        assert "attention" in note.split("IR node:")[1]
+    finally:
+        monkeypatch.undo()
+        prog._forward = prog._bind()

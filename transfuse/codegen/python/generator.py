@@ -257,6 +257,12 @@ class Generator(EmitContext):
         if self.refs:
             items = ", ".join(f"{s!r}: {self.symbol_names[s]}" for s in env_syms)
             prologue.append(f"_env = {{{items}}}")
+        return self._finish_forward(lines, prologue, body, ret)
+
+    def _finish_forward(self, lines: list[str], prologue: list[str],
+                        body: list[tuple[str, str]], ret: str) -> str:
+        """The module text: ``lines`` (up to ``def forward(...):``), then the prologue, the body
+        (recording which IR node each line comes from) and the return, closing ``_bind``."""
         for stmt in prologue:
             lines.append(f"        {stmt}")
         for stmt, desc in body:

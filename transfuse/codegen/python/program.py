@@ -95,18 +95,7 @@ class PythonProgram:
             raise
 
     def _annotate(self, e: BaseException) -> None:
-        """Name the generated line and the IR node a failure came from."""
-        tb = e.__traceback__
-        lineno = None
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename == self.filename:
-                lineno = tb.tb_lineno
-            tb = tb.tb_next
-        if lineno is None or not hasattr(e, "add_note"):
-            return
-        line = self.source.splitlines()[lineno - 1].strip()
-        e.add_note(f"in generated code ({self.filename}) line {lineno}: {line}\n"
-                   f"  IR node: {self._line_info.get(lineno, '?')}")
+        annotate(e, self.filename, self.source, self._line_info, "generated code")
 
     def to(self, device: str | torch.device) -> PythonProgram:
         """Move the bound constants to ``device`` (in place; returns self)."""
@@ -119,6 +108,23 @@ class PythonProgram:
     def __repr__(self) -> str:
         return (f"PythonProgram({self.filename}, {len(self.source.splitlines())} lines, "
                 f"device={self.device}, reference_ops={sorted(self.reference_ops)})")
+
+
+def annotate(e: BaseException, filename: str, source: str, line_info: dict[int, str],
+             what: str) -> None:
+    """Name the line of generated module ``filename`` (text ``source``) a failure ``e`` came
+    from, and the IR node that line runs (``line_info``), as a note on the exception."""
+    tb = e.__traceback__
+    lineno = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            lineno = tb.tb_lineno
+        tb = tb.tb_next
+    if lineno is None or not hasattr(e, "add_note"):
+        return
+    line = source.splitlines()[lineno - 1].strip()
+    e.add_note(f"in {what} ({filename}) line {lineno}: {line}\n"
+               f"  IR node: {line_info.get(lineno, '?')}")
 
 
 def generate_python(graph: Graph, device: str | torch.device | None = None, *,
@@ -179,4 +185,4 @@ def _kmajor_weights(graph: Graph, constants: dict[str, torch.Tensor],
     return names
 
 
-__all__ = ["generate_python", "PythonProgram", "make_ref"]
+__all__ = ["generate_python", "PythonProgram", "annotate", "make_ref"]

@@ -220,13 +220,7 @@ class HostGenerator(Generator, HostContext):
         prologue.append(f"_env = {{{items}}}")
         if self.planned:
             prologue.append("_a = _rt.arena(_env)")
-        for stmt in prologue:
-            lines.append(f"        {stmt}")
-        for stmt, desc in body:
-            lines.append(f"        {stmt}")
-            self.line_info[len(lines)] = desc
-        lines += [f"        {ret}", "", "    return forward", ""]
-        return "\n".join(lines)
+        return self._finish_forward(lines, prologue, body, ret)
 
 
 def _reads(unit) -> list[Value]:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transfuse.codegen.python.attention import attn_position_mask
 from transfuse.codegen.python.generator import comment_text
 from transfuse.codegen.python.helpers import helper_namespace
-from transfuse.codegen.python.program import make_ref
+from transfuse.codegen.python.program import annotate, make_ref
 from transfuse.codegen.triton import env
 from transfuse.codegen.triton.gen import Group, emit_group, partition
 from transfuse.codegen.triton.gen.epilogue import (
@@ -258,17 +258,7 @@ class TritonProgram:
         return self.run_eager(flat_inputs)
 
     def _annotate(self, e: BaseException) -> None:
-        tb = e.__traceback__
-        lineno = None
-        while tb is not None:
-            if tb.tb_frame.f_code.co_filename == self.filename:
-                lineno = tb.tb_lineno
-            tb = tb.tb_next
-        if lineno is None or not hasattr(e, "add_note"):
-            return
-        line = self.host_source.splitlines()[lineno - 1].strip()
-        e.add_note(f"in generated host code ({self.filename}) line {lineno}: {line}\n"
-                   f"  IR: {self._gen.line_info.get(lineno, '?')}")
+        annotate(e, self.filename, self.host_source, self._gen.line_info, "generated host code")
 
     def to(self, device: str | torch.device) -> TritonProgram:
         device = torch.device(device)
