@@ -45,10 +45,14 @@ class OnnxBuilder:
     dims, ``scalar_dim(d)`` a 0-d one. ``fused`` says whether com.microsoft ops may be used.
     """
 
+    #: the opsets this builder writes (a subclass for another consumer may widen them)
+    OPSETS = range(17, 22)
+
     def __init__(self, graph: Graph, *, fused: bool = True, opset: int = DEFAULT_OPSET,
                  providers: Sequence[str] | None = None):
-        if not 17 <= opset <= 21:
-            raise LoweringError(f"onnx backend: opset {opset} is not supported (17..21)")
+        if opset not in self.OPSETS:
+            raise LoweringError(f"onnx backend: opset {opset} is not supported "
+                                f"({self.OPSETS.start}..{self.OPSETS.stop - 1})")
         self.graph = graph
         self.fused = fused
         self.opset = opset

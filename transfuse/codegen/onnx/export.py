@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 import torch
 
+from transfuse.codegen.lowering import Lowerings
 from transfuse.codegen.onnx.builder import OnnxBuilder
 from transfuse.codegen.onnx.plan import plan
 from transfuse.codegen.onnx.registry import LOWERINGS
@@ -26,18 +27,23 @@ from transfuse.ir.graph import Graph, Node
 from transfuse.ir.ops import get_op
 
 
-def lower_nodes(b: OnnxBuilder) -> None:
-    """Lower every node of ``b.graph`` into ``b`` (after :func:`plan` when fused)."""
+def lower_nodes(b: OnnxBuilder, overrides: Lowerings | None = None) -> None:
+    """Lower every node of ``b.graph`` into ``b`` (after :func:`plan` when fused).
+
+    ``overrides``: another target's lowerings of some ops (the TensorRT flavour), used instead
+    of :data:`LOWERINGS` for the ops they hold; every other op takes the standard lowering.
+    """
     if b.fused:
         plan(b)
     for node in b.graph.nodes:
         get_op(node.op)  # an unknown op is an error here, not in ORT
-        reason = LOWERINGS.supports(node)
+        table = overrides if overrides is not None and node.op in overrides else LOWERINGS
+        reason = table.supports(node)
         if reason is not None:
             raise LoweringError(f"onnx backend cannot lower {describe(node)}: {reason}")
         b.current = node
         try:
-            outs = LOWERINGS.get(node.op).fn(b, node)
+            outs = table.get(node.op).fn(b, node)
         except LoweringError as e:
             raise LoweringError(f"onnx backend cannot lower {describe(node)}: {e}") from None
         finally:
