@@ -44,7 +44,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             quant["calibration"] = _random_batches(inputs, args.calibration)
     t0 = time.perf_counter()
     compiled = transfuse.optimize(model, inputs, dynamic=dynamic, level=args.level,
-                                  verify=args.verify, **quant)
+                                  verify=args.verify, target=args.target, **quant)
     compile_s = time.perf_counter() - t0
     console.print(compiled.pass_log)
     if args.quantize:
@@ -60,9 +60,15 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     base = timings["eager"].median_ms
     table.add_row("eager", f"{base:.2f}", f"{timings['eager'].iqr_ms:.2f}", "1.00", "-", "-")
     t = timings["transfuse"]
-    table.add_row(f"transfuse {args.level} (python)", f"{t.median_ms:.2f}", f"{t.iqr_ms:.2f}",
+    table.add_row(f"transfuse {args.level} ({args.target})", f"{t.median_ms:.2f}", f"{t.iqr_ms:.2f}",
                   f"{t.median_ms / base:.2f}", f"{compile_s:.2f}", f"{err:.2e}")
     console.print(table)
+    if args.target == "triton":
+        from transfuse.codegen.triton import env
+
+        if env.interpreting():
+            console.print("the triton target ran in Triton's interpreter (no CUDA device): its "
+                          "time says nothing about speed; the error column is what to read")
     if args.out:
         compiled.save(args.out)
         console.print(f"saved to {args.out}")
@@ -193,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("optimize", help="compile a built-in model, print the pass log and timings")
     o.add_argument("--model", default="gpt2-tiny", help="built-in model, e.g. gpt2-small, llama-tiny")
     o.add_argument("--level", default="O2", choices=["O0", "O1", "O2"])
+    o.add_argument("--target", default="python",
+                   help="backend: python (default), onnxruntime, triton (a GPU; Triton's "
+                   "interpreter without one: slow, for checking), ...")
     o.add_argument("--seq", type=int, default=128)
     o.add_argument("--batch", type=int, default=1)
     o.add_argument("--threads", type=int, default=1)

@@ -323,3 +323,16 @@ def test_generation_position_bias_families_like_python_target(family):
     ids, mask = random_left_padded([9, 4], high=95, pad=95, seed=0)  # past gemma2's window
     kw = dict(max_new_tokens=4, pad_token_id=95, eos_token_id=None)
     assert torch.equal(tri.generate(ids, mask, **kw), ref.generate(ids, mask, **kw))
+
+
+def test_command_line_optimize_on_the_triton_target(capsys):
+    from transfuse.cli import main
+
+    assert main(["optimize", "--model", "gpt2-tiny", "--target", "triton", "--seq", "6",
+                 "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "transfuse O2 (triton)" in out and "lower.triton" in out
+    if env.interpreting():
+        assert "interpreter" in out
+    assert main(["optimize", "--model", "gpt2-tiny", "--target", "tvm"]) == 2
+    assert "unknown target 'tvm'" in capsys.readouterr().err
