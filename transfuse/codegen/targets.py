@@ -21,6 +21,7 @@ TARGET_MODULES: dict[str, str] = {
     "python": "transfuse.codegen.python.target",
     "onnxruntime": "transfuse.codegen.onnx.target",
     "triton": "transfuse.codegen.triton.target",
+    "tensorrt": "transfuse.codegen.tensorrt.target",
 }
 
 _INSTANCES: dict[str, Target] = {}

@@ -15,6 +15,10 @@ Layout of an artifact directory::
                          (weights in model.onnx.data above 2 GB); load rebuilds from the graph.
                          Not for a generation model (``deploy_onnx`` False: its caches are
                          written in place through IO binding, no plain ONNX file does that)
+    model.onnx, profiles.json, build_engine.py, README.md
+                         tensorrt backend (``CompiledModel.export_tensorrt``): the strongly typed
+                         ONNX, optimization profiles and engine build script; load runs
+                         model.engine (built later, not in the manifest) or model.onnx
 
 ``save`` writes everything into a temporary directory next to the target and renames it
 into place, so a failure leaves no partial artifact. ``read`` (and
@@ -57,18 +61,21 @@ DEPLOY_ONNX = "model.onnx"
 # -- save ---------------------------------------------------------------------------------
 
 
-def save(compiled: Any, path: str | os.PathLike) -> Path:
+def save(compiled: Any, path: str | os.PathLike, *, backend: str | None = None,
+         tensorrt: Mapping[str, Any] | None = None) -> Path:
     """Write ``compiled`` (a CompiledModel) as an artifact directory at ``path``.
 
     An existing artifact at ``path`` is replaced; any other existing file or
-    non-empty directory there is refused.
+    non-empty directory there is refused. ``backend``: the backend the manifest names (default
+    the compiled one's); "tensorrt" adds the TensorRT export files (``tensorrt``: the options of
+    :func:`transfuse.codegen.tensorrt.target.write_export`).
     """
     target = Path(path)
     _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write(compiled, tmp)
+        _write(compiled, tmp, backend or compiled.backend, dict(tensorrt or {}))
         _replace(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,7 +111,7 @@ def _replace(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write(compiled: Any, root: Path) -> None:
+def _write(compiled: Any, root: Path, backend: str, tensorrt: dict) -> None:
     from safetensors.torch import save_file
 
     from transfuse.ir.printer import print_graph
@@ -117,8 +124,13 @@ def _write(compiled: Any, root: Path) -> None:
     _write_text(root / FILES["pass_log"],
                 json.dumps(log.to_json() if log is not None else None, indent=1))
     _write_text(root / FILES["code"], compiled.source)
-    if compiled.backend == "onnxruntime" and getattr(compiled, "deploy_onnx", True):
+    meta = dict(compiled.meta)
+    if backend == "onnxruntime" and getattr(compiled, "deploy_onnx", True):
         compiled.export_onnx(str(root / DEPLOY_ONNX))  # for deployment; never read by load
+    if backend == "tensorrt":  # model.onnx, profiles.json, build_engine.py, README.md; load reads
+        from transfuse.codegen.tensorrt.target import write_export
+
+        meta["tensorrt"] = write_export(root, graph, compiled.signature, **tensorrt)
     files = {}
     for p in sorted(root.iterdir()):
         files[p.name] = {"sha256": _sha256(p), "size": p.stat().st_size}
@@ -127,10 +139,10 @@ def _write(compiled: Any, root: Path) -> None:
         "format_version": FORMAT_VERSION,
         "transfuse_version": transfuse_version(),
         "torch_version": torch.__version__,
-        "backend": compiled.backend,
+        "backend": backend,
         "graph_name": graph.name,
         "signature": compiled.signature.to_json(),
-        "meta": json.loads(json.dumps(compiled.meta, default=str)),
+        "meta": json.loads(json.dumps(meta, default=str)),
         **FILES,
         "files": files,
     }

@@ -50,6 +50,9 @@ class CompiledModel:
         self._backend = backend
         self.meta: dict[str, Any] = dict(meta or {})
         self._program = program if program is not None else lower(graph, backend)
+        bind = getattr(self._program, "bind_signature", None)
+        if callable(bind):  # the tensorrt target's engine profiles need the symbol ranges
+            bind(signature)
         self._share_weights()
         self._note_lowering()
 
@@ -127,6 +130,19 @@ class CompiledModel:
                              opset=opset or getattr(self._program, "opset", DEFAULT_OPSET))
         return str(save_model(model, path))
 
+    def export_tensorrt(self, path: str, *, attention: str = "onnx", trt_version: str = "10.14",
+                        opset: int = 23, profiles: Any = None, opt: Any = None) -> str:
+        """Write a TensorRT export directory (any backend): ``model.onnx`` (strongly typed ONNX
+        for TensorRT ``trt_version``'s parser, ``attention`` "onnx" or "decomposed"),
+        ``profiles.json`` (optimization profiles from the symbol ranges; ``profiles=`` a list of
+        symbol -> (min, max) or (min, opt, max), ``opt=`` symbol -> opt point), ``build_engine.py``
+        (builds ``model.engine`` where TensorRT is installed), ``README.md``, and the artifact
+        files, so :func:`load` reads it back (see :mod:`transfuse.codegen.tensorrt.target`)."""
+        artifact.save(self, path, backend="tensorrt",
+                      tensorrt={"attention": attention, "trt_version": trt_version,
+                                "opset": opset, "profiles": profiles, "opt": opt})
+        return str(path)
+
     def _note_lowering(self) -> None:
         """Add what the backend emitted (e.g. fused-op counts) to the pass log, once."""
         notes = getattr(self._program, "lowering_notes", None)
@@ -183,25 +199,38 @@ class CompiledModel:
         return "\n".join(lines) + ")"
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> CompiledModel:
+def load(path: str | os.PathLike, device: str | torch.device | None = None, *,
+         engine: bool | None = None) -> CompiledModel:
     """Read an artifact directory back into a :class:`CompiledModel` (weights on ``device``).
 
     The files are checked and parsed by :func:`transfuse.runtime.artifact.read`; the program
     is regenerated with the artifact's backend (the saved source is never executed). A
     generation artifact loads here as its step; ``transfuse.load`` makes it a GenerationModel.
+
+    A TensorRT export (``export_tensorrt``) runs its ``model.engine`` where TensorRT can, else its
+    ``model.onnx`` in ONNX Runtime (``model.meta["runs"]`` says which and why); ``engine=True``
+    makes that fallback an :class:`ArtifactError`, ``engine=False`` always takes it.
     """
-    return from_contents(artifact.read(path, device))
+    return from_contents(artifact.read(path, device), engine=engine, device=device)
 
 
-def from_contents(contents: artifact.ArtifactContents, build: Any = None) -> Any:
+def from_contents(contents: artifact.ArtifactContents, build: Any = None, *,
+                  engine: bool | None = None, device: str | torch.device | None = None) -> Any:
     """Lower what :func:`artifact.read` checked; ``build(contents, program)`` makes the model
-    (default: a :class:`CompiledModel`). A failure is an :class:`ArtifactError`."""
+    (default: a :class:`CompiledModel`). A failure is an :class:`ArtifactError`.
+    A backend with ``load_artifact`` (tensorrt) loads its own files from the directory."""
     try:
-        program = lower(contents.graph, contents.backend)
+        meta = dict(contents.meta)
+        load_artifact = getattr(get_target(contents.backend), "load_artifact", None)
+        if load_artifact is not None:
+            program = load_artifact(contents.root, contents.graph, engine=engine, device=device)
+            meta["runs"] = getattr(program, "runs", contents.backend)
+        else:
+            program = lower(contents.graph, contents.backend)
         if build is not None:
             return build(contents, program)
         return CompiledModel(contents.graph, contents.signature, contents.pass_log,
-                             backend=contents.backend, program=program, meta=contents.meta)
+                             backend=contents.backend, program=program, meta=meta)
     except LoweringError as e:
         raise ArtifactError(f"{contents.root / artifact.MANIFEST}: cannot rebuild the model: "
                             f"{e}") from None
