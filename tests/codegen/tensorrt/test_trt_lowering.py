@@ -147,3 +147,179 @@ def test_unsupported_ops_flags_what_tensorrt_refuses():
         "com.microsoft.MatMulNBits"]
     assert "Attention" in unsupported_ops(m, "10.8")
     assert support_for("11.0").opsets == range(9, 25)
+
+
+# -- single ops against the IR interpreter -----------------------------------------------------
+
+EXACT = 1e-5
+
+
+def _check(g, feeds, *, attention="onnx", expect=(), forbid=()):
+    """Lower ``g`` for TensorRT, check op presence and numerics against the interpreter."""
+    from transfuse.ir.interpret import interpret
+    m = lower_tensorrt(g, attention=attention)
+    onnx.checker.check_model(m, full_check=True)
+    assert unsupported_ops(m, "10.14") == []
+    ops = {n.op_type for n in m.graph.node}
+    for op in expect:
+        assert op in ops, (op, sorted(ops))
+    for op in forbid:
+        assert op not in ops, (op, sorted(ops))
+    want = interpret(g, feeds)[0]
+    got = _run(m, feeds)
+    assert got.shape == want.shape
+    assert not torch.isnan(got).any()
+    assert ((got - want).norm() / max(want.norm(), 1e-12)).item() <= EXACT, (got - want).abs().max()
+    return m, got
+
+
+def _attn(sig: str, body: str):
+    from transfuse.ir.parser import parse_graph
+    return parse_graph(f"graph a({sig}) {{\n  {body}\n  return %a\n}}")
+
+
+QKV = "%q: f32[b, 4, s, 16], %k: f32[b, 2, s, 16], %v: f32[b, 2, s, 16]"
+
+
+def _qkv(b=2, s=6, hkv=2, t=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = s if t is None else t
+    return [torch.randn(b, 4, s, 16, generator=g), torch.randn(b, hkv, t, 16, generator=g),
+            torch.randn(b, hkv, t, 16, generator=g)]
+
+
+@pytest.mark.parametrize("attrs, native", [
+    ("causal, kv_heads=2", True),
+    ("causal, kv_heads=2, window=3", True),
+    ("kv_heads=2, scale=0.3", True),
+    ("causal, kv_heads=2, alibi=[0.5, 0.25, 0.125, 0.0625]", True),
+    ("causal, kv_heads=2, softcap=2.0", False),  # TensorRT refuses Attention's softcap
+])
+def test_attention_forms(attrs, native):
+    g = _attn(QKV, f"%a: f32[b, 4, s, 16] = attention(%q, %k, %v) {{{attrs}}}")
+    m, _ = _check(g, _qkv(), expect=["Attention"] if native else ["Softmax"],
+                  forbid=[] if native else ["Attention"])
+    if native and "window" not in attrs and "alibi" not in attrs:
+        assert not any(n.op_type == "Where" for n in m.graph.node)  # is_causal, no mask
+    _check(g, _qkv(), attention="decomposed", forbid=["Attention"])
+
+
+def test_attention_padding_bias_and_fully_padded_row():
+    g = _attn(QKV.replace("%k: f32[b, 2", "%k: f32[b, 4").replace("%v: f32[b, 2", "%v: f32[b, 4")
+              + ", %bias: f32[b, 1, 1, s], %kpm: i64[b, s]",
+              "%a: f32[b, 4, s, 16] = attention(%q, %k, %v, %bias, %kpm) {}")
+    q, k, v = _qkv(b=3, s=5, hkv=4)
+    bias = torch.zeros(3, 1, 1, 5)
+    bias[0, ..., -2:] = torch.finfo(torch.float32).min
+    kpm = torch.ones(3, 5, dtype=torch.int64)
+    kpm[1, 3:] = 0
+    kpm[2] = 0  # every key padded: zeros in the IR
+    _, got = _check(g, [q, k, v, bias, kpm], expect=["Attention", "Expand"])
+    assert got[2].abs().max() == 0
+
+
+def test_attention_longer_keys_bottom_right_causal_and_cross_dims():
+    g = _attn("%q: f32[2, 4, 3, 16], %k: f32[2, 2, 7, 16], %v: f32[2, 2, 7, 8]",
+              "%a: f32[2, 4, 3, 8] = attention(%q, %k, %v) {causal, kv_heads=2}")
+    q, k, v = _qkv(s=3, t=7)
+    m, _ = _check(g, [q, k, v[..., :8].contiguous()], expect=["Attention", "LessOrEqual"])
+    attn = next(n for n in m.graph.node if n.op_type == "Attention")
+    assert not any(a.name == "is_causal" for a in attn.attribute)  # bottom-right as a mask
+
+
+def test_attention_bshd_layout():
+    g = _attn("%q: f32[b, s, 4, 16], %k: f32[b, s, 2, 16], %v: f32[b, s, 2, 16]",
+              '%a: f32[b, s, 4, 16] = attention(%q, %k, %v) {causal, kv_heads=2, layout="bshd"}')
+    feeds = [x.transpose(1, 2).contiguous() for x in _qkv()]
+    _check(g, feeds, expect=["Attention"])
+
+
+def _qlinear(qtext: str, *, frac: bool = False, bias: bool = True, act=None, n: int = 24):
+    from transfuse.ir.graph import Graph
+    from transfuse.ir.quant import quantize_rtn
+    from transfuse.ir.types import DType, QuantType, TensorType
+    qt = QuantType.parse(qtext)
+    g = Graph("q")
+    x = g.add_input("x", TensorType(DType.f32, ("b", "s", qt.k)))
+    torch.manual_seed(0)
+    q = quantize_rtn(torch.randn(n, qt.k), qt)
+    w = g.add_constant(q.qweight, "w", quant=qt)
+    s = g.add_constant(q.scales, "w_scales")
+    z = None
+    if not qt.symmetric:
+        zeros = q.zeros + (torch.rand_like(q.zeros) - 0.5 if frac else 0.0)
+        z = g.add_constant(zeros, "w_zeros")
+    b = g.add_constant(torch.randn(n), "bias") if bias else None
+    g.set_outputs([g.op("qlinear", x, w, s, z, b, activation=act)])
+    return g
+
+
+@pytest.mark.parametrize("qtext, frac, act", [
+    ("int4 g32 sym k64", False, None),
+    ("int4 g32 asym k64", False, "gelu"),
+    ("int4 g32 asym k64", True, None),
+    ("int4 g64 asym k64", True, "silu"),  # per channel, fractional zeros
+    ("int8 g32 asym k64", True, None),
+    ("int8 g64 sym k64", False, "relu"),
+])
+def test_qlinear_forms(qtext, frac, act):
+    g = _qlinear(qtext, frac=frac, act=act)
+    x = torch.randn(2, 5, 64)
+    m, _ = _check(g, [x], expect=["DequantizeLinear", "MatMul"])
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
+    assert len(dq.input) == 2  # no zero point
+    sym = " sym " in qtext
+    assert ("ReduceSum" in {n.op_type for n in m.graph.node}) == (not sym)
+
+
+def test_qlinear_fp8_weight():
+    g = _qlinear("fp8e4m3 g64 sym k64")
+    m, _ = _check(g, [torch.randn(2, 5, 64)], expect=["DequantizeLinear"])
+    assert TensorProto.FLOAT8E4M3FN in {t.data_type for t in m.graph.initializer}
+
+
+def test_qmatmul_refused_with_reason():
+    from transfuse.ir.graph import Graph
+    from transfuse.ir.quant import quantize_rtn
+    from transfuse.ir.types import DType, QuantType, TensorType
+    qt = QuantType("int", 8, 64, True, 64)
+    g = Graph("qmm")
+    x = g.add_input("x", TensorType(DType.f32, ("s", 64)))
+    q = quantize_rtn(torch.randn(16, 64), qt)
+    g.set_outputs([g.op("qmatmul", x, g.add_constant(q.qweight, "w", quant=qt),
+                        g.add_constant(q.scales, "w_scales"), None, act_quant="token")])
+    with pytest.raises(LoweringError, match="qmatmul.*zero point"):
+        lower_tensorrt(g)
+
+
+def test_check_strongly_typed_refuses_mixed_types():
+    from onnx import helper
+    g = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["c"])], "mixed",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("b", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
+    with pytest.raises(LoweringError, match="not strongly typed"):
+        check_strongly_typed(m)
+
+
+@pytest.mark.parametrize("name, attention", [("llama-tiny", "onnx"),
+                                             ("bert-tiny", "decomposed")])
+def test_polygraphy_lint(compiled, name, attention, tmp_path):
+    """``polygraphy check lint`` (ONNX checker + an ONNX Runtime run per node) passes."""
+    import json
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    pytest.importorskip("polygraphy", reason="polygraphy is not installed (the dev extra)")
+    tool = shutil.which("polygraphy") or str(pathlib.Path(sys.executable).parent / "polygraphy")
+    c = compiled[name, "int4-weight"]
+    path, report = tmp_path / "model.onnx", tmp_path / "lint.json"
+    onnx.save(lower_tensorrt(c.graph, c.signature, attention=attention), str(path))
+    run = subprocess.run([sys.executable, tool, "check", "lint", str(path), "-o", str(report)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    summary = json.loads(report.read_text())["summary"]
+    assert summary["failing"] == [] and summary["passing"]

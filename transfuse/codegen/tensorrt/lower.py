@@ -375,10 +375,12 @@ def _qmatmul(b, node):  # never called: supports() refuses every qmatmul
 
 def check_strongly_typed(model: onnx.ModelProto) -> None:
     """Strict ONNX shape inference (types checked) must give every value an element type;
-    raises :class:`LoweringError` naming the values it cannot type."""
+    raises :class:`LoweringError` naming the values it cannot type.
+
+    Without ``data_prop``: onnx 1.23's data propagation takes the values of a Range-made
+    [1, T] - [S, 1] subtraction for shapes and reports a false broadcasting error."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
-                                                     data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as e:  # onnx raises InferenceError / ValidationError
         raise LoweringError(f"tensorrt: the ONNX model is not strongly typed: {e}") from None
     g = inferred.graph
