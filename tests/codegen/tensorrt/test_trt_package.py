@@ -360,16 +360,41 @@ def test_build_script_without_tensorrt_says_so(gpt2_export):
     assert not (gpt2_export / "model.engine").exists()
 
 
-def test_polygraphy_lint_passes(gpt2_export, tmp_path):
+def _lint(model_path: Path, tmp_path: Path) -> None:
+    """``polygraphy check lint`` passes on the file, with no failing node in its report."""
     pytest.importorskip("polygraphy", reason="polygraphy (the dev extra) is not installed")
     pytest.importorskip("onnx_graphsurgeon", reason="polygraphy's lint needs onnx-graphsurgeon")
     exe = shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or "polygraphy"
     report = tmp_path / "lint.json"
-    r = subprocess.run([exe, "check", "lint", str(gpt2_export / "model.onnx"), "-o",
-                        str(report)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([exe, "check", "lint", str(model_path), "-o", str(report)],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "PASSED" in r.stdout + r.stderr, r.stdout + r.stderr
     summary = json.loads(report.read_text())["summary"]
     assert not summary.get("failing") and len(summary["passing"]) > 10
+
+
+def test_polygraphy_lint_passes(gpt2_export, tmp_path):
+    _lint(gpt2_export / "model.onnx", tmp_path)
+
+
+def test_bert_export_lints_and_loads(tmp_path):
+    """Two dynamic inputs (input_ids, attention_mask) in one profile; padding exercised."""
+    m, ex, _ = get_model("bert-tiny", batch=2, seq=8)
+    c = transfuse.optimize(m, ex, dynamic={"batch": (1, 4), "seq": (2, 32)}, target="python")
+    c.export_tensorrt(str(tmp_path / "bert"))
+    (p,) = read_profiles(tmp_path / "bert" / "profiles.json")["profiles"]
+    assert p["inputs"] == {name: {"min": [1, 2], "opt": [4, 16], "max": [4, 32]}
+                           for name in ("input_ids", "attention_mask")}
+    assert '"max": [4, 32]' in (tmp_path / "bert" / "profiles.json").read_text()
+    _lint(tmp_path / "bert" / "model.onnx", tmp_path)
+    a, b = _out(c(*ex)), _out(transfuse.load(str(tmp_path / "bert"))(*ex))
+    assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+
+
+def test_generation_graphs_are_refused_with_the_reason():
+    m, ex, _ = get_model("gpt2-tiny", seq=8)
+    with pytest.raises(LoweringError, match="tensorrt target: generation graphs"):
+        transfuse.optimize(m, ex, generation={"kv": "contiguous"}, target="tensorrt")
 
 
 # -- running without TensorRT --------------------------------------------------------------------
@@ -421,6 +446,7 @@ def test_int4_weight_export_loads_and_equals_python(tmp_path):
     q.export_tensorrt(str(tmp_path / "q"))
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
     assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
+    _lint(tmp_path / "q" / "model.onnx", tmp_path)
     loaded = transfuse.load(str(tmp_path / "q"))
     got = _out(loaded(*ex))
     # the IR's reference (dequantized weights, f32 GEMM: what TensorRT's weight-only GEMM does)

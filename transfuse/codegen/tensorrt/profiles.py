@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -181,8 +182,12 @@ def profiles_document(signature: Any, *, profiles: Sequence[Mapping[str, Sequenc
 
 
 def write_profiles(doc: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``doc`` as indented JSON with each shape on one line."""
     path = Path(path)
-    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    text = json.dumps(doc, indent=1, sort_keys=True)
+    text = re.sub(r"\[\s+([-\d,\s]+?)\s+\]",
+                  lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    path.write_text(text + "\n", encoding="utf-8")
     return path
 
 

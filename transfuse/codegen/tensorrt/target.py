@@ -229,6 +229,11 @@ class TensorRTTarget(Target):
         return None
 
     def build(self, graph: Graph, device: Any = None) -> OnnxFallbackProgram | TensorRTProgram:
+        if any(n.op == "cached_attention" for n in graph.nodes):
+            raise LoweringError("tensorrt target: generation graphs (cached_attention, KV caches "
+                                "written in place) are not supported yet: TensorRT needs the KV "
+                                "cache as engine inputs/outputs; generate with target="
+                                "'onnxruntime', 'triton' or 'python'")
         model = lower_model(graph)
         reason = tensorrt_unavailable()
         if reason is None:
@@ -287,8 +292,9 @@ Build the engine (on the machine that will run it):
 Run it:
 
     import transfuse
-    model = transfuse.load("{path}")   # the engine when TensorRT and a GPU are present,
-                                       # else model.onnx in ONNX Runtime (model.source says why)
+    model = transfuse.load("path/to/this/directory")
+    print(model.meta["runs"])  # the engine where TensorRT and a GPU are present, else
+                               # model.onnx in ONNX Runtime, and why
 
 Nothing in this directory was built or run with TensorRT by transfuse: `model.engine` exists only
 after you run `build_engine.py`.
@@ -331,7 +337,7 @@ def write_export(root: str | Path, graph: Graph, signature: Any, *,
         quant=(", quantized weights as " + " / ".join(quant)) if quant else "",
         attention=("the ONNX Attention op where it is exact, else MatMul-Softmax-MatMul"
                    if attention == "onnx" else "MatMul-Softmax-MatMul"),
-        symbols=symbols, opt_rule=OPT_RULE, path=root.name), encoding="utf-8")
+        symbols=symbols, opt_rule=OPT_RULE), encoding="utf-8")
     return {"attention": attention, "trt_version": trt_version, "opset": opset,
             "profiles": len(doc["profiles"]), "onnx_ops": dict(sorted(ops.items()))}
 
