@@ -323,3 +323,74 @@ def test_polygraphy_lint(compiled, name, attention, tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     summary = json.loads(report.read_text())["summary"]
     assert summary["failing"] == [] and summary["passing"]
+
+
+# -- generation graphs -------------------------------------------------------------------------
+
+
+def test_generation_graph_caches_as_outputs():
+    """A cached_attention graph: every written cache is an output ``<cache>_present`` (named
+    in the metadata); fed back step after step it equals the op's reference, as do the
+    outputs (prefill of three sequences in scattered slots, decode, a mixed step)."""
+    import json
+
+    from transfuse.codegen.tensorrt.lower import CACHE_OUTPUTS_KEY
+    from transfuse.ir.opdefs.generation import cached_attention
+    from transfuse.ir.parser import parse_graph
+    h, hkv, d, slots, length = 4, 2, 8, 3, 16
+    cache = f"f32[{slots}, {length}, {hkv}, {d}]"
+    g = parse_graph(
+        f"graph g(%q: f32[1, {h}, n, {d}], %k: f32[1, {hkv}, n, {d}], %v: f32[1, {hkv}, n, {d}],"
+        f" %kc: {cache}, %vc: {cache}, %pos: i64[n], %sot: i64[n], %lens: i64[b],"
+        f" %table: i64[b]) {{\n"
+        f"  %a: f32[1, {h}, n, {d}] = cached_attention(%q, %k, %v, %kc, %vc, %pos, %sot, %lens,"
+        f" %table) {{kv_heads={hkv}, window=3}}\n  return %a\n}}")
+    m = lower_tensorrt(g, attention="onnx")
+    onnx.checker.check_model(m, full_check=True)
+    assert unsupported_ops(m, "10.14") == []
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(meta[CACHE_OUTPUTS_KEY]) == {"kc": "kc_present", "vc": "vc_present"}
+    assert [o.name for o in m.graph.output][1:] == ["kc_present", "vc_present"]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    attrs = {"scale": None, "window": 3, "kv_heads": hkv, "alibi": None, "softcap": None,
+             "layout": "bhsd", "paged": False, "block_size": None, "cache_order": "token-major"}
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.zeros(slots, length, hkv, d) for _ in range(2)]
+    ref = [torch.zeros(slots, length, hkv, d) for _ in range(2)]
+    slot_of = torch.tensor([2, 0, 1])
+    for starts, counts in (([0, 0, 0], [5, 2, 7]), ([5, 2, 7], [1, 1, 1]),
+                           ([6, 3, 8], [3, 1, 2])):
+        n = sum(counts)
+        q, k, v = (torch.randn(1, x, n, d, generator=gen) for x in (h, hkv, hkv))
+        pos = torch.cat([torch.arange(s, s + c) for s, c in zip(starts, counts)])
+        sot = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)])
+        lens = torch.tensor([s + c for s, c in zip(starts, counts)])
+        feeds = [q, k, v, *ours, pos, sot, lens, slot_of]
+        got, kc, vc = sess.run(None, {i.name: t.numpy() for i, t in
+                                      zip(sess.get_inputs(), feeds)})
+        ours = [torch.from_numpy(kc), torch.from_numpy(vc)]
+        want = cached_attention([q, k, v, *ref, pos, sot, lens, slot_of], attrs, {})
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_model_is_strongly_typed(dtype):
+    """llama-tiny in fp16 / bf16: checker, strict typing, TensorRT's op list; fp16 also runs
+    in ORT against the python target (measured 7e-4: half rounding; ORT's CPU provider has
+    no bf16 kernels for Mul/Add, so bf16 is checked without running)."""
+    model, args, dyn = get_model("llama-tiny", seq=16)
+    c = transfuse.optimize(model.to(dtype), args, dynamic=dyn, target="python")
+    m = lower_tensorrt(c.graph, c.signature)
+    onnx.checker.check_model(m, full_check=True)
+    check_strongly_typed(m)
+    assert unsupported_ops(m, "10.14") == []
+    ops = collections.Counter(n.op_type for n in m.graph.node)
+    assert ops["Attention"] == 2 and ops["RMSNormalization"] == 5
+    if dtype == torch.float16:
+        ref = c(*args).float()
+        out = _run(m, args).float()
+        assert ((out - ref).norm() / ref.norm()).item() <= 3e-3

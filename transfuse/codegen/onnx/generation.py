@@ -269,6 +269,26 @@ def _cached_attention(b, node):
 # -- the program --------------------------------------------------------------------------
 
 
+def add_cache_outputs(model, writes: dict[str, str]) -> dict[str, str]:
+    """Make each recorded cache write (:func:`recording_cache_writes`) an extra output of
+    ``model``, ``<cache input>_present``, of the cache's type (in place, after the graph's own
+    outputs); returns cache input name -> output name. A write that was pruned is an error."""
+    produced = {o for n in model.graph.node for o in n.output}
+    types = {i.name: i.type for i in model.graph.input}
+    outputs: dict[str, str] = {}
+    for source, written in writes.items():
+        if written not in produced:
+            raise LoweringError(f"the write of cache {source!r} was pruned: a "
+                                "cached_attention whose output nothing uses")
+        out = helper.make_value_info(f"{source}_present", types[source])
+        for n in model.graph.node:  # the writer produces the output under its own name
+            n.output[:] = [out.name if o == written else o for o in n.output]
+            n.input[:] = [out.name if o == written else o for o in n.input]
+        model.graph.output.append(out)
+        outputs[source] = out.name
+    return outputs
+
+
 class GenerationOrtProgram:
     """An ORT session for a generation graph whose caches are updated in place.
 
@@ -297,21 +317,9 @@ class GenerationOrtProgram:
         with recording_cache_writes(graph) as writes:
             model, self._inits, builder = lower_graph(graph, external=True, providers=providers)
         self.notes = list(builder.notes)
-        produced = {o for n in model.graph.node for o in n.output}
         self.input_names = [i.name for i in model.graph.input]
         self.output_names = [o.name for o in model.graph.output]
-        self.cache_outputs: dict[str, str] = {}
-        types = {i.name: i.type for i in model.graph.input}
-        for source, written in writes.items():
-            if written not in produced:
-                raise LoweringError(f"the write of cache {source!r} was pruned: a "
-                                    "cached_attention whose output nothing uses")
-            out = helper.make_value_info(f"{source}_present", types[source])
-            for n in model.graph.node:  # the writer produces the output under its own name
-                n.output[:] = [out.name if o == written else o for o in n.output]
-                n.input[:] = [out.name if o == written else o for o in n.input]
-            model.graph.output.append(out)
-            self.cache_outputs[source] = out.name
+        self.cache_outputs = add_cache_outputs(model, writes)
         self.model_proto = model
         self.session, self._keep = open_session(
             model, self._inits, threads=self.threads, providers=providers,
@@ -420,4 +428,4 @@ def _np_dtype(dtype: torch.dtype):
     return _NP_DTYPES[dtype]
 
 
-__all__ = ["GenerationOrtProgram", "recording_cache_writes"]
+__all__ = ["GenerationOrtProgram", "recording_cache_writes", "add_cache_outputs"]

@@ -23,6 +23,10 @@ Runtime):
   MatMul, or Mul per channel). It holds for fractional zeros too; ``asymmetric="refuse"``
   raises instead. fp8 (e4m3) weights: FLOAT8E4M3FN initializer + DequantizeLinear (per channel)
   + MatMul;
+- ``cached_attention`` (generation graphs) keeps the backend's standard form: each cache write
+  is a ``ScatterND`` whose result becomes an extra output ``<cache>_present`` (the map is in
+  the model's metadata under :data:`CACHE_OUTPUTS_KEY`); the caller makes it land in the cache
+  (binds it to the cache's memory, or feeds it back next step);
 - ``qmatmul`` (W8A8) is refused: the IR quantizes activations to u8 with a per-row/tensor zero
   point computed at run time, and TensorRT's QuantizeLinear takes only zero zero points.
 
@@ -35,6 +39,8 @@ S query length, T key length, D head dim, N output features, K input features, G
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 
 import onnx
@@ -46,6 +52,7 @@ from transfuse.codegen.onnx.attention import attention_std
 from transfuse.codegen.onnx.builder import OnnxBuilder
 from transfuse.codegen.onnx.elementwise import activation
 from transfuse.codegen.onnx.export import describe, lower_nodes, output_names
+from transfuse.codegen.onnx.generation import add_cache_outputs, recording_cache_writes
 from transfuse.codegen.onnx.nn import layer_norm_std, norm_weight, rms_norm_std
 from transfuse.codegen.onnx.registry import out_dtype
 from transfuse.codegen.onnx.tensors import onnx_dtype
@@ -61,6 +68,8 @@ ATTENTION_MODES = ("onnx", "decomposed")
 ASYMMETRIC_MODES = ("correct", "refuse")
 #: the opset of the ONNX Attention and RMSNormalization ops
 ATTENTION_OPSET = 23
+#: model metadata key of a generation graph's {cache input: written-cache output} (JSON)
+CACHE_OUTPUTS_KEY = "transfuse.cache_outputs"
 
 #: the TensorRT flavour of the ops it lowers differently from ONNX Runtime's standard form
 TRT_LOWERINGS = Lowerings("tensorrt")
@@ -421,10 +430,16 @@ def lower_tensorrt(graph: Graph, signature=None, *, opset: int = ATTENTION_OPSET
         raise LoweringError(f"tensorrt: TensorRT {trt_version} parses opsets "
                             f"{support.opsets.start}..{support.opsets.stop - 1}, not {opset}")
     b = TrtBuilder(graph, opset=opset, attention=attention, asymmetric=asymmetric)
-    lower_nodes(b, TRT_LOWERINGS)
+    generation = any(n.op == "cached_attention" for n in graph.nodes)
+    with recording_cache_writes(graph) if generation else contextlib.nullcontext({}) as writes:
+        lower_nodes(b, TRT_LOWERINGS)
     model, _ = b.build(output_names(signature, len(graph.outputs)))
     used = {i for n in model.graph.node for i in n.input}
     model.graph.initializer.extend(p for k, p in b.protos.items() if k in used)
+    if writes:  # a generation graph: each written KV cache is an extra output
+        entry = model.metadata_props.add()
+        entry.key = CACHE_OUTPUTS_KEY
+        entry.value = json.dumps(add_cache_outputs(model, writes))
     model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(
         list(model.opset_import)))
     check_strongly_typed(model)
@@ -435,5 +450,5 @@ def lower_tensorrt(graph: Graph, signature=None, *, opset: int = ATTENTION_OPSET
     return model
 
 
-__all__ = ["lower_tensorrt", "check_strongly_typed", "onnx_attention_refuses", "rms_norm_trt",
+__all__ = ["lower_tensorrt", "CACHE_OUTPUTS_KEY", "check_strongly_typed", "onnx_attention_refuses", "rms_norm_trt",
            "TrtBuilder", "TRT_LOWERINGS", "ATTENTION_MODES", "ASYMMETRIC_MODES"]
