@@ -18,6 +18,7 @@ ONNX Runtime with a note saying why; ``engine=True`` makes the fallback an error
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -39,6 +40,15 @@ DEFAULT_OPTIONS = {"attention": "onnx", "trt_version": "10.14", "opset": 23}
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
 NO_TRT = "no TensorRT here: the ONNX TensorRT would parse, run by ONNX Runtime"
+
+
+def cache_outputs(model: onnx.ModelProto) -> dict[str, str]:
+    """A generation model's {cache input: written-cache output} (lower.py's metadata), or {}."""
+    from transfuse.codegen.tensorrt import lower
+
+    key = getattr(lower, "CACHE_OUTPUTS_KEY", None)
+    value = next((p.value for p in model.metadata_props if p.key == key), None)
+    return json.loads(value) if value else {}
 
 
 def lower_model(graph: Graph, signature: Any = None, **options: Any) -> onnx.ModelProto:
@@ -76,11 +86,15 @@ class OnnxFallbackProgram:
             proto, what, payload = model, f"the TensorRT ONNX of graph {graph.name}", None
         self.input_names = [i.name for i in proto.graph.input]
         self.output_names = [o.name for o in proto.graph.output]
-        if len(self.input_names) != len(graph.inputs) \
-                or len(self.output_names) != len(graph.outputs):
-            raise LoweringError(f"{what}: {len(self.input_names)} inputs / "
-                                f"{len(self.output_names)} outputs, graph {graph.name} has "
-                                f"{len(graph.inputs)} / {len(graph.outputs)}")
+        # a generation graph: cache input -> its written copy, an extra output (lower.py)
+        self.cache_outputs = cache_outputs(proto)
+        self._copy_back = [(self.input_names.index(i), self.output_names.index(o))
+                           for i, o in self.cache_outputs.items()]
+        self._returned = len(self.output_names) - len(self.cache_outputs)
+        if len(self.input_names) != len(graph.inputs) or self._returned != len(graph.outputs):
+            raise LoweringError(f"{what}: {len(self.input_names)} inputs / {self._returned} "
+                                f"outputs, graph {graph.name} has {len(graph.inputs)} / "
+                                f"{len(graph.outputs)}")
         self.onnx_ops: Counter = Counter(n.op_type for n in proto.graph.node)
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                           None)
@@ -113,7 +127,9 @@ class OnnxFallbackProgram:
         except Exception as e:
             raise ExecutionError(f"onnxruntime failed running the TensorRT ONNX of graph "
                                  f"{self.graph.name!r}: {type(e).__name__}: {e}") from e
-        return [torch.from_numpy(o).to(self.device) for o in outs]
+        for i, o in self._copy_back:  # the written KV caches land in the caller's cache tensors
+            flat_inputs[i].copy_(torch.from_numpy(outs[o]))
+        return [torch.from_numpy(o).to(self.device) for o in outs[:self._returned]]
 
     @property
     def runs(self) -> str:
@@ -229,14 +245,14 @@ class TensorRTTarget(Target):
         return None
 
     def build(self, graph: Graph, device: Any = None) -> OnnxFallbackProgram | TensorRTProgram:
-        if any(n.op == "cached_attention" for n in graph.nodes):
-            raise LoweringError("tensorrt target: generation graphs (cached_attention, KV caches "
-                                "written in place) are not supported yet: TensorRT needs the KV "
-                                "cache as engine inputs/outputs; generate with target="
-                                "'onnxruntime', 'triton' or 'python'")
         model = lower_model(graph)
         reason = tensorrt_unavailable()
         if reason is None:
+            if cache_outputs(model):
+                raise LoweringError("tensorrt target: an engine for a generation graph needs "
+                                    "optimization profiles for the step's token / cache "
+                                    "symbols, which are not derived yet (ONNX Runtime runs it "
+                                    "where TensorRT is absent)")
             return TensorRTProgram(graph, model, device)
         return OnnxFallbackProgram(model, graph, reason=reason, device=device)
 
