@@ -147,6 +147,18 @@ def test_target_is_registered_and_answers_passes():
     assert "tensorrt" in target_names() and "tensorrt" in TARGETS
     t = get_target("tensorrt")
     assert isinstance(t, TensorRTTarget)
+    import inspect
+
+    from transfuse.passes.base import TargetInfo
+
+    members = {k: v for k, v in vars(TargetInfo).items() if not k.startswith("_")}
+    for name in set(members) | set(TargetInfo.__annotations__):
+        assert hasattr(t, name), name
+        if callable(members.get(name)):
+            want = inspect.signature(members[name]).parameters
+            got = inspect.signature(getattr(type(t), name)).parameters
+            assert [(p.name, p.kind) for p in got.values()] == \
+                [(p.name, p.kind) for p in want.values()], name
     from transfuse.ir.types import QuantType
 
     assert t.quant_unsupported(QuantType("int", 4, 32, True, 64), "qlinear") is None
