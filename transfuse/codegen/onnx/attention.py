@@ -40,8 +40,9 @@ _LOWEST = float(torch.finfo(torch.float32).min)
 # -- attention -------------------------------------------------------------------------------------
 
 
-def _dims(node: Node):
-    """(B, H, S, D), (Hkv, T, Dv) in bhsd terms whatever the layout."""
+def attention_dims(node: Node):
+    """(B, H, S, D), (Hkv, T, Dv) of an ``attention`` node in bhsd terms whatever its
+    layout."""
     layout = node.attrs["layout"]
 
     def bhsd(t):
@@ -59,7 +60,7 @@ def attention_route(b, node: Node) -> tuple[str | None, str]:
     if not fusable(b, node):
         return None, "not f32 or fused ops disabled"
     a = node.attrs
-    (_, h, s, d), (hkv, t, dv) = _dims(node)
+    (_, h, s, d), (hkv, t, dv) = attention_dims(node)
     bias = node.inputs[3] if len(node.inputs) > 3 else None
     kpm = node.inputs[4] if len(node.inputs) > 4 else None
     if a["alibi"] is not None:
@@ -89,7 +90,7 @@ def attention_route(b, node: Node) -> tuple[str | None, str]:
 
 
 def _bias_fits(node: Node, bias: Value) -> bool:
-    (bb, h, s, _), (_, t, _) = _dims(node)
+    (bb, h, s, _), (_, t, _) = attention_dims(node)
     shape = (1,) * (4 - bias.type.rank) + tuple(bias.type.shape)
     return (len(shape) == 4 and (shape[0] == 1 or dims_equal(shape[0], bb))
             and (shape[1] == 1 or dims_equal(shape[1], h))
@@ -111,7 +112,7 @@ def _flat(b, v: Value, layout: str) -> str:
 
 def _bias_4d(b, node: Node, bias: Value, dtype: DType) -> str:
     """The bias as [B|1, H|1, S, T]: ORT's attention ops want the full S dim."""
-    (_, _, s, _), _ = _dims(node)
+    (_, _, s, _), _ = attention_dims(node)
 
     def make() -> str:
         name = b.cast(b.name(bias), bias.type.dtype, dtype)
@@ -135,7 +136,7 @@ def _rotary_fold(b, node: Node):
         return None
     if rq.attrs["interleaved"] != rk.attrs["interleaved"] or rq.inputs[1:] != rk.inputs[1:]:
         return None
-    (_, _, _, d), _ = _dims(node)
+    (_, _, _, d), _ = attention_dims(node)
     if d % 16 or rotary_layout(rq) != "bhsd" or rotary_layout(rk) != "bhsd":
         return None  # ORT's kernel rotates head sizes that are multiples of 16
     tables = rotary_tables(rq)
@@ -159,7 +160,7 @@ def _attention(b, node):
     a = node.attrs
     layout = a["layout"]
     dtype = out_dtype(node)
-    (bb, h, s, d), (hkv, t, dv) = _dims(node)
+    (bb, h, s, d), (hkv, t, dv) = attention_dims(node)
     bias = node.inputs[3] if len(node.inputs) > 3 else None
     kpm = node.inputs[4] if len(node.inputs) > 4 else None
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
@@ -220,6 +221,16 @@ def _packed(b, q: str, k: str, v: str) -> str | None:
     return parts[0][0]
 
 
+def relative_positions(b, s, t) -> str:
+    """rel[i, j] = j - (i + T - S) [S, T] (int64): key j's offset from query i's position,
+    bottom-right aligned as the IR's causal mask."""
+    zero, one = b.const(0, DType.i64, "zero"), b.const(1, DType.i64, "one")
+    i_ = b.add("Range", [zero, b.scalar_dim(s), one])
+    j_ = b.add("Range", [zero, b.scalar_dim(t), one])
+    pos = b.add("Add", [i_, b.add("Sub", [b.scalar_dim(t), b.scalar_dim(s)])])
+    return b.add("Sub", [b.unsqueeze(j_, [0]), b.unsqueeze(pos, [1])])
+
+
 def attention_std(b, node: Node) -> str:
     """softmax(scale·Q·Kᵀ [softcap] + alibi + bias, masked) · V with standard ops, in bhsd.
 
@@ -229,7 +240,7 @@ def attention_std(b, node: Node) -> str:
     a = node.attrs
     dtype = out_dtype(node)
     layout = a["layout"]
-    (bb, h, s, d), (hkv, t, dv) = _dims(node)
+    (bb, h, s, d), (hkv, t, dv) = attention_dims(node)
     q, k, v = (b.input(node, i, dtype) for i in range(3))
     if layout == "bshd":
         q, k, v = (b.add("Transpose", [x], perm=[0, 2, 1, 3]) for x in (q, k, v))
@@ -246,12 +257,7 @@ def attention_std(b, node: Node) -> str:
         scores = b.add("Mul", [b.add("Tanh", [b.add("Div", [scores, cap])]), cap])
     rel = None
     if a["alibi"] is not None or a["causal"] or a["window"] is not None:
-        # rel[i, j] = j - pos_i with pos_i = i + T - S (bottom-right aligned)
-        zero, one = b.const(0, DType.i64, "zero"), b.const(1, DType.i64, "one")
-        i_ = b.add("Range", [zero, b.scalar_dim(s), one])
-        j_ = b.add("Range", [zero, b.scalar_dim(t), one])
-        pos = b.add("Add", [i_, b.add("Sub", [b.scalar_dim(t), b.scalar_dim(s)])])
-        rel = b.add("Sub", [b.unsqueeze(j_, [0]), b.unsqueeze(pos, [1])])  # [S, T]
+        rel = relative_positions(b, s, t)  # [S, T]
     if a["alibi"] is not None:
         slopes = b.const(torch.tensor(a["alibi"]).reshape(h, 1, 1), dtype, "slopes")
         scores = b.add("Add", [scores, b.add("Mul", [slopes, b.cast(rel, DType.i64, dtype)])])

@@ -108,11 +108,24 @@ def _add_norm(b, node):
             ins.pop()
         normed, _, _, total = b.ms(op_type, ins, 4, epsilon=a["eps"])
         return [normed, total]
+    return add_norm_std(b, node)
+
+
+def add_norm_std(b, node: Node, rms=None) -> list[str]:
+    """(norm(x + residual), x + residual) as Add + LayerNormalization / the RMSNorm of
+    ``rms(b, total, total_type, node, weight)`` (default: :func:`rms_norm_std`'s ops)."""
+    a = node.attrs
+    dtype = out_dtype(node)
+    w = node.inputs[2] if len(node.inputs) > 2 else None
+    beta = node.inputs[3] if len(node.inputs) > 3 else None
     x, r = b.input(node, 0, dtype), b.input(node, 1, dtype)
     total = b.add("Add", [x, r])
+    out_type = node.outputs[0].type
     if a["kind"] == "layer":
-        normed = layer_norm_std(b, total, node, node.outputs[0].type, w, beta, a["eps"],
+        normed = layer_norm_std(b, total, node, out_type, w, beta, a["eps"],
                                 a["normalized_ndim"])
+    elif rms is not None:
+        normed = rms(b, total, out_type, node, w)
     else:
         normed = rms_norm_std(b, total, dtype, node, w)
     return [normed, total]

@@ -48,12 +48,13 @@ import torch
 from onnx import TensorProto, helper
 
 from transfuse.codegen.lowering import Lowerings
-from transfuse.codegen.onnx.attention import attention_std
+from transfuse.codegen.onnx.attention import attention_dims, attention_std, relative_positions
 from transfuse.codegen.onnx.builder import OnnxBuilder
 from transfuse.codegen.onnx.elementwise import activation
 from transfuse.codegen.onnx.export import describe, lower_nodes, output_names
+from transfuse.codegen.onnx.fused import add_norm_std
 from transfuse.codegen.onnx.generation import add_cache_outputs, recording_cache_writes
-from transfuse.codegen.onnx.nn import layer_norm_std, norm_weight, rms_norm_std
+from transfuse.codegen.onnx.nn import norm_weight, rms_norm_std
 from transfuse.codegen.onnx.registry import out_dtype
 from transfuse.codegen.onnx.tensors import onnx_dtype
 from transfuse.codegen.tensorrt.ops import support_for, unsupported_ops
@@ -101,19 +102,6 @@ class TrtBuilder(OnnxBuilder):
 # -- attention -------------------------------------------------------------------------------
 
 
-def _bhsd_dims(node: Node):
-    """(B, H, S, D), (Hkv, T, Dv) whatever the layout."""
-    bshd = node.attrs["layout"] == "bshd"
-
-    def dims(t):
-        b_, x1, x2, d = t.shape
-        return (b_, x2, x1, d) if bshd else (b_, x1, x2, d)
-
-    b_, h, s, d = dims(node.inputs[0].type)
-    _, hkv, t, _ = dims(node.inputs[1].type)
-    return (b_, h, s, d), (hkv, t, node.inputs[2].type.shape[3])
-
-
 def onnx_attention_refuses(b: TrtBuilder, node: Node) -> str | None:
     """Why the ONNX Attention op (as TensorRT parses it) cannot compute this node."""
     if b.attention == "decomposed":
@@ -122,28 +110,16 @@ def onnx_attention_refuses(b: TrtBuilder, node: Node) -> str | None:
         return f"opset {b.opset} < {ATTENTION_OPSET}"
     if node.attrs["softcap"] is not None:
         return "softcap (TensorRT's ONNX parser refuses Attention's softcap attribute)"
-    (_, h, _, _), (hkv, _, _) = _bhsd_dims(node)
+    (_, h, _, _), (hkv, _, _) = attention_dims(node)
     if h % hkv:
         return f"{h} query heads are not a multiple of {hkv} kv heads"
     return None
 
 
-def _rel_positions(b, s, t) -> str:
-    """rel[i, j] = j - (i + T - S) [S, T] (int64): the key offset from the query's position,
-    bottom-right aligned as the IR's causal mask."""
-    def make():
-        zero, one = b.const(0, DType.i64, "zero"), b.const(1, DType.i64, "one")
-        i_ = b.add("Range", [zero, b.scalar_dim(s), one])
-        j_ = b.add("Range", [zero, b.scalar_dim(t), one])
-        pos = b.add("Add", [i_, b.add("Sub", [b.scalar_dim(t), b.scalar_dim(s)])])
-        return b.add("Sub", [b.unsqueeze(j_, [0]), b.unsqueeze(pos, [1])])
-    return b.memo(("trt-rel", str(s), str(t)), make)
-
-
 def _attention_mask(b: TrtBuilder, node: Node, dtype: DType, causal_op: bool):
     """(additive 4-D mask or "", whether it holds -inf): bias + ALiBi + causal/window/padding."""
     a = node.attrs
-    (bb, h, s, _), (_, t, _) = _bhsd_dims(node)
+    (bb, h, s, _), (_, t, _) = attention_dims(node)
     parts: list[str] = []
     bias = node.inputs[3] if len(node.inputs) > 3 else None
     kpm = node.inputs[4] if len(node.inputs) > 4 else None
@@ -155,7 +131,7 @@ def _attention_mask(b: TrtBuilder, node: Node, dtype: DType, causal_op: bool):
         parts.append(x)
     needs_rel = a["alibi"] is not None or a["window"] is not None or (a["causal"]
                                                                       and not causal_op)
-    rel = _rel_positions(b, s, t) if needs_rel else None
+    rel = b.memo(("trt-rel", str(s), str(t)), lambda: relative_positions(b, s, t)) if needs_rel else None
     if a["alibi"] is not None:
         slopes = b.const(torch.tensor(a["alibi"]).reshape(1, h, 1, 1), dtype, "alibi_slopes")
         parts.append(b.add("Mul", [slopes, b.cast(rel, DType.i64, dtype)]))
@@ -195,7 +171,7 @@ def _attention(b: TrtBuilder, node: Node):
         return attention_std(b, node)
     a = node.attrs
     dtype = out_dtype(node)
-    (_, _, s, d), (_, t, _) = _bhsd_dims(node)
+    (_, _, s, d), (_, t, _) = attention_dims(node)
     q, k, v = (b.input(node, i, dtype) for i in range(3))
     if a["layout"] == "bshd":
         q, k, v = (b.add("Transpose", [x], perm=[0, 2, 1, 3]) for x in (q, k, v))
@@ -259,18 +235,7 @@ def _rms_norm(b, node):
 @TRT_LOWERINGS.register("add_norm")
 def _add_norm(b, node):
     """(norm(x + residual), x + residual) as Add + LayerNormalization / RMSNormalization."""
-    a = node.attrs
-    dtype = out_dtype(node)
-    w = node.inputs[2] if len(node.inputs) > 2 else None
-    beta = node.inputs[3] if len(node.inputs) > 3 else None
-    total = b.add("Add", [b.input(node, 0, dtype), b.input(node, 1, dtype)])
-    out_type = node.outputs[1].type
-    if a["kind"] == "layer":
-        normed = layer_norm_std(b, total, node, out_type, w, beta, a["eps"],
-                                a["normalized_ndim"])
-    else:
-        normed = rms_norm_trt(b, total, out_type, node, w)
-    return [normed, total]
+    return add_norm_std(b, node, rms=rms_norm_trt)
 
 
 # -- quantized linear layers -----------------------------------------------------------------
