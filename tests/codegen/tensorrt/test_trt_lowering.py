@@ -97,7 +97,16 @@ def test_int4_blocked_and_int8_per_channel(compiled):
     blocked = [n for n in m.graph.node if n.op_type == "DequantizeLinear"
                and any(a.name == "block_size" and a.i == 128 for a in n.attribute)]
     assert len(blocked) == 2
-    assert TensorProto.INT8 in {t.data_type for t in m.graph.initializer}
+    types = {t.name: t.data_type for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        attrs = {a.name: a.i for a in n.attribute}
+        if types[n.input[0]] == TensorProto.INT4:  # always blocked (per channel: K)
+            assert attrs["axis"] == 0 and attrs["block_size"] in (64, 128)
+        else:  # the int8 per-channel lm_head: per axis
+            assert types[n.input[0]] == TensorProto.INT8
+            assert attrs == {"axis": 1}
 
 
 def test_asymmetric_refuse_names_layer(compiled):
@@ -394,3 +403,13 @@ def test_half_precision_model_is_strongly_typed(dtype):
         ref = c(*args).float()
         out = _run(m, args).float()
         assert ((out - ref).norm() / ref.norm()).item() <= 3e-3
+
+
+def test_attention_square_causal_with_bias_keeps_is_causal():
+    g = _attn(QKV + ", %bias: f32[b, 1, s, s]",
+              "%a: f32[b, 4, s, 16] = attention(%q, %k, %v, %bias) {causal, kv_heads=2}")
+    q, k, v = _qkv()
+    m, _ = _check(g, [q, k, v, torch.randn(2, 1, 6, 6)], expect=["Attention"],
+                  forbid=["Expand", "Where"])
+    attn = next(n for n in m.graph.node if n.op_type == "Attention")
+    assert len(attn.input) == 4 and {a.name: a.i for a in attn.attribute}["is_causal"] == 1

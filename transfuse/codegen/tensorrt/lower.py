@@ -15,9 +15,11 @@ Runtime):
 - ``rms_norm`` -> ``RMSNormalization`` (opset 23; its computation in f32, ``stash_type=1``);
   ``layer_norm`` keeps the backend's ``LayerNormalization``; ``add_norm`` is Add + either;
 - ``qlinear`` (weight-only int4/int8) -> signed INT4/INT8 initializer [K, N] (code - 2**(b-1))
-  + ``DequantizeLinear`` (per output channel ``axis=1`` when group == K, else blocked:
-  ``axis=0, block_size=group``, opset 21) + ``MatMul`` (+ bias, activation). TensorRT's parser
-  wants a zero ``x_zero_point`` (operators.md), so an asymmetric weight's zero point z goes to
+  + ``DequantizeLinear`` (blocked: ``axis=0, block_size=group``, opset 21; INT4 so even per
+  channel, ``block_size=K``, TensorRT's INT4 being block quantization; INT8 per output channel
+  ``axis=1`` when group == K) + ``MatMul`` (+ bias, activation). TensorRT's parser wants a zero
+  ``x_zero_point`` (operators.md; Torch-TensorRT's INT4 example says its IDequantizeLayer
+  rejects asymmetric INT4), so an asymmetric weight's zero point z goes to
   an exact correction instead: ``w = (q - 2**(b-1)) s + (2**(b-1) - z) s``, the second term
   ``sum_g (sum of x over group g) * c[g, n]`` with ``c = (2**(b-1) - z) s`` (ReduceSum +
   MatMul, or Mul per channel). It holds for fractional zeros too; ``asymmetric="refuse"``
@@ -284,7 +286,7 @@ def _dequantized_weight(b: TrtBuilder, node: Node) -> str:
                         f"{w.name}_int4_KN")
     else:
         codes = b.derived(("trt-int8", id(w)), signed, f"{w.name}_int8_KN")
-    if qt.per_channel:
+    if qt.per_channel and qt.bits == 8:  # INT4 is written blocked even per channel
         sc = b.derived(("trt-s", id(scales)), lambda: s.reshape(-1).contiguous(),
                        f"{scales.name}_N")
         return b.add("DequantizeLinear", [codes, sc], axis=1, hint="w_dq")
