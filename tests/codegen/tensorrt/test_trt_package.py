@@ -452,7 +452,7 @@ def test_asking_for_the_engine_without_one_is_an_artifact_error(gpt2_export):
     assert isinstance(load(str(gpt2_export), engine=False).program, OnnxFallbackProgram)
 
 
-def test_optimize_for_tensorrt_runs_and_says_no_engine():
+def test_optimize_for_tensorrt_runs_and_says_no_engine(tmp_path):
     m, ex, _ = get_model("llama-tiny", batch=1, seq=8)
     ref = transfuse.optimize(m, ex, dynamic={"seq": (2, 32)}, target="python")
     c = transfuse.optimize(m, ex, dynamic={"seq": (2, 32)}, target="tensorrt")
@@ -464,6 +464,9 @@ def test_optimize_for_tensorrt_runs_and_says_no_engine():
                                                       for n in rec.notes)
     a, b = _out(ref(*ex)), _out(c(*ex))
     assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5
+    c.save(str(tmp_path / "saved"))  # a tensorrt model saves as its export
+    assert (tmp_path / "saved" / "build_engine.py").is_file()
+    assert torch.equal(_out(transfuse.load(str(tmp_path / "saved"))(*ex)), b)
 
 
 def test_int4_weight_export_loads_and_equals_python(tmp_path):
