@@ -184,3 +184,21 @@ def test_results_json_schema():
     assert entry["status"] == "ok" and len(entry["samples_ms"]) == 4
     assert case["results"][2]["status"] == "failed"
     assert sum(steps) == 2 * (3 + 1 + 4)  # work_units: contestants + memory + rounds per case
+
+
+def test_gpu_targets_are_unavailable_where_their_time_would_mislead():
+    """Without TensorRT the tensorrt target runs its ONNX in ONNX Runtime, without a GPU the
+    triton target runs in Triton's interpreter: neither time is the target's, so neither is
+    timed (the reason says why)."""
+    from transfuse.codegen.tensorrt.available import tensorrt_unavailable
+
+    trt = Transfuse("tensorrt", "O2").available()
+    assert (trt is None) == (tensorrt_unavailable() is None)
+    if trt is not None:
+        assert "TensorRT" in trt
+    assert Transfuse("python", "O2").available() is None
+    pytest.importorskip("triton", reason="the triton target needs triton")
+    from transfuse.codegen.triton import env
+
+    tri = Transfuse("triton", "O2").available()
+    assert (tri is not None) == env.interpreting()

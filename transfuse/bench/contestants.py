@@ -276,6 +276,12 @@ class Transfuse(Contestant):
         self.name = f"transfuse-{target}-{level}"
 
     def available(self) -> str | None:
+        if self.target == "tensorrt":
+            from transfuse.codegen.tensorrt.available import tensorrt_unavailable
+
+            why = tensorrt_unavailable()
+            # without TensorRT the target runs its ONNX in ONNX Runtime: not TensorRT's time
+            return None if why is None else f"no TensorRT engine can run here: {why}"
         if self.target != "triton":
             return None
         from transfuse.codegen.triton import env
