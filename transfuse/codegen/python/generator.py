@@ -143,9 +143,11 @@ class Generator(EmitContext):
 
     # -- generation ------------------------------------------------------------------------
 
-    def run(self) -> str:
+    def _define_signature(self) -> list[str]:
+        """Name the symbols (read from the first input dim that is exactly them), the inputs
+        (returned: the forward's parameters) and the constants the graph reads."""
         g = self.graph
-        for v in g.inputs:  # symbols are read from the first input dim that is exactly them
+        for v in g.inputs:
             for i, d in enumerate(v.type.shape):
                 if isinstance(d, sympy.Symbol) and d.name not in self.symbol_sources:
                     self.symbol_sources[d.name] = (v, i)
@@ -157,6 +159,11 @@ class Generator(EmitContext):
         for cname, v in g.constants.items():
             if id(v) in used_consts:
                 self.const_names[self._define(v)] = cname
+        return params
+
+    def run(self) -> str:
+        g = self.graph
+        params = self._define_signature()
 
         last_use = self._last_uses()
         outputs = self.output_ids = {id(v) for v in g.outputs}

@@ -138,13 +138,7 @@ class HostGenerator(Generator, HostContext):
 
     def run(self) -> str:
         g = self.graph
-        self._bind_symbols()
-        params = [self._define(v) for v in g.inputs]
-        used_consts = {id(x) for n in g.nodes for x in n.inputs if x is not None and x.is_const}
-        used_consts |= {id(v) for v in g.outputs if v.is_const}
-        for cname, v in g.constants.items():
-            if id(v) in used_consts:
-                self.const_names[self._define(v)] = cname
+        params = self._define_signature()
         units = self.units
         reads: list[list[Value]] = [_reads(u) for u in units]
         last: dict[int, int] = {}
@@ -182,16 +176,6 @@ class HostGenerator(Generator, HostContext):
             body.append((stmt + comment, desc))
         ret = ", ".join(self.name(v) for v in g.outputs)
         return self._host_module(params, body, f"return [{ret}]")
-
-    def _bind_symbols(self) -> None:
-        import sympy
-
-        for v in self.graph.inputs:
-            for i, d in enumerate(v.type.shape):
-                if isinstance(d, sympy.Symbol) and d.name not in self.symbol_sources:
-                    self.symbol_sources[d.name] = (v, i)
-        for sym in self.symbol_sources:
-            self.symbol_names[sym] = self.names.new(sym)
 
     def _host_module(self, params: list[str], body: list[tuple[str, str]], ret: str) -> str:
         g = self.graph
