@@ -414,7 +414,7 @@ def test_generation_without_tensorrt_writes_the_cache_and_matches_python(kv):
     """The step graph's ONNX returns each written cache as an extra output (lower.py); the
     fallback copies it into the caller's cache, so generate() equals the python target's."""
     if tensorrt_unavailable() is None:
-        pytest.skip("TensorRT is installed: generation engines are refused (no profiles yet)")
+        pytest.skip("TensorRT is installed: the step runs as an engine (its own test)")
     m, ex, _ = get_model("llama-tiny", seq=8)
     ref = transfuse.optimize(m, ex, generation={"kv": kv}, target="python")
     g = transfuse.optimize(m, ex, generation={"kv": kv}, target="tensorrt")
@@ -422,6 +422,39 @@ def test_generation_without_tensorrt_writes_the_cache_and_matches_python(kv):
     a = ref.generate(ex[0], max_new_tokens=10, do_sample=False)
     b = g.generate(ex[0], max_new_tokens=10, do_sample=False)
     assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+@pytest.mark.parametrize("kv", ["contiguous", "paged"])
+def test_generation_step_profiles_from_the_cache_geometry(kv):
+    """An engine of a generation step gets its profiles from the step's cache geometry: a
+    decode profile (<= max_batch tokens) and a prefill one; every input shape monotone; the
+    engine program (built where TensorRT is) copies the written caches back."""
+    from transfuse.codegen.tensorrt.profiles import (
+        generation_profiles,
+        generation_ranges,
+        profiles_document,
+    )
+    from transfuse.codegen.tensorrt.target import TensorRTProgram, lower_model
+    from transfuse.runtime.generation_model import step_signature
+
+    m, ex, _ = get_model("llama-tiny", seq=8)
+    opts = {"kv": kv, "max_seq_len": 32, "max_batch": 4, "block_size": 8}
+    g = transfuse.optimize(m, ex, generation=opts, target="python").graph
+    ranges = generation_ranges(g)
+    want = {"seq": (1, 128), "rows": (1, 128), "seqs": (1, 4)}
+    if kv == "paged":
+        want["table_blocks"] = (1, 4)
+    assert ranges == want
+    doc = profiles_document(step_signature(g), symbols=ranges, profiles=generation_profiles(g))
+    decode, prefill = doc["profiles"]
+    assert decode["symbols"]["seq"] == [1, 2, 4] and prefill["symbols"]["seq"][2] == 128
+    assert decode["inputs"]["input_ids"]["max"] == [1, 4]
+    assert prefill["inputs"]["input_ids"]["max"] == [1, 128]
+    program = TensorRTProgram(g, lower_model(g), device="cpu")  # no engine until bound
+    assert len(program.cache_outputs) == 2 * 2 and program._returned == 1
+    g.meta.pop("generation")
+    with pytest.raises(LoweringError, match="not a generation step"):
+        generation_ranges(g)
 
 
 # -- running without TensorRT --------------------------------------------------------------------

@@ -166,11 +166,15 @@ def input_shapes(inputs: Sequence[tuple[str, Sequence[Any]]], prof: SymbolProfil
 
 
 def profiles_document(signature: Any, *, profiles: Sequence[Mapping[str, Sequence[int]]] | None
-                      = None, opt: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """The ``profiles.json`` document of ``signature`` (a transfuse.ir.signature.Signature)."""
+                      = None, opt: Mapping[str, int] | None = None,
+                      symbols: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """The ``profiles.json`` document of ``signature`` (a transfuse.ir.signature.Signature);
+    ``symbols``: ranges to use instead of the signature's (a generation step's,
+    :func:`generation_ranges`)."""
     inputs = [(s.name, list(s.type.shape)) for s in signature.inputs]
     needed = free_symbols(d for _, shape in inputs for d in shape)
-    symbols = {k: (int(v[0]), int(v[1])) for k, v in signature.symbols.items()}
+    ranges = signature.symbols if symbols is None else symbols
+    symbols = {k: (int(v[0]), int(v[1])) for k, v in ranges.items()}
     profs = symbol_profiles(symbols, needed, profiles, opt)
     return {
         "format": FORMAT,
@@ -179,6 +183,37 @@ def profiles_document(signature: Any, *, profiles: Sequence[Mapping[str, Sequenc
         "profiles": [{"symbols": {k: list(v) for k, v in p.items()},
                       "inputs": input_shapes(inputs, p)} for p in profs],
     }
+
+
+def generation_ranges(graph: Any) -> dict[str, tuple[int, int]]:
+    """The symbol ranges of a generation step graph (``graph.meta["generation"]``, the cache
+    geometry ``generation.insert-kv-cache`` records): ``seq`` (the step's tokens) and ``rows``
+    (the logit rows) 1 .. max_batch x max_seq_len, ``seqs`` 1 .. max_batch, ``table_blocks``
+    (paged) 1 .. ceil(max_seq_len / block_size). A symbol it does not know is an error."""
+    geo = getattr(graph, "meta", {}).get("generation")
+    if not geo:
+        raise LoweringError(f"tensorrt profiles: graph {getattr(graph, 'name', '?')} is not a "
+                            "generation step (no meta['generation'])")
+    b, length = int(geo["max_batch"]), int(geo["max_seq_len"])
+    known = {"seq": (1, b * length), "rows": (1, b * length), "seqs": (1, b)}
+    if geo.get("kv") == "paged":
+        known["table_blocks"] = (1, -(-length // int(geo["block_size"])))
+    out = {}
+    for sym in sorted(graph.symbols()):
+        if sym not in known:
+            raise LoweringError(f"tensorrt profiles: the generation step's symbol {sym!r} has no "
+                                f"known range (known: {', '.join(sorted(known))})")
+        out[sym] = known[sym]
+    return out
+
+
+def generation_profiles(graph: Any) -> list[dict[str, tuple[int, int]]]:
+    """Two profiles of a generation step: decode (at most max_batch tokens and logit rows, so
+    its kernels are tuned for small steps) and prefill (the whole range)."""
+    ranges = generation_ranges(graph)
+    b = ranges["seqs"][1] if "seqs" in ranges else 1
+    decode = {s: (1, min(b, hi)) for s, (_, hi) in ranges.items() if s in ("seq", "rows")}
+    return [decode, {}]
 
 
 def write_profiles(doc: Mapping[str, Any], path: str | os.PathLike) -> Path:

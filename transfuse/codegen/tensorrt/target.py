@@ -177,6 +177,14 @@ class TensorRTProgram:
         self.workspace_bytes = workspace_bytes
         self.engine = None
         self.build_seconds: float | None = None
+        # a generation graph: cache input -> its written copy, an extra output (lower.py);
+        # the engine's copy is written back into the caller's cache after each run
+        self.cache_outputs = cache_outputs(model)
+        names_in = [i.name for i in model.graph.input]
+        names_out = [o.name for o in model.graph.output]
+        self._copy_back = [(names_in.index(i), names_out.index(o))
+                           for i, o in self.cache_outputs.items()]
+        self._returned = len(names_out) - len(self.cache_outputs)
 
     def bind_signature(self, signature: Any) -> None:
         import time
@@ -187,7 +195,13 @@ class TensorRTProgram:
 
         if self.engine is not None:
             return
-        profiles = profiles_document(signature)
+        if self.cache_outputs:  # a generation step: ranges from its cache geometry
+            from transfuse.codegen.tensorrt.profiles import generation_profiles, generation_ranges
+
+            profiles = profiles_document(signature, symbols=generation_ranges(self.graph),
+                                         profiles=generation_profiles(self.graph))
+        else:
+            profiles = profiles_document(signature)
         with tempfile.TemporaryDirectory(prefix="transfuse-trt-") as tmp:
             path = save_model(self.model, Path(tmp) / MODEL_FILE)
             t0 = time.perf_counter()
@@ -202,7 +216,10 @@ class TensorRTProgram:
         if self.engine is None:
             raise LoweringError("tensorrt target: the engine is built when the signature is "
                                 "bound (CompiledModel does it; call bind_signature(signature))")
-        return self.engine(flat_inputs)
+        outs = self.engine(flat_inputs)
+        for i, j in self._copy_back:
+            flat_inputs[i].copy_(outs[j])
+        return outs[:self._returned]
 
     @property
     def source(self) -> str:
@@ -248,11 +265,6 @@ class TensorRTTarget(Target):
         model = lower_model(graph)
         reason = tensorrt_unavailable()
         if reason is None:
-            if cache_outputs(model):
-                raise LoweringError("tensorrt target: an engine for a generation graph needs "
-                                    "optimization profiles for the step's token / cache "
-                                    "symbols, which are not derived yet (ONNX Runtime runs it "
-                                    "where TensorRT is absent)")
             return TensorRTProgram(graph, model, device)
         return OnnxFallbackProgram(model, graph, reason=reason, device=device)
 
