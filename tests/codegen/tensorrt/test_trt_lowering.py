@@ -313,10 +313,12 @@ def test_check_strongly_typed_refuses_mixed_types():
         check_strongly_typed(m)
 
 
-@pytest.mark.parametrize("name, attention", [("llama-tiny", "onnx"),
-                                             ("bert-tiny", "decomposed")])
-def test_polygraphy_lint(compiled, name, attention, tmp_path):
-    """``polygraphy check lint`` (ONNX checker + an ONNX Runtime run per node) passes."""
+@pytest.mark.parametrize("name, quantize, attention",
+                         [(n, q, "onnx") for n in MODELS for q in (None, "int4-weight")]
+                         + [("bert-tiny", "int4-weight", "decomposed")])
+def test_polygraphy_lint(compiled, name, quantize, attention, tmp_path):
+    """``polygraphy check lint`` (ONNX checker + an ONNX Runtime run per node) passes: every
+    tiny model, fp32 and int4-weight."""
     import json
     import pathlib
     import shutil
@@ -324,7 +326,7 @@ def test_polygraphy_lint(compiled, name, attention, tmp_path):
     import sys
     pytest.importorskip("polygraphy", reason="polygraphy is not installed (the dev extra)")
     tool = shutil.which("polygraphy") or str(pathlib.Path(sys.executable).parent / "polygraphy")
-    c = compiled[name, "int4-weight"]
+    c = compiled[name, quantize]
     path, report = tmp_path / "model.onnx", tmp_path / "lint.json"
     onnx.save(lower_tensorrt(c.graph, c.signature, attention=attention), str(path))
     run = subprocess.run([sys.executable, tool, "check", "lint", str(path), "-o", str(report)],
