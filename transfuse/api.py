@@ -271,11 +271,46 @@ def _optimize_generation(model: Any, example_inputs: Any, generation: Any, *, ta
                                      backend=target)
 
 
+def _capture_step(model: Any, ids: torch.Tensor, pos: torch.Tensor, geo: dict[str, Any],
+                  asked: bool) -> tuple[Any, dict[str, Any]]:
+    """Capture the step with N (tokens per step) dynamic up to ``geo["max_step_tokens"]``.
+
+    A model that builds a position table for its own ``P`` positions and slices it by the
+    step's length (MPT's ALiBi: ``table[..., max(0, P - N):]``) cannot keep N dynamic past
+    P - 1 (torch specialises the slice at N = P). When that capture fails and the user did not
+    ask for ``max_step_tokens``, the step is captured for N <= P - 1 instead and its prefill
+    runs in chunks of that many tokens (generate(), the engine's ``max_tokens_per_step``).
+    """
+    from transfuse.errors import CaptureError
+    from transfuse.frontend.torch_export import capture
+
+    kwargs = {"input_ids": ids, "position_ids": pos, "use_cache": False}
+    limit = geo["max_step_tokens"]
+    try:
+        return capture(model, (), kwargs, {"seq": (1, max(limit, 2))}), geo
+    except CaptureError as first:
+        positions = _max_positions(model)
+        bound = positions - 1 if positions else 0
+        if asked or not max(geo["max_batch"], 2) <= bound < limit:
+            raise
+        n = min(ids.shape[1], bound)
+        kwargs.update(input_ids=ids[:, :n], position_ids=pos[:, :n])
+        try:
+            captured = capture(model, (), kwargs, {"seq": (1, bound)})
+        except CaptureError:
+            raise first from None
+        why = (f"{type(model).__name__} keeps the step's token count dynamic only up to "
+               f"{bound} (its {positions} positions; capture up to {limit}: "
+               f"{str(first).splitlines()[0][:200]})")
+    return captured, {**geo, "max_step_tokens": bound, "max_step_tokens_reason": why}
+
+
 def _max_positions(model: Any) -> int | None:
     """The positions the model's config says it has (HF ``max_position_embeddings`` /
-    ``n_positions``, the reference models' ``max_positions``), or None when it says nothing."""
+    ``n_positions``, MPT's ``max_seq_len``, the reference models' ``max_positions``), or None
+    when it says nothing."""
     config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_positions"):
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "max_positions"):
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
@@ -350,7 +385,6 @@ def compile_generation_step(model: Any, example_ids: torch.Tensor,
     the weights are quantized before the KV cache goes in.
     """
     from transfuse.errors import InputError
-    from transfuse.frontend.torch_export import capture
     from transfuse.passes.generation.insert_kv_cache import cache_geometry
     from transfuse.passes.manager import run_pipeline
 
@@ -371,10 +405,9 @@ def compile_generation_step(model: Any, example_ids: torch.Tensor,
     if ids.shape[1] < 2:  # torch.export specialises a dynamic dim seen as 1
         ids = ids.repeat(1, 2)
     pos = torch.arange(ids.shape[1])[None]
-    max_tokens = geo["max_batch"] * geo["max_seq_len"]
     t0 = time.perf_counter()
-    captured = capture(model, (), {"input_ids": ids, "position_ids": pos, "use_cache": False},
-                       {"seq": (1, max(max_tokens, 2))})
+    captured, geo = _capture_step(model, ids, pos, geo, "max_step_tokens" in options)
+    max_tokens = geo["max_step_tokens"]
     capture_ms = (time.perf_counter() - t0) * 1e3
     backend = get_target(target)
     options = _pass_options({"generation": geo}, captured.example_inputs, target=backend,

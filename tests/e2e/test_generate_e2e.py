@@ -159,6 +159,37 @@ def test_onnxruntime_target_greedy_like_hf(tmp_path, family, kv):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", ["python", "onnxruntime"])
+def test_mpt_bounded_step_chunks_the_prefill_like_hf(tmp_path, target):
+    """MPT slices its ALiBi table (64 positions) by the step's length, so torch.export keeps the
+    step's token count dynamic only up to 63: the step is captured for that (max_step_tokens,
+    said in the pass log) and a 72-token batched prefill runs in two steps; greedy = HF."""
+    model, gen = _compiled("mpt", "paged", "eager", target)
+    assert gen.cache_spec["max_step_tokens"] == 63
+    notes = [n for r in gen.pass_log for n in r.notes if "max_step_tokens" in n]
+    assert len(notes) == 1 and "MptForCausalLM" in notes[0] and "63" in notes[0], notes
+    tokens = []
+    step_for = gen.step_for
+
+    def counting(cache):
+        step = step_for(cache)
+        return lambda ids, meta: (tokens.append(ids.shape[1]), step(ids, meta))[1]
+
+    gen.step_for = counting
+    ids, mask = _prompts([28, 20, 24], seed=12)
+    kw = dict(max_new_tokens=4, pad_token_id=PAD, eos_token_id=None)
+    out = gen.generate(ids, mask, **kw)
+    assert torch.equal(out, _hf(model, ids, mask, **kw))
+    assert len(set(out[:, ids.shape[1]:].flatten().tolist())) > 3
+    assert tokens == [63, 9, 3, 3, 3], tokens  # prefill 72 = 63 + 9, then 3 decodes
+    del gen.step_for
+    gen.save(tmp_path / "mpt")
+    loaded = transfuse.load(tmp_path / "mpt")
+    assert loaded.cache_spec["max_step_tokens"] == 63
+    assert torch.equal(loaded.generate(ids, mask, **kw), out)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(smollm2_unavailable() is not None, reason=str(smollm2_unavailable()))
 def test_real_smollm2_greedy_like_hf():
     model, tok = load_smollm2()

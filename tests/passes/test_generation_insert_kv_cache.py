@@ -107,6 +107,21 @@ def test_window_band_and_paged_geometry():
     assert str(graph.inputs[6].type) == "f32[8, 4, 2, 4]"  # 2 slots x 16 / 4 blocks
 
 
+def test_max_step_tokens_is_recorded_and_checked():
+    graph = lm()
+    run(graph)
+    assert graph.meta["generation"]["max_step_tokens"] == 32  # max_batch x max_seq_len
+    graph = lm()
+    rec = run(graph, {**GEO, "max_step_tokens": 5, "max_step_tokens_reason": "its table"})
+    assert graph.meta["generation"]["max_step_tokens"] == 5
+    assert "max_step_tokens_reason" not in graph.meta["generation"]
+    assert any("at most 5 tokens" in n and "why: its table" in n for n in rec.notes), rec.notes
+    for bad in (1, 33, True, "8"):
+        with pytest.raises(PassError, match=f"max_step_tokens={bad!r}: expected an int from "
+                                            r"max_batch \(2"):
+            run(lm(), {**GEO, "max_step_tokens": bad})
+
+
 def test_without_the_option_nothing_changes():
     graph = lm()
     rec = run_passes(graph, [PASS]).records[0]

@@ -15,7 +15,7 @@ from hf_builders import tiny_hf_model
 from prompt_batches import random_left_padded
 
 from transfuse.errors import ExecutionError, InputError
-from transfuse.runtime.generate import generate, resolve_options
+from transfuse.runtime.generate import chunk_steps, generate, resolve_options
 from transfuse.runtime.kv_cache import KVCache
 
 VOCAB, PAD = 64, 63
@@ -92,6 +92,37 @@ def test_greedy_equals_hf_generate(model, layout, batch):
     # one prefill of every real token, then one token per sequence per step
     assert step.steps[0] == (sum(LENGTHS[:batch]), batch)
     assert step.steps[1:] == [(batch, batch)] * 8
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_prefill_in_chunks_of_max_step_tokens_equals_hf(model, layout):
+    """A step bounded to 6 tokens: the 17 prompt tokens go in three steps, a prompt split across
+    two of them; each row's first new token comes from the step with its last prompt token."""
+    ids, mask = _prompts(LENGTHS)
+    kw = dict(max_new_tokens=5, pad_token_id=PAD, eos_token_id=None)
+    out, step = _ours(model, ids, mask, layout, max_step_tokens=6, **kw)
+    assert torch.equal(out, _hf(model, ids, mask, **kw))
+    assert step.steps == [(6, 2), (6, 2), (5, 2)] + [(4, 4)] * 4
+    unbounded, _ = _ours(model, ids, mask, layout, max_step_tokens=17, **kw)
+    assert torch.equal(unbounded, out)
+
+
+def test_chunk_steps():
+    assert chunk_steps([5, 2, 7, 3], None) == [[(0, 0, 5), (1, 0, 2), (2, 0, 7), (3, 0, 3)]]
+    assert chunk_steps([5, 2, 7, 3], 17) == [[(0, 0, 5), (1, 0, 2), (2, 0, 7), (3, 0, 3)]]
+    assert chunk_steps([5, 2, 7, 3], 6) == [[(0, 0, 5), (1, 0, 1)], [(1, 1, 1), (2, 0, 5)],
+                                            [(2, 5, 2), (3, 0, 3)]]
+    assert chunk_steps([13], 4) == [[(0, 0, 4)], [(0, 4, 4)], [(0, 8, 4)], [(0, 12, 1)]]
+    assert chunk_steps([1, 1, 1], 2) == [[(0, 0, 1), (1, 0, 1)], [(2, 0, 1)]]
+
+
+def test_a_bad_max_step_tokens_is_refused(model):
+    ids, mask = _prompts(LENGTHS)
+    for bad in (0, True, 2.5):
+        with pytest.raises(InputError, match="max_step_tokens must be a positive int"):
+            _ours(model, ids, mask, max_step_tokens=bad, max_new_tokens=2)
+    with pytest.raises(InputError, match="4 prompts, but a step of this model takes at most 3"):
+        _ours(model, ids, mask, max_step_tokens=3, max_new_tokens=2)
 
 
 def test_batched_equals_unbatched_and_paged_equals_contiguous(model):

@@ -184,6 +184,23 @@ def test_load_refuses_a_bad_generation_field(tmp_path):
         transfuse.load(tmp_path / "g")
 
 
+def test_max_step_tokens_in_the_artifact(tmp_path):
+    """An artifact from before max_step_tokens loads with max_batch x max_seq_len; one whose
+    value is below max_batch (a decode could not run) or above that product is refused."""
+    gen = GenerationModel(bigram_step())
+    spec = gen.cache_spec
+    assert spec["max_step_tokens"] == spec["max_batch"] * spec["max_seq_len"]
+    gen.save(tmp_path / "g")
+    _rewrite_manifest(tmp_path / "g", lambda m: m["generation"]["cache"].pop("max_step_tokens"))
+    loaded = transfuse.load(tmp_path / "g")
+    assert loaded.cache_spec == spec
+    for bad in (spec["max_batch"] - 1, spec["max_batch"] * spec["max_seq_len"] + 1):
+        _rewrite_manifest(tmp_path / "g", lambda m, bad=bad: m["generation"]["cache"].update(
+            max_step_tokens=bad))
+        with pytest.raises(ArtifactError, match=f"'max_step_tokens' is {bad}; expected "):
+            transfuse.load(tmp_path / "g")
+
+
 def test_a_graph_that_is_no_generation_step_is_refused():
     g = bigram_step()
     del g.meta["generation"]

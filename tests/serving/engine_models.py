@@ -21,9 +21,10 @@ OPTIONS = {"max_seq_len": 256, "max_batch": 8, "block_size": 16}
 _COMPILED: dict[str, object] = {}
 
 
-def compiled(kv: str = "paged", max_batch: int = 8):
-    """The tiny Llama compiled for generation with a ``kv`` cache (cached per process)."""
-    key = f"{kv}/{max_batch}"
+def compiled(kv: str = "paged", max_batch: int = 8, max_step_tokens: int | None = None):
+    """The tiny Llama compiled for generation with a ``kv`` cache (cached per process);
+    ``max_step_tokens``: a bound on a step's tokens (None: max_batch x max_seq_len)."""
+    key = f"{kv}/{max_batch}/{max_step_tokens}"
     if key not in _COMPILED:
         model = tiny_hf_model("llama", "sdpa", layers=2, hidden=32, vocab=VOCAB, positions=256)
         g = torch.Generator().manual_seed(1)
@@ -33,7 +34,8 @@ def compiled(kv: str = "paged", max_batch: int = 8):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3)
         _COMPILED[key] = transfuse.optimize(
             model, (torch.randint(0, VOCAB, (1, 8)),),
-            generation={**OPTIONS, "kv": kv, "max_batch": max_batch})
+            generation={**OPTIONS, "kv": kv, "max_batch": max_batch,
+                        **({"max_step_tokens": max_step_tokens} if max_step_tokens else {})})
     return _COMPILED[key]
 
 

@@ -233,6 +233,33 @@ def test_draft_model_speculation_accepts_a_perfect_draft(gen):
     assert len(draft.cache) == 0  # released with their requests
 
 
+def test_a_bounded_step_bounds_the_engine_and_the_draft():
+    """A gen whose step takes at most 20 tokens (max_step_tokens; MPT's capture bounds it so):
+    the engine's step budget is lowered to it, a larger max_batch is refused, prompts longer
+    than it are chunked, and a draft model on it catches up in chunks; each request = alone."""
+    bounded = compiled("paged", max_step_tokens=20)
+    assert bounded.cache_spec["max_step_tokens"] == 20
+    with pytest.raises(transfuse.InputError, match="max_batch 21 exceeds the 20 tokens one step"):
+        Engine(bounded, max_batch=21)
+    prompts = random_prompts([45, 7, 30], seed=77)
+    want = [alone(bounded, p, 12, eos_token_id=None) for p in prompts]
+    draft = DraftModel(bounded, max_batch=4)
+    steps = []
+    run_step = draft._run_step
+    draft._run_step = lambda items: (steps.append(sum(len(t) for _, t in items)),
+                                     run_step(items))[1]
+    with Engine(bounded, max_batch=4, speculative=draft, spec_tokens=3) as engine:
+        assert engine.max_tokens_per_step == 20
+        handles = [engine.submit(p, max_new_tokens=12, eos_token_id=None) for p in prompts]
+        got = [h.result(timeout=60) for h in handles]
+        assert engine.stats()["spec"]["accepted"] > 0
+        _check_all_free(engine)
+    assert [r.token_ids for r in got] == want
+    assert max(steps) <= 20 and sum(steps) >= 45, steps
+    with Engine(bounded, max_tokens_per_step=8) as engine:
+        assert engine.max_tokens_per_step == 8
+
+
 def test_sampled_requests_with_a_perfect_draft(gen):
     prompts = random_prompts([6, 15], seed=75)
     with Engine(gen, max_batch=2, speculative=DraftModel(gen, max_batch=2),

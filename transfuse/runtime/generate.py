@@ -15,7 +15,9 @@ The loop (GEN_DESIGN.md):
    take it), the batch against ``max_batch``, each prompt + T against ``max_seq_len`` and,
    paged, the blocks the whole batch needs against the pool.
 2. **prefill**: one step with every prompt's real tokens (padding dropped; each row's
-   positions start at 0, so a padded row computes what it would alone).
+   positions start at 0, so a padded row computes what it would alone); in chunks of at most
+   ``max_step_tokens`` tokens when the step takes fewer (a model whose capture bounds the
+   tokens of a step), a row's logits coming from the step with its last prompt token.
 3. **decode**: one step per new token with the last token of every live row; a row stops at
    an EOS id (``eos_token_id=None``: never) and is filled with ``pad_token_id`` afterwards;
    the loop ends when every row stopped or T tokens were made.
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -283,16 +285,25 @@ def _describe(x: Any) -> str:
 
 def generate(step: Step, cache: Any, input_ids: torch.Tensor,
              attention_mask: torch.Tensor | None = None, *, generation_config: Any = None,
-             vocab_size: int | None = None, **kwargs: Any) -> torch.Tensor | Iterator[Any]:
+             vocab_size: int | None = None, max_step_tokens: int | None = None,
+             **kwargs: Any) -> torch.Tensor | Iterator[Any]:
     """Generate with ``step`` over ``cache``; returns ``[B, S + steps]`` ids, or an iterator of
     each step's new ids with ``stream=True`` (see the module docstring).
 
     ``kwargs``: :data:`OPTIONS`. ``generation_config`` supplies the defaults;
-    ``vocab_size``, when known, bounds the prompt's ids.
+    ``vocab_size``, when known, bounds the prompt's ids; ``max_step_tokens`` (None: no bound)
+    the tokens of one step (the prefill is chunked to it).
     """
+    if max_step_tokens is not None and (isinstance(max_step_tokens, bool) or not isinstance(
+            max_step_tokens, int) or max_step_tokens < 1):
+        raise InputError(f"generate: max_step_tokens must be a positive int, got "
+                         f"{max_step_tokens!r}")
     opts, prompts = check_call(input_ids, attention_mask, kwargs, generation_config, vocab_size,
                                CacheRoom.of(cache))
-    tokens = _loop(step, cache, prompts, opts)
+    if max_step_tokens is not None and len(prompts.lengths) > max_step_tokens:
+        raise InputError(f"generate: {len(prompts.lengths)} prompts, but a step of this model "
+                         f"takes at most {max_step_tokens} tokens (one per prompt in decode)")
+    tokens = _loop(step, cache, prompts, opts, max_step_tokens)
     if opts.stream:
         return tokens if len(prompts.lengths) > 1 else _ints(tokens)
     columns = list(tokens)
@@ -306,7 +317,8 @@ def _width(input_ids: Any) -> int:
     return input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
 
 
-def _loop(step: Step, cache: Any, prompts: Prompts, opts: GenerateOptions) -> Iterator[torch.Tensor]:
+def _loop(step: Step, cache: Any, prompts: Prompts, opts: GenerateOptions,
+          max_step_tokens: int | None = None) -> Iterator[torch.Tensor]:
     """Yield each step's new ids [B] (CPU, i64); frees the cache's sequences at the end."""
     if opts.max_new_tokens == 0:
         return
@@ -326,8 +338,7 @@ def _loop(step: Step, cache: Any, prompts: Prompts, opts: GenerateOptions) -> It
         for row, sid in enumerate(seq_ids):
             cache.add(sid, prompts.lengths[row])
             added.append(sid)
-        logits = _run(step, cache, [(sid, prompts.lengths[r]) for r, sid in enumerate(seq_ids)],
-                      torch.cat([prompts.tokens(r) for r in range(batch)]))
+        logits = _prefill(step, cache, seq_ids, prompts, max_step_tokens)
         for made in range(opts.max_new_tokens):
             rows = live.nonzero().flatten()
             if penalise and seen is None:
@@ -353,6 +364,47 @@ def _loop(step: Step, cache: Any, prompts: Prompts, opts: GenerateOptions) -> It
     finally:
         for sid in added:
             cache.free(sid)
+
+
+def _prefill(step: Step, cache: Any, seq_ids: list[int], prompts: Prompts,
+             limit: int | None) -> torch.Tensor:
+    """Every prompt's real tokens through the step, in one step or, past ``limit`` tokens, in
+    chunks (a prompt may span steps); logits [B, V], row b from the step that took row b's
+    last prompt token."""
+    lengths = prompts.lengths
+    rows: list[torch.Tensor | None] = [None] * len(seq_ids)
+    steps = chunk_steps(lengths, limit)
+    for chunk in steps:
+        logits = _run(step, cache, [(seq_ids[r], n) for r, _, n in chunk],
+                      torch.cat([prompts.tokens(r)[start:start + n] for r, start, n in chunk]))
+        if len(steps) == 1:  # the whole prefill in one step
+            return logits
+        for i, (r, start, n) in enumerate(chunk):
+            if start + n == lengths[r]:
+                rows[r] = logits[i]
+    return torch.stack(rows)
+
+
+def chunk_steps(lengths: Sequence[int], limit: int | None) -> list[list[tuple[int, int, int]]]:
+    """The tokens of sequences of these ``lengths`` (each >= 1), in order, cut into steps of at
+    most ``limit`` tokens (None: one step): each step a list of ``(sequence, start, count)``; a
+    sequence may span steps and appears at most once in each."""
+    if limit is None or sum(lengths) <= limit:
+        return [[(i, 0, n) for i, n in enumerate(lengths)]]
+    steps, step, budget = [], [], limit
+    for i, n in enumerate(lengths):
+        start = 0
+        while start < n:
+            if budget == 0:
+                steps.append(step)
+                step, budget = [], limit
+            take = min(n - start, budget)
+            step.append((i, start, take))
+            start += take
+            budget -= take
+    if step:
+        steps.append(step)
+    return steps
 
 
 def _ints(tokens: Iterator[torch.Tensor]) -> Iterator[int]:
@@ -387,6 +439,6 @@ def _run(step: Step, cache: Any, items: list[tuple[int, int]], tokens: torch.Ten
     return logits
 
 
-__all__ = ["generate", "resolve_options", "check_prompts", "check_room", "check_call",
+__all__ = ["generate", "chunk_steps", "resolve_options", "check_prompts", "check_room", "check_call",
            "CacheRoom", "GenerateOptions",
            "Prompts", "OPTIONS", "HF_DEFAULTS"]

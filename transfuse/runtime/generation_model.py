@@ -42,7 +42,10 @@ CONFIG_FIELDS = tuple(o for o in OPTIONS if o not in ("seed", "stream")) + ("bos
 SPEC_FIELDS: dict[str, tuple[type, ...]] = {
     "layers": (int,), "kv_heads": (int,), "head_dim": (int,), "dtype": (str,),
     "max_seq_len": (int,), "max_batch": (int,), "layout": (str,),
-    "block_size": (int, type(None)), "num_blocks": (int, type(None)), "order": (str,)}
+    "block_size": (int, type(None)), "num_blocks": (int, type(None)), "order": (str,),
+    "max_step_tokens": (int,)}
+#: spec fields an older artifact may lack, and how to fill them from the spec's others
+SPEC_DEFAULTS = {"max_step_tokens": lambda spec: spec["max_batch"] * spec["max_seq_len"]}
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> Any:
@@ -91,7 +94,8 @@ class GenerationModel:
                        empty_room(self._cache_spec))
             cache = self.cache
         return generate(self.step_for(cache), cache, input_ids, attention_mask,
-                        generation_config=self._config, vocab_size=self._vocab, **kwargs)
+                        generation_config=self._config, vocab_size=self._vocab,
+                        max_step_tokens=self._cache_spec["max_step_tokens"], **kwargs)
 
     def step_for(self, cache: KVCache):
         """``step(input_ids [1, N], meta) -> logits [R, V]`` over ``cache``'s tensors."""
@@ -215,12 +219,21 @@ class GenerationModel:
     def from_artifact(cls, contents: artifact.ArtifactContents, program: Any) -> GenerationModel:
         """Rebuild from what :func:`artifact.read` checked (its ``generation`` field)."""
         gen = contents.generation
-        spec = gen["cache"]
+        spec = dict(gen["cache"])
         where = contents.root / artifact.MANIFEST
+        for key, default in SPEC_DEFAULTS.items():
+            if key not in spec and all(isinstance(spec.get(k), int) for k in
+                                       ("max_batch", "max_seq_len")):
+                spec[key] = default(spec)
         for key, kinds in SPEC_FIELDS.items():
             if not isinstance(spec.get(key), kinds) or isinstance(spec.get(key), bool):
                 raise ArtifactError(f"{where}: generation cache spec field {key!r} is "
                                     f"{spec.get(key)!r}")
+        if not spec["max_batch"] <= spec["max_step_tokens"] <= spec["max_batch"] * \
+                spec["max_seq_len"]:
+            raise ArtifactError(f"{where}: generation cache spec field 'max_step_tokens' is "
+                                f"{spec['max_step_tokens']}; expected max_batch "
+                                f"({spec['max_batch']}) to max_batch x max_seq_len")
         contents.graph.meta["generation"] = geometry_of(spec)
         return cls(contents.graph, program, contents.pass_log, backend=contents.backend,
                    generation_config=gen.get("config"), meta=contents.meta, cache_spec=spec)
@@ -255,7 +268,9 @@ def cache_spec_of(graph: Graph) -> dict[str, Any]:
             "dtype": str(caches[0].type.dtype.torch).removeprefix("torch."),
             "max_seq_len": int(geo["max_seq_len"]), "max_batch": int(geo["max_batch"]),
             "layout": geo["kv"], "block_size": int(geo["block_size"]) if paged else None,
-            "num_blocks": int(geo["num_blocks"]) if paged else None, "order": order}
+            "num_blocks": int(geo["num_blocks"]) if paged else None, "order": order,
+            "max_step_tokens": int(geo.get("max_step_tokens")
+                                   or int(geo["max_batch"]) * int(geo["max_seq_len"]))}
 
 
 def geometry_of(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -263,7 +278,7 @@ def geometry_of(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"kv": spec["layout"], "max_seq_len": spec["max_seq_len"],
             "max_batch": spec["max_batch"], "block_size": spec["block_size"],
             "num_blocks": spec["num_blocks"], "cache_order": spec["order"],
-            "layers": spec["layers"]}
+            "max_step_tokens": spec["max_step_tokens"], "layers": spec["layers"]}
 
 
 def make_cache(spec: Mapping[str, Any], device: torch.device | str = "cpu", *,

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from transfuse.errors import ExecutionError, InputError
+from transfuse.runtime.generate import chunk_steps
 from transfuse.runtime.generation_model import make_cache
 from transfuse.runtime.sampling import process_logits, seen_tokens
 from transfuse.serving.proposal import DraftRequest, Proposal
@@ -80,6 +81,7 @@ class DraftModel:
         self.vocab_size = draft_gen.vocab_size if vocab_size is None \
             else min(vocab_size, draft_gen.vocab_size)
         self._step = draft_gen.step_for(self.cache)
+        self._max_step_tokens = spec["max_step_tokens"]
         self._tokens: dict[Hashable, list[int]] = {}  # what the draft cache holds per request
         self.counters = {"calls": 0, "steps": 0, "catch_up_tokens": 0, "proposed": 0,
                          "no_room": 0}
@@ -188,6 +190,21 @@ class DraftModel:
             active = [w for w in active if len(w.drafts) < w.k]
 
     def _run(self, items: list[tuple[Hashable, list[int]]]) -> torch.Tensor:
+        """The items' tokens through the draft, one step or (past the draft's
+        ``max_step_tokens``) several; logits [B, V] at each item's last token."""
+        steps = chunk_steps([len(toks) for _, toks in items], self._max_step_tokens)
+        if len(steps) == 1:
+            return self._run_step(items)
+        rows: list[torch.Tensor | None] = [None] * len(items)
+        for chunk in steps:
+            logits = self._run_step([(items[i][0], items[i][1][start:start + n])
+                                     for i, start, n in chunk])
+            for j, (i, start, n) in enumerate(chunk):
+                if start + n == len(items[i][1]):
+                    rows[i] = logits[j]
+        return torch.stack(rows)
+
+    def _run_step(self, items: list[tuple[Hashable, list[int]]]) -> torch.Tensor:
         """One draft step; logits [B, V] at each item's last token."""
         meta = self.cache.prepare_step([(rid, len(toks)) for rid, toks in items])
         try:

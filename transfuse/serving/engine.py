@@ -62,7 +62,8 @@ class Engine:
 
     ``gen``: a :class:`~transfuse.runtime.generation_model.GenerationModel`. ``max_batch``:
     running requests at most (None: the gen's compiled ``max_batch``; a contiguous cache has no
-    more slots). ``max_tokens_per_step``: tokens per forward (>= max_batch). ``max_queue``:
+    more slots). ``max_tokens_per_step``: tokens per forward (>= max_batch; at most the
+    gen's ``max_step_tokens``, to which a larger value is lowered). ``max_queue``:
     waiting requests before ``submit`` raises :class:`QueueFullError`. ``prefix_caching``:
     share cached prompt blocks (None: on for a paged cache). ``num_blocks``: a smaller paged
     pool than the spec's. ``tokenizer``: for text outputs and stop strings.
@@ -78,6 +79,7 @@ class Engine:
             spec, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
             max_queue=max_queue, spec_tokens=spec_tokens, prefix_caching=prefix_caching,
             num_blocks=num_blocks)
+        max_tokens_per_step = min(max_tokens_per_step, spec["max_step_tokens"])
         self._spec = SpecDecoding(speculative, spec_tokens) if speculative is not None else None
         self.gen = gen
         self.max_batch = max_batch

@@ -165,6 +165,10 @@ def check_engine_options(spec: dict, *, max_batch: Any, max_tokens_per_step: Any
                         ("max_queue", max_queue), ("spec_tokens", spec_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"Engine: {name} must be a positive int, got {value!r}")
+    if max_batch > spec["max_step_tokens"]:
+        raise InputError(f"Engine: max_batch {max_batch} exceeds the {spec['max_step_tokens']} "
+                         "tokens one step of this model takes (its max_step_tokens; a decode "
+                         "step has one token per request)")
     if not paged and max_batch > spec["max_batch"]:
         raise InputError(f"Engine: max_batch {max_batch} exceeds the contiguous cache's "
                          f"{spec['max_batch']} slots (compile with a larger max_batch or "

@@ -452,6 +452,8 @@ def test_generation_step_profiles_from_the_cache_geometry(kv):
     assert prefill["inputs"]["input_ids"]["max"] == [1, 128]
     program = TensorRTProgram(g, lower_model(g), device="cpu")  # no engine until bound
     assert len(program.cache_outputs) == 2 * 2 and program._returned == 1
+    g.meta["generation"]["max_step_tokens"] = 40  # a bounded step: the prefill profile too
+    assert generation_ranges(g)["seq"] == (1, 40) == generation_ranges(g)["rows"]
     g.meta.pop("generation")
     with pytest.raises(LoweringError, match="not a generation step"):
         generation_ranges(g)

@@ -188,14 +188,16 @@ def profiles_document(signature: Any, *, profiles: Sequence[Mapping[str, Sequenc
 def generation_ranges(graph: Any) -> dict[str, tuple[int, int]]:
     """The symbol ranges of a generation step graph (``graph.meta["generation"]``, the cache
     geometry ``generation.insert-kv-cache`` records): ``seq`` (the step's tokens) and ``rows``
-    (the logit rows) 1 .. max_batch x max_seq_len, ``seqs`` 1 .. max_batch, ``table_blocks``
+    (the logit rows) 1 .. max_step_tokens (default max_batch x max_seq_len), ``seqs``
+    1 .. max_batch, ``table_blocks``
     (paged) 1 .. ceil(max_seq_len / block_size). A symbol it does not know is an error."""
     geo = getattr(graph, "meta", {}).get("generation")
     if not geo:
         raise LoweringError(f"tensorrt profiles: graph {getattr(graph, 'name', '?')} is not a "
                             "generation step (no meta['generation'])")
     b, length = int(geo["max_batch"]), int(geo["max_seq_len"])
-    known = {"seq": (1, b * length), "rows": (1, b * length), "seqs": (1, b)}
+    tokens = int(geo.get("max_step_tokens") or b * length)
+    known = {"seq": (1, tokens), "rows": (1, tokens), "seqs": (1, b)}
     if geo.get("kv") == "paged":
         known["table_blocks"] = (1, -(-length // int(geo["block_size"])))
     out = {}

@@ -2,7 +2,9 @@
 
 Runs only with the option ``generation`` (a dict: ``max_seq_len``, ``max_batch``,
 ``kv`` = ``"contiguous"`` | ``"paged"``, ``block_size``, ``num_blocks``,
-``cache_order``), set by ``optimize(..., generation=...)``.
+``cache_order``, ``max_step_tokens``), set by ``optimize(..., generation=...)``.
+``max_step_tokens`` (default ``max_batch x max_seq_len``) bounds the tokens of one step: a
+longer prefill runs in chunks (``generate()``; the serving engine's ``max_tokens_per_step``).
 
 Needs: a causal LM captured with ``input_ids`` [1, N] and ``position_ids`` [1, N]
 (N symbolic) whose attention fused into ``attention`` ops, and whose position-dependent
@@ -77,8 +79,16 @@ def cache_geometry(options: Mapping[str, Any]) -> dict[str, Any]:
                         f"block_size={block} must be >= 1")
     order = g.get("cache_order", "token-major")
     blocks = int(g.get("num_blocks") or max_batch * -(-max_len // block))
+    step = g.get("max_step_tokens")
+    if step is None:
+        step = max_batch * max_len
+    elif isinstance(step, bool) or not isinstance(step, int) \
+            or not max_batch <= step <= max_batch * max_len:
+        raise PassError(f"generation option max_step_tokens={step!r}: expected an int from "
+                        f"max_batch ({max_batch}: a decode step has one token per sequence) to "
+                        f"max_batch x max_seq_len ({max_batch * max_len})")
     return {"kv": kv, "max_seq_len": max_len, "max_batch": max_batch, "block_size": block,
-            "num_blocks": blocks, "cache_order": order}
+            "num_blocks": blocks, "cache_order": order, "max_step_tokens": int(step)}
 
 
 class InsertKvCache(Pass):
@@ -93,7 +103,14 @@ class InsertKvCache(Pass):
         options = ctx.option("generation")
         if not options:
             return
-        geo = cache_geometry(options if isinstance(options, Mapping) else {})
+        options = options if isinstance(options, Mapping) else {}
+        geo = cache_geometry(options)
+        if geo["max_step_tokens"] < geo["max_batch"] * geo["max_seq_len"]:
+            ctx.note(f"a step takes at most {geo['max_step_tokens']} tokens (max_step_tokens, "
+                     f"below max_batch x max_seq_len = {geo['max_batch'] * geo['max_seq_len']}):"
+                     f" a longer prefill runs in chunks"
+                     + (f"; why: {options['max_step_tokens_reason']}"
+                        if options.get("max_step_tokens_reason") else ""))
         ctx.attempt(RULE)
         ids, pos = self._token_inputs(graph, ctx)
         n = ids.type.shape[1]
