@@ -3,7 +3,7 @@
 #
 #   1. the GPU compile check of every shipped kernel config for sm_80 and sm_90
 #      (python -m transfuse.codegen.triton.compile_check: registers, spills, shared memory);
-#   2. the kernel tests, tests/codegen/triton/, under each version's interpreter;
+#   2. the kernel tests, tests/codegen/triton_target/, under each version's interpreter;
 #   3. a summary of both in benchmarks/results/triton36-compat-<YYYY-MM-DD>.json.
 #
 # Triton 3.6 lives in its own venv (default /tmp/venv36, made when missing: torch 2.13 CPU,
@@ -64,7 +64,7 @@ for tag in 36 39; do
   # 2. the kernel tests under the interpreter (after both --record runs: the record test
   #    takes both versions' results from it)
   set +e
-  "$py" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests/codegen/triton/ \
+  "$py" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests/codegen/triton_target/ \
     --junitxml="$OUT/tests-$tag.xml" > "$OUT/tests-$tag.txt" 2>&1
   set -e
   tail -1 "$OUT/tests-$tag.txt"
@@ -120,7 +120,7 @@ for tag, py in pythons.items():
             "configs_spilling": sum(bool(r.spills) for r in results),
             "wall_seconds": int((out / f"compile-{tag}.seconds").read_text()),
             "by_arch": by_arch, "by_kernel": kernels},
-        "tests": {"path": "tests/codegen/triton", "collected": n,
+        "tests": {"path": "tests/codegen/triton_target", "collected": n,
                   "passed": n - fail - err - skip, "failed": fail, "errors": err,
                   "skipped": skip, "seconds": round(float(suite.get("time", 0)), 1),
                   "not_passed": [f"{c.get('classname')}::{c.get('name')}"
@@ -133,7 +133,7 @@ both = sorted(set(a) & set(b))
 diff = sorted(((b[k].registers or 0) - (a[k].registers or 0), k) for k in both)
 doc = {
     "what": "triton 3.6 vs 3.9 on the shipped Triton kernels without a GPU: the sm_80/sm_90 "
-            "compile check of every shipped config and tests/codegen/triton under each "
+            "compile check of every shipped config and tests/codegen/triton_target under each "
             "version's interpreter (benchmarks/triton36_check.sh)",
     "date": datetime.date.today().isoformat(),
     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -15,8 +15,8 @@ def tensorrt_unavailable() -> str | None:
     except Exception as e:  # ImportError, or a broken install raising anything on import
         return f"TensorRT is not installed (import tensorrt failed: {type(e).__name__}: {e})"
     if not all(hasattr(trt, name) for name in ("Builder", "Runtime", "OnnxParser")):
-        # e.g. a directory named tensorrt on sys.path (tests/codegen/tensorrt when pytest puts
-        # tests/codegen there) imports as an empty namespace package
+        # e.g. a directory named tensorrt (no __init__.py) on sys.path imports as an empty
+        # namespace package
         where = getattr(trt, "__file__", None) or list(getattr(trt, "__path__", []))
         return (f"TensorRT is not installed ('import tensorrt' found {where}, which has no "
                 "Builder/Runtime/OnnxParser)")
