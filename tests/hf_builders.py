@@ -8,7 +8,8 @@ import torch
 
 def tiny_hf_model(family: str, attn: str, *, layers: int, hidden: int, vocab: int,
                   positions: int):
-    """gpt2 / llama / mistral (sliding window 8) / qwen2 (GQA: 2 kv heads of 4) / bert, and the
+    """gpt2 / llama / mistral (sliding window 8) / qwen2 (GQA: 2 kv heads of 4) / bert / xglm
+    (its eager attention clamps the masked scores between two views), and the
     position-bias families: bloom and mpt (ALiBi; eager only in transformers), t5 (the encoder
     alone), t5-seq2seq (encoder-decoder with cross attention), falcon (one K/V head)."""
     transformers = pytest.importorskip("transformers")
@@ -22,6 +23,12 @@ def tiny_hf_model(family: str, attn: str, *, layers: int, hidden: int, vocab: in
         cls = transformers.GPT2LMHeadModel
     elif family == "bert":
         config, cls = transformers.BertConfig(**common), transformers.BertModel
+    elif family == "xglm":  # eager attention clamps the masked scores at finfo.min
+        config = transformers.XGLMConfig(num_layers=layers, d_model=hidden, attention_heads=4,
+                                         ffn_dim=2 * hidden, vocab_size=vocab,
+                                         max_position_embeddings=positions, pad_token_id=0,
+                                         use_cache=False)
+        cls = transformers.XGLMForCausalLM
     elif family in POSITION_BIAS_FAMILIES:
         config, cls = _position_bias_config(transformers, family, layers, hidden, vocab,
                                             positions)

@@ -131,7 +131,7 @@ def test_save_load_round_trip(tmp_path, kv):
 @pytest.mark.slow
 @pytest.mark.parametrize("family,attn", [("mistral", "sdpa"), ("qwen2", "sdpa"),
                                          ("falcon", "sdpa"), ("bloom", "eager"),
-                                         ("gemma2", "eager")])
+                                         ("gemma2", "eager"), ("xglm", "eager")])
 def test_more_families_greedy_like_hf(family, attn):
     model, gen = _compiled(family, "contiguous", attn)
     ids, mask = _prompts(LENGTHS, seed=8)

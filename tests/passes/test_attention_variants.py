@@ -281,6 +281,55 @@ graph main(%q: f32[1, 4, seq, 8], %k: f32[1, 4, seq, 8], %v: f32[4, seq, 8]) {
 }""", "not viewed as [B, H, S, T] and back", "attention/sdpa-view")
 
 
+def _xglm(floor: str = "-3.4028234663852886e+38") -> str:
+    """XGLM's eager attention: 3-D bmm scores viewed as [B, H, S, T], plus the causal mask,
+    clamped with maximum(x, floor), viewed back to [B·H, S, T] for a 3-D softmax and bmm."""
+    return f"""
+graph main(%q: f32[4, seq, 8], %k: f32[4, seq, 8], %v: f32[4, seq, 8]) {{
+  const %floor: f32[] = {floor}
+  %m0: f32[seq, seq] = full() {{shape=[seq, seq], value=-3.4028234663852886e+38, dtype=f32}}
+  %mask: f32[seq, seq] = triu(%m0) {{diagonal=1}}
+  %kt: f32[4, 8, seq] = permute(%k) {{perm=[0, 2, 1]}}
+  %qk: f32[4, seq, seq] = matmul(%q, %kt)
+  %s4: f32[1, 4, seq, seq] = reshape(%qk) {{shape=[1, 4, seq, seq]}}
+  %mk: f32[1, 4, seq, seq] = add(%s4, %mask)
+  %cl: f32[1, 4, seq, seq] = maximum(%mk, %floor)
+  %s3: f32[4, seq, seq] = reshape(%cl) {{shape=[4, seq, seq]}}
+  %p3: f32[4, seq, seq] = softmax(%s3) {{axis=2}}
+  %o: f32[4, seq, 8] = matmul(%p3, %v)
+  return %o
+}}"""
+
+
+def test_xglm_clamped_scores_viewed_back_before_the_softmax_fuse():
+    graph, rec, _ = fuse(_xglm())
+    assert_graph(graph, """
+graph main(%q: f32[4, seq, 8], %k: f32[4, seq, 8], %v: f32[4, seq, 8]) {
+  %0: f32[1, 4, seq, 8] = reshape(%q) {shape=[1, 4, seq, 8]}
+  %1: f32[1, 4, seq, 8] = reshape(%k) {shape=[1, 4, seq, 8]}
+  %2: f32[1, 4, seq, 8] = reshape(%v) {shape=[1, 4, seq, 8]}
+  %3: f32[1, 4, seq, 8] = attention(%0, %1, %2) {causal, scale=1.0}
+  %4: f32[4, seq, 8] = reshape(%3) {shape=[4, seq, 8]}
+  return %4
+}""")
+    assert rec.matched("attention/sdpa-view-back") == 1 and not rec.near_misses
+
+
+def test_xglm_numerics_and_a_clamp_above_finfo_min_is_refused():
+    from transfuse.ir.interpret import interpret
+    from transfuse.ir.parser import parse_graph
+
+    text = _xglm()
+    q, k, v = (torch.randn(4, 6, 8) for _ in range(3))
+    want = interpret(parse_graph(text), [q, k, v])[0]
+    graph, _, _ = fuse(text)
+    torch.testing.assert_close(interpret(graph, [q, k, v])[0], want, rtol=1e-6, atol=1e-6)
+    # a clamp at -1e4 would lift unmasked scores below -1e4: not a mask step
+    graph, rec, log = fuse(_xglm("-10000.0"), dce=False)
+    assert rec.matched("attention/sdpa-view-back") == 0
+    assert "only a clamp at the dtype's lowest value" in log.why_not("attention/sdpa-view-back")
+
+
 # -- the frontend's attention with a mask folded into its bias (T5 through SDPA) ----------------
 
 def test_mask_folded_into_an_sdpa_bias_by_where_is_split():

@@ -27,6 +27,11 @@ Rewrites (rule ids):
   [B, H, S, T] (one ``reshape`` mask step) for the softmax, and the probabilities
   viewed back for the bmm with V (BLOOM): q, k, v are viewed as [B, H, ., D]; mask
   steps before the view are terms on [B·H, S, T] (ALiBi there only when B is 1).
+- ``attention/sdpa-view-back``: the same with the masked [B, H, S, T] scores viewed back
+  as [B·H, S, T] before a 3-D softmax (XGLM; the softmax over the last axis commutes with
+  the view). A mask step may also be a clamp ``maximum(x, finfo.min)`` (XGLM, old OPT/BART
+  code): it changes only -inf entries, masked either way; a clamp at any higher value is
+  refused (it would change unmasked scores).
 - ``attention/sdpa-mask``: an ``attention`` made by the frontend from
   ``scaled_dot_product_attention`` with a mask as ``bias``: the bias is analysed
   the same way and turned into causal/window/padding/alibi where proven.
@@ -61,6 +66,7 @@ from transfuse.passes.attention.plan import (
 )
 from transfuse.passes.attention.sdpa_match import (
     SDPA_PATTERN,
+    SDPA_VIEW_BACK_PATTERN,
     SDPA_VIEW_PATTERN,
     check_sdpa,
     key_source,
@@ -148,6 +154,8 @@ def _replace(m: Match, b: Builder) -> Value:
         if kind == "view":
             frame = 4
             continue
+        if kind == "clamp":  # at finfo.min (checked): a masked score stays masked
+            continue
         heads = q.shape[1] if frame == 4 and (view is not None or rank == 4) else heads3
         value = m[f"mask{k_}"] if kind == "add" else m[f"cond{k_}"]
         mask_steps.append(MaskStep(kind, value, m.get(f"fill{k_}"), frame, heads))
@@ -171,6 +179,9 @@ SDPA = Rule(id="attention/sdpa", pattern=SDPA_PATTERN, check=check_sdpa, replace
 #: of ``attention/sdpa``; its own near misses start past the softmax
 SDPA_VIEW = Rule(id="attention/sdpa-view", pattern=SDPA_VIEW_PATTERN, check=check_sdpa,
                  replace=_replace, near_miss_depth=3)
+#: the same with the masked scores viewed back before the softmax (XGLM)
+SDPA_VIEW_BACK = Rule(id="attention/sdpa-view-back", pattern=SDPA_VIEW_BACK_PATTERN,
+                      check=check_sdpa, replace=_replace, near_miss_depth=3)
 
 
 # -- the frontend's attention: analyse its bias -------------------------------------------------
@@ -217,7 +228,7 @@ class FuseAttention(RewritePass):
     causal/window/padding/alibi attrs (unknown masks stay an explicit bias)."""
 
     name = "attention.fuse-sdpa"
-    rule_list = [SDPA, SDPA_VIEW, SDPA_MASK]
+    rule_list = [SDPA_VIEW_BACK, SDPA, SDPA_VIEW, SDPA_MASK]
 
     state_factory = _RunState
 
@@ -251,4 +262,5 @@ def register_lazily(cls: type) -> None:
 
 register_lazily(FuseAttention)
 
-__all__ = ["FuseAttention", "SDPA", "SDPA_MASK", "SDPA_PATTERN", "SDPA_VIEW", "MASK_RULE"]
+__all__ = ["FuseAttention", "SDPA", "SDPA_MASK", "SDPA_PATTERN", "SDPA_VIEW", "SDPA_VIEW_BACK",
+           "MASK_RULE"]

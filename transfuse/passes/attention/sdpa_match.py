@@ -42,13 +42,17 @@ _CAPPED = P.alt(P.op("mul", P.op("tanh", _scaled(_SCALED, "cap_in"), name="tanh"
                 _SCALED, tags=("softcap", None))
 _SCORES = P.maybe("cast", _CAPPED, name="cast_scores", tag="cast-scores")
 #: mask steps between the scores and the softmax (T5: bias + mask; MPT: ALiBi + masked_fill;
-#: BLOOM: ALiBi on [B·H, S, T], a view to [B, H, S, T], the causal mask)
+#: BLOOM: ALiBi on [B·H, S, T], a view to [B, H, S, T], the causal mask; XGLM/OPT-style:
+#: a view, the mask, a clamp at finfo.min)
 MASK_STEPS = 3
+#: the kinds of mask step (``clamp``: ``maximum(x, floor)`` with floor <= the dtype's finfo.min)
+STEP_KINDS = ("add", "fill", "keep", "view", "clamp")
 
 
 def _mask_chain(inner, depth: int):
     """Up to ``depth`` steps over ``inner``; step k (0 nearest the scores) is tagged
-    ``add:k`` / ``fill:k`` / ``keep:k`` / ``view:k`` and its node is ``masked{k}``."""
+    ``add:k`` / ``fill:k`` / ``keep:k`` / ``view:k`` / ``clamp:k`` and its node is
+    ``masked{k}``."""
     level = inner
     for k in range(depth):
         level = P.alt(P.op("add", level, P.any(f"mask{k}"), commutative=True, name=f"masked{k}"),
@@ -57,7 +61,10 @@ def _mask_chain(inner, depth: int):
                       P.op("where", P.any(f"cond{k}"), level, P.scalar(f"fill{k}"),
                            name=f"masked{k}"),
                       P.op("reshape", level, name=f"masked{k}"),
-                      level, tags=(f"add:{k}", f"fill:{k}", f"keep:{k}", f"view:{k}", None))
+                      P.op("maximum", level, P.scalar(f"floor{k}"), commutative=True,
+                           name=f"masked{k}"),
+                      level, tags=(f"add:{k}", f"fill:{k}", f"keep:{k}", f"view:{k}",
+                                   f"clamp:{k}", None))
     return level
 
 
@@ -70,6 +77,13 @@ SDPA_PATTERN = P.op("matmul", _PROBS, P.any("v"), name="pv")  # (B, H, S, Dv)
 #: BLOOM: [B, H, S, T] probabilities viewed as [B·H, S, T] for a bmm with V [B·H, T, Dv]
 SDPA_VIEW_PATTERN = P.op("matmul", P.op("reshape", _PROBS, name="probs_view"), P.any("v"),
                          name="pv")
+#: XGLM: the masked [B, H, S, T] scores viewed back as [B·H, S, T] before the softmax (the
+#: softmax over the last axis commutes with that view), 3-D probabilities for the bmm
+_SOFTMAX_BACK = P.op("softmax", P.maybe("cast", P.op("reshape", _MASKED, name="scores_back"),
+                                        name="upcast", tag="upcast"), name="softmax")
+SDPA_VIEW_BACK_PATTERN = P.op(
+    "matmul", P.maybe("dropout", P.maybe("cast", _SOFTMAX_BACK, name="downcast", tag="downcast"),
+                      name="dropout", tag="dropout"), P.any("v"), name="pv")
 
 
 # -- checks -----------------------------------------------------------------------------------
@@ -147,7 +161,7 @@ def matched_steps(m: Match) -> list[tuple[int, str, Node]]:
     operand is ``m[f"mask{k}"]`` (add) or ``m[f"cond{k}"]`` / ``m[f"fill{k}"]`` (where)."""
     out = []
     for k in range(MASK_STEPS):
-        for kind in ("add", "fill", "keep", "view"):
+        for kind in STEP_KINDS:
             if f"{kind}:{k}" in m.tags:
                 out.append((k, kind, m.node(f"masked{k}")))
     return out
@@ -158,12 +172,16 @@ def _step_input(m: Match, k: int, kind: str, node: Node) -> Value:
     if kind == "add":
         x, y = node.inputs
         return x if y is m[f"mask{k}"] else y
+    if kind == "clamp":
+        x, y = node.inputs
+        return y if x.is_const and x.const.numel() == 1 else x
     return {"fill": node.inputs[2], "keep": node.inputs[1], "view": node.inputs[0]}[kind]
 
 
 def _view_reason(m: Match, view: Node | None) -> str | None:
-    """A view of 3-D bmm scores as [B, H, S, T] must be undone on the probabilities."""
-    probs = m.named_nodes.get("probs_view")
+    """A view of 3-D bmm scores as [B, H, S, T] must be undone on the probabilities (or on
+    the masked scores, before the softmax)."""
+    probs = m.named_nodes.get("probs_view") or m.named_nodes.get("scores_back")
     if view is None and probs is None:
         return None
     if view is None or probs is None:
@@ -229,6 +247,13 @@ def check_sdpa(m: Match) -> str | None:
             fill = m.scalar(f"fill{k_}")
             if not (fill == -math.inf or fill <= NEG_LIMIT):
                 return f"masked_fill value {fill} is not -inf or <= {NEG_LIMIT}"
+        if kind == "clamp":
+            # maximum(x, floor) with floor <= finfo.min changes only x = -inf, to a value whose
+            # softmax weight is 0 as well wherever the row has an unmasked key
+            floor, dt = m.scalar(f"floor{k_}"), mt.dtype
+            if not dt.is_float or not floor <= float(torch.finfo(dt.torch).min):
+                return (f"maximum of the scores with {floor}: only a clamp at the dtype's "
+                        f"lowest value (finfo.min) leaves the unmasked scores as they are")
     for name in ("cast_scores", "upcast", "downcast"):
         if name in m.named_nodes:
             c = m.node(name)
@@ -240,5 +265,6 @@ def check_sdpa(m: Match) -> str | None:
     return None
 
 
-__all__ = ["MASK_STEPS", "SDPA_PATTERN", "SDPA_VIEW_PATTERN", "check_sdpa", "key_source",
+__all__ = ["MASK_STEPS", "SDPA_PATTERN", "SDPA_VIEW_BACK_PATTERN", "SDPA_VIEW_PATTERN",
+           "STEP_KINDS", "check_sdpa", "key_source",
            "matched_steps", "scale_of", "softcap_of"]
