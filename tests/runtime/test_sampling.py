@@ -18,6 +18,8 @@ from transformers.generation.logits_process import (
 from transfuse.errors import InputError
 from transfuse.runtime.sampling import (
     SamplingParams,
+    apply_logit_bias,
+    apply_presence_frequency,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
@@ -27,6 +29,7 @@ from transfuse.runtime.sampling import (
     sample_next,
     seen_tokens,
     suppress_tokens,
+    token_counts,
 )
 
 R, V = 5, 97
@@ -215,3 +218,36 @@ def test_bad_shapes_and_seed():
     with pytest.raises(InputError, match="seed"):
         make_generator(-1)
     assert make_generator(None) is None
+
+
+# -- OpenAI's options (serving) ------------------------------------------------------------------
+
+
+def test_openai_penalties_and_logit_bias():
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    counts = token_counts([2, 2, 3, 9, -1], vocab=4)  # 9 and -1 are no ids of this head
+    assert counts.tolist() == [[0.0, 0.0, 2.0, 1.0]]
+    out = apply_presence_frequency(scores, counts, presence=0.5, frequency=0.25)
+    assert out.tolist() == [[1.0, 2.0, 3.0 - 0.5 - 0.5, 4.0 - 0.25 - 0.5]]
+    assert apply_logit_bias(scores, [(0, 10.0), (3, -100.0), (7, 1.0)]).tolist() == \
+        [[11.0, 2.0, 3.0, -96.0]]
+    params = SamplingParams(presence_penalty=1.0, frequency_penalty=1.0, logit_bias=((1, 5.0),))
+    assert params.changes_scores(0) and params.penalises_counts
+    assert not SamplingParams().changes_scores(0)
+    # logit bias, then the penalties; greedy takes the argmax of the result
+    got = process_logits(scores, None, params, 3, counts)
+    assert got.tolist() == [[1.0, 7.0, 0.0, 2.0]]
+    assert sample_next(scores, None, params, new_tokens=3, counts=counts).tolist() == [1]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(presence_penalty=2.1), "presence_penalty must be a number in"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty must be a number"),
+    (dict(logit_bias={1: 2.0}), "logit_bias must be a tuple"),
+    (dict(logit_bias=((1, 2.0, 3),)), "pairs"),
+    (dict(logit_bias=((-1, 2.0),)), "logit_bias token id must be an integer >= 0"),
+    (dict(logit_bias=((1, 100.5),)), r"logit_bias\[1\] must be a number in \[-100, 100\]"),
+])
+def test_openai_options_are_checked(kw, match):
+    with pytest.raises(InputError, match=match):
+        SamplingParams(**kw)

@@ -19,6 +19,7 @@ EOS = 2  # the Llama config's eos_token_id
 OPTIONS = {"max_seq_len": 256, "max_batch": 8, "block_size": 16}
 
 _COMPILED: dict[str, object] = {}
+_MODELS: dict[str, object] = {}  # the HF model each compiled gen came from
 
 
 def compiled(kv: str = "paged", max_batch: int = 8, max_step_tokens: int | None = None):
@@ -36,7 +37,36 @@ def compiled(kv: str = "paged", max_batch: int = 8, max_step_tokens: int | None 
             model, (torch.randint(0, VOCAB, (1, 8)),),
             generation={**OPTIONS, "kv": kv, "max_batch": max_batch,
                         **({"max_step_tokens": max_step_tokens} if max_step_tokens else {})})
+        _MODELS[key] = model
     return _COMPILED[key]
+
+
+def hf_model(kv: str = "paged", max_batch: int = 8):
+    """The Hugging Face model behind :func:`compiled` (the same weights)."""
+    compiled(kv, max_batch)
+    return _MODELS[f"{kv}/{max_batch}/None"]
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, *, presence: float = 0.0,
+              frequency: float = 0.0, logit_bias: dict[int, float] | None = None):
+    """The oracle of OpenAI's options: greedy over the HF model's full-forward logits with
+    ``logit_bias`` added and ``score -= frequency * count + presence * (count > 0)`` over the
+    generated tokens; returns the new ids and each step's log-softmax of the raw logits."""
+    ids, new, logps = list(prompt), [], []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        logps.append(torch.log_softmax(logits, -1))
+        scores = logits.clone()
+        for t, b in (logit_bias or {}).items():
+            scores[t] += b
+        counts = torch.bincount(torch.tensor(new, dtype=torch.long), minlength=VOCAB).float() \
+            if new else torch.zeros(VOCAB)
+        scores -= frequency * counts + presence * (counts > 0).float()
+        tok = int(scores.argmax())
+        new.append(tok)
+        ids.append(tok)
+    return new, logps
 
 
 def alone(gen, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:

@@ -13,7 +13,16 @@ import threading
 
 import pytest
 import torch
-from engine_models import EOS, VOCAB, alone, compiled, finish_reason, random_prompts
+from engine_models import (
+    EOS,
+    VOCAB,
+    alone,
+    compiled,
+    finish_reason,
+    hf_greedy,
+    hf_model,
+    random_prompts,
+)
 
 import transfuse
 from transfuse.serving import Engine
@@ -258,6 +267,78 @@ def test_a_bounded_step_bounds_the_engine_and_the_draft():
     assert max(steps) <= 20 and sum(steps) >= 45, steps
     with Engine(bounded, max_tokens_per_step=8) as engine:
         assert engine.max_tokens_per_step == 8
+
+
+def test_logprobs_are_the_models_log_softmax(gen):
+    """logprobs=3: each token's log-probability and the top 3 equal the HF model's
+    log-softmax at that step (raw logits), in outputs and in the result; logprobs=0 gives the
+    chosen token's only; a request that asks for none gets None."""
+    model = hf_model("paged")
+    prompts = random_prompts([9, 4], seed=91)
+    with Engine(gen, max_batch=4) as engine:
+        h3 = engine.submit(prompts[0], max_new_tokens=7, eos_token_id=None, logprobs=3)
+        h0 = engine.submit(prompts[1], max_new_tokens=5, eos_token_id=None, logprobs=0)
+        hn = engine.submit(prompts[1], max_new_tokens=5, eos_token_id=None)
+        r3, r0, rn = (h.result(timeout=60) for h in (h3, h0, hn))
+        streamed = [lp for out in h3.outputs(timeout=5) for lp in (out.logprobs or [])]
+    assert rn.logprobs is None and streamed == r3.logprobs
+    for r, prompt, top in ((r3, prompts[0], 3), (r0, prompts[1], 0)):
+        want, logps = hf_greedy(model, prompt, len(r.token_ids))
+        assert r.token_ids == want
+        assert [lp.token_id for lp in r.logprobs] == want
+        for lp, ref in zip(r.logprobs, logps):
+            assert abs(lp.logprob - float(ref[lp.token_id])) < 1e-4
+            assert len(lp.top) == top
+            values, ids = torch.topk(ref, top)
+            assert [t for t, _ in lp.top] == ids.tolist()
+            assert all(abs(v - float(w)) < 1e-4 for (_, v), w in zip(lp.top, values))
+    with pytest.raises(transfuse.InputError, match="logprobs must be at most 20"):
+        Engine.submit(engine, prompts[0], logprobs=21)
+
+
+@pytest.mark.parametrize("speculative", [None, "draft", "prompt-lookup"])
+def test_presence_frequency_penalties_and_logit_bias_like_openai(gen, speculative):
+    """Greedy with OpenAI's penalties over the generated tokens and a logit bias = the HF
+    oracle that applies them by hand, with or without speculative decoding (rows past a draft
+    count the drafts before them)."""
+    model = hf_model("paged")
+    prompt = random_prompts([6], seed=93)[0] * 3  # repetitive: prompt lookup proposes drafts
+    bias = {int(prompt[0]): 3.0, 7: -100.0}
+    cases = [dict(presence=0.0, frequency=1.5, logit_bias=None),
+             dict(presence=2.0, frequency=0.0, logit_bias=None),
+             dict(presence=0.5, frequency=-0.3, logit_bias=bias)]
+    spec = {None: None, "draft": DraftModel(gen, max_batch=4), "prompt-lookup": "prompt-lookup"}
+    with Engine(gen, max_batch=4, speculative=spec[speculative], spec_tokens=3) as engine:
+        handles = [engine.submit(prompt, max_new_tokens=14, eos_token_id=None,
+                                 presence_penalty=c["presence"],
+                                 frequency_penalty=c["frequency"],
+                                 logit_bias=None if c["logit_bias"] is None else
+                                 {str(k): v for k, v in c["logit_bias"].items()})
+                   for c in cases]
+        got = [h.result(timeout=60).token_ids for h in handles]
+        stats = engine.stats()
+        _check_all_free(engine)
+    if speculative is not None:  # the verification path with counts really ran
+        assert stats["spec"]["proposed"] > 0, stats["spec"]
+    for c, tokens in zip(cases, got):
+        want, _ = hf_greedy(model, prompt, 14, **c)
+        assert tokens == want, c
+    assert 7 not in got[2]
+    plain = alone(gen, prompt, 14, eos_token_id=None)
+    assert got[0] != plain  # the penalty changed the answer
+
+
+def test_bad_openai_options_are_refused(gen):
+    with Engine(gen, max_batch=2) as engine:
+        for kw, match in ((dict(presence_penalty=2.5), "presence_penalty must be a number in"),
+                          (dict(frequency_penalty="1"), "frequency_penalty must be a number"),
+                          (dict(logit_bias={"96": 1.0}), "logit_bias key '96' is not a token"),
+                          (dict(logit_bias={"-1": 1.0}), "logit_bias key '-1'"),
+                          (dict(logit_bias={3: 101.0}), r"logit_bias\[3\] must be a number"),
+                          (dict(logit_bias=[1, 2]), "logit_bias must be a dict"),
+                          (dict(logprobs=-1), "logprobs must be an integer >= 0")):
+            with pytest.raises(transfuse.InputError, match=match):
+                engine.submit([1, 2, 3], max_new_tokens=2, **kw)
 
 
 def test_sampled_requests_with_a_perfect_draft(gen):

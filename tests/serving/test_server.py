@@ -147,6 +147,68 @@ def test_concurrent_requests_get_what_they_get_alone(client, local):
 # -- bad requests: OpenAI error bodies, and the server keeps serving ----------------------------
 
 GOOD = {"model": MODEL, "prompt": "ok", "max_tokens": 2}
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-5
+
+
+def test_completion_logprobs_greedy_streamed_or_not(client, local):
+    """logprobs=3: per token its text, log-probability, top 3 and text offset; greedy picks
+    the most likely token; the stream carries the same numbers."""
+    prompt = "The quick brown fox"
+    ids, text = expected(local, local.tokenizer.encode(prompt), 10)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                  logprobs=3)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == text and len(lp.tokens) == len(ids) == r.usage.completion_tokens
+    assert lp.tokens == [local.tokenizer.decode([t]) for t in ids]
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(ids))]
+    for tok, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and len(top) <= 3 and _close(max(top.values()), value)
+        if tok in top:
+            assert _close(top[tok], value)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
+                                            temperature=0, logprobs=3, stream=True))
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.tokens]
+    values = [v for c in chunks if c.choices and c.choices[0].logprobs
+              for v in c.choices[0].logprobs.token_logprobs]
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs
+               for o in c.choices[0].logprobs.text_offset]
+    assert tokens == lp.tokens and offsets == lp.text_offset
+    assert all(_close(a, b) for a, b in zip(values, lp.token_logprobs))
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode("utf-8")) and entry.logprob <= 0
+        assert len(entry.top_logprobs) == 2
+        assert _close(entry.top_logprobs[0].logprob, entry.logprob)  # greedy: the most likely
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=3,
+        temperature=0, logprobs=True)
+    assert all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
+
+
+def test_penalties_and_logit_bias(client, local):
+    """logit_bias -100 on the greedy answer's first token moves the answer off it; penalties
+    are taken (their arithmetic is checked against an oracle in test_engine.py)."""
+    prompt = "The quick brown fox"
+    ids, _ = expected(local, local.tokenizer.encode(prompt), 6)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                  logit_bias={str(ids[0]): -100}, logprobs=0)
+    assert r.choices[0].logprobs.tokens[0] != local.tokenizer.decode([ids[0]])
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                  presence_penalty=1.5, frequency_penalty=-0.5)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 BAD = [  # (name, path, body bytes, status, param or None, code or None)
     ("malformed JSON", "/v1/completions", b'{"model": "llama-tiny", "prompt": ', 400, None,
      None),
@@ -167,6 +229,17 @@ BAD = [  # (name, path, body bytes, status, param or None, code or None)
     ("negative seed", "/v1/completions", json.dumps({**GOOD, "seed": -1}).encode(), 400,
      "seed", None),
     ("unsupported n", "/v1/completions", json.dumps({**GOOD, "n": 3}).encode(), 400, "n", None),
+    ("logprobs over 5", "/v1/completions", json.dumps({**GOOD, "logprobs": 6}).encode(), 400,
+     "logprobs", None),
+    ("presence_penalty over 2", "/v1/completions",
+     json.dumps({**GOOD, "presence_penalty": 2.5}).encode(), 400, "presence_penalty", None),
+    ("logit_bias over 100", "/v1/completions",
+     json.dumps({**GOOD, "logit_bias": {"5": 101}}).encode(), 400, "logit_bias.5", None),
+    ("logit_bias key no token", "/v1/completions",
+     json.dumps({**GOOD, "logit_bias": {"x": 1}}).encode(), 400, None, None),
+    ("top_logprobs without logprobs", "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+         "top_logprobs": 2}).encode(), 400, "top_logprobs", None),
     ("bad role", "/v1/chat/completions", json.dumps(
         {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400,
      "messages.0.role", None),

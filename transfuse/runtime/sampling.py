@@ -7,6 +7,10 @@ Each function takes ``scores`` [R, V] (float) and returns new scores; none chang
 The semantics and the order are those of ``transformers`` ``generate()`` (its
 ``LogitsProcessorList`` for these options), so that the same logits give the same tokens:
 
+0. (serving only, OpenAI's options; HF's generate has none of them) ``logit_bias``: a number
+   added to the scores of given token ids; then ``presence_penalty`` / ``frequency_penalty``
+   (as OpenAI and vLLM define them, over the tokens the row has *generated*):
+   ``score -= frequency_penalty * count + presence_penalty * (count > 0)``.
 1. repetition penalty (``RepetitionPenaltyLogitsProcessor``): every token id that occurs in
    the row's history, once however often it occurs: a score < 0 is multiplied by the
    penalty, any other divided by it; the left padding of a prompt is not history.
@@ -73,6 +77,40 @@ def suppress_tokens(scores: torch.Tensor, token_ids: Sequence[int]) -> torch.Ten
     return torch.where(banned, -math.inf, scores)
 
 
+def token_counts(generated: Sequence[int] | torch.Tensor, vocab: int,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """float [1, V]: how often each token id occurs in ``generated`` (ids outside [0, V) are
+    left out), what the presence and frequency penalties read."""
+    ids = torch.as_tensor(generated, dtype=torch.int64, device=device).flatten()
+    ids = ids[(ids >= 0) & (ids < vocab)]
+    counts = torch.zeros((1, vocab), dtype=torch.float32, device=device)
+    counts[0].index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts
+
+
+def apply_logit_bias(scores: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """Add ``bias`` ((token id, value) pairs; ids >= V are no token of this head: left out)."""
+    pairs = [(t, b) for t, b in bias if t < scores.shape[-1]]
+    if not pairs:
+        return scores
+    ids = torch.tensor([t for t, _ in pairs], device=scores.device, dtype=torch.long)
+    add = torch.zeros(scores.shape[-1], device=scores.device, dtype=scores.dtype)
+    add.index_put_((ids,), torch.tensor([b for _, b in pairs], device=scores.device,
+                                        dtype=scores.dtype), accumulate=True)
+    return scores + add
+
+
+def apply_presence_frequency(scores: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """``scores - frequency * counts - presence * (counts > 0)``; ``counts`` [R, V] or [1, V]
+    (:func:`token_counts`)."""
+    if counts.shape[-1] != scores.shape[-1] or counts.dim() != 2:
+        raise InputError(f"token counts must be [R, V] like the scores {list(scores.shape)}, "
+                         f"got {list(counts.shape)}")
+    counts = counts.to(device=scores.device, dtype=scores.dtype)
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+
+
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide by ``temperature`` (> 0)."""
     return scores / temperature
@@ -107,7 +145,8 @@ class SamplingParams:
 
     ``top_k`` 0 and ``top_p`` 1.0 disable those filters; temperature, top-k and top-p only
     apply when ``do_sample``. ``eos_token_id`` is the tuple of EOS ids ``min_new_tokens``
-    suppresses (empty: nothing to suppress).
+    suppresses (empty: nothing to suppress). ``presence_penalty``, ``frequency_penalty`` (in
+    [-2, 2]) and ``logit_bias`` ((token id, value in [-100, 100]) pairs) are OpenAI's.
     """
 
     do_sample: bool = False
@@ -117,6 +156,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
     eos_token_id: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.do_sample, bool):
@@ -128,9 +170,36 @@ class SamplingParams:
         _check_int("min_new_tokens", self.min_new_tokens, 0)
         for t in self.eos_token_id:
             _check_int("eos_token_id", t, 0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_number(name, getattr(self, name), "in [-2, 2]", lambda x: -2 <= x <= 2)
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if not isinstance(self.logit_bias, tuple):
+            raise InputError(f"logit_bias must be a tuple of (token id, bias) pairs, got "
+                             f"{type(self.logit_bias).__name__}")
+        for pair in self.logit_bias:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise InputError(f"logit_bias entries must be (token id, bias) pairs, got "
+                                 f"{pair!r}")
+            _check_int("logit_bias token id", pair[0], 0)
+            _check_number(f"logit_bias[{pair[0]}]", pair[1], "in [-100, 100]",
+                          lambda x: -100 <= x <= 100)
+        object.__setattr__(self, "logit_bias",
+                           tuple((int(t), float(b)) for t, b in self.logit_bias))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+
+    @property
+    def penalises_counts(self) -> bool:
+        """True when the presence or frequency penalty reads the generated tokens' counts."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def changes_scores(self, new_tokens: int) -> bool:
+        """True when some processor changes the scores at a step with ``new_tokens`` generated
+        (False: greedy is the plain argmax of the logits)."""
+        return (self.do_sample or self.repetition_penalty != 1.0 or self.penalises_counts
+                or bool(self.logit_bias)
+                or bool(self.eos_token_id and new_tokens < self.min_new_tokens))
 
 
 def _check_number(name: str, value: object, rule: str, ok) -> None:
@@ -154,12 +223,18 @@ def _check_rows(scores: torch.Tensor, history: torch.Tensor, what: str) -> None:
 
 
 def process_logits(scores: torch.Tensor, history: torch.Tensor | None, params: SamplingParams,
-                   new_tokens: int) -> torch.Tensor:
+                   new_tokens: int, counts: torch.Tensor | None = None) -> torch.Tensor:
     """The scores after every processor ``params`` turns on, in HF's order (``new_tokens``:
-    how many tokens each row has generated so far)."""
+    how many tokens each row has generated so far; ``counts``: the generated tokens' counts
+    [R or 1, V] for the presence / frequency penalties, :func:`token_counts`)."""
     scores = scores.float()
+    if params.logit_bias:
+        scores = apply_logit_bias(scores, params.logit_bias)
     if params.repetition_penalty != 1.0 and history is not None:
         scores = apply_repetition_penalty(scores, history, params.repetition_penalty)
+    if params.penalises_counts and counts is not None:
+        scores = apply_presence_frequency(scores, counts, params.presence_penalty,
+                                          params.frequency_penalty)
     if params.eos_token_id and new_tokens < params.min_new_tokens:
         scores = suppress_tokens(scores, params.eos_token_id)
     if params.do_sample:
@@ -173,15 +248,18 @@ def process_logits(scores: torch.Tensor, history: torch.Tensor | None, params: S
 
 
 def sample_next(logits: torch.Tensor, history: torch.Tensor | None, params: SamplingParams,
-                generator: torch.Generator | None = None, *, new_tokens: int = 0) -> torch.Tensor:
+                generator: torch.Generator | None = None, *, new_tokens: int = 0,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
     """The next token id of every row: ``logits`` [R, V] -> i64 [R].
 
     ``history`` [R, L] holds each row's tokens so far (negative = padding), or the bool
-    [R, V] mask of them (:func:`seen_tokens`), used by the repetition penalty; ``generator`` draws the samples (``None``: torch's global one).
+    [R, V] mask of them (:func:`seen_tokens`), used by the repetition penalty; ``counts`` the
+    generated tokens' counts for the presence / frequency penalties; ``generator`` draws the
+    samples (``None``: torch's global one).
     """
     if logits.dim() != 2:
         raise InputError(f"logits must be [R, V], got shape {list(logits.shape)}")
-    scores = process_logits(logits, history, params, new_tokens)
+    scores = process_logits(logits, history, params, new_tokens, counts)
     if not params.do_sample:  # argmax (first of equal maxima); max() is ~3x faster on CPU
         return scores.max(dim=-1).indices
     probs = scores.softmax(dim=-1)
@@ -199,4 +277,5 @@ def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torc
 
 __all__ = ["SamplingParams", "sample_next", "process_logits", "make_generator", "seen_tokens",
            "apply_repetition_penalty", "suppress_tokens", "apply_temperature", "apply_top_k",
-           "apply_top_p", "FILTERED"]
+           "apply_top_p", "apply_logit_bias", "apply_presence_frequency", "token_counts",
+           "FILTERED"]

@@ -11,6 +11,8 @@ seeded generator through :func:`~transfuse.runtime.sampling.sample_next` — the
 item's k+1 rows go to the ``verify`` callback. :func:`append_tokens` adds them to the
 request's context up to the first one that ends it (:func:`stop_reason`: EOS ids, stop
 token sequences, stop strings via the request's TextStream, ``max_new_tokens``).
+:func:`token_logprobs` gives, for the requests that ask, each chosen token's log-probability
+and the top alternatives (log-softmax of the raw logits rows that chose them).
 """
 
 from __future__ import annotations
@@ -19,16 +21,14 @@ from collections.abc import Callable
 
 import torch
 
-from transfuse.runtime.sampling import sample_next, seen_tokens
-from transfuse.serving.request import Request
+from transfuse.runtime.sampling import sample_next, seen_tokens, token_counts
+from transfuse.serving.request import Request, TokenLogprob
 from transfuse.serving.scheduler import Scheduled
 
 
 def is_plain(req: Request) -> bool:
     """Greedy with no processor that changes the scores at this step."""
-    p = req.params
-    return not p.do_sample and p.repetition_penalty == 1.0 and (
-        not p.eos_token_id or req.num_generated >= p.min_new_tokens)
+    return not req.params.changes_scores(req.num_generated)
 
 
 def choose_tokens(items: list[Scheduled], first_row: list[int], logits: torch.Tensor,
@@ -55,9 +55,34 @@ def choose_tokens(items: list[Scheduled], first_row: list[int], logits: torch.Te
             if req.seen is None:  # bool [1, V] of the context, kept up to date by append
                 req.seen = seen_tokens(torch.tensor([req.tokens], device=logits.device), vocab)
             history = req.seen
+        if req.params.penalises_counts and req.counts is None:  # kept up to date by append
+            req.counts = token_counts(req.generated(), vocab, logits.device)
         chosen[i] = [int(sample_next(logits[r:r + 1], history, req.params, req.generator,
-                                     new_tokens=req.num_generated)[0])]
+                                     new_tokens=req.num_generated, counts=req.counts)[0])]
     return chosen
+
+
+def token_logprobs(items: list[Scheduled], first_row: list[int], logits: torch.Tensor,
+                   chosen: list[list[int]]) -> list[list[TokenLogprob] | None]:
+    """Per item, the log-probabilities of its chosen tokens (row ``first_row[i] + j`` gave
+    token j) and of the request's top ``logprobs`` ids, from the log-softmax of the raw
+    logits; None for an item whose request asked for none."""
+    out: list[list[TokenLogprob] | None] = [None] * len(items)
+    for i, (it, toks) in enumerate(zip(items, chosen)):
+        n = it.req.logprobs
+        if n is None or not toks:
+            continue
+        r = first_row[i]
+        logp = torch.log_softmax(logits[r:r + len(toks)].float(), dim=-1)
+        picked = logp[torch.arange(len(toks), device=logp.device),
+                      torch.tensor(toks, device=logp.device)].tolist()
+        if n:
+            top_v, top_i = torch.topk(logp, min(n, logp.shape[-1]), dim=-1)
+            tops = [tuple(zip(ids, vals)) for ids, vals in zip(top_i.tolist(), top_v.tolist())]
+        else:
+            tops = [()] * len(toks)
+        out[i] = [TokenLogprob(t, lp, top) for t, lp, top in zip(toks, picked, tops)]
+    return out
 
 
 def append_tokens(req: Request, new: list[int]) -> tuple[list[int], str, str | None]:
@@ -71,6 +96,8 @@ def append_tokens(req: Request, new: list[int]) -> tuple[list[int], str, str | N
         kept.append(tok)
         if req.seen is not None:
             req.seen[0, tok] = True
+        if req.counts is not None and tok < req.counts.shape[-1]:
+            req.counts[0, tok] += 1
         if req.text_stream is not None:
             delta, stopped = req.text_stream.push(tok)
             text += delta
@@ -97,4 +124,4 @@ def stop_reason(req: Request, tok: int) -> str | None:
     return None
 
 
-__all__ = ["choose_tokens", "append_tokens", "stop_reason", "is_plain"]
+__all__ = ["choose_tokens", "append_tokens", "stop_reason", "is_plain", "token_logprobs"]

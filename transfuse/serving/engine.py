@@ -41,7 +41,7 @@ import torch
 
 from transfuse.errors import EngineClosedError, ExecutionError, InputError, QueueFullError
 from transfuse.runtime.generation_model import make_cache
-from transfuse.serving.choose import append_tokens, choose_tokens
+from transfuse.serving.choose import append_tokens, choose_tokens, token_logprobs
 from transfuse.serving.options import (
     Limits,
     check_engine_options,
@@ -127,11 +127,16 @@ class Engine:
     def submit(self, prompt_ids: Any, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                seed: int | None = None, stop: Any = None, eos_token_id: Any = _DEFAULT,
-               min_new_tokens: int = 0) -> RequestHandle:
+               min_new_tokens: int = 0, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0, logit_bias: Any = None,
+               logprobs: int | None = None) -> RequestHandle:
         """Queue a request; returns its :class:`RequestHandle` at once. ``temperature`` 0 is
         greedy; ``seed`` makes sampling reproducible whatever else runs; ``stop``: token-id
         sequences (a list of ints or a list of lists) or, with a tokenizer, strings;
-        ``eos_token_id`` (default: the model's; None: never stop at EOS). Raises
+        ``eos_token_id`` (default: the model's; None: never stop at EOS); OpenAI's
+        ``presence_penalty`` / ``frequency_penalty`` (in [-2, 2], over the generated tokens) and
+        ``logit_bias`` ({token id: value in [-100, 100]}); ``logprobs``: n >= 0 puts each
+        token's log-probability and the n most likely ids' (at most 20) in the outputs. Raises
         :class:`InputError` for a bad argument, :class:`QueueFullError` when ``max_queue``
         requests wait, :class:`EngineClosedError` after shutdown."""
         opts = check_options(
@@ -139,7 +144,9 @@ class Engine:
             temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, seed=seed, stop=stop,
             eos_token_id=self._default_eos if eos_token_id is _DEFAULT else eos_token_id,
-            min_new_tokens=min_new_tokens, has_tokenizer=self.tokenizer is not None)
+            min_new_tokens=min_new_tokens, has_tokenizer=self.tokenizer is not None,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias, logprobs=logprobs)
         text = None
         if self.tokenizer is not None:
             from transfuse.serving.text import TextStream
@@ -160,7 +167,7 @@ class Engine:
             handle = RequestHandle(rid, len(opts.prompt), self.cancel)
             req = Request(rid, handle, opts.prompt, max_new_tokens=opts.max_new_tokens,
                           params=opts.params, generator=generator, stop_ids=opts.stop_ids,
-                          text_stream=text)
+                          text_stream=text, logprobs=opts.logprobs)
             self._submitted += 1
             if opts.max_new_tokens == 0:  # nothing to generate: done now
                 self._finished_at_submit += 1
@@ -370,20 +377,23 @@ class Engine:
                 return new
 
         chosen = choose_tokens(items, first_row, logits, self._vocab, verify)
+        logprobs = token_logprobs(items, first_row, logits, chosen)
         generated = 0
-        for it, new in zip(items, chosen):
+        for it, new, lps in zip(items, chosen, logprobs):
             req = it.req
             kept, text, reason = append_tokens(req, new)
+            lps = None if lps is None else lps[:len(kept)]
             generated += len(kept)
             req.mark_output(now)
             if reason is None:
-                req.handle.deliver(Output(req.id, kept, text))
+                req.handle.deliver(Output(req.id, kept, text, logprobs=lps))
             else:
-                self._finish(req, reason, tokens=kept, text=text)
+                self._finish(req, reason, tokens=kept, text=text, logprobs=lps)
         self._counts["tokens_generated"] += generated
 
     def _finish(self, req: Request, reason: str, error: str | None = None, *,
-                tokens: list[int] | None = None, text: str = "") -> None:
+                tokens: list[int] | None = None, text: str = "",
+                logprobs: list | None = None) -> None:
         """End ``req`` (engine thread, under ``_state``): free its blocks, flush its text,
         deliver the final output."""
         self._live.pop(req.id, None)
@@ -394,7 +404,9 @@ class Engine:
             text += req.text_stream.flush()
         key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
         self._counts[key] += 1
-        req.handle.deliver(Output(req.id, tokens or [], text, True, reason, error),
+        if logprobs is None and req.logprobs is not None:
+            logprobs = []
+        req.handle.deliver(Output(req.id, tokens or [], text, True, reason, error, logprobs),
                            req.metrics())
 
     def _unschedulable(self) -> None:

@@ -30,6 +30,11 @@ class RequestOptions:
     seed: int | None
     stop_ids: tuple[tuple[int, ...], ...]  # token-id sequences that end the output
     stop_strings: tuple[str, ...]  # strings that end the text (need a tokenizer)
+    logprobs: int | None = None  # top log-probabilities per token (None: none wanted)
+
+
+#: most top log-probabilities per token (OpenAI's chat limit)
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,9 @@ class Limits:
 
 def check_options(prompt: Any, *, limits: Limits, max_new_tokens: Any, temperature: Any,
                   top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any, stop: Any,
-                  eos_token_id: Any, min_new_tokens: Any, has_tokenizer: bool) -> RequestOptions:
+                  eos_token_id: Any, min_new_tokens: Any, has_tokenizer: bool,
+                  presence_penalty: Any = 0.0, frequency_penalty: Any = 0.0,
+                  logit_bias: Any = None, logprobs: Any = None) -> RequestOptions:
     """The checked options of one submission (module docstring)."""
     ids = _prompt_ids(prompt, limits.vocab_size)
     new = _int("max_new_tokens", max_new_tokens, 0)
@@ -66,11 +73,34 @@ def check_options(prompt: Any, *, limits: Limits, max_new_tokens: Any, temperatu
                             temperature=temperature if temperature > 0 else 1.0,
                             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                             min_new_tokens=_int("min_new_tokens", min_new_tokens, 0),
-                            eos_token_id=tuple(eos))
+                            eos_token_id=tuple(eos), presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty,
+                            logit_bias=_logit_bias(logit_bias, limits.vocab_size))
     if seed is not None:
         _int("seed", seed, 0)
+    if logprobs is not None:
+        _int("logprobs", logprobs, 0)
+        if logprobs > MAX_LOGPROBS:
+            raise InputError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}")
     stop_ids, stop_strings = _stops(stop, limits.vocab_size, has_tokenizer)
-    return RequestOptions(ids, new, params, seed, stop_ids, stop_strings)
+    return RequestOptions(ids, new, params, seed, stop_ids, stop_strings, logprobs)
+
+
+def _logit_bias(bias: Any, vocab: int) -> tuple[tuple[int, float], ...]:
+    """``{token id: bias}`` (ids as ints or decimal strings, OpenAI's JSON form) as sorted
+    pairs; SamplingParams checks the values."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise InputError(f"logit_bias must be a dict of token id -> bias, got "
+                         f"{type(bias).__name__}")
+    pairs = []
+    for key, value in bias.items():
+        tid = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < vocab:
+            raise InputError(f"logit_bias key {key!r} is not a token id in [0, {vocab})")
+        pairs.append((tid, value))
+    return tuple(sorted(pairs))
 
 
 def _int(name: str, value: Any, low: int) -> int:

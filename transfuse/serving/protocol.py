@@ -7,11 +7,14 @@ refusal is an :class:`ApiError` that the server writes as OpenAI's error body
 What is supported: ``/v1/completions`` (``prompt`` as text, a list of texts, token ids or a
 list of token-id lists) and ``/v1/chat/completions`` (text messages) with ``max_tokens``
 (chat also ``max_completion_tokens``), ``temperature`` (0 = greedy), ``top_p``, ``stop``
-(up to :data:`MAX_STOP` strings), ``seed``, ``stream`` and ``stream_options.include_usage``;
+(up to :data:`MAX_STOP` strings), ``seed``, ``stream`` and ``stream_options.include_usage``,
+``presence_penalty`` / ``frequency_penalty`` (-2..2, over the generated tokens), ``logit_bias``
+(token id -> -100..100), log-probabilities of the generated tokens (completions
+``logprobs``: 0..5 top alternatives; chat ``logprobs: true`` with ``top_logprobs`` 0..20);
 vLLM's extensions ``top_k``, ``repetition_penalty`` and ``min_tokens``. Known OpenAI fields
-this server cannot honour (``n`` > 1, ``logprobs``, ``echo``, penalties, ``logit_bias``,
-``suffix``, tools) are refused with a 400 naming the field, when set to anything but their
-neutral value; unknown fields are refused like OpenAI does.
+this server cannot honour (``n`` > 1, ``echo``, ``best_of`` > 1, ``suffix``, tools) are
+refused with a 400 naming the field, when set to anything but their neutral value; unknown
+fields are refused like OpenAI does.
 
 Chat prompts (:func:`chat_prompt`): the tokenizer's chat template when it has one
 (``apply_chat_template(..., add_generation_prompt=True)``); otherwise this plain fallback,
@@ -51,6 +54,9 @@ class ApiError(Exception):
 # -- schemas ------------------------------------------------------------------------------------
 
 Unit = Annotated[float, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+#: most logit_bias entries per request
+MAX_LOGIT_BIAS = 1024
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
@@ -74,9 +80,10 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] | None = None
-    presence_penalty: Literal[0, 0.0] | None = None
-    frequency_penalty: Literal[0, 0.0] | None = None
-    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None
     # vLLM's extensions
     top_k: Annotated[int, Field(ge=0)] | None = None
@@ -100,9 +107,13 @@ class CompletionRequest(_Sampling):
              | Annotated[TokenIds, Field(min_length=1)]
              | Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)])
     echo: Literal[False] | None = None
-    logprobs: None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: Literal[1] | None = None
     suffix: None = None
+
+    def top_logprobs_wanted(self) -> int | None:
+        """Top alternatives per token to report (None: no log-probabilities)."""
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: a text or a list of token ids."""
@@ -135,8 +146,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Literal[False] | None = None
-    top_logprobs: None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: Annotated[list[Any], Field(max_length=0)] | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
@@ -148,7 +159,13 @@ class ChatRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
 
+    def top_logprobs_wanted(self) -> int | None:
+        """Top alternatives per token to report (None: no log-probabilities)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def check_supported(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         fmt = self.response_format
         if fmt is not None and fmt.get("type", "text") != "text":
             raise ApiError(400, f"response_format type {fmt.get('type')!r} is not supported "

@@ -35,10 +35,22 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (the log-softmax of its logits,
+    before temperature, filters and penalties: what OpenAI and vLLM report) and the ``top``
+    most likely ids with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Output:
     """What one step produced for one request: the new token ids (several with speculation,
     none in a final output of a cancelled/failed request) and their new text ('' without a
-    tokenizer); the last output of a request has ``finished=True`` and a ``finish_reason``."""
+    tokenizer); the last output of a request has ``finished=True`` and a ``finish_reason``.
+    ``logprobs``: one :class:`TokenLogprob` per token id when the request asked for them."""
 
     request_id: int
     token_ids: list[int]
@@ -46,6 +58,7 @@ class Output:
     finished: bool = False
     finish_reason: str | None = None  # None | "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class Result:
     metrics: dict[str, Any] = field(default_factory=dict)
     request_id: int = -1
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RequestHandle:
@@ -125,8 +139,10 @@ class RequestHandle:
             outputs, final, metrics = list(self._outputs), self._final, dict(self._metrics)
         if final.finish_reason == "error":
             raise ExecutionError(f"request {self.id} failed: {final.error}")
+        logprobs = None if outputs[0].logprobs is None else \
+            [lp for o in outputs for lp in (o.logprobs or ())]
         return Result([t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
-                      final.finish_reason, metrics, self.id, final.error)
+                      final.finish_reason, metrics, self.id, final.error, logprobs)
 
     def cancel(self) -> None:
         """Ask the engine to stop this request and free its cache blocks (no-op once finished)."""
@@ -178,14 +194,16 @@ class Request:
     prompt, then each generated token; ``num_computed`` of them have K/V in the cache."""
 
     __slots__ = ("id", "handle", "tokens", "prompt_len", "max_new_tokens", "params",
-                 "generator", "greedy", "eos", "stop_ids", "text_stream", "seen", "seq_id",
+                 "generator", "logprobs", "eos", "stop_ids", "text_stream", "seen", "counts",
+                 "seq_id",
                  "num_computed", "cached_tokens", "preemptions", "spec_proposed",
                  "spec_accepted", "submitted_s", "last_output_s", "ttft_s", "itl_s",
                  "admissions")
 
     def __init__(self, request_id: int, handle: RequestHandle, prompt: list[int], *,
                  max_new_tokens: int, params: SamplingParams, generator: torch.Generator,
-                 stop_ids: tuple[tuple[int, ...], ...], text_stream: Any = None):
+                 stop_ids: tuple[tuple[int, ...], ...], text_stream: Any = None,
+                 logprobs: int | None = None):
         self.id = request_id
         self.handle = handle
         self.tokens = prompt  # P + G ids
@@ -193,13 +211,13 @@ class Request:
         self.max_new_tokens = max_new_tokens
         self.params = params
         self.generator = generator
-        # plain argmax: no processor changes the scores (batched with the other plain rows)
-        self.greedy = not params.do_sample and params.repetition_penalty == 1.0 and not (
-            params.eos_token_id and params.min_new_tokens)
+        self.logprobs = logprobs  # None: none wanted; n: the chosen token's and the top n
         self.eos = frozenset(params.eos_token_id)
         self.stop_ids = stop_ids
         self.text_stream = text_stream
         self.seen: torch.Tensor | None = None  # bool [1, V], only with a repetition penalty
+        # float [1, V] counts of the generated ids, only with a presence / frequency penalty
+        self.counts: torch.Tensor | None = None
         self.seq_id: tuple[int, int] | None = None  # the KV cache sequence while admitted
         self.num_computed = 0
         self.cached_tokens = 0
@@ -243,4 +261,4 @@ class Request:
                 f"computed={self.num_computed})")
 
 
-__all__ = ["Output", "Result", "RequestHandle", "Request", "FINISH_REASONS"]
+__all__ = ["Output", "Result", "RequestHandle", "Request", "TokenLogprob", "FINISH_REASONS"]

@@ -115,7 +115,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, *, max_seq_len: int
         for p in prompts:
             _check_context(state, len(p), max_tokens, "prompt")
         handles = _submit(state, prompts, req, max_tokens)
-        call = Call("cmpl", "text_completion", state.model_name, handles, req)
+        call = Call("cmpl", "text_completion", state.model_name, handles, req, tokenizer)
         if req.stream:
             return _sse(call.stream_completion(request))
         return JSONResponse(await call.complete(request, chat=False))
@@ -132,7 +132,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, *, max_seq_len: int
         max_tokens = limit if limit is not None else max(state.max_seq_len - len(ids), 0)
         _check_context(state, len(ids), max_tokens, "messages")
         handles = _submit(state, [ids], req, max_tokens)
-        call = Call("chatcmpl", "chat.completion", state.model_name, handles, req)
+        call = Call("chatcmpl", "chat.completion", state.model_name, handles, req, tokenizer)
         if req.stream:
             return _sse(call.stream_chat(request))
         return JSONResponse(await call.complete(request, chat=True))
@@ -192,7 +192,10 @@ def _submit(state: ServerState, prompts: list[list[int]], req: Any, max_tokens: 
                 ids, max_new_tokens=max_tokens, temperature=temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                 repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
-                stop=req.stop_strings() or None, min_new_tokens=req.min_tokens))
+                stop=req.stop_strings() or None, min_new_tokens=req.min_tokens,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.logit_bias,
+                logprobs=req.top_logprobs_wanted()))
     except BaseException as e:
         for h in handles:
             h.cancel()
@@ -262,12 +265,21 @@ async def _disconnected(request: Request) -> None:
 class Call:
     """One API call's requests and the OpenAI responses made from their outputs."""
 
-    def __init__(self, prefix: str, kind: str, model: str, handles: list[Any], req: Any):
+    def __init__(self, prefix: str, kind: str, model: str, handles: list[Any], req: Any,
+                 tokenizer: Any = None):
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.kind, self.model, self.created = kind, model, int(time.time())
         self.handles, self.req = handles, req
         self.outputs = OutputQueue(handles)
         self.usage_wanted = bool(req.stream_options and req.stream_options.include_usage)
+        self.logprobs = Logprobs(tokenizer, chat=kind == "chat.completion", n=len(handles)) \
+            if req.top_logprobs_wanted() is not None else None
+
+    def _logprobs(self, i: int, out: Any) -> dict[str, Any] | None:
+        """The ``logprobs`` field for choice ``i``'s tokens of ``out`` (None: not asked)."""
+        if self.logprobs is None:
+            return None
+        return self.logprobs.format(i, out.logprobs or [])
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         prompt = sum(h.prompt_len for h in self.handles)
@@ -277,6 +289,7 @@ class Call:
     async def complete(self, request: Request, *, chat: bool) -> dict[str, Any]:
         """Wait for every output (cancelling on disconnect); the whole response body."""
         texts = [[] for _ in self.handles]
+        lps: list[list] = [[] for _ in self.handles]
         reasons: list[str | None] = [None] * len(self.handles)
         tokens = 0
         watch = asyncio.ensure_future(_disconnected(request))
@@ -284,6 +297,7 @@ class Call:
             while self.outputs.open:
                 i, out = await self.outputs.next(watch)
                 texts[i].append(out.text)
+                lps[i].extend(out.logprobs or [])
                 tokens += len(out.token_ids)
                 if out.finished:
                     reasons[i] = out.finish_reason
@@ -297,7 +311,8 @@ class Call:
         choices = []
         for i, (parts, reason) in enumerate(zip(texts, reasons)):
             text = "".join(parts)
-            choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": reason}
+            logprobs = None if self.logprobs is None else self.logprobs.format(i, lps[i])
+            choice: dict[str, Any] = {"index": i, "logprobs": logprobs, "finish_reason": reason}
             choice.update({"message": {"role": "assistant", "content": text}} if chat
                           else {"text": text})
             choices.append(choice)
@@ -313,7 +328,7 @@ class Call:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     async def _events(self, request: Request, first: Any, piece: Any) -> AsyncIterator[str]:
-        """SSE events: ``first(i)`` per choice, ``piece(i, text, reason)`` per output. Ends
+        """SSE events: ``first(i)`` per choice, ``piece(i, output)`` per output. Ends
         (cancelling) when the client leaves: Starlette cancels a stream then (ASGI spec < 2.4)
         and the watcher here covers servers that do not."""
         tokens = 0
@@ -332,8 +347,8 @@ class Call:
                 if out.finish_reason == "error":
                     yield f"data: {json.dumps(_server_error(out).body())}\n\n"
                     continue
-                if out.text or out.finished:
-                    yield self._chunk([piece(i, out.text, out.finish_reason)])
+                if out.text or out.finished or out.logprobs:
+                    yield self._chunk([piece(i, out)])
             if self.usage_wanted:
                 yield self._chunk([], self.usage(tokens))
             yield "data: [DONE]\n\n"
@@ -342,19 +357,66 @@ class Call:
             self.outputs.cancel()
 
     def stream_completion(self, request: Request) -> AsyncIterator[str]:
-        return self._events(request, None, lambda i, text, reason: {
-            "index": i, "text": text, "logprobs": None, "finish_reason": reason})
+        return self._events(request, None, lambda i, out: {
+            "index": i, "text": out.text, "logprobs": self._logprobs(i, out),
+            "finish_reason": out.finish_reason})
 
     def stream_chat(self, request: Request) -> AsyncIterator[str]:
-        def piece(i: int, text: str, reason: str | None) -> dict[str, Any]:
-            delta = {"content": text} if text else {}
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+        def piece(i: int, out: Any) -> dict[str, Any]:
+            delta = {"content": out.text} if out.text else {}
+            return {"index": i, "delta": delta, "logprobs": self._logprobs(i, out),
+                    "finish_reason": out.finish_reason}
 
         def first(i: int) -> dict[str, Any]:
             return {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None}
 
         return self._events(request, first, piece)
+
+
+class Logprobs:
+    """OpenAI's ``logprobs`` field from a choice's :class:`TokenLogprob` list: the legacy
+    completions form (``tokens``, ``token_logprobs``, ``top_logprobs`` as {token: logprob},
+    ``text_offset`` from the start of the completion, continued across stream chunks) or the
+    chat form (``content``: token, logprob, UTF-8 ``bytes``, ``top_logprobs``). A token's text
+    is the tokenizer's decoding of that one id (a piece of a multi-byte character decodes to
+    U+FFFD, as in vLLM); without a tokenizer it is ``"token_id:<id>"``."""
+
+    def __init__(self, tokenizer: Any, *, chat: bool, n: int):
+        self.tokenizer, self.chat = tokenizer, chat
+        self.offsets = [0] * n  # completions: text_offset of the next token per choice
+
+    def text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    def format(self, i: int, lps: list) -> dict[str, Any]:
+        if self.chat:
+            return {"content": [self._chat_entry(lp.token_id, lp.logprob, lp.top)
+                                for lp in lps]}
+        tokens, offsets = [], []
+        for lp in lps:
+            tok = self.text(lp.token_id)
+            tokens.append(tok)
+            offsets.append(self.offsets[i])
+            self.offsets[i] += len(tok)
+        tops = []
+        for lp in lps:
+            top: dict[str, float] = {}
+            for tid, v in lp.top:
+                top.setdefault(self.text(tid), v)  # most likely first: keep the first
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": tops, "text_offset": offsets}
+
+    def _chat_entry(self, token_id: int, logprob: float, top: Any) -> dict[str, Any]:
+        tok = self.text(token_id)
+        entry: dict[str, Any] = {"token": tok, "logprob": logprob,
+                                 "bytes": list(tok.encode("utf-8"))}
+        if top is not None:
+            entry["top_logprobs"] = [self._chat_entry(t, v, None) for t, v in top]
+        return entry
 
 
 def _server_error(out: Any) -> ApiError:
@@ -375,4 +437,4 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-__all__ = ["Call", "OutputQueue", "ServerState", "create_app", "json_body"]
+__all__ = ["Call", "Logprobs", "OutputQueue", "ServerState", "create_app", "json_body"]

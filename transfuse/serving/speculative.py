@@ -30,7 +30,8 @@ the argmax: exactly plain greedy decoding.
 
 Each row is processed as plain decoding would process it (``process_logits`` with the
 request's history followed by the drafts before that row, and ``new_tokens + i`` generated
-tokens), so repetition penalty and ``min_new_tokens`` see what they would without
+tokens), so repetition penalty, presence / frequency penalties (counts of the generated
+tokens and the drafts before the row) and ``min_new_tokens`` see what they would without
 speculation. Greedy: all rows at once (row i is only used when d_1..d_i were accepted, so its
 history is known in advance). Sampled: row by row up to the first rejection, so each emitted
 token costs the processing of one row (top-p sorts V scores), as in plain decoding.
@@ -43,7 +44,7 @@ from collections.abc import Sequence
 import torch
 
 from transfuse.errors import InputError
-from transfuse.runtime.sampling import SamplingParams, process_logits, seen_tokens
+from transfuse.runtime.sampling import SamplingParams, process_logits, seen_tokens, token_counts
 from transfuse.serving.draft import DraftModel
 from transfuse.serving.prompt_lookup import PromptLookup
 from transfuse.serving.proposal import DraftRequest, Proposal, Proposer
@@ -87,10 +88,12 @@ def verify(target_logits: torch.Tensor, proposal: Proposal, params: SamplingPara
     seen = None
     if params.repetition_penalty != 1.0:
         seen = history_mask(history, vocab, target_logits.device)
+    counts = generated_counts(history, new_tokens, vocab, target_logits.device) \
+        if params.penalises_counts else None
     q = draft_probs(proposal, vocab, target_logits.device, torch.float32) if k else None
     u = torch.rand(k, generator=generator, device=device).tolist() if k else []
     for n in range(k + 1):
-        p = process_logits(target_logits[n:n + 1], seen, params, new_tokens + n)
+        p = process_logits(target_logits[n:n + 1], seen, params, new_tokens + n, counts)
         p = p.softmax(dim=-1)[0]
         if n == k:
             dist = p  # every draft accepted: the bonus token
@@ -100,6 +103,8 @@ def verify(target_logits: torch.Tensor, proposal: Proposal, params: SamplingPara
         if u[n] * float(q[n, d]) < float(p[d]):
             if seen is not None:
                 seen[0, d] = True
+            if counts is not None:
+                counts[0, d] += 1
             continue
         dist = (p - q[n]).clamp_min(0)
         if not bool(dist.sum() > 0):  # p <= q everywhere: p == q up to rounding
@@ -117,6 +122,14 @@ def history_mask(history: Sequence[int] | torch.Tensor, vocab: int,
     return seen_tokens(ids[None], vocab)
 
 
+def generated_counts(history: Sequence[int] | torch.Tensor, new_tokens: int, vocab: int,
+                     device: torch.device) -> torch.Tensor:
+    """float [1, V]: the counts of the last ``new_tokens`` ids of ``history`` (the generated
+    ones, what the presence / frequency penalties read)."""
+    ids = torch.as_tensor(history, dtype=torch.int64).flatten()
+    return token_counts(ids[ids.numel() - new_tokens:] if new_tokens else ids[:0], vocab, device)
+
+
 def process_rows(logits: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
                  history: Sequence[int] | torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Row i of ``logits`` [k+1, V] processed as plain decoding would after ``history`` +
@@ -127,13 +140,20 @@ def process_rows(logits: torch.Tensor, drafts: Sequence[int], params: SamplingPa
         seen = history_mask(history, vocab, logits.device).expand(rows, vocab).clone()
         for i, d in enumerate(drafts):  # rows i+1.. also saw d_{i+1}
             seen[i + 1:, d] = True
+    counts = None
+    if params.penalises_counts:
+        counts = generated_counts(history, new_tokens, vocab, logits.device).expand(
+            rows, vocab).clone()
+        for i, d in enumerate(drafts):
+            counts[i + 1:, d] += 1
     # rows before min_new_tokens is reached get the EOS ids suppressed; the others do not
     cut = min(rows, max(0, params.min_new_tokens - new_tokens)) if params.eos_token_id else 0
     parts = []
     for lo, hi in ((0, cut), (cut, rows)):
         if hi > lo:
             parts.append(process_logits(logits[lo:hi], None if seen is None else seen[lo:hi],
-                                        params, new_tokens + lo))
+                                        params, new_tokens + lo,
+                                        None if counts is None else counts[lo:hi]))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -158,5 +178,5 @@ def _check_int(name: str, value: object) -> None:
         raise InputError(f"verify: {name} must be an int >= 0, got {value!r}")
 
 
-__all__ = ["verify", "process_rows", "history_mask", "draft_probs", "Proposal", "DraftRequest", "Proposer",
+__all__ = ["verify", "process_rows", "history_mask", "generated_counts", "draft_probs", "Proposal", "DraftRequest", "Proposer",
            "PromptLookup", "DraftModel", "SpeculationPolicy"]
