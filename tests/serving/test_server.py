@@ -196,6 +196,29 @@ def test_chat_logprobs(client):
     assert all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
 
 
+def test_n_choices_per_prompt(client, local):
+    """n=3 sampled with a seed: choice j is what one request with seed + j gives; two prompts
+    with n=2 give four choices, prompt by prompt; a prompt's tokens count once in usage."""
+    prompt = "Once upon a time"
+    kw = dict(model=MODEL, max_tokens=8, temperature=0.9)
+    r = client.completions.create(prompt=prompt, n=3, seed=11, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    alone = [client.completions.create(prompt=prompt, seed=11 + j, **kw).choices[0].text
+             for j in range(3)]
+    assert [c.text for c in r.choices] == alone
+    assert r.usage.prompt_tokens == len(local.tokenizer.encode(prompt))
+    two = ["The quick brown fox", "Hello"]
+    r = client.completions.create(model=MODEL, prompt=two, n=2, max_tokens=5, temperature=0)
+    texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    want = [expected(local, local.tokenizer.encode(p), 5)[1] for p in two]
+    assert texts == [want[0], want[0], want[1], want[1]]
+    assert r.usage.prompt_tokens == sum(len(local.tokenizer.encode(p)) for p in two)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=2,
+        temperature=0.8, seed=5)
+    assert [c.index for c in chat.choices] == [0, 1]
+
+
 def test_penalties_and_logit_bias(client, local):
     """logit_bias -100 on the greedy answer's first token moves the answer off it; penalties
     are taken (their arithmetic is checked against an oracle in test_engine.py)."""
@@ -228,7 +251,7 @@ BAD = [  # (name, path, body bytes, status, param or None, code or None)
      "frobnicate", None),
     ("negative seed", "/v1/completions", json.dumps({**GOOD, "seed": -1}).encode(), 400,
      "seed", None),
-    ("unsupported n", "/v1/completions", json.dumps({**GOOD, "n": 3}).encode(), 400, "n", None),
+    ("n over 16", "/v1/completions", json.dumps({**GOOD, "n": 17}).encode(), 400, "n", None),
     ("logprobs over 5", "/v1/completions", json.dumps({**GOOD, "logprobs": 6}).encode(), 400,
      "logprobs", None),
     ("presence_penalty over 2", "/v1/completions",

@@ -12,9 +12,11 @@ list of token-id lists) and ``/v1/chat/completions`` (text messages) with ``max_
 (token id -> -100..100), log-probabilities of the generated tokens (completions
 ``logprobs``: 0..5 top alternatives; chat ``logprobs: true`` with ``top_logprobs`` 0..20);
 vLLM's extensions ``top_k``, ``repetition_penalty`` and ``min_tokens``. Known OpenAI fields
-this server cannot honour (``n`` > 1, ``echo``, ``best_of`` > 1, ``suffix``, tools) are
-refused with a 400 naming the field, when set to anything but their neutral value; unknown
-fields are refused like OpenAI does.
+this server cannot honour (``echo``, ``best_of`` > 1, ``suffix``, tools) are refused with a
+400 naming the field, when set to anything but their neutral value; unknown fields are refused
+like OpenAI does. ``n`` (1..:data:`MAX_N`) choices per prompt are n engine requests (the
+prompt's cached blocks shared with prefix caching); with a ``seed``, choice j samples with
+``seed + j``; choices are indexed prompt by prompt (prompt i's j-th is ``i * n + j``).
 
 Chat prompts (:func:`chat_prompt`): the tokenizer's chat template when it has one
 (``apply_chat_template(..., add_generation_prompt=True)``); otherwise this plain fallback,
@@ -57,6 +59,8 @@ Unit = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 #: most logit_bias entries per request
 MAX_LOGIT_BIAS = 1024
+#: most choices per prompt (``n``)
+MAX_N = 16
 TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
@@ -79,7 +83,7 @@ class _Sampling(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],

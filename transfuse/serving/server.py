@@ -183,15 +183,18 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[
 
 
 def _submit(state: ServerState, prompts: list[list[int]], req: Any, max_tokens: int) -> list:
-    """Submit one engine request per prompt; all or none (the others are cancelled)."""
+    """Submit ``n`` engine requests per prompt (choice ``i * n + j``; with a seed, choice j
+    samples with ``seed + j``); all or none (the others are cancelled)."""
     temperature = 1.0 if req.temperature is None else req.temperature
     handles = []
+    n = req.n or 1
     try:
-        for ids in prompts:
+        for ids, j in ((ids, j) for ids in prompts for j in range(n)):
             handles.append(state.engine.submit(
                 ids, max_new_tokens=max_tokens, temperature=temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-                repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
+                repetition_penalty=req.repetition_penalty or 1.0,
+                seed=None if req.seed is None else (req.seed + j) % 2**63,
                 stop=req.stop_strings() or None, min_new_tokens=req.min_tokens,
                 presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.logit_bias,
@@ -282,7 +285,8 @@ class Call:
         return self.logprobs.format(i, out.logprobs or [])
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
-        prompt = sum(h.prompt_len for h in self.handles)
+        # a prompt counts once, however many choices (n) it has
+        prompt = sum(h.prompt_len for h in self.handles[::self.req.n or 1])
         return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
                 "total_tokens": prompt + completion_tokens}
 
