@@ -296,6 +296,33 @@ def test_logprobs_are_the_models_log_softmax(gen):
         Engine.submit(engine, prompts[0], logprobs=21)
 
 
+@torch.no_grad()
+def test_prompt_logprobs_over_chunks_and_a_cached_prefix(gen):
+    """prompt_logprobs=2: every prompt token after the first gets its log-probability (the HF
+    model's log-softmax at the position before it) and top 2, in the first output, though the
+    prompt runs in chunks of 8 tokens and an identical earlier prompt sits in the prefix cache
+    (such a request computes its whole prompt)."""
+    model = hf_model("paged")
+    prompt = random_prompts([30], seed=95)[0]
+    ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    with Engine(gen, max_batch=4, max_tokens_per_step=8, prefix_caching=True) as engine:
+        first = engine.submit(prompt, max_new_tokens=2, eos_token_id=None).result(timeout=60)
+        h = engine.submit(prompt, max_new_tokens=3, eos_token_id=None, prompt_logprobs=2,
+                          logprobs=1)
+        r = h.result(timeout=60)
+        outs = list(h.outputs(timeout=5))
+        _check_all_free(engine)
+    assert r.token_ids[:2] == first.token_ids
+    plp = r.prompt_logprobs
+    assert outs[0].prompt_logprobs is plp and all(o.prompt_logprobs is None for o in outs[1:])
+    assert [e.token_id for e in plp] == prompt and plp[0].logprob is None
+    for q, e in enumerate(plp[1:]):
+        assert abs(e.logprob - float(ref[q, prompt[q + 1]])) < 1e-4
+        values, ids = torch.topk(ref[q], 2)
+        assert [t for t, _ in e.top] == ids.tolist()
+    assert len(r.logprobs) == 3 and r.metrics["cached_tokens"] == 0
+
+
 @pytest.mark.parametrize("speculative", [None, "draft", "prompt-lookup"])
 def test_presence_frequency_penalties_and_logit_bias_like_openai(gen, speculative):
     """Greedy with OpenAI's penalties over the generated tokens and a logit bias = the HF

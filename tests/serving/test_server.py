@@ -180,6 +180,34 @@ def test_completion_logprobs_greedy_streamed_or_not(client, local):
     assert plain.choices[0].logprobs is None
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_loglikelihood_evaluations_do(client, local):
+    """lm-eval-harness's loglikelihood request: echo, logprobs=1, max_tokens=1, temperature 0.
+    The text is prompt + completion; the prompt tokens come first in the logprobs (the first
+    one's null), each scored by the model; streamed the same."""
+    prompt = "The capital of France is Paris"
+    ids = local.tokenizer.encode(prompt)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1)
+    r = client.completions.create(**kw)
+    c = r.choices[0]
+    lp = c.logprobs
+    new_ids, new_text = expected(local, ids, 1)
+    assert c.text == prompt + new_text
+    assert lp.tokens == [local.tokenizer.decode([t]) for t in ids + new_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and len(lp.top_logprobs[1]) == 1
+    assert lp.text_offset[len(ids)] == len(prompt)
+    assert r.usage.completion_tokens == 1
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.text
+    streamed = [v for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for v in ch.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and all(_close(a, b) for a, b in zip(streamed[1:],
+                                                                     lp.token_logprobs[1:]))
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                      echo=True)
+    assert plain.choices[0].text == prompt + new_text and plain.choices[0].logprobs is None
+
+
 def test_chat_logprobs(client):
     r = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=6,

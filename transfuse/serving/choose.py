@@ -76,13 +76,31 @@ def token_logprobs(items: list[Scheduled], first_row: list[int], logits: torch.T
         logp = torch.log_softmax(logits[r:r + len(toks)].float(), dim=-1)
         picked = logp[torch.arange(len(toks), device=logp.device),
                       torch.tensor(toks, device=logp.device)].tolist()
-        if n:
-            top_v, top_i = torch.topk(logp, min(n, logp.shape[-1]), dim=-1)
-            tops = [tuple(zip(ids, vals)) for ids, vals in zip(top_i.tolist(), top_v.tolist())]
-        else:
-            tops = [()] * len(toks)
-        out[i] = [TokenLogprob(t, lp, top) for t, lp, top in zip(toks, picked, tops)]
+        out[i] = [TokenLogprob(t, lp, top) for t, lp, top in zip(toks, picked, _top(logp, n))]
     return out
+
+
+def _top(logp: torch.Tensor, n: int) -> list[tuple[tuple[int, float], ...]]:
+    """Per row of ``logp`` [k, V], its ``n`` most likely (id, log-probability) pairs."""
+    if not n:
+        return [()] * logp.shape[0]
+    values, ids = torch.topk(logp, min(n, logp.shape[-1]), dim=-1)
+    return [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+def score_prompts(prompt_rows: list[tuple[Request, list[int], list[int]]],
+                  logits: torch.Tensor) -> None:
+    """Append to each request's ``prompt_lps`` the entries of prompt tokens q + 1 for its
+    positions q, whose logits rows come in ``logits`` one after the other."""
+    r = 0
+    for req, qs, _ in prompt_rows:
+        logp = torch.log_softmax(logits[r:r + len(qs)].float(), dim=-1)
+        r += len(qs)
+        toks = [req.tokens[q + 1] for q in qs]
+        picked = logp[torch.arange(len(qs), device=logp.device),
+                      torch.tensor(toks, device=logp.device)].tolist()
+        req.prompt_lps.extend(TokenLogprob(t, lp, top) for t, lp, top in
+                              zip(toks, picked, _top(logp, req.prompt_logprobs)))
 
 
 def append_tokens(req: Request, new: list[int]) -> tuple[list[int], str, str | None]:
@@ -124,4 +142,5 @@ def stop_reason(req: Request, tok: int) -> str | None:
     return None
 
 
-__all__ = ["choose_tokens", "append_tokens", "stop_reason", "is_plain", "token_logprobs"]
+__all__ = ["choose_tokens", "append_tokens", "stop_reason", "is_plain", "token_logprobs",
+           "score_prompts"]

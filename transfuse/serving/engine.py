@@ -41,7 +41,12 @@ import torch
 
 from transfuse.errors import EngineClosedError, ExecutionError, InputError, QueueFullError
 from transfuse.runtime.generation_model import make_cache
-from transfuse.serving.choose import append_tokens, choose_tokens, token_logprobs
+from transfuse.serving.choose import (
+    append_tokens,
+    choose_tokens,
+    score_prompts,
+    token_logprobs,
+)
 from transfuse.serving.options import (
     Limits,
     check_engine_options,
@@ -129,14 +134,16 @@ class Engine:
                seed: int | None = None, stop: Any = None, eos_token_id: Any = _DEFAULT,
                min_new_tokens: int = 0, presence_penalty: float = 0.0,
                frequency_penalty: float = 0.0, logit_bias: Any = None,
-               logprobs: int | None = None) -> RequestHandle:
+               logprobs: int | None = None, prompt_logprobs: int | None = None) -> RequestHandle:
         """Queue a request; returns its :class:`RequestHandle` at once. ``temperature`` 0 is
         greedy; ``seed`` makes sampling reproducible whatever else runs; ``stop``: token-id
         sequences (a list of ints or a list of lists) or, with a tokenizer, strings;
         ``eos_token_id`` (default: the model's; None: never stop at EOS); OpenAI's
         ``presence_penalty`` / ``frequency_penalty`` (in [-2, 2], over the generated tokens) and
         ``logit_bias`` ({token id: value in [-100, 100]}); ``logprobs``: n >= 0 puts each
-        token's log-probability and the n most likely ids' (at most 20) in the outputs. Raises
+        token's log-probability and the n most likely ids' (at most 20) in the outputs;
+        ``prompt_logprobs``: the same for every prompt token after the first, in the first
+        output (such a request computes its whole prompt: no prefix-cache hit). Raises
         :class:`InputError` for a bad argument, :class:`QueueFullError` when ``max_queue``
         requests wait, :class:`EngineClosedError` after shutdown."""
         opts = check_options(
@@ -146,7 +153,7 @@ class Engine:
             eos_token_id=self._default_eos if eos_token_id is _DEFAULT else eos_token_id,
             min_new_tokens=min_new_tokens, has_tokenizer=self.tokenizer is not None,
             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            logit_bias=logit_bias, logprobs=logprobs)
+            logit_bias=logit_bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         text = None
         if self.tokenizer is not None:
             from transfuse.serving.text import TextStream
@@ -167,7 +174,8 @@ class Engine:
             handle = RequestHandle(rid, len(opts.prompt), self.cancel)
             req = Request(rid, handle, opts.prompt, max_new_tokens=opts.max_new_tokens,
                           params=opts.params, generator=generator, stop_ids=opts.stop_ids,
-                          text_stream=text, logprobs=opts.logprobs)
+                          text_stream=text, logprobs=opts.logprobs,
+                          prompt_logprobs=opts.prompt_logprobs)
             self._submitted += 1
             if opts.max_new_tokens == 0:  # nothing to generate: done now
                 self._finished_at_submit += 1
@@ -306,16 +314,23 @@ class Engine:
         first_row: list[int] = []  # per sampling item: its first row in the logits
         cache_items = []
         new_tokens = []
+        prompt_rows = []  # (request, positions q whose logits score prompt token q + 1)
         for it in items:
             req = it.req
             start = req.num_computed
             toks = req.tokens[start:start + it.num_tokens - len(it.draft)] + it.draft
+            qs = req.prompt_positions(start, len(toks))
+            if qs:
+                prompt_rows.append((req, qs, [len(ids) + q - start for q in qs]))
             ids.extend(toks)
             new_tokens.append(toks)
             cache_items.append((req.seq_id, len(toks)))
             if it.samples:
                 first_row.append(len(rows))
                 rows.extend(range(len(ids) - 1 - len(it.draft), len(ids)))
+        scored = len(rows)  # the prompt rows follow the sampling rows
+        for _, _, at in prompt_rows:
+            rows.extend(at)
         with self._state:
             if self.prefix_caching:
                 meta = self.cache.prepare_step(cache_items, tokens=new_tokens)
@@ -342,6 +357,9 @@ class Engine:
             self.cache.commit_step()
             for it, toks in zip(items, new_tokens):
                 it.req.num_computed += len(toks)
+            if prompt_rows:
+                score_prompts(prompt_rows, logits[scored:])
+                logits = logits[:scored]
             sampling = [it for it in items if it.samples]
             try:
                 if spec is not None:
@@ -385,15 +403,18 @@ class Engine:
             lps = None if lps is None else lps[:len(kept)]
             generated += len(kept)
             req.mark_output(now)
+            prompt_lps = req.take_prompt_logprobs()
             if reason is None:
-                req.handle.deliver(Output(req.id, kept, text, logprobs=lps))
+                req.handle.deliver(Output(req.id, kept, text, logprobs=lps,
+                                          prompt_logprobs=prompt_lps))
             else:
-                self._finish(req, reason, tokens=kept, text=text, logprobs=lps)
+                self._finish(req, reason, tokens=kept, text=text, logprobs=lps,
+                             prompt_logprobs=prompt_lps)
         self._counts["tokens_generated"] += generated
 
     def _finish(self, req: Request, reason: str, error: str | None = None, *,
                 tokens: list[int] | None = None, text: str = "",
-                logprobs: list | None = None) -> None:
+                logprobs: list | None = None, prompt_logprobs: list | None = None) -> None:
         """End ``req`` (engine thread, under ``_state``): free its blocks, flush its text,
         deliver the final output."""
         self._live.pop(req.id, None)
@@ -406,8 +427,8 @@ class Engine:
         self._counts[key] += 1
         if logprobs is None and req.logprobs is not None:
             logprobs = []
-        req.handle.deliver(Output(req.id, tokens or [], text, True, reason, error, logprobs),
-                           req.metrics())
+        req.handle.deliver(Output(req.id, tokens or [], text, True, reason, error, logprobs,
+                                  prompt_logprobs), req.metrics())
 
     def _unschedulable(self) -> None:
         """Work exists but no item fits: preempt the newest running request to free blocks;

@@ -31,6 +31,7 @@ class RequestOptions:
     stop_ids: tuple[tuple[int, ...], ...]  # token-id sequences that end the output
     stop_strings: tuple[str, ...]  # strings that end the text (need a tokenizer)
     logprobs: int | None = None  # top log-probabilities per token (None: none wanted)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens
 
 
 #: most top log-probabilities per token (OpenAI's chat limit)
@@ -51,7 +52,8 @@ def check_options(prompt: Any, *, limits: Limits, max_new_tokens: Any, temperatu
                   top_p: Any, top_k: Any, repetition_penalty: Any, seed: Any, stop: Any,
                   eos_token_id: Any, min_new_tokens: Any, has_tokenizer: bool,
                   presence_penalty: Any = 0.0, frequency_penalty: Any = 0.0,
-                  logit_bias: Any = None, logprobs: Any = None) -> RequestOptions:
+                  logit_bias: Any = None, logprobs: Any = None,
+                  prompt_logprobs: Any = None) -> RequestOptions:
     """The checked options of one submission (module docstring)."""
     ids = _prompt_ids(prompt, limits.vocab_size)
     new = _int("max_new_tokens", max_new_tokens, 0)
@@ -78,12 +80,14 @@ def check_options(prompt: Any, *, limits: Limits, max_new_tokens: Any, temperatu
                             logit_bias=_logit_bias(logit_bias, limits.vocab_size))
     if seed is not None:
         _int("seed", seed, 0)
-    if logprobs is not None:
-        _int("logprobs", logprobs, 0)
-        if logprobs > MAX_LOGPROBS:
-            raise InputError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}")
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None:
+            _int(name, value, 0)
+            if value > MAX_LOGPROBS:
+                raise InputError(f"{name} must be at most {MAX_LOGPROBS}, got {value}")
     stop_ids, stop_strings = _stops(stop, limits.vocab_size, has_tokenizer)
-    return RequestOptions(ids, new, params, seed, stop_ids, stop_strings, logprobs)
+    return RequestOptions(ids, new, params, seed, stop_ids, stop_strings, logprobs,
+                          prompt_logprobs)
 
 
 def _logit_bias(bias: Any, vocab: int) -> tuple[tuple[int, float], ...]:

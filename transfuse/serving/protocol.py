@@ -12,9 +12,10 @@ list of token-id lists) and ``/v1/chat/completions`` (text messages) with ``max_
 (token id -> -100..100), log-probabilities of the generated tokens (completions
 ``logprobs``: 0..5 top alternatives; chat ``logprobs: true`` with ``top_logprobs`` 0..20);
 vLLM's extensions ``top_k``, ``repetition_penalty`` and ``min_tokens``. Known OpenAI fields
-this server cannot honour (``echo``, ``best_of`` > 1, ``suffix``, tools) are refused with a
-400 naming the field, when set to anything but their neutral value; unknown fields are refused
-like OpenAI does. ``n`` (1..:data:`MAX_N`) choices per prompt are n engine requests (the
+this server cannot honour (``best_of`` > 1, ``suffix``, tools) are refused with a 400 naming
+the field, when set to anything but their neutral value; unknown fields are refused like OpenAI
+does. Completions' ``echo`` puts the prompt before the completion, with ``logprobs`` also the
+prompt tokens' (the first one's null), as loglikelihood evaluations (lm-eval-harness) read them. ``n`` (1..:data:`MAX_N`) choices per prompt are n engine requests (the
 prompt's cached blocks shared with prefix caching); with a ``seed``, choice j samples with
 ``seed + j``; choices are indexed prompt by prompt (prompt i's j-th is ``i * n + j``).
 
@@ -110,7 +111,7 @@ class CompletionRequest(_Sampling):
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
              | Annotated[TokenIds, Field(min_length=1)]
              | Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)])
-    echo: Literal[False] | None = None
+    echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: Literal[1] | None = None
     suffix: None = None

@@ -41,7 +41,7 @@ class TokenLogprob:
     most likely ids with theirs, most likely first."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing before it predicts it)
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -50,7 +50,9 @@ class Output:
     """What one step produced for one request: the new token ids (several with speculation,
     none in a final output of a cancelled/failed request) and their new text ('' without a
     tokenizer); the last output of a request has ``finished=True`` and a ``finish_reason``.
-    ``logprobs``: one :class:`TokenLogprob` per token id when the request asked for them."""
+    ``logprobs``: one :class:`TokenLogprob` per token id when the request asked for them;
+    ``prompt_logprobs``: one per prompt token (the first's logprob None), in the request's
+    first output, when it asked for them."""
 
     request_id: int
     token_ids: list[int]
@@ -59,6 +61,7 @@ class Output:
     finish_reason: str | None = None  # None | "stop" | "length" | "cancelled" | "error"
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Result:
     request_id: int = -1
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class RequestHandle:
@@ -141,8 +145,10 @@ class RequestHandle:
             raise ExecutionError(f"request {self.id} failed: {final.error}")
         logprobs = None if outputs[0].logprobs is None else \
             [lp for o in outputs for lp in (o.logprobs or ())]
+        prompt = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None),
+                      None)
         return Result([t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
-                      final.finish_reason, metrics, self.id, final.error, logprobs)
+                      final.finish_reason, metrics, self.id, final.error, logprobs, prompt)
 
     def cancel(self) -> None:
         """Ask the engine to stop this request and free its cache blocks (no-op once finished)."""
@@ -194,7 +200,8 @@ class Request:
     prompt, then each generated token; ``num_computed`` of them have K/V in the cache."""
 
     __slots__ = ("id", "handle", "tokens", "prompt_len", "max_new_tokens", "params",
-                 "generator", "logprobs", "eos", "stop_ids", "text_stream", "seen", "counts",
+                 "generator", "logprobs", "prompt_logprobs", "prompt_lps", "eos", "stop_ids",
+                 "text_stream", "seen", "counts",
                  "seq_id",
                  "num_computed", "cached_tokens", "preemptions", "spec_proposed",
                  "spec_accepted", "submitted_s", "last_output_s", "ttft_s", "itl_s",
@@ -203,7 +210,7 @@ class Request:
     def __init__(self, request_id: int, handle: RequestHandle, prompt: list[int], *,
                  max_new_tokens: int, params: SamplingParams, generator: torch.Generator,
                  stop_ids: tuple[tuple[int, ...], ...], text_stream: Any = None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, prompt_logprobs: int | None = None):
         self.id = request_id
         self.handle = handle
         self.tokens = prompt  # P + G ids
@@ -212,6 +219,10 @@ class Request:
         self.params = params
         self.generator = generator
         self.logprobs = logprobs  # None: none wanted; n: the chosen token's and the top n
+        self.prompt_logprobs = prompt_logprobs  # the same for the prompt's tokens
+        # the prompt tokens' entries computed so far (token 0's first); None once delivered
+        self.prompt_lps: list[TokenLogprob] | None = \
+            None if prompt_logprobs is None else [TokenLogprob(prompt[0], None)]
         self.eos = frozenset(params.eos_token_id)
         self.stop_ids = stop_ids
         self.text_stream = text_stream
@@ -241,6 +252,19 @@ class Request:
 
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
+
+    def prompt_positions(self, start: int, count: int) -> list[int]:
+        """Positions q among the ``count`` context tokens from ``start`` whose logits predict a
+        prompt token whose log-probability is not known yet (q + 1 < prompt length)."""
+        if self.prompt_lps is None:
+            return []
+        return list(range(max(start, len(self.prompt_lps) - 1),
+                          min(start + count, self.prompt_len - 1)))
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """The prompt's entries, once (None afterwards, or when not asked for)."""
+        lps, self.prompt_lps = self.prompt_lps, None
+        return lps
 
     def mark_output(self, now: float) -> None:
         """Record the time of an output with tokens (TTFT at the first, else an ITL gap)."""

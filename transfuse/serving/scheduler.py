@@ -190,7 +190,8 @@ class Scheduler:
     def _admit(self, req: Request) -> None:
         req.admissions += 1
         req.seq_id = (req.id, req.admissions)
-        if self.prefix_tokens:
+        if self.prefix_tokens and req.prompt_lps is None:  # (prompt log-probabilities need
+            # every prompt position computed: no cached prefix for those requests)
             cached = self.cache.add(req.seq_id, len(req.tokens), tokens=list(req.tokens))
         else:
             cached = self.cache.add(req.seq_id, len(req.tokens))

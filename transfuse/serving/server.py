@@ -116,6 +116,10 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, *, max_seq_len: int
             _check_context(state, len(p), max_tokens, "prompt")
         handles = _submit(state, prompts, req, max_tokens)
         call = Call("cmpl", "text_completion", state.model_name, handles, req, tokenizer)
+        if req.echo:
+            texts = [p if isinstance(p, str) else tokenizer.decode(ids)
+                     for p, ids in zip(req.prompts(), prompts)]
+            call.echo = [t for t in texts for _ in range(req.n or 1)]
         if req.stream:
             return _sse(call.stream_completion(request))
         return JSONResponse(await call.complete(request, chat=False))
@@ -198,7 +202,8 @@ def _submit(state: ServerState, prompts: list[list[int]], req: Any, max_tokens: 
                 stop=req.stop_strings() or None, min_new_tokens=req.min_tokens,
                 presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0, logit_bias=req.logit_bias,
-                logprobs=req.top_logprobs_wanted()))
+                logprobs=req.top_logprobs_wanted(),
+                prompt_logprobs=req.logprobs if getattr(req, "echo", None) else None))
     except BaseException as e:
         for h in handles:
             h.cancel()
@@ -277,12 +282,23 @@ class Call:
         self.usage_wanted = bool(req.stream_options and req.stream_options.include_usage)
         self.logprobs = Logprobs(tokenizer, chat=kind == "chat.completion", n=len(handles)) \
             if req.top_logprobs_wanted() is not None else None
+        # completions with echo: each choice's prompt text, put before its first text
+        self.echo: list[str] | None = None
+        self._echoed = [False] * len(handles)
 
     def _logprobs(self, i: int, out: Any) -> dict[str, Any] | None:
-        """The ``logprobs`` field for choice ``i``'s tokens of ``out`` (None: not asked)."""
+        """The ``logprobs`` field for choice ``i``'s tokens of ``out`` (None: not asked), the
+        prompt's first when echoed."""
         if self.logprobs is None:
             return None
-        return self.logprobs.format(i, out.logprobs or [])
+        return self.logprobs.format(i, (out.prompt_logprobs or []) + (out.logprobs or []))
+
+    def _echo(self, i: int) -> str:
+        """Choice ``i``'s prompt text the first time it is asked for with echo, else ''."""
+        if self.echo is None or self._echoed[i]:
+            return ""
+        self._echoed[i] = True
+        return self.echo[i]
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         # a prompt counts once, however many choices (n) it has
@@ -300,8 +316,8 @@ class Call:
         try:
             while self.outputs.open:
                 i, out = await self.outputs.next(watch)
-                texts[i].append(out.text)
-                lps[i].extend(out.logprobs or [])
+                texts[i].append(self._echo(i) + out.text)
+                lps[i].extend((out.prompt_logprobs or []) + (out.logprobs or []))
                 tokens += len(out.token_ids)
                 if out.finished:
                     reasons[i] = out.finish_reason
@@ -351,7 +367,8 @@ class Call:
                 if out.finish_reason == "error":
                     yield f"data: {json.dumps(_server_error(out).body())}\n\n"
                     continue
-                if out.text or out.finished or out.logprobs:
+                if out.text or out.finished or out.logprobs or out.prompt_logprobs or (
+                        self.echo is not None and not self._echoed[i]):
                     yield self._chunk([piece(i, out)])
             if self.usage_wanted:
                 yield self._chunk([], self.usage(tokens))
@@ -362,7 +379,7 @@ class Call:
 
     def stream_completion(self, request: Request) -> AsyncIterator[str]:
         return self._events(request, None, lambda i, out: {
-            "index": i, "text": out.text, "logprobs": self._logprobs(i, out),
+            "index": i, "text": self._echo(i) + out.text, "logprobs": self._logprobs(i, out),
             "finish_reason": out.finish_reason})
 
     def stream_chat(self, request: Request) -> AsyncIterator[str]:
@@ -411,6 +428,7 @@ class Logprobs:
             for tid, v in lp.top:
                 top.setdefault(self.text(tid), v)  # most likely first: keep the first
             tops.append(top)
+        tops = [None if lp.logprob is None else top for lp, top in zip(lps, tops)]
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
                 "top_logprobs": tops, "text_offset": offsets}
 
