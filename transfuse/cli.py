@@ -173,6 +173,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    from transfuse.serving.embeddings import is_embedding_dir
+
+    if is_embedding_dir(args.model):
+        return _serve_embeddings(args)
     served = load_served(args.model, target=args.target, max_seq_len=args.max_seq_len,
                          max_batch=args.max_batch)
     if args.save:
@@ -188,6 +192,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         served.name, served.kind, served.gen.backend, served.max_seq_len, served.max_batch,
         args.host, args.port)
     run_server(app, engine, host=args.host, port=args.port)
+    return 0
+
+
+def _serve_embeddings(args: argparse.Namespace) -> int:
+    """``transfuse serve`` of an encoder folder: /v1/embeddings (serving/embeddings.py)."""
+    import logging
+
+    from transfuse.errors import InputError
+    from transfuse.serving.embeddings import load_embedder
+    from transfuse.serving.launch import run_server
+    from transfuse.serving.server import create_app
+
+    for flag, value in (("--speculative", args.speculative), ("--save", args.save)):
+        if value:
+            raise InputError(f"{flag} is for generation models; {args.model} is an embedding "
+                             "model (served on /v1/embeddings)")
+    served = load_embedder(args.model, target=args.target, max_batch=args.max_batch,
+                           max_seq_len=args.max_seq_len)
+    app = create_app(served.engine, served.tokenizer, served.name,
+                     max_seq_len=served.max_seq_len)
+    logging.getLogger("transfuse.serve").info(
+        "serving embeddings of %s (%s pooling, max_seq_len %d, max_batch %d) on "
+        "http://%s:%d/v1", served.name, served.engine.pooling.mode, served.max_seq_len,
+        served.engine.max_batch, args.host, args.port)
+    run_server(app, served.engine, host=args.host, port=args.port)
     return 0
 
 
@@ -254,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                         description="Compile MODEL for generation and serve /v1/completions, "
-                        "/v1/chat/completions, /v1/models and /health (transfuse.serving). "
-                        "SIGTERM or Ctrl-C shuts down cleanly.")
+                        "/v1/chat/completions, /v1/models and /health (transfuse.serving); an "
+                        "encoder folder (sentence-transformers, or no causal LM) is served on "
+                        "/v1/embeddings instead. SIGTERM or Ctrl-C shuts down cleanly.")
     sv.add_argument("model", help="a Hugging Face model directory, a .gguf file, a saved "
-                    "transfuse generation artifact, or a preset (llama-tiny, gpt2-tiny, llama-small, gpt2-small)")
+                    "transfuse generation artifact, or a preset (llama-tiny, gpt2-tiny, llama-small, gpt2-small); "
+                    "or an encoder directory for embeddings")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--target", choices=["python", "onnxruntime", "triton"],

@@ -280,6 +280,8 @@ BAD = [  # (name, path, body bytes, status, param or None, code or None)
     ("negative seed", "/v1/completions", json.dumps({**GOOD, "seed": -1}).encode(), 400,
      "seed", None),
     ("n over 16", "/v1/completions", json.dumps({**GOOD, "n": 17}).encode(), 400, "n", None),
+    ("embeddings of a generation model", "/v1/embeddings",
+     json.dumps({"model": MODEL, "input": "hi"}).encode(), 400, "model", "unsupported_task"),
     ("logprobs over 5", "/v1/completions", json.dumps({**GOOD, "logprobs": 6}).encode(), 400,
      "logprobs", None),
     ("presence_penalty over 2", "/v1/completions",
@@ -296,7 +298,7 @@ BAD = [  # (name, path, body bytes, status, param or None, code or None)
      "messages.0.role", None),
     ("not an object", "/v1/completions", b"[1, 2]", 400, None, None),
     ("empty body", "/v1/completions", b"", 400, None, None),
-    ("no such route", "/v1/embeddings", b"{}", 404, None, None),
+    ("no such route", "/v1/images/generations", b"{}", 404, None, None),
 ]
 
 

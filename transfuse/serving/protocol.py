@@ -130,6 +130,39 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
+#: most inputs of one embeddings request (OpenAI's limit)
+MAX_EMBED_INPUTS = 2048
+
+
+class EmbeddingRequest(BaseModel):
+    """``/v1/embeddings``: ``input`` a string, a list of strings, a list of token ids or a list
+    of such lists; ``encoding_format`` float (JSON numbers) or base64 (little-endian float32
+    bytes, what the ``openai`` client asks for by default); ``dimensions`` only as the
+    model's own size (no truncation)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    input: (Annotated[str, Field(min_length=1)]
+            | Annotated[list[Annotated[str, Field(min_length=1)]],
+                        Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+            | Annotated[TokenIds, Field(min_length=1)]
+            | Annotated[list[Annotated[TokenIds, Field(min_length=1)]],
+                        Field(min_length=1, max_length=MAX_EMBED_INPUTS)])
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per vector: a text or a list of token ids."""
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if x and isinstance(x[0], int):
+            return [list(x)]
+        return list(x)
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
@@ -211,6 +244,9 @@ UNION_FIELDS = {
     "prompt": "a non-empty string, a non-empty list of non-empty strings, a non-empty list "
               "of token ids (integers >= 0) or a non-empty list of such lists",
     "stop": f"a string or a list of at most {MAX_STOP} non-empty strings",
+    "input": "a non-empty string, a non-empty list of non-empty strings, a non-empty list of "
+             "token ids (integers >= 0) or a non-empty list of such lists (at most "
+             f"{MAX_EMBED_INPUTS} inputs)",
     "content": "a string or a list of {'type': 'text', 'text': ...} parts",
 }
 
@@ -243,6 +279,6 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage]) -> tuple[str, bool]
     return "".join(lines) + "assistant:", False
 
 
-__all__ = ["ApiError", "ChatMessage", "ChatRequest", "CompletionRequest",
+__all__ = ["ApiError", "ChatMessage", "ChatRequest", "CompletionRequest", "EmbeddingRequest",
            "DEFAULT_COMPLETION_TOKENS", "MAX_STOP", "StreamOptions", "chat_prompt",
            "parse_request", "validation_error"]

@@ -4,8 +4,10 @@
     run_server(app, engine, port=8000)        # serving/launch.py: until SIGTERM/SIGINT
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON, or server-sent events
-with ``"stream": true``), ``GET /v1/models``, ``GET /health`` (503 while shutting down) and
-``GET /stats`` (the engine's counters). Requests are parsed and checked here
+with ``"stream": true``), ``POST /v1/embeddings`` (when the engine is an
+:class:`~transfuse.serving.embeddings.EmbeddingEngine`; a generation engine answers it with a
+400 naming the task, and an embedding engine the two others), ``GET /v1/models``,
+``GET /health`` (503 while shutting down) and ``GET /stats`` (the engine's counters). Requests are parsed and checked here
 (serving/protocol.py) before anything is submitted; the engine only sees valid work.
 
 Errors are OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
@@ -27,6 +29,7 @@ Shutdown is serving/launch.py's (``run_server``): ``ServerState.closing`` makes 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import logging
@@ -45,6 +48,7 @@ from transfuse.serving.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    EmbeddingRequest,
     chat_prompt,
     parse_request,
 )
@@ -60,6 +64,8 @@ class ServerState:
 
     def __init__(self, engine: Any, tokenizer: Any, model_name: str, max_seq_len: int):
         self.engine, self.tokenizer = engine, tokenizer
+        self.vocab_size = len(tokenizer) if tokenizer is not None and hasattr(
+            tokenizer, "__len__") else getattr(tokenizer, "vocab_size", 2**62)
         self.model_name, self.max_seq_len = model_name, max_seq_len
         self.created = int(time.time())
         self.closing = False  # set at the shutdown signal: new requests get 503
@@ -104,10 +110,19 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, *, max_seq_len: int
             {"id": state.model_name, "object": "model", "created": state.created,
              "owned_by": "transfuse", "max_model_len": state.max_seq_len}]}
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        req = parse_request(EmbeddingRequest, await json_body(request))
+        _check_model(state, req.model)
+        _check_task(state, "embed", "/v1/embeddings")
+        state.check_open()
+        return await _embed(state, req)
+
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> JSONResponse | StreamingResponse:
         req = parse_request(CompletionRequest, await json_body(request))
         _check_model(state, req.model)
+        _check_task(state, "generate", "/v1/completions")
         state.check_open()
         prompts = [p if isinstance(p, list) else await asyncio.to_thread(_encode, tokenizer, p)
                    for p in req.prompts()]
@@ -129,6 +144,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, *, max_seq_len: int
         req = parse_request(ChatRequest, await json_body(request))
         req.check_supported()
         _check_model(state, req.model)
+        _check_task(state, "generate", "/v1/chat/completions")
         state.check_open()
         text, templated = chat_prompt(tokenizer, req.messages)
         ids = await asyncio.to_thread(_encode, tokenizer, text, not templated)
@@ -171,6 +187,47 @@ def _check_model(state: ServerState, model: str) -> None:
     if model != state.model_name:
         raise ApiError(404, f"The model '{model}' does not exist; this server serves "
                        f"'{state.model_name}'", param="model", code="model_not_found")
+
+
+def _check_task(state: ServerState, task: str, route: str) -> None:
+    served = getattr(state.engine, "task", "generate")
+    if served != task:
+        what = {"generate": "generates text (/v1/completions, /v1/chat/completions)",
+                "embed": "makes embeddings (/v1/embeddings)"}[served]
+        raise ApiError(400, f"The model '{state.model_name}' {what}; it does not serve "
+                       f"{route}", param="model", code="unsupported_task")
+
+
+async def _embed(state: ServerState, req: Any) -> dict[str, Any]:
+    """The ``/v1/embeddings`` response body for a checked request."""
+    engine = state.engine
+    if req.dimensions is not None and req.dimensions != engine.hidden_size:
+        raise ApiError(400, f"dimensions {req.dimensions}: this model's embeddings have "
+                       f"{engine.hidden_size} (no truncation)", param="dimensions")
+    ids = [x if isinstance(x, list) else await asyncio.to_thread(_encode, state.tokenizer, x)
+           for x in req.inputs()]
+    for i, x in enumerate(ids):
+        if len(x) > state.max_seq_len:
+            raise ApiError(400, f"This model's maximum context length is {state.max_seq_len} "
+                           f"tokens; input {i} has {len(x)}. Please shorten it.",
+                           param="input", code="context_length_exceeded")
+        if any(t >= state.vocab_size for t in x):
+            raise ApiError(400, f"input {i} holds a token id outside the vocabulary "
+                           f"[0, {state.vocab_size})", param="input")
+    try:
+        vectors = await asyncio.to_thread(engine.embed, ids)
+    except EngineClosedError as e:
+        raise ApiError(503, str(e), type="service_unavailable", code="shutting_down") from None
+    except InputError as e:
+        raise ApiError(400, str(e), param="input") from None
+    data = []
+    for i, v in enumerate(vectors):
+        value: Any = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii") \
+            if req.encoding_format == "base64" else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = sum(len(x) for x in ids)
+    return {"object": "list", "data": data, "model": state.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def _check_context(state: ServerState, prompt_len: int, max_tokens: int, param: str) -> None:
