@@ -70,6 +70,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def texts_or_ids(x: str | list) -> list[str | list[int]]:
+    """A validated ``prompt`` / ``input`` (a text, texts, token ids or lists of them) as a list
+    with one text or token-id list per entry."""
+    if isinstance(x, str):
+        return [x]
+    if x and isinstance(x[0], int):
+        return [list(x)]
+    return list(x)
+
+
 class _Sampling(BaseModel):
     """Fields both endpoints share."""
 
@@ -121,13 +131,8 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
-        """One entry per choice: a text or a list of token ids."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if p and isinstance(p[0], int):
-            return [list(p)]
-        return list(p)
+        """One entry per prompt: a text or a list of token ids."""
+        return texts_or_ids(self.prompt)
 
 
 #: most inputs of one embeddings request (OpenAI's limit)
@@ -155,12 +160,7 @@ class EmbeddingRequest(BaseModel):
 
     def inputs(self) -> list[str | list[int]]:
         """One entry per vector: a text or a list of token ids."""
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if x and isinstance(x[0], int):
-            return [list(x)]
-        return list(x)
+        return texts_or_ids(self.input)
 
 
 class TextPart(BaseModel):
