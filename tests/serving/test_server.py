@@ -218,6 +218,13 @@ def test_chat_logprobs(client):
         assert entry.bytes == list(entry.token.encode("utf-8")) and entry.logprob <= 0
         assert len(entry.top_logprobs) == 2
         assert _close(entry.top_logprobs[0].logprob, entry.logprob)  # greedy: the most likely
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert all(_close(a.logprob, b.logprob) for a, b in zip(streamed, content))
     r = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=3,
         temperature=0, logprobs=True)
