@@ -21,9 +21,11 @@ from transfuse.codegen.triton import env  # noqa: F401  (before any kernel modul
 from transfuse.codegen.triton.gen import GeneratedKernel
 from transfuse.codegen.triton.gen import run as run_generated
 from transfuse.codegen.triton.gen.epilogue import GemmKernel, run_gemm_epilogue
+from transfuse.codegen.triton.host.cuda_graphs import CUDA_GRAPH_TOKENS
 from transfuse.codegen.triton.kernels import block_sparse_attention as bsa
 from transfuse.codegen.triton.kernels import decode_attention as dec
 from transfuse.codegen.triton.kernels import flash_attention as fa
+from transfuse.codegen.triton.kernels import prefill_attention as pre
 from transfuse.codegen.triton.kernels import quant_gemm
 from transfuse.codegen.triton.kernels import rotary as rope
 
@@ -106,23 +108,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
 
 
 def token_tables(position_ids: torch.Tensor, seq_of_token: torch.Tensor,
-                 cache_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token of a generation step: how many cache entries it sees (its position + 1) and
-    its sequence's row of the slot / block table. Every layer of a step shares them
-    (hoisted): each token is then one "sequence" of the decode kernel."""
-    return position_ids + 1, cache_table[seq_of_token]
+                 cache_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """What every layer of a generation step shares (hoisted, computed once per step): per
+    token how many cache entries it sees (its position + 1) and its sequence's row of the
+    slot / block table (a decode step: each token is one "sequence" of the decode kernel),
+    and an empty dict where :func:`cached_attention` keeps the step's prefill tile map
+    (``prefill_tiles``) per BLOCK_M, made by the first layer that needs it."""
+    return position_ids + 1, cache_table[seq_of_token], {}
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, position_ids: torch.Tensor,
                      seq_of_token: torch.Tensor, cache_table: torch.Tensor,
-                     tokens: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, *,
+                     tokens: tuple[torch.Tensor, torch.Tensor, dict], out: torch.Tensor, *,
                      layout: str, paged: bool, cache_order: str, scale: float | None,
                      window: int | None, alibi, softcap: float | None) -> torch.Tensor:
     """The IR's ``cached_attention``: the step's K/V written into the caches in place
-    (``write_kv_cache``), then every token attends over its sequence's visible cache with the
-    split-K decode kernel (paged: through the block table), one token per kernel "sequence"
-    (:func:`token_tables`): prefill chunks, decodes and mixed steps alike."""
+    (``write_kv_cache``), then every token attends over its sequence's visible cache (paged:
+    through the block table).
+
+    - A step with more tokens than sequences (N > B: prefill chunks, mixed steps) runs the
+      prefill kernel (``prefill_attention``): tiles of up to BLOCK_M tokens of one sequence,
+      each key tile read once per tile. Its tile map is made once per step (kept in
+      ``tokens``); for a step a CUDA graph may capture (on a GPU, N <= CUDA_GRAPH_TOKENS) it
+      has N tiles, the unused ones empty, so making it needs no host synchronisation.
+    - A decode step (N == B, one token per sequence) runs the split-K decode kernel, one
+      token per kernel "sequence" (:func:`token_tables`).
+    """
     def tokens_major(x):  # [1, H, N, D] or [1, N, H, D] -> [N, H, D] (a view)
         return x[0].transpose(0, 1) if layout == "bhsd" else x[0]
 
@@ -131,10 +143,22 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         return out
     dec.write_kv_cache(kn, vn, k_cache, v_cache, position_ids, seq_of_token, cache_table,
                        paged=paged, cache_order=cache_order)
-    lens, table = tokens
-    dec.decode_attention(qn, k_cache, v_cache, lens, table, paged=paged,
-                         cache_order=cache_order, scale=scale, window=window, alibi=alibi,
-                         softcap=softcap, out=on)
+    lens, table, tile_maps = tokens
+    n = qn.shape[0]
+    if n > cache_table.shape[0]:
+        block_m = pre.prefill_block_m(qn.dtype, qn.shape[2], on.shape[2])
+        tiles = tile_maps.get(block_m)
+        if tiles is None:
+            graphable = qn.device.type == "cuda" and n <= CUDA_GRAPH_TOKENS
+            tiles = tile_maps[block_m] = pre.prefill_tiles(
+                seq_of_token, block_m, max_tiles=n if graphable else None)
+        pre.prefill_attention(qn, k_cache, v_cache, position_ids, seq_of_token, cache_table,
+                              paged=paged, cache_order=cache_order, scale=scale, window=window,
+                              alibi=alibi, softcap=softcap, tiles=tiles, out=on)
+    else:
+        dec.decode_attention(qn, k_cache, v_cache, lens, table, paged=paged,
+                             cache_order=cache_order, scale=scale, window=window, alibi=alibi,
+                             softcap=softcap, out=on)
     return out
 
 

@@ -97,13 +97,16 @@ def _cached_supports(node: Node) -> str | None:
 
 @LOWERINGS.register("cached_attention", supports=_cached_supports)
 def _cached_attention(ctx: HostContext, node: Node) -> str:
-    """The cache write kernel, then the split-K decode kernel per token (paged through the
-    block table); the per-token lengths and table rows are computed once per step."""
+    """The cache write kernel, then the prefill kernel (a step with more tokens than
+    sequences: tiles of one sequence's tokens) or the split-K decode kernel per token (paged
+    through the block table); the per-token lengths, table rows and the prefill tile map are
+    computed once per step."""
     ins = [ctx.name(x) for x in node.inputs]
     pos, sot, table = ins[5], ins[6], ins[8]
     tokens = ctx.hoist(f"_t_token_tables({pos}, {sot}, {table})", "tokens")
     ctx.kernel("transfuse.codegen.triton.kernels.decode_attention:_cache_write_kernel", node)
     ctx.kernel("transfuse.codegen.triton.kernels.decode_attention:_decode_split_kernel", node)
+    ctx.kernel("transfuse.codegen.triton.kernels.prefill_attention:_prefill_kernel", node)
     return (f"_t_cached_attention({', '.join(ins[:5])}, {pos}, {sot}, {table}, {tokens}, "
             f"{ctx.out(node.outputs[0])}, {_kw(ctx, node, *_CACHED_ATTRS)})")
 

@@ -337,7 +337,8 @@ def _cache_write_kernel(
 # -- configuration ----------------------------------------------------------------------------
 
 
-def _pow2(n: int, least: int = 16) -> int:
+def pow2(n: int, least: int = 16) -> int:
+    """The next power of two >= n, at least ``least`` (a tile's padded extent)."""
     return max(least, triton.next_power_of_2(int(n)))
 
 
@@ -346,7 +347,7 @@ def default_block_n(head_dim: int, grouped: bool, fp32: bool = False) -> int:
     fp32 caches 16 from D = 128 (the ieee dot runs on FMAs with wide operand layouts). Sized
     by the compile check of SHIPPED: under 255 registers a thread at 4 warps, no spills
     (grouped contiguous D = 128 at 64 positions: 255 registers; at 32: 168)."""
-    d = _pow2(head_dim)
+    d = pow2(head_dim)
     if d <= 64:
         return 64
     if grouped and fp32:
@@ -375,7 +376,7 @@ def tiling(head_dim: int, grouped: bool, paged: bool, page: int, fp32: bool = Fa
 def write_block_h(head_dim: int, v_head_dim: int) -> int:
     """kv heads per program of the cache write: tiles of about 1024 elements (2048 spilled
     8 bytes at D = 64)."""
-    return max(1, min(32, 1024 // _pow2(max(head_dim, v_head_dim))))
+    return max(1, min(32, 1024 // pow2(max(head_dim, v_head_dim))))
 
 
 def sm_count() -> int:
@@ -397,7 +398,10 @@ def pick_num_splits(programs_per_split: int, max_visible: int, sms: int | None =
 # -- checks -----------------------------------------------------------------------------------
 
 
-def _fail(name: str, t: object, expected: str, op: str = "decode_attention") -> LoweringError:
+def arg_error(name: str, t: object, expected: str,
+              op: str = "decode_attention") -> LoweringError:
+    """The LoweringError of op ``op`` for argument ``name`` (value ``t``): what it must be and
+    what it is (a tensor's dtype, shape and device, or the repr)."""
     if isinstance(t, torch.Tensor):
         got = (f"a {str(t.dtype).removeprefix('torch.')} tensor of shape {tuple(t.shape)} "
                f"on {t.device}")
@@ -406,51 +410,57 @@ def _fail(name: str, t: object, expected: str, op: str = "decode_attention") -> 
     return LoweringError(f"{op}: {name} must be {expected}, got {got}")
 
 
-def _tensor(name: str, t: object, rank: int, dtypes: Sequence[torch.dtype], device,
-            expected: str, op: str = "decode_attention") -> torch.Tensor:
+def check_tensor(name: str, t: object, rank: int, dtypes: Sequence[torch.dtype], device,
+                 expected: str, op: str = "decode_attention") -> torch.Tensor:
+    """``t`` if it is a tensor of this rank, one of ``dtypes``, on ``device`` (unless None);
+    else :func:`arg_error` with ``expected``."""
     if (not isinstance(t, torch.Tensor) or t.dim() != rank or t.dtype not in dtypes
             or (device is not None and t.device != device)):
         where = f" on {device}" if device is not None else ""
-        raise _fail(name, t, expected + where, op)
+        raise arg_error(name, t, expected + where, op)
     return t
 
 
-_INDEX = (torch.int64, torch.int32)
+INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def _cache_views(k_cache, v_cache, dtype, device, paged, cache_order,
-                 op: str = "decode_attention"):
+def cache_views(k_cache, v_cache, dtype, device, paged, cache_order,
+                op: str = "decode_attention"):
+    """The checked caches as token-major views (k [A, L|K, Hkv, D], v [A, L|K, Hkv, Dv]):
+    4-D, of ``dtype`` on ``device``, the same [A, L|K, Hkv] for k and v, a known order."""
     if cache_order not in CACHE_ORDERS:
-        raise _fail("cache_order", cache_order, f"one of {CACHE_ORDERS}", op)
+        raise arg_error("cache_order", cache_order, f"one of {CACHE_ORDERS}", op)
     if not isinstance(paged, bool):
-        raise _fail("paged", paged, "a bool", op)
+        raise arg_error("paged", paged, "a bool", op)
     form = "[A, K, Hkv, D]" if paged else "[A, L, Hkv, D]"
     if cache_order == "head-major":
         form = form.replace("K, Hkv", "Hkv, K").replace("L, Hkv", "Hkv, L")
-    kc = token_major(_tensor("k_cache", k_cache, 4, (dtype,), device,
+    kc = token_major(check_tensor("k_cache", k_cache, 4, (dtype,), device,
                              f"a 4-D {dtype} {form} {cache_order} cache", op), cache_order)
-    vc = token_major(_tensor("v_cache", v_cache, 4, (dtype,), device,
+    vc = token_major(check_tensor("v_cache", v_cache, 4, (dtype,), device,
                              f"a 4-D {dtype} {form} {cache_order} cache", op), cache_order)
     if vc.shape[:3] != kc.shape[:3]:
-        raise _fail("v_cache", v_cache, f"the same {form[:-4]} as k_cache "
+        raise arg_error("v_cache", v_cache, f"the same {form[:-4]} as k_cache "
                     f"{tuple(k_cache.shape)} ({cache_order})", op)
     return kc, vc
 
 
-def _table(cache_table, b: int, paged: bool, device,
-           op: str = "decode_attention") -> torch.Tensor | None:
+def check_table(cache_table, b: int, paged: bool, device,
+                op: str = "decode_attention") -> torch.Tensor | None:
+    """The checked ``cache_table`` of B sequences: the [B, W] block table (paged), None or the
+    [B] slot table (contiguous); int64 or int32 on ``device``."""
     if paged:
         want = f"an int64 [B={b}, W] block table (paged)"
-        _tensor("cache_table", cache_table, 2, _INDEX, device, want, op)
+        check_tensor("cache_table", cache_table, 2, INDEX_DTYPES, device, want, op)
         if cache_table.shape[0] != b or cache_table.shape[1] < 1:
-            raise _fail("cache_table", cache_table, want, op)
+            raise arg_error("cache_table", cache_table, want, op)
         return cache_table
     if cache_table is None:
         return None
     want = f"None or an int64 [B={b}] slot table (contiguous)"
-    _tensor("cache_table", cache_table, 1, _INDEX, device, want, op)
+    check_tensor("cache_table", cache_table, 1, INDEX_DTYPES, device, want, op)
     if cache_table.shape[0] != b:
-        raise _fail("cache_table", cache_table, want, op)
+        raise arg_error("cache_table", cache_table, want, op)
     return cache_table
 
 
@@ -503,13 +513,13 @@ def _split_launch(q, kc, vc, seq_lens, table, slopes, part_o, part_lse, out, *, 
             h, g, d, dv, a, length, tbl.shape[1] if paged else 1, num_splits, window or 0,
             float(scale), float(softcap or 1.0))
     const = dict(BLOCK_G=max(16, triton.next_power_of_2(g)) if grouped else 1,
-                 BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv), PAGED=paged,
+                 BLOCK_N=bn, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv), PAGED=paged,
                  PAGE_TILES=page_tiles, SLOT_TABLE=table is not None and not paged,
                  ALIBI=slopes is not None, SOFTCAP=softcap is not None, USE_DOT=grouped,
                  UPCAST=interpret or q.dtype == torch.float32,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     stages = GATHER_STAGES if paged and not page_tiles else NUM_STAGES
-    warps = SMALL_TILE_WARPS if not grouped and bn * _pow2(d) <= 1024 else NUM_WARPS
+    warps = SMALL_TILE_WARPS if not grouped and bn * pow2(d) <= 1024 else NUM_WARPS
     return args, const, (b, hkv, num_splits), dict(num_warps=warps, num_stages=stages)
 
 
@@ -532,34 +542,34 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     [B, H, Dv] output to write (any strides; q's dtype).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in DTYPES:
-        raise _fail("q", q, "a [B, H, D] fp16/bf16/fp32 tensor (one query token per sequence)")
+        raise arg_error("q", q, "a [B, H, D] fp16/bf16/fp32 tensor (one query token per sequence)")
     dev = q.device
     if dev.type != env.device():
-        raise _fail("q", q, f"on {env.device()} (where the kernels run here)")
+        raise arg_error("q", q, f"on {env.device()} (where the kernels run here)")
     b, h, d = q.shape
-    kc, vc = _cache_views(k_cache, v_cache, q.dtype, dev, paged, cache_order)
+    kc, vc = cache_views(k_cache, v_cache, q.dtype, dev, paged, cache_order)
     a, length, hkv, dk = kc.shape
     dv = vc.shape[3]
     if dk != d or hkv < 1 or h % hkv:
-        raise _fail("k_cache", k_cache, f"a cache of Hkv kv heads dividing H={h} and head dim "
+        raise arg_error("k_cache", k_cache, f"a cache of Hkv kv heads dividing H={h} and head dim "
                     f"D={d} (q's)")
     if b < 1 or h < 1 or d < 1:
-        raise _fail("q", q, "non-empty")
-    _tensor("seq_lens", seq_lens, 1, _INDEX, dev, f"an int64 [B={b}] tensor")
+        raise arg_error("q", q, "non-empty")
+    check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, dev, f"an int64 [B={b}] tensor")
     if seq_lens.shape[0] != b:
-        raise _fail("seq_lens", seq_lens, f"an int64 [B={b}] tensor")
-    table = _table(cache_table, b, paged, dev)
+        raise arg_error("seq_lens", seq_lens, f"an int64 [B={b}] tensor")
+    table = check_table(cache_table, b, paged, dev)
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(
             scale):
-        raise _fail("scale", scale, "None or a finite float")
+        raise arg_error("scale", scale, "None or a finite float")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                or window < 1):
-        raise _fail("window", window, "None or an int >= 1")
+        raise arg_error("window", window, "None or an int >= 1")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not softcap > 0):
-        raise _fail("softcap", softcap, "None or a float > 0")
+        raise arg_error("softcap", softcap, "None or a float > 0")
     slopes = None
     if alibi is not None:
         try:
@@ -567,24 +577,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         except (TypeError, ValueError, RuntimeError):
             slopes = None
         if slopes is None or slopes.shape != (h,):
-            raise _fail("alibi", alibi, f"None or H={h} slopes (floats)")
+            raise arg_error("alibi", alibi, f"None or H={h} slopes (floats)")
     if block_n is not None and block_n not in (16, 32, 64, 128):
-        raise _fail("block_n", block_n, "None or a power of two in 16..128")
+        raise arg_error("block_n", block_n, "None or a power of two in 16..128")
     capacity = table.shape[1] * length if paged else length
     if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
                                 or max_len < 0):
-        raise _fail("max_len", max_len, "None or an int >= 0")
+        raise arg_error("max_len", max_len, "None or an int >= 0")
     visible = min(capacity, max_len if max_len is not None else capacity, window or capacity)
     if num_splits is None:
         num_splits = pick_num_splits(b * hkv, visible)
     elif (isinstance(num_splits, bool) or not isinstance(num_splits, int)
           or not 1 <= num_splits <= MAX_SPLITS):
-        raise _fail("num_splits", num_splits, f"None or an int in 1..{MAX_SPLITS}")
+        raise arg_error("num_splits", num_splits, f"None or an int in 1..{MAX_SPLITS}")
     if out is None:
         out = torch.empty((b, h, dv), dtype=q.dtype, device=dev)
     elif not (isinstance(out, torch.Tensor) and out.shape == (b, h, dv) and out.dtype == q.dtype
               and out.device == dev):
-        raise _fail("out", out, f"a {q.dtype} [B={b}, H={h}, Dv={dv}] tensor on {dev}")
+        raise arg_error("out", out, f"a {q.dtype} [B={b}, H={h}, Dv={dv}] tensor on {dev}")
     _check_values(seq_lens, table, paged, kc, window)
     if num_splits > 1:
         part_o = torch.empty((b, h, num_splits, dv), dtype=torch.float32, device=dev)
@@ -597,7 +607,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[grid](*args, **const, **launch)
     if num_splits > 1:
         _decode_combine_kernel[(b, h)](part_o, part_lse, out, *out.stride(), h, dv, num_splits,
-                                       BLOCK_S=MAX_SPLITS, BLOCK_DV=_pow2(dv),
+                                       BLOCK_S=MAX_SPLITS, BLOCK_DV=pow2(dv),
                                        num_warps=NUM_WARPS, num_stages=1)
     return out
 
@@ -611,7 +621,7 @@ def _write_launch(k_new, v_new, kc, vc, position_ids, seq_of_token, table, paged
             *v_new.stride(), *kc.stride(), *vc.stride(), tbl.stride(0),
             tbl.stride(1) if tbl.dim() == 2 else 0, hkv, d, dv, kc.shape[0], kc.shape[1],
             tbl.shape[1] if paged else 1, num_seqs)
-    const = dict(BLOCK_H=bh, BLOCK_D=_pow2(d, 1), BLOCK_DV=_pow2(dv, 1), PAGED=paged,
+    const = dict(BLOCK_H=bh, BLOCK_D=pow2(d, 1), BLOCK_DV=pow2(dv, 1), PAGED=paged,
                  SLOT_TABLE=table is not None and not paged)
     return args, const, (n, -(-hkv // bh))
 
@@ -629,33 +639,33 @@ def write_kv_cache(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tens
     """
     op = "write_kv_cache"
     if not isinstance(k_new, torch.Tensor) or k_new.dim() != 3 or k_new.dtype not in DTYPES:
-        raise _fail("k_new", k_new, "an [N, Hkv, D] fp16/bf16/fp32 tensor", op)
+        raise arg_error("k_new", k_new, "an [N, Hkv, D] fp16/bf16/fp32 tensor", op)
     dev = k_new.device
     if dev.type != env.device():
-        raise _fail("k_new", k_new, f"on {env.device()} (where the kernels run here)", op)
+        raise arg_error("k_new", k_new, f"on {env.device()} (where the kernels run here)", op)
     n, hkv, d = k_new.shape
-    kc, vc = _cache_views(k_cache, v_cache, k_new.dtype, dev, paged, cache_order, op)
+    kc, vc = cache_views(k_cache, v_cache, k_new.dtype, dev, paged, cache_order, op)
     if kc.shape[2:] != (hkv, d):
-        raise _fail("k_cache", k_cache, f"a cache of Hkv={hkv} heads of D={d} (k_new's)", op)
+        raise arg_error("k_cache", k_cache, f"a cache of Hkv={hkv} heads of D={d} (k_new's)", op)
     dv = vc.shape[3]
     if not (isinstance(v_new, torch.Tensor) and v_new.shape == (n, hkv, dv)
             and v_new.dtype == k_new.dtype and v_new.device == dev):
-        raise _fail("v_new", v_new, f"a {k_new.dtype} [N={n}, Hkv={hkv}, Dv={dv}] tensor on "
+        raise arg_error("v_new", v_new, f"a {k_new.dtype} [N={n}, Hkv={hkv}, Dv={dv}] tensor on "
                     f"{dev}", op)
     if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and \
             position_ids.shape[0] == 1:
         position_ids = position_ids[0]
     for name, t in (("position_ids", position_ids), ("seq_of_token", seq_of_token)):
-        _tensor(name, t, 1, _INDEX, dev, f"an int64 [N={n}] tensor", op)
+        check_tensor(name, t, 1, INDEX_DTYPES, dev, f"an int64 [N={n}] tensor", op)
         if t.shape[0] != n:
-            raise _fail(name, t, f"an int64 [N={n}] tensor", op)
+            raise arg_error(name, t, f"an int64 [N={n}] tensor", op)
     if cache_table is None and not paged:
         table = None
         num_seqs = kc.shape[0] if num_seqs is None else num_seqs
     else:
         rows = cache_table.shape[0] if isinstance(cache_table, torch.Tensor) and \
             cache_table.dim() >= 1 and cache_table.shape[0] >= 1 else 0
-        table = _table(cache_table, max(rows, 1), paged, dev, op)
+        table = check_table(cache_table, max(rows, 1), paged, dev, op)
         num_seqs = rows
     if n == 0:
         return
@@ -806,8 +816,8 @@ def _sig_type(x) -> str:
     return "fp32"
 
 
-def _spec(fn, name: str, args: Sequence, const: dict, num_stages: int,
-          num_warps: int = NUM_WARPS) -> KernelSpec:
+def kernel_spec(fn, name: str, args: Sequence, const: dict, num_stages: int,
+                num_warps: int = NUM_WARPS) -> KernelSpec:
     """A KernelSpec for launching ``fn`` with ``args``: ints equal to 1 become constexprs, as
     Triton's launcher specialises them."""
     names = fn.arg_names
@@ -834,7 +844,7 @@ def _shipped() -> list[KernelSpec]:
     specs: dict[tuple, KernelSpec] = {}
 
     def add(fn, name, args, const, num_stages, num_warps=NUM_WARPS):
-        spec = _spec(fn, name, args, const, num_stages, num_warps)
+        spec = kernel_spec(fn, name, args, const, num_stages, num_warps)
         key = (spec.kernel, tuple(spec.signature.items()), tuple(sorted(
             (k, str(v)) for k, v in spec.constexprs.items())), num_stages, num_warps)
         specs.setdefault(key, spec)
@@ -874,7 +884,7 @@ def _shipped() -> list[KernelSpec]:
                             f"{'paged' if paged else 'contig'}]", args, const, 1)
             args = (part_o, part_lse, q, *q.stride(), h, d, splits)
             add(_decode_combine_kernel, f"decode_combine[hd{d} {tn}]", args,
-                dict(BLOCK_S=MAX_SPLITS, BLOCK_DV=_pow2(d)), 1)
+                dict(BLOCK_S=MAX_SPLITS, BLOCK_DV=pow2(d)), 1)
     return list(specs.values())
 
 
