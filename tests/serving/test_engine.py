@@ -321,6 +321,13 @@ def test_prompt_logprobs_over_chunks_and_a_cached_prefix(gen):
         values, ids = torch.topk(ref[q], 2)
         assert [t for t, _ in e.top] == ids.tolist()
     assert len(r.logprobs) == 3 and r.metrics["cached_tokens"] == 0
+    with Engine(gen, max_batch=4, max_tokens_per_step=8) as engine:  # scoring only
+        scored = engine.submit(prompt, max_new_tokens=0, prompt_logprobs=0).result(timeout=60)
+        _check_all_free(engine)
+    assert scored.token_ids == [] and scored.finish_reason == "length"
+    assert [e.token_id for e in scored.prompt_logprobs] == prompt
+    assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(scored.prompt_logprobs[1:],
+                                                                 plp[1:]))
 
 
 @pytest.mark.parametrize("speculative", [None, "draft", "prompt-lookup"])

@@ -206,6 +206,14 @@ def test_echo_with_logprobs_scores_the_prompt_as_loglikelihood_evaluations_do(cl
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
                                       echo=True)
     assert plain.choices[0].text == prompt + new_text and plain.choices[0].logprobs is None
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True,
+                                       logprobs=0)  # the prompt alone, nothing generated
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.tokens == lp.tokens[:len(ids)]
+    assert all(_close(a, b) for a, b in zip(scored.choices[0].logprobs.token_logprobs[1:],
+                                            lp.token_logprobs[1:len(ids)]))
+    with pytest.raises(openai.BadRequestError, match="needs echo and logprobs"):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
 
 
 def test_chat_logprobs(client):

@@ -143,7 +143,8 @@ class Engine:
         ``logit_bias`` ({token id: value in [-100, 100]}); ``logprobs``: n >= 0 puts each
         token's log-probability and the n most likely ids' (at most 20) in the outputs;
         ``prompt_logprobs``: the same for every prompt token after the first, in the first
-        output (such a request computes its whole prompt: no prefix-cache hit). Raises
+        output (such a request computes its whole prompt: no prefix-cache hit; with
+        ``max_new_tokens=0`` it only scores the prompt). Raises
         :class:`InputError` for a bad argument, :class:`QueueFullError` when ``max_queue``
         requests wait, :class:`EngineClosedError` after shutdown."""
         opts = check_options(
@@ -177,12 +178,14 @@ class Engine:
                           text_stream=text, logprobs=opts.logprobs,
                           prompt_logprobs=opts.prompt_logprobs)
             self._submitted += 1
-            if opts.max_new_tokens == 0:  # nothing to generate: done now
+            # nothing to generate: done now (unless the prompt is to be scored)
+            done_now = opts.max_new_tokens == 0 and opts.prompt_logprobs is None
+            if done_now:
                 self._finished_at_submit += 1
             else:
                 self._inbox.append(req)
                 self._wake.notify()
-        if opts.max_new_tokens == 0:
+        if done_now:
             handle.deliver(Output(rid, [], "", True, "length"), req.metrics())
         return handle
 
@@ -394,6 +397,12 @@ class Engine:
                                   plain_s)
                 return new
 
+        if any(it.req.max_new_tokens == 0 for it in items):
+            for it in items:  # prompt scoring only: its prompt is done, nothing to sample
+                if it.req.max_new_tokens == 0:
+                    self._finish(it.req, "length", prompt_logprobs=it.req.take_prompt_logprobs())
+            keep = [i for i, it in enumerate(items) if it.req.max_new_tokens]
+            items, first_row = [items[i] for i in keep], [first_row[i] for i in keep]
         chosen = choose_tokens(items, first_row, logits, self._vocab, verify)
         logprobs = token_logprobs(items, first_row, logits, chosen)
         generated = 0

@@ -15,7 +15,8 @@ vLLM's extensions ``top_k``, ``repetition_penalty`` and ``min_tokens``. Known Op
 this server cannot honour (``best_of`` > 1, ``suffix``, tools) are refused with a 400 naming
 the field, when set to anything but their neutral value; unknown fields are refused like OpenAI
 does. Completions' ``echo`` puts the prompt before the completion, with ``logprobs`` also the
-prompt tokens' (the first one's null), as loglikelihood evaluations (lm-eval-harness) read them. ``n`` (1..:data:`MAX_N`) choices per prompt are n engine requests (the
+prompt tokens' (the first one's null), as loglikelihood evaluations (lm-eval-harness) read them;
+``max_tokens: 0`` with both scores the prompt without generating. ``n`` (1..:data:`MAX_N`) choices per prompt are n engine requests (the
 prompt's cached blocks shared with prefix caching); with a ``seed``, choice j samples with
 ``seed + j``; choices are indexed prompt by prompt (prompt i's j-th is ``i * n + j``).
 
@@ -117,6 +118,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
+    # 0: score the prompt only (with echo and logprobs)
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     prompt: (Annotated[str, Field(min_length=1)]
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
              | Annotated[TokenIds, Field(min_length=1)]

@@ -126,9 +126,12 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, *, max_seq_len: int
         state.check_open()
         prompts = [p if isinstance(p, list) else await asyncio.to_thread(_encode, tokenizer, p)
                    for p in req.prompts()]
-        max_tokens = req.max_tokens or DEFAULT_COMPLETION_TOKENS
+        max_tokens = DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not (req.echo and req.logprobs is not None):
+            raise ApiError(400, "max_tokens 0 only scores the prompt: it needs echo and logprobs",
+                           param="max_tokens")
         for p in prompts:
-            _check_context(state, len(p), max_tokens, "prompt")
+            _check_context(state, len(p), max(max_tokens, 1), "prompt")
         handles = _submit(state, prompts, req, max_tokens)
         call = Call("cmpl", "text_completion", state.model_name, handles, req, tokenizer)
         if req.echo:
