@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("triton", reason="the triton target needs triton (pip install 'triton>=3.6')")
 
+import kv_noise  # noqa: E402
 import torch  # noqa: E402
 
 from transfuse.codegen.triton.kernels import decode_attention as da  # noqa: E402
@@ -23,36 +24,12 @@ from transfuse.ir.opdefs.generation import cached_attention  # noqa: E402
 
 B, H = 3, 4
 LENS = (1, 13, 37)
-L = 40  # contiguous slot length
 
 
 def make_cache(kind: str, hkv: int, d: int, dv: int | None = None,
                dtype: torch.dtype = torch.float32, lens=LENS, seed: int = 0):
-    """(k_cache, v_cache, cache_table, paged, order) filled with noise everywhere, so a read
-    past a sequence's length or outside its blocks changes the answer. ``kind``:
-    ``contig-token``, ``contig-head``, ``contig-noslots`` (no table: slot b) or
-    ``paged<K>-token`` / ``paged<K>-head``."""
-    g = torch.Generator().manual_seed(seed)
-    dv = d if dv is None else dv
-    layout, order = kind.split("-")
-    order = {"token": "token-major", "head": "head-major", "noslots": "token-major"}[order]
-    if layout == "contig":
-        a, length = B + 2, L
-        table = None if kind == "contig-noslots" else torch.tensor([3, 0, 4])
-    else:
-        length = int(layout.removeprefix("paged"))
-        w = -(-max(lens) // length) + 1
-        a = B * w + 3
-        perm = torch.randperm(a, generator=g)[: B * w].reshape(B, w)
-        table = torch.full((B, w), -1, dtype=torch.int64)
-        for b, n in enumerate(lens):  # -1 past each sequence's blocks, as the runtime pads
-            table[b, : -(-n // length)] = perm[b, : -(-n // length)]
-
-    def cache(dim):
-        shape = (a, length, hkv, dim) if order == "token-major" else (a, hkv, length, dim)
-        return torch.randn(shape, generator=g).to(dtype)
-
-    return cache(d), cache(dv), table, layout != "contig", order
+    """kv_noise.make_cache for the B sequences of ``lens``."""
+    return kv_noise.make_cache(kind, hkv, d, dv, dtype, lens, seed)
 
 
 def query(d: int, dtype=torch.float32, seed: int = 1) -> torch.Tensor:

@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("triton", reason="the triton target needs triton (pip install 'triton>=3.6')")
 
+import kv_noise  # noqa: E402
 import torch  # noqa: E402
 
 from transfuse.codegen.triton.host import calls  # noqa: E402
@@ -44,33 +45,9 @@ def step(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_cache(kind: str, hkv: int, d: int, dv: int | None, dtype, pos, sot, seed: int = 0):
-    """(k_cache, v_cache, cache_table, paged, order), sized for each sequence's last position
-    in the step. ``kind``: ``contig-token``, ``contig-head``, ``contig-noslots`` (no table: slot
-    = sequence) or ``paged<K>-token`` / ``paged<K>-head`` (-1 past each sequence's blocks)."""
-    g = torch.Generator().manual_seed(seed)
-    dv = d if dv is None else dv
-    layout, order = kind.split("-")
-    order = {"token": "token-major", "head": "head-major", "noslots": "token-major"}[order]
+    """kv_noise.make_cache sized for each sequence's last position in the step."""
     lens = [int(pos[sot == s].max()) + 1 if bool((sot == s).any()) else 0 for s in range(B)]
-    if layout == "contig":
-        a, length = B + 2, max(lens) + 3
-        table = None if kind == "contig-noslots" else torch.tensor([3, 0, 4])
-        if table is None:
-            a = B
-    else:
-        length = int(layout.removeprefix("paged"))
-        w = -(-max(lens) // length) + 1
-        a = B * w + 3
-        perm = torch.randperm(a, generator=g)[: B * w].reshape(B, w)
-        table = torch.full((B, w), -1, dtype=torch.int64)
-        for s, n in enumerate(lens):
-            table[s, : -(-n // length)] = perm[s, : -(-n // length)]
-
-    def cache(dim):
-        shape = (a, length, hkv, dim) if order == "token-major" else (a, hkv, length, dim)
-        return torch.randn(shape, generator=g).to(dtype)
-
-    return cache(d), cache(dv), table, layout != "contig", order
+    return kv_noise.make_cache(kind, hkv, d, dv, dtype, lens, seed)
 
 
 def poisoned(*shape, dtype=torch.float32) -> torch.Tensor:
