@@ -85,7 +85,8 @@ def optimize(
             ``quant_report()`` says what it did and what it cost.
         calibration: batches the quantizer runs the model on (GPTQ, AWQ, SmoothQuant, SQNR):
             each a tensor (the first input, e.g. ``input_ids``), a tuple of inputs or a dict.
-        evaluation: batches for the report's end-to-end numbers (default: calibration's).
+        evaluation: batches for the report's end-to-end numbers (default: calibration's;
+            ``False``: not measured, e.g. when you score the model yourself).
         min_sqnr: keep layers whose output SQNR (dB) would be under this in float.
     """
     from transfuse.frontend.torch_export import capture

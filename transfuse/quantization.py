@@ -78,7 +78,9 @@ def quant_options(quantize: Any, calibration: Sequence[Any] | None,
     out: dict[str, Any] = {"quantize": quantize}
     if calibration is not None:
         out["calibration"] = _batches(calibration, "calibration", to_graph_inputs)
-    if evaluation is not None:
+    if evaluation is False:  # not measured (the report says so)
+        out["evaluation"] = False
+    elif evaluation is not None:
         out["evaluation"] = _batches(evaluation, "evaluation", to_graph_inputs)
     if min_sqnr is not None:
         out["min_sqnr"] = float(min_sqnr)

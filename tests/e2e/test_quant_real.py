@@ -70,7 +70,7 @@ def test_smollm2_int8_weight_perplexity_within_one_percent():
     calibration = token_windows(tokenizer(load_text("quant_calibration.txt")).input_ids,
                                 WINDOW)[:CALIBRATION_WINDOWS]
     q = transfuse.optimize(wrapped, (windows[0],), quantize="int8-weight",
-                           calibration=calibration, evaluation=calibration[:1])
+                           calibration=calibration, evaluation=False)  # scored below
     report = q.pass_log.quant_report()
     assert report is not None and len(report.quantized) >= 120, str(report)
     assert all(any(n.startswith("GPTQ") for n in lr.notes) for lr in report.quantized), \

@@ -145,6 +145,15 @@ def test_save_and_load_a_quantized_model(tmp_path):
         "u8{int4" in p.read_text() for p in (tmp_path / "q").glob("*.txt"))
 
 
+def test_evaluation_false_skips_the_end_to_end_numbers():
+    q = transfuse.optimize(_llama(), (_ids(),), quantize="int8-weight",
+                           calibration=[_ids()], evaluation=False)
+    report = q.pass_log.quant_report()
+    assert report.measured_on == "not measured (evaluation=False)" and report.kl is None
+    with pytest.raises(InputError, match="evaluation must be a list of batches"):
+        transfuse.optimize(_llama(), (_ids(),), quantize="int8-weight", evaluation=True)
+
+
 # -- refusals -------------------------------------------------------------------------------
 
 
