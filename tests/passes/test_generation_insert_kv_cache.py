@@ -122,6 +122,21 @@ def test_max_step_tokens_is_recorded_and_checked():
             run(lm(), {**GEO, "max_step_tokens": bad})
 
 
+def test_the_band_is_checked_in_row_blocks(monkeypatch):
+    """band_of checks the query rows in blocks (ROWS): a window and a violation found in a
+    later block as in one."""
+    from transfuse.passes.generation import position_mask
+
+    monkeypatch.setattr(position_mask, "ROWS", 3)
+    graph = lm(keep="logical_and(%causal, %near)", mask=(
+        "  %causal: bool[1, 1, seq, seq] = le(%pk, %pq)\n"
+        "  %pq3: i64[1, 1, seq, 1] = sub(%pq, %three)\n"
+        "  %near: bool[1, 1, seq, seq] = gt(%pk, %pq3)"))
+    run(graph)
+    assert graph.find("cached_attention")[0].attrs["window"] == 3
+    _refused(lm(keep="ge(%pk, %pq)"), "not causal")
+
+
 def test_without_the_option_nothing_changes():
     graph = lm()
     rec = run_passes(graph, [PASS]).records[0]
@@ -167,7 +182,7 @@ def test_refuses_positions_from_the_token_index():
 
 
 def test_refuses_a_mask_it_cannot_observe_over_every_position():
-    _refused(lm(), "over 8192", {**GEO, "max_seq_len": 10000})
+    _refused(lm(), "over 32768", {**GEO, "max_seq_len": 40000})
 
 
 def test_one_mask_shared_by_two_layers_is_checked_once(monkeypatch):

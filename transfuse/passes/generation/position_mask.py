@@ -28,6 +28,8 @@ from transfuse.ir.ops import get_op
 
 #: a masked score is at most this (HF uses finfo.min or -inf; additive masks use -1e4..-1e9)
 MASKED_AT_MOST = -1.0e4
+#: query rows checked at once by band_of
+ROWS = 1024
 
 
 def ancestors(v: Value) -> list[Node]:
@@ -64,12 +66,26 @@ def position_only_reason(bias: Value, positions: Value) -> str | None:
 def evaluate(bias: Value, positions: Value, pos: torch.Tensor, env: dict[str, int]) -> torch.Tensor:
     """``bias`` computed by the reference ops for ``positions = pos`` (other inputs unused)."""
     vals: dict[int, torch.Tensor] = {id(positions): pos}
-    for n in ancestors(bias):
+    nodes = ancestors(bias)
+    # uses left per value: a value is dropped after its last use ([n, n] intermediates are large)
+    left: dict[int, int] = {}
+    for n in nodes:
+        for i in n.inputs:
+            if i is not None and not i.is_const:
+                left[id(i)] = left.get(id(i), 0) + 1
+    for n in nodes:
         xs = [None if i is None else (i.const if i.is_const else vals[id(i)]) for i in n.inputs]
         out = get_op(n.op).impl(xs, dict(n.attrs), env)
+        del xs
+        for i in n.inputs:
+            if i is not None and not i.is_const:
+                left[id(i)] -= 1
+                if left[id(i)] == 0 and i is not bias:
+                    vals.pop(id(i), None)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for v, t in zip(n.outputs, outs):
-            vals[id(v)] = t
+            if id(v) in left or v is bias:  # outputs nothing here reads are not kept
+                vals[id(v)] = t
     return vals[id(bias)]
 
 
@@ -85,22 +101,22 @@ def band_of(bias: Value, positions: Value, seq_symbol: str | None,
         b = evaluate(bias, positions, pos, env)
     except Exception as e:  # noqa: BLE001 - a bias the reference cannot run is no proof
         return None, f"bias %{bias.name} could not be evaluated on positions 0..{n - 1}: {e}"
-    b = b.float()
     if b.dim() < 2 or any(d != 1 for d in b.shape[:-2]) or tuple(b.shape[-2:]) != (n, n):
         return None, f"bias %{bias.name} of shape {tuple(b.shape)} is not one [S, T] mask"
     b = b.reshape(n, n)
-    seen = b > MASKED_AT_MOST
-    if bool((b[seen] != 0).any()):
-        return None, f"bias %{bias.name} adds nonzero scores: a real bias, not a mask"
-    i = torch.arange(n)[:, None]
+    window = int((b[-1].float() > MASKED_AT_MOST).sum())  # the last query sees the widest band
     j = torch.arange(n)[None, :]
-    if bool((seen & (j > i)).any()):
-        return None, f"bias %{bias.name} lets a query see a later key: not causal"
-    widths = seen.sum(dim=1)
-    window = int(widths[-1])
-    want = (j <= i) & (j > i - window)
-    if not bool((seen == want).all()):
-        return None, f"bias %{bias.name} is not a causal band (window {window}) over positions"
+    for lo in range(0, n, ROWS):  # in row blocks: no [n, n] temporaries beside the bias
+        rows = b[lo:lo + ROWS].float()
+        seen = rows > MASKED_AT_MOST
+        if bool((rows.masked_fill(~seen, 0) != 0).any()):
+            return None, f"bias %{bias.name} adds nonzero scores: a real bias, not a mask"
+        i = torch.arange(lo, lo + rows.shape[0])[:, None]
+        if bool((seen & (j > i)).any()):
+            return None, f"bias %{bias.name} lets a query see a later key: not causal"
+        if not bool((seen == ((j <= i) & (j > i - window))).all()):
+            return None, (f"bias %{bias.name} is not a causal band (window {window}) over "
+                          "positions")
     return (None if window >= n else window), None
 
 
