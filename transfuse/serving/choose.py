@@ -73,19 +73,22 @@ def token_logprobs(items: list[Scheduled], first_row: list[int], logits: torch.T
         if n is None or not toks:
             continue
         r = first_row[i]
-        logp = torch.log_softmax(logits[r:r + len(toks)].float(), dim=-1)
-        picked = logp[torch.arange(len(toks), device=logp.device),
-                      torch.tensor(toks, device=logp.device)].tolist()
-        out[i] = [TokenLogprob(t, lp, top) for t, lp, top in zip(toks, picked, _top(logp, n))]
+        out[i] = _entries(logits[r:r + len(toks)], toks, n)
     return out
 
 
-def _top(logp: torch.Tensor, n: int) -> list[tuple[tuple[int, float], ...]]:
-    """Per row of ``logp`` [k, V], its ``n`` most likely (id, log-probability) pairs."""
-    if not n:
-        return [()] * logp.shape[0]
-    values, ids = torch.topk(logp, min(n, logp.shape[-1]), dim=-1)
-    return [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+def _entries(rows: torch.Tensor, toks: list[int], n: int) -> list[TokenLogprob]:
+    """Token ``toks[j]``'s log-probability under logits row j of ``rows`` [k, V], with the
+    row's ``n`` most likely (id, log-probability) pairs."""
+    logp = torch.log_softmax(rows.float(), dim=-1)
+    picked = logp[torch.arange(len(toks), device=logp.device),
+                  torch.tensor(toks, device=logp.device)].tolist()
+    if n:
+        values, ids = torch.topk(logp, min(n, logp.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(toks)
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(toks, picked, tops)]
 
 
 def score_prompts(prompt_rows: list[tuple[Request, list[int], list[int]]],
@@ -94,13 +97,9 @@ def score_prompts(prompt_rows: list[tuple[Request, list[int], list[int]]],
     positions q, whose logits rows come in ``logits`` one after the other."""
     r = 0
     for req, qs, _ in prompt_rows:
-        logp = torch.log_softmax(logits[r:r + len(qs)].float(), dim=-1)
+        req.prompt_lps.extend(_entries(logits[r:r + len(qs)], [req.tokens[q + 1] for q in qs],
+                                       req.prompt_logprobs))
         r += len(qs)
-        toks = [req.tokens[q + 1] for q in qs]
-        picked = logp[torch.arange(len(qs), device=logp.device),
-                      torch.tensor(toks, device=logp.device)].tolist()
-        req.prompt_lps.extend(TokenLogprob(t, lp, top) for t, lp, top in
-                              zip(toks, picked, _top(logp, req.prompt_logprobs)))
 
 
 def append_tokens(req: Request, new: list[int]) -> tuple[list[int], str, str | None]:
